@@ -1,0 +1,196 @@
+//! `fhecam bench`: encrypted inference on real test images, against the plaintext reference.
+
+use crate::data::Dataset;
+use crate::fhe::{EdgeRuntime, EncryptedModel, OwnerKeys, PARAMS_NAME};
+use crate::model::Model;
+use crate::reference;
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub params: String,
+    pub threads: usize,
+    pub samples: usize,
+    pub pbs_per_inference: u64,
+    pub pbs_planned: u64,
+    pub pbs_per_layer: Vec<u64>,
+    pub macs_ct_ct: u64,
+    pub pbs_ms_median: f64,
+    pub latency_s_median: f64,
+    pub latency_s_min: f64,
+    pub latency_s_max: f64,
+    pub encrypt_ms_median: f64,
+    pub pbs_bound_s: f64,
+    pub efficiency: f64,
+    pub agreement: f64,
+    pub accuracy_plain: f64,
+    pub accuracy_float: Option<f64>,
+    pub accuracy_fhe_samples: f64,
+    pub peak_rss_mb: f64,
+    pub input_ciphertext_bytes: usize,
+    pub output_ciphertext_bytes: usize,
+    pub encrypted_model_bytes: usize,
+    pub server_key_bytes: usize,
+    pub public_key_bytes: usize,
+    pub keygen_s: f64,
+    pub protect_s: f64,
+    pub load_s: f64,
+}
+
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Peak resident set size of this process, from /proc (0 where unavailable).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Runs the benchmark; `test` is the held-out split the accuracies are measured on.
+pub fn run(
+    model: &Model,
+    test: &Dataset,
+    samples: usize,
+    threads: usize,
+    accuracy_float: Option<f64>,
+    quiet: bool,
+) -> Result<BenchReport> {
+    model.infer().context("model failed validation")?;
+    let inputs: Vec<Vec<u8>> = test.images.iter().map(|im| model.input.quantize(im)).collect();
+    let mut correct = 0usize;
+    let mut plain_logits = Vec::with_capacity(inputs.len());
+    for (x, &y) in inputs.iter().zip(&test.labels) {
+        let l = reference::evaluate(model, x)?;
+        correct += (reference::argmax(&l) == y as usize) as usize;
+        plain_logits.push(l);
+    }
+    let accuracy_plain = correct as f64 / inputs.len() as f64;
+    let say = |m: &str| {
+        if !quiet {
+            eprintln!("{m}");
+        }
+    };
+
+    say("generating keys (client, compact public, compressed server)...");
+    let t = Instant::now();
+    let keys = OwnerKeys::generate();
+    let public = keys.public_material();
+    let keygen_s = t.elapsed().as_secs_f64();
+    let server_key_bytes = public.server_key_bytes()?.len();
+    let public_key_bytes = public.public_key_bytes()?.len();
+
+    say("encrypting every weight and bias...");
+    let t = Instant::now();
+    let enc = EncryptedModel::encrypt(model, &keys)?;
+    let bytes = enc.to_bytes()?;
+    let protect_s = t.elapsed().as_secs_f64();
+    let enc = EncryptedModel::from_bytes(&bytes)?;
+
+    let t = Instant::now();
+    let rt = EdgeRuntime::new(&enc, public, threads)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let threads = rt.threads();
+
+    // One PBS on one FHE worker, measured now so the ratio below compares like with like.
+    let pbs_ms_median = rt.install(|| {
+        let sk = rt.server_key();
+        let ct = keys.client.encrypt(1);
+        let lut = sk.generate_lookup_table(|x| (x * 3) % 16);
+        let mut ms: Vec<f64> = (0..16)
+            .map(|_| {
+                let t = Instant::now();
+                let _ = sk.apply_lookup_table(&ct, &lut);
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        median(&mut ms)
+    });
+
+    let n = samples.min(inputs.len());
+    let pb = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(n as u64)
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} encrypted inferences, {msg}")
+            .unwrap(),
+    );
+    let (mut lat, mut enc_ms) = (Vec::new(), Vec::new());
+    let (mut agree, mut fhe_correct) = (0usize, 0usize);
+    let mut pbs = 0;
+    let mut pbs_per_layer = vec![];
+    let (mut in_bytes, mut out_bytes) = (0, 0);
+    for i in 0..n {
+        let t = Instant::now();
+        let input = rt.encrypt(&inputs[i]);
+        enc_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        in_bytes = input.to_bytes()?.len();
+        let t = Instant::now();
+        let (out, stats) = rt.infer(&input)?;
+        lat.push(t.elapsed().as_secs_f64());
+        out_bytes = out.to_bytes()?.len();
+        let logits = out.decrypt(&keys)?;
+        agree += (logits == plain_logits[i]) as usize;
+        fhe_correct += (reference::argmax(&logits) == test.labels[i] as usize) as usize;
+        pbs = stats.pbs;
+        pbs_per_layer = stats.pbs_per_node;
+        pb.set_message(format!("last {:.1} s", lat.last().unwrap()));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let pbs_planned: u64 = rt.planned_pbs().iter().sum();
+    let latency_s_median = median(&mut lat.clone());
+    let pbs_bound_s = pbs as f64 * pbs_ms_median / threads as f64 / 1000.0;
+    Ok(BenchReport {
+        model: model.name.clone(),
+        params: PARAMS_NAME.into(),
+        threads,
+        samples: n,
+        pbs_per_inference: pbs,
+        pbs_planned,
+        pbs_per_layer,
+        macs_ct_ct: model.macs()?,
+        pbs_ms_median,
+        latency_s_median,
+        latency_s_min: lat.iter().cloned().fold(f64::INFINITY, f64::min),
+        latency_s_max: lat.iter().cloned().fold(0.0, f64::max),
+        encrypt_ms_median: median(&mut enc_ms),
+        pbs_bound_s,
+        efficiency: pbs_bound_s / latency_s_median,
+        agreement: agree as f64 / n.max(1) as f64,
+        accuracy_plain,
+        accuracy_float,
+        accuracy_fhe_samples: fhe_correct as f64 / n.max(1) as f64,
+        peak_rss_mb: peak_rss_mb(),
+        input_ciphertext_bytes: in_bytes,
+        output_ciphertext_bytes: out_bytes,
+        encrypted_model_bytes: bytes.len(),
+        server_key_bytes,
+        public_key_bytes,
+        keygen_s,
+        protect_s,
+        load_s,
+    })
+}

@@ -1,0 +1,550 @@
+//! Exact integer circuits over 4-bit TFHE blocks, with bound and noise accounting.
+//!
+//! Every value carries the interval its message lies in and its noise *variance* in units of
+//! a fresh ciphertext (a PBS output or a fresh encryption). tfhe's default 2_2 parameters
+//! are optimised for a linear combination of 2-norm 5 before each PBS (p-fail ≤ 2^-129.6),
+//! i.e. Σ cᵢ² ≤ 25 over independent fresh inputs; every PBS input here is checked
+//! against that budget and against the 0..16 message window, so the p-fail guarantee of
+//! the parameter set holds for every bootstrapping the engine performs.
+//!
+//! The building blocks:
+//! - a product `w·x` of a 2-bit weight and a 2-bit activation is one bivariate PBS on
+//!   `4u + x` (variance 16 + var(x));
+//! - sums are kept as an [`Acc`]: base-4 columns of leveled sums, each column packed into
+//!   blocks of at most 15 and variance 25, carried upward by PBS only when needed
+//!   (one many-LUT PBS splits a block ≤ 7 into digit and carry);
+//! - an activation table over a wide accumulator is a sum of steps, each a lexicographic
+//!   comparison of the accumulator's digits with a clear threshold, one PBS per digit;
+//! - max is one bivariate PBS per pair.
+
+use super::backend::{Backend, BLOCK};
+use std::sync::atomic::{AtomicU64, Ordering};
+use thiserror::Error;
+
+/// Σ cᵢ² a PBS input may carry (the parameter set's 2-norm bound, squared).
+pub const NOISE_BUDGET: u64 = 25;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum CircuitError {
+    #[error("activation table changes level {0} times over the accumulator range; at most 45 changes are supported (smooth or monotone tables need at most 3)")]
+    TableTooIrregular(usize),
+}
+
+/// A ciphertext with the integer interval its message lies in and its noise variance.
+#[derive(Clone, Debug)]
+pub struct Val<C> {
+    pub ct: C,
+    pub lo: i64,
+    pub hi: i64,
+    pub var: u64,
+}
+
+/// Wraps a backend with PBS counting and the bound checks every circuit relies on.
+pub struct Engine<B: Backend> {
+    pub backend: B,
+    pbs: AtomicU64,
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn new(backend: B) -> Self {
+        Engine {
+            backend,
+            pbs: AtomicU64::new(0),
+        }
+    }
+
+    /// PBS performed since creation.
+    pub fn pbs_count(&self) -> u64 {
+        self.pbs.load(Ordering::Relaxed)
+    }
+
+    /// A fresh input (encryption or PBS output) holding a value in `lo..=hi`.
+    pub fn fresh(&self, ct: B::Ct, lo: i64, hi: i64) -> Val<B::Ct> {
+        Val { ct, lo, hi, var: 1 }
+    }
+
+    pub fn constant(&self, v: i64) -> Val<B::Ct> {
+        Val {
+            ct: self.backend.trivial(v.rem_euclid(32) as u64),
+            lo: v,
+            hi: v,
+            var: 0,
+        }
+    }
+
+    pub fn add(&self, mut a: Val<B::Ct>, b: &Val<B::Ct>) -> Val<B::Ct> {
+        self.backend.add_assign(&mut a.ct, &b.ct);
+        a.lo += b.lo;
+        a.hi += b.hi;
+        a.var += b.var;
+        a
+    }
+
+    pub fn add_const(&self, mut a: Val<B::Ct>, k: i64) -> Val<B::Ct> {
+        self.backend
+            .add_const_assign(&mut a.ct, k.rem_euclid(32) as u64);
+        a.lo += k;
+        a.hi += k;
+        a
+    }
+
+    pub fn scale(&self, mut a: Val<B::Ct>, k: u64) -> Val<B::Ct> {
+        self.backend.scalar_mul_assign(&mut a.ct, k);
+        a.lo *= k as i64;
+        a.hi *= k as i64;
+        a.var *= k * k;
+        a
+    }
+
+    /// `a * 4 + b`: packs two 2-bit values into one block for a bivariate PBS.
+    pub fn pack(&self, a: &Val<B::Ct>, b: &Val<B::Ct>) -> Val<B::Ct> {
+        let hi = self.scale(a.clone(), 4);
+        self.add(hi, b)
+    }
+
+    fn check_input(&self, a: &Val<B::Ct>, window: u64) {
+        assert!(
+            a.lo >= 0 && (a.hi as u64) < window && a.var <= NOISE_BUDGET,
+            "PBS input out of budget: {}..={} (window {window}), variance {}",
+            a.lo,
+            a.hi,
+            a.var
+        );
+    }
+
+    /// One PBS computing `f` on the message (f is only consulted on `a.lo..=a.hi`).
+    pub fn lut(&self, a: &Val<B::Ct>, f: impl Fn(i64) -> i64) -> Val<B::Ct> {
+        self.check_input(a, BLOCK);
+        let (table, lo, hi) = table_of(a, &f);
+        self.pbs.fetch_add(1, Ordering::Relaxed);
+        Val {
+            ct: self.backend.lut(&a.ct, &table),
+            lo,
+            hi,
+            var: 1,
+        }
+    }
+
+    /// One PBS computing several functions of the same message (the message must fit in
+    /// 16 / n values; n is 2 or 4).
+    pub fn many_lut(&self, a: &Val<B::Ct>, fs: &[&dyn Fn(i64) -> i64]) -> Vec<Val<B::Ct>> {
+        assert!(fs.len() == 2 || fs.len() == 4);
+        self.check_input(a, BLOCK / fs.len() as u64);
+        let parts: Vec<_> = fs.iter().map(|f| table_of(a, f)).collect();
+        let tables: Vec<_> = parts.iter().map(|p| p.0).collect();
+        self.pbs.fetch_add(1, Ordering::Relaxed);
+        self.backend
+            .many_lut(&a.ct, &tables)
+            .into_iter()
+            .zip(parts)
+            .map(|(ct, (_, lo, hi))| Val { ct, lo, hi, var: 1 })
+            .collect()
+    }
+
+    /// Evaluates functions of one message with as few PBS as the message width allows.
+    pub fn luts(&self, a: &Val<B::Ct>, fs: &[&dyn Fn(i64) -> i64]) -> Vec<Val<B::Ct>> {
+        let per = if a.hi < 4 {
+            4
+        } else if a.hi < 8 {
+            2
+        } else {
+            1
+        };
+        let mut out = Vec::with_capacity(fs.len());
+        for chunk in fs.chunks(per) {
+            match chunk.len() {
+                1 => out.push(self.lut(a, chunk[0])),
+                2 | 4 => out.extend(self.many_lut(a, chunk)),
+                _ => {
+                    // three functions: pad to four (same PBS cost) and drop the spare
+                    let f3: &dyn Fn(i64) -> i64 = &|_| 0;
+                    let mut v = self.many_lut(a, &[chunk[0], chunk[1], chunk[2], f3]);
+                    v.truncate(3);
+                    out.extend(v);
+                }
+            }
+        }
+        out
+    }
+
+    /// A fresh copy of `a` with variance 1 (one PBS).
+    pub fn refresh(&self, a: &Val<B::Ct>) -> Val<B::Ct> {
+        self.lut(a, |v| v)
+    }
+
+    /// `w * x` as a non-negative value `w*x - pmin`, one PBS. `u` holds `w - wmin`.
+    pub fn product(
+        &self,
+        u: &Val<B::Ct>,
+        x: &Val<B::Ct>,
+        wmin: i64,
+        pmin: i64,
+    ) -> Val<B::Ct> {
+        let x = if 16 * u.var + x.var <= NOISE_BUDGET || 16 * x.var + u.var <= NOISE_BUDGET {
+            x.clone()
+        } else {
+            self.refresh(x)
+        };
+        if 16 * u.var + x.var <= NOISE_BUDGET {
+            let p = self.pack(u, &x);
+            self.lut(&p, |v| ((v >> 2) + wmin) * (v & 3) - pmin)
+        } else {
+            let p = self.pack(&x, u);
+            self.lut(&p, |v| ((v & 3) + wmin) * (v >> 2) - pmin)
+        }
+    }
+
+    /// max(a, b) of two values in 0..=3, one PBS (plus a refresh when both are noisy).
+    pub fn max(&self, a: &Val<B::Ct>, b: &Val<B::Ct>) -> Val<B::Ct> {
+        let (a, b) = if a.var <= b.var { (a, b) } else { (b, a) };
+        let a = if 16 * a.var + b.var <= NOISE_BUDGET {
+            a.clone()
+        } else {
+            self.refresh(a)
+        };
+        let p = self.pack(&a, b);
+        self.lut(&p, |v| (v >> 2).max(v & 3))
+    }
+
+    /// Splits a block into its low base-4 digit and the carry (one PBS when the block is
+    /// at most 7, else two).
+    fn split(&self, a: &Val<B::Ct>) -> (Val<B::Ct>, Val<B::Ct>) {
+        let lo: &dyn Fn(i64) -> i64 = &|v| v & 3;
+        let hi: &dyn Fn(i64) -> i64 = &|v| v >> 2;
+        let mut v = self.luts(a, &[lo, hi]);
+        let h = v.pop().unwrap();
+        (v.pop().unwrap(), h)
+    }
+
+    /// Whether a leveled sum can be carried by the next PBS: a block of 0..16 within the
+    /// noise budget, or a 5-bit value 0..32 (padding bit included) quiet enough for
+    /// [`Self::top_bit`].
+    fn carriable(hi: i64, var: u64) -> bool {
+        (hi < BLOCK as i64 && var <= NOISE_BUDGET) || (hi < 2 * BLOCK as i64 && var <= 9)
+    }
+
+    /// Sums values leveled into as few blocks as the window and the noise budget allow
+    /// (first-fit decreasing). `cap` bounds what the column can truly hold.
+    fn pack_column(&self, mut items: Vec<Val<B::Ct>>, cap: i64) -> Vec<Val<B::Ct>> {
+        items.sort_by_key(|v| std::cmp::Reverse((v.hi, v.var)));
+        let mut bins: Vec<Val<B::Ct>> = Vec::new();
+        for it in items {
+            let it = Val {
+                hi: it.hi.min(cap),
+                ..it
+            };
+            let slot = bins
+                .iter_mut()
+                .find(|b| Self::carriable((b.hi + it.hi).min(cap), b.var + it.var));
+            match slot {
+                Some(b) => {
+                    let sum = self.add(b.clone(), &it);
+                    *b = Val {
+                        hi: sum.hi.min(cap),
+                        ..sum
+                    };
+                }
+                None => bins.push(it),
+            }
+        }
+        bins
+    }
+
+    /// Splits a 5-bit value `v` (0..32, variance ≤ 9) with one PBS into `w = v mod 16`
+    /// (same column) and `t = 4·[v ≥ 16]` (next column): the PBS reads the padding bit,
+    /// where a constant table comes back negated.
+    fn top_bit(&self, v: &Val<B::Ct>) -> (Val<B::Ct>, Val<B::Ct>) {
+        assert!(v.lo >= 0 && v.hi < 2 * BLOCK as i64 && v.var <= 9);
+        self.pbs.fetch_add(1, Ordering::Relaxed);
+        let s = Val {
+            ct: self.backend.sign_lut(&v.ct, 2),
+            lo: -2,
+            hi: 2,
+            var: 1,
+        };
+        // w = v - 8 + 4s: v when s = +2, v - 16 when s = -2
+        let w = self.add_const(self.add(v.clone(), &self.scale(s.clone(), 4)), -8);
+        let w = Val {
+            lo: 0,
+            hi: v.hi.min(BLOCK as i64 - 1),
+            ..w
+        };
+        let mut t = self.constant(2);
+        self.backend.sub_assign(&mut t.ct, &s.ct);
+        let t = Val {
+            ct: t.ct,
+            lo: 0,
+            hi: 4,
+            var: 1,
+        };
+        (w, t)
+    }
+
+    /// Carries an accumulator into base-4 digits `d_j` (each in 0..=3, variance ≤ 9) with
+    /// `T = Σ 4^j d_j`.
+    pub fn normalize(&self, acc: Acc<B::Ct>) -> Digits<B::Ct> {
+        let ndig = digits_for(acc.range);
+        let mut cols = acc.cols;
+        cols.resize_with(ndig.max(cols.len()), Vec::new);
+        let mut digits = Vec::with_capacity(ndig);
+        for j in 0..ndig {
+            let cap = (acc.range >> (2 * j)) as i64;
+            let mut col = std::mem::take(&mut cols[j]);
+            let digit = loop {
+                let mut bins = self.pack_column(col, cap);
+                if bins.is_empty() {
+                    break self.constant(0);
+                }
+                if bins.len() == 1 && bins[0].hi <= 3 {
+                    let d = bins.pop().unwrap();
+                    break if d.var > 9 { self.refresh(&d) } else { d };
+                }
+                col = Vec::with_capacity(bins.len());
+                for b in bins {
+                    let (keep, carry) = if b.hi <= 3 && b.var <= 9 {
+                        (b, None)
+                    } else if b.hi < BLOCK as i64 {
+                        let (lo, hi) = self.split(&b);
+                        (lo, Some(hi))
+                    } else {
+                        let (w, t) = self.top_bit(&b);
+                        (w, Some(t))
+                    };
+                    col.push(keep);
+                    // carries out of the top digit are zero: the range says so
+                    if let (Some(c), true) = (carry, j + 1 < ndig) {
+                        cols[j + 1].push(c);
+                    }
+                }
+            };
+            digits.push(digit);
+        }
+        Digits {
+            d: digits,
+            offset: acc.offset,
+            range: acc.range,
+        }
+    }
+
+    /// Applies `g` (defined on the accumulator's value S) exactly; the result is an
+    /// activation in `min g ..= max g`.
+    pub fn apply_table(
+        &self,
+        acc: Acc<B::Ct>,
+        g: &dyn Fn(i64) -> i64,
+    ) -> Result<Val<B::Ct>, CircuitError> {
+        let offset = acc.offset;
+        let gt = |t: i64| g(t + offset);
+        // Cheapest case: the whole sum fits one block.
+        if let Some(v) = self.single_block(&acc) {
+            return Ok(self.lut(&v, gt));
+        }
+        let range = acc.range as i64;
+        let digits = self.normalize(acc);
+        if digits.d.len() == 1 {
+            return Ok(self.lut(&digits.d[0], gt));
+        }
+        let (mut ylo, mut yhi) = (gt(0), gt(0));
+        let mut steps = Vec::new();
+        let mut prev = gt(0);
+        for t in 1..=range {
+            let cur = gt(t);
+            ylo = ylo.min(cur);
+            yhi = yhi.max(cur);
+            if cur != prev {
+                steps.push((t, cur - prev));
+                prev = cur;
+            }
+        }
+        if steps.is_empty() {
+            return Ok(self.constant(gt(0)));
+        }
+        let hs = self.steps(&digits.d, &steps);
+        let mut y = self.constant(gt(0));
+        if hs.len() <= 9 {
+            for h in &hs {
+                y = self.add(y, h);
+            }
+        } else {
+            // Too many steps to sum within the next layer's noise budget: clean them in
+            // groups whose partial sums fit one block.
+            let mut groups: Vec<Vec<&Val<B::Ct>>> = vec![vec![]];
+            let mut width = 0;
+            for h in &hs {
+                let w = h.hi.max(-h.lo).max(1);
+                if width + w > 15 || groups.last().unwrap().len() == 25 {
+                    groups.push(vec![]);
+                    width = 0;
+                }
+                width += w;
+                groups.last_mut().unwrap().push(h);
+            }
+            if groups.len() > 9 {
+                return Err(CircuitError::TableTooIrregular(steps.len()));
+            }
+            for g in groups {
+                let neg: i64 = g.iter().map(|h| (-h.lo).max(0)).sum();
+                let mut p = self.constant(neg);
+                for h in g {
+                    p = self.add(p, h);
+                }
+                let p = Val { lo: 0, ..p };
+                let c = self.lut(&p, |v| v - neg);
+                y = self.add(y, &c);
+            }
+        }
+        Ok(Val {
+            lo: ylo,
+            hi: yhi,
+            ..y
+        })
+    }
+
+    /// The accumulator as one block, when it fits without any carry.
+    fn single_block(&self, acc: &Acc<B::Ct>) -> Option<Val<B::Ct>> {
+        if acc.range >= BLOCK || acc.cols.iter().skip(1).any(|c| !c.is_empty()) {
+            return None;
+        }
+        let col = acc.cols.first()?;
+        if col.iter().map(|v| v.var).sum::<u64>() > NOISE_BUDGET {
+            return None;
+        }
+        let mut it = col.iter();
+        let mut s = it.next()?.clone();
+        for v in it {
+            s = self.add(s, v);
+        }
+        Some(Val {
+            lo: 0,
+            hi: acc.range as i64,
+            ..s
+        })
+    }
+
+    /// For each step (θ, δ): a PBS output equal to δ when T ≥ θ, else 0.
+    /// Lexicographic comparison from the top digit: the top digit is compared with all
+    /// thresholds at once (many-LUT), then each lower digit refines the state
+    /// lt/eq/gt with one bivariate PBS per threshold.
+    fn steps(&self, d: &[Val<B::Ct>], steps: &[(i64, i64)]) -> Vec<Val<B::Ct>> {
+        let top = d.len() - 1;
+        let dig = |t: i64, j: usize| (t >> (2 * j)) & 3;
+        let top_of = |t: i64| t >> (2 * top);
+        let cmps: Vec<Box<dyn Fn(i64) -> i64>> = steps
+            .iter()
+            .map(|&(t, _)| {
+                let tt = top_of(t);
+                Box::new(move |v: i64| (v.cmp(&tt) as i64) + 1) as Box<dyn Fn(i64) -> i64>
+            })
+            .collect();
+        let refs: Vec<&dyn Fn(i64) -> i64> = cmps.iter().map(|b| b.as_ref()).collect();
+        let states = self.luts(&d[top], &refs);
+        steps
+            .iter()
+            .zip(states)
+            .map(|(&(t, delta), mut r)| {
+                for j in (0..top).rev() {
+                    let tj = dig(t, j);
+                    let p = self.pack(&r, &d[j]);
+                    r = if j == 0 {
+                        self.lut(&p, |v| {
+                            let (s, x) = (v >> 2, v & 3);
+                            if s == 2 || (s == 1 && x >= tj) {
+                                delta
+                            } else {
+                                0
+                            }
+                        })
+                    } else {
+                        self.lut(&p, |v| {
+                            let (s, x) = (v >> 2, v & 3);
+                            if s == 1 {
+                                (x.cmp(&tj) as i64) + 1
+                            } else {
+                                s
+                            }
+                        })
+                    };
+                }
+                r
+            })
+            .collect()
+    }
+}
+
+/// Number of base-4 digits needed for values `0..=range`.
+pub fn digits_for(range: u64) -> usize {
+    let mut n = 1;
+    while n < 32 && range >> (2 * n) > 0 {
+        n += 1;
+    }
+    n
+}
+
+fn table_of<C>(a: &Val<C>, f: &dyn Fn(i64) -> i64) -> ([u64; BLOCK as usize], i64, i64) {
+    let mut table = [0u64; BLOCK as usize];
+    let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+    for v in a.lo..=a.hi {
+        let y = f(v);
+        lo = lo.min(y);
+        hi = hi.max(y);
+        table[v as usize] = y.rem_euclid(32) as u64;
+    }
+    (table, lo, hi)
+}
+
+/// A wide non-negative sum `T = Σ_j 4^j Σ cols[j]` with `T ∈ 0..=range`; the integer it
+/// stands for is `S = T + offset`.
+#[derive(Clone, Debug)]
+pub struct Acc<C> {
+    pub cols: Vec<Vec<Val<C>>>,
+    pub offset: i64,
+    pub range: u64,
+}
+
+impl<C: Clone> Acc<C> {
+    pub fn zero() -> Self {
+        Acc {
+            cols: vec![vec![]],
+            offset: 0,
+            range: 0,
+        }
+    }
+
+    /// Adds a non-negative value at column `j` (weight 4^j).
+    pub fn push(&mut self, j: usize, v: Val<C>) {
+        assert!(v.lo >= 0, "accumulator terms are non-negative");
+        if self.cols.len() <= j {
+            self.cols.resize_with(j + 1, Vec::new);
+        }
+        self.range += (v.hi as u64) << (2 * j);
+        self.cols[j].push(v);
+    }
+
+    /// Adds a value that may be negative by shifting it (and the offset) by its lower bound.
+    pub fn push_signed<B: Backend<Ct = C>>(&mut self, e: &Engine<B>, v: Val<C>) {
+        let lo = v.lo;
+        let v = e.add_const(v, -lo);
+        self.offset += lo;
+        self.push(0, Val { lo: 0, ..v });
+    }
+
+    pub fn merge(mut self, other: Acc<C>) -> Self {
+        if self.cols.len() < other.cols.len() {
+            self.cols.resize_with(other.cols.len(), Vec::new);
+        }
+        for (j, c) in other.cols.into_iter().enumerate() {
+            self.cols[j].extend(c);
+        }
+        self.offset += other.offset;
+        self.range += other.range;
+        self
+    }
+}
+
+/// Normalized accumulator: `S = offset + Σ 4^j d[j]`, each digit in 0..=3.
+#[derive(Clone, Debug)]
+pub struct Digits<C> {
+    pub d: Vec<Val<C>>,
+    pub offset: i64,
+    pub range: u64,
+}

@@ -1,0 +1,387 @@
+//! Evaluation of a whole model graph with the circuits of `circuit.rs`, on any backend.
+
+use super::backend::Backend;
+use super::circuit::{digits_for, Acc, CircuitError, Digits, Engine, Val};
+use crate::model::{Kind, Model, ModelError, Op, ValueInfo};
+use crate::reference::{for_each_tap, pool_windows};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum EvalError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Circuit(#[from] CircuitError),
+    #[error("encrypted parameters do not match the architecture: {0}")]
+    Params(String),
+    #[error("expected {expected} input ciphertexts, got {got}")]
+    InputLen { expected: usize, got: usize },
+}
+
+/// Encrypted parameters of one linear layer: `weights[i]` holds `w_i - wmin` (0..=3) and
+/// `bias[o]` the base-4 digits (least significant first) of `b_o - bmin`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerParams<C> {
+    pub weights: Vec<C>,
+    pub bias: Vec<Vec<C>>,
+}
+
+/// How many digits encode a bias of a layer with this public range.
+pub fn bias_digits(br: [i32; 2]) -> usize {
+    digits_for((br[1] as i64 - br[0] as i64) as u64)
+}
+
+/// Checks that `params[k]` is present exactly for linear nodes and has the right sizes.
+pub fn check_params<C>(model: &Model, params: &[Option<LayerParams<C>>]) -> Result<(), EvalError> {
+    if params.len() != model.nodes.len() {
+        return Err(EvalError::Params(format!(
+            "{} layers of parameters for {} nodes",
+            params.len(),
+            model.nodes.len()
+        )));
+    }
+    for (k, (node, p)) in model.nodes.iter().zip(params).enumerate() {
+        let want = match &node.op {
+            Op::Conv2d {
+                weights,
+                bias,
+                bias_range,
+                ..
+            }
+            | Op::Dense {
+                weights,
+                bias,
+                bias_range,
+                ..
+            } => Some((weights.len(), bias.len(), bias_digits(*bias_range))),
+            _ => None,
+        };
+        match (want, p) {
+            (None, None) => {}
+            (Some((nw, nb, nd)), Some(p))
+                if p.weights.len() == nw
+                    && p.bias.len() == nb
+                    && p.bias.iter().all(|d| d.len() == nd) => {}
+            _ => {
+                return Err(EvalError::Params(format!(
+                    "node {k} ({}) parameters have the wrong shape",
+                    node.op.name()
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Layout of the output: logit `i` is `offset[i] + Σ_j 4^j digit[i][j]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutputLayout {
+    pub offsets: Vec<i64>,
+    pub digits: Vec<usize>,
+}
+
+impl OutputLayout {
+    pub fn ciphertexts(&self) -> usize {
+        self.digits.iter().sum()
+    }
+    /// Reassembles logits from decrypted digits (in the order `Output::flatten` gives).
+    pub fn logits(&self, digits: &[u64]) -> Vec<i64> {
+        let mut it = digits.iter();
+        self.offsets
+            .iter()
+            .zip(&self.digits)
+            .map(|(&o, &n)| {
+                o + (0..n)
+                    .map(|j| ((*it.next().unwrap() & 3) as i64) << (2 * j))
+                    .sum::<i64>()
+            })
+            .collect()
+    }
+}
+
+enum Tensor<C> {
+    Act(Vec<Val<C>>),
+    Acc(Vec<Acc<C>>),
+}
+
+fn to_accs<C: Clone>(t: &Tensor<C>) -> Vec<Acc<C>> {
+    match t {
+        Tensor::Acc(a) => a.clone(),
+        Tensor::Act(v) => v
+            .iter()
+            .map(|x| {
+                let mut a = Acc::zero();
+                a.push(0, x.clone());
+                a
+            })
+            .collect(),
+    }
+}
+
+/// What one run produced, with the PBS spent per node.
+pub struct RunOutput<C> {
+    pub logits: Vec<Digits<C>>,
+    pub pbs_per_node: Vec<u64>,
+}
+
+impl<C: Clone> RunOutput<C> {
+    pub fn layout(&self) -> OutputLayout {
+        OutputLayout {
+            offsets: self.logits.iter().map(|d| d.offset).collect(),
+            digits: self.logits.iter().map(|d| d.d.len()).collect(),
+        }
+    }
+    /// All output ciphertexts, logit by logit, least significant digit first.
+    pub fn flatten(self) -> Vec<C> {
+        self.logits
+            .into_iter()
+            .flat_map(|d| d.d.into_iter().map(|v| v.ct))
+            .collect()
+    }
+}
+
+/// Runs the model on encrypted (or clear-modelled) inputs. Uses the current rayon pool:
+/// output elements of a layer are independent and evaluated in parallel.
+pub fn run<B: Backend>(
+    e: &Engine<B>,
+    model: &Model,
+    params: &[Option<LayerParams<B::Ct>>],
+    input: Vec<B::Ct>,
+) -> Result<RunOutput<B::Ct>, EvalError> {
+    let infos = model.infer()?;
+    check_params(model, params)?;
+    if input.len() != model.input.len() {
+        return Err(EvalError::InputLen {
+            expected: model.input.len(),
+            got: input.len(),
+        });
+    }
+    let xmax = (1i64 << model.input.bits) - 1;
+    let mut vals: Vec<Tensor<B::Ct>> = vec![Tensor::Act(
+        input.into_iter().map(|c| e.fresh(c, 0, xmax)).collect(),
+    )];
+    let mut pbs_per_node = Vec::with_capacity(model.nodes.len());
+    for (k, node) in model.nodes.iter().enumerate() {
+        let before = e.pbs_count();
+        let ai = &infos[node.inputs[0]];
+        let out = match (&node.op, &vals[node.inputs[0]]) {
+            (
+                Op::Conv2d {
+                    out_channels,
+                    kernel,
+                    stride,
+                    padding,
+                    weight_range,
+                    bias_range,
+                    ..
+                },
+                Tensor::Act(x),
+            ) => {
+                let p = params[k].as_ref().unwrap();
+                let [c, h, w] = ai.shape;
+                let o = &infos[k + 1];
+                let (oh, ow) = (o.shape[1], o.shape[2]);
+                let accs = (0..out_channels * oh * ow)
+                    .into_par_iter()
+                    .map(|idx| {
+                        let (oc, oy, ox) = (idx / (oh * ow), (idx / ow) % oh, idx % ow);
+                        let mut taps = Vec::new();
+                        for_each_tap(c, h, w, *kernel, *stride, *padding, oy, ox, |ic, ky, kx, i| {
+                            taps.push((((oc * c + ic) * kernel[0] + ky) * kernel[1] + kx, i));
+                        });
+                        neuron(e, &taps, x, ai, p, oc, *weight_range, *bias_range)
+                    })
+                    .collect();
+                Tensor::Acc(accs)
+            }
+            (
+                Op::Dense {
+                    out_features,
+                    weight_range,
+                    bias_range,
+                    ..
+                },
+                Tensor::Act(x),
+            ) => {
+                let p = params[k].as_ref().unwrap();
+                let n = x.len();
+                let accs = (0..*out_features)
+                    .into_par_iter()
+                    .map(|o| {
+                        let taps: Vec<_> = (0..n).map(|i| (o * n + i, i)).collect();
+                        neuron(e, &taps, x, ai, p, o, *weight_range, *bias_range)
+                    })
+                    .collect();
+                Tensor::Acc(accs)
+            }
+            (Op::SumPool { kernel, stride }, t) => {
+                let accs = to_accs(t);
+                Tensor::Acc(
+                    pool_windows(ai, *kernel, *stride)
+                        .into_iter()
+                        .map(|win| {
+                            win.iter()
+                                .fold(Acc::zero(), |s, &i| s.merge(accs[i].clone()))
+                        })
+                        .collect(),
+                )
+            }
+            (Op::MaxPool { kernel, stride }, Tensor::Act(x)) => {
+                let wins = pool_windows(ai, *kernel, *stride);
+                Tensor::Act(
+                    wins.into_par_iter()
+                        .map(|win| {
+                            // balanced tree: keeps the refresh-free path (variance) likely
+                            let mut layer: Vec<Val<B::Ct>> =
+                                win.iter().map(|&i| x[i].clone()).collect();
+                            while layer.len() > 1 {
+                                layer = layer
+                                    .chunks(2)
+                                    .map(|p| {
+                                        if p.len() == 2 {
+                                            e.max(&p[0], &p[1])
+                                        } else {
+                                            p[0].clone()
+                                        }
+                                    })
+                                    .collect();
+                            }
+                            layer.pop().unwrap()
+                        })
+                        .collect(),
+                )
+            }
+            (Op::Activation { tables, .. }, t) => {
+                let accs = to_accs(t);
+                let ys: Result<Vec<_>, CircuitError> = accs
+                    .into_par_iter()
+                    .enumerate()
+                    .map(|(i, acc)| {
+                        let tab = &tables[if tables.len() == 1 { 0 } else { ai.channel_of(i) }];
+                        e.apply_table(acc, &|s| tab.lookup(s) as i64)
+                    })
+                    .collect();
+                Tensor::Act(ys?)
+            }
+            (Op::Add, a) => {
+                let (a, b) = (to_accs(a), to_accs(&vals[node.inputs[1]]));
+                Tensor::Acc(a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect())
+            }
+            (Op::Flatten, Tensor::Act(x)) => Tensor::Act(x.clone()),
+            (Op::Flatten, Tensor::Acc(x)) => Tensor::Acc(x.clone()),
+            // infer() guarantees linear layers and max pooling read activations
+            _ => unreachable!("node kinds checked by Model::infer"),
+        };
+        pbs_per_node.push(e.pbs_count() - before);
+        vals.push(out);
+    }
+    let before = e.pbs_count();
+    let logits: Vec<Digits<B::Ct>> = to_accs(vals.last().unwrap())
+        .into_par_iter()
+        .map(|a| e.normalize(a))
+        .collect();
+    // carrying the logits into digits for transport is charged to the last node
+    *pbs_per_node.last_mut().unwrap() += e.pbs_count() - before;
+    Ok(RunOutput {
+        logits,
+        pbs_per_node,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn neuron<B: Backend>(
+    e: &Engine<B>,
+    taps: &[(usize, usize)],
+    x: &[Val<B::Ct>],
+    ai: &ValueInfo,
+    p: &LayerParams<B::Ct>,
+    o: usize,
+    wr: [i8; 2],
+    br: [i32; 2],
+) -> Acc<B::Ct> {
+    let Kind::Act { max } = ai.kind else {
+        unreachable!()
+    };
+    let (wmin, wmax, xmax) = (wr[0] as i64, wr[1] as i64, max as i64);
+    let pmin = (wmin * xmax).min(0);
+    let umax = wmax - wmin;
+    let mut acc = Acc::zero();
+    for &(wi, xi) in taps {
+        let u = e.fresh(p.weights[wi].clone(), 0, umax);
+        let q = e.product(&u, &x[xi], wmin, pmin);
+        acc.push(0, q);
+    }
+    acc.offset += pmin * taps.len() as i64 + br[0] as i64;
+    let brange = (br[1] as i64 - br[0] as i64) as u64;
+    for (j, d) in p.bias[o].iter().enumerate() {
+        let hi = ((brange >> (2 * j)) as i64).min(3);
+        acc.push(j, e.fresh(d.clone(), 0, hi));
+    }
+    // the bias digits can never exceed the bias range as a whole
+    acc.range = acc.range.min(
+        ((pmin.abs() + (wmax * xmax).max(0)) as u64) * taps.len() as u64 + brange,
+    );
+    acc
+}
+
+/// Plans a run without keys: PBS per node, ciphertext x ciphertext MACs and output layout.
+pub fn plan(model: &Model) -> Result<(Vec<u64>, OutputLayout), EvalError> {
+    use super::backend::PlanBackend;
+    let e = Engine::new(PlanBackend);
+    let params = unit_params(model, &|| ())?;
+    let out = run(&e, model, &params, vec![(); model.input.len()])?;
+    Ok((out.pbs_per_node.clone(), out.layout()))
+}
+
+/// Parameters built by calling `f(value)` on every stored digit (for planning and tests).
+pub fn map_params<C>(
+    model: &Model,
+    f: &mut dyn FnMut(u64) -> C,
+) -> Result<Vec<Option<LayerParams<C>>>, EvalError> {
+    model.infer()?;
+    Ok(model
+        .nodes
+        .iter()
+        .map(|n| match &n.op {
+            Op::Conv2d {
+                weights,
+                bias,
+                weight_range,
+                bias_range,
+                ..
+            }
+            | Op::Dense {
+                weights,
+                bias,
+                weight_range,
+                bias_range,
+                ..
+            } => {
+                let nd = bias_digits(*bias_range);
+                Some(LayerParams {
+                    weights: weights
+                        .iter()
+                        .map(|&w| f((w as i64 - weight_range[0] as i64) as u64))
+                        .collect(),
+                    bias: bias
+                        .iter()
+                        .map(|&b| {
+                            let v = (b as i64 - bias_range[0] as i64) as u64;
+                            (0..nd).map(|j| f((v >> (2 * j)) & 3)).collect()
+                        })
+                        .collect(),
+                })
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+fn unit_params<C>(
+    model: &Model,
+    f: &dyn Fn() -> C,
+) -> Result<Vec<Option<LayerParams<C>>>, EvalError> {
+    map_params(model, &mut |_| f())
+}

@@ -1,0 +1,559 @@
+//! Encrypted evaluation: keys, encrypted models, inputs and outputs, and the runtime that
+//! evaluates a model whose every weight and bias is a TFHE ciphertext.
+//!
+//! Layers: `backend` (what a ciphertext arithmetic offers), `circuit` (exact integer
+//! circuits with PBS and noise accounting), `eval` (a whole model graph), this module (keys,
+//! serialization, the edge runtime and the owner's decryption).
+
+pub mod backend;
+pub mod circuit;
+pub mod eval;
+pub mod tfhe_backend;
+
+use crate::model::{Model, Op};
+use circuit::Engine;
+use eval::{LayerParams, OutputLayout};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+use tfhe::named::Named;
+use tfhe::safe_serialization::{safe_deserialize_conformant, safe_serialize};
+use tfhe::shortint::ciphertext::{CompactCiphertextList, CompressedCiphertext};
+use tfhe::shortint::parameters::{
+    CiphertextConformanceParams, ClassicPBSParameters, ShortintCompactCiphertextListCastingMode, PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128,
+};
+use tfhe::shortint::{
+    Ciphertext, ClientKey, CompactPublicKey, CompressedServerKey, ServerKey,
+};
+use tfhe_backend::TfheBackend;
+use thiserror::Error;
+
+/// tfhe's default parameter set: 2-bit message, 2-bit carry, 128-bit security,
+/// p-fail ≤ 2^-129.6 per PBS.
+pub const PARAMS: ClassicPBSParameters = PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128;
+pub const PARAMS_NAME: &str = "PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128";
+
+/// Version of the encrypted model and encrypted output layouts.
+pub const ENCRYPTED_FORMAT_VERSION: u32 = 1;
+
+/// Size limits for untrusted bytes (checked before anything is allocated).
+pub mod limits {
+    /// One serialized ciphertext (a big-key LWE is 16 KiB).
+    pub const CIPHERTEXT: u64 = 64 << 10;
+    /// An encrypted model file.
+    pub const MODEL: u64 = 256 << 20;
+    /// An encrypted input list.
+    pub const INPUT: u64 = 16 << 20;
+    /// An encrypted output.
+    pub const OUTPUT: u64 = 16 << 20;
+    /// The compact public key.
+    pub const PUBLIC_KEY: u64 = 16 << 20;
+    /// The compressed server key.
+    pub const SERVER_KEY: u64 = 1 << 30;
+}
+
+#[derive(Debug, Error)]
+pub enum FheError {
+    #[error("{what}: {msg}")]
+    Decode { what: &'static str, msg: String },
+    #[error("{what} is {size} bytes, over the {limit}-byte limit")]
+    TooLarge {
+        what: &'static str,
+        size: u64,
+        limit: u64,
+    },
+    #[error("{what}: format version {found}, this fhecam reads {expected}")]
+    Version {
+        what: &'static str,
+        found: u32,
+        expected: u32,
+    },
+    #[error(transparent)]
+    Eval(#[from] eval::EvalError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error("could not start the FHE thread pool: {0}")]
+    Pool(String),
+    #[error("decrypted output is inconsistent ({0}): wrong key or corrupted result")]
+    WrongKey(String),
+}
+
+fn decode_err(what: &'static str) -> impl Fn(String) -> FheError {
+    move |msg| FheError::Decode { what, msg }
+}
+
+/// Serializes a tfhe object with its versioned, size-limited header.
+pub fn to_safe_bytes<T>(obj: &T, limit: u64) -> Result<Vec<u8>, FheError>
+where
+    T: Serialize + tfhe::Versionize + Named,
+{
+    let mut out = Vec::new();
+    safe_serialize(obj, &mut out, limit).map_err(|e| FheError::Decode {
+        what: T::NAME,
+        msg: e.to_string(),
+    })?;
+    Ok(out)
+}
+
+/// Bincode with a size limit, for fhecam's own containers.
+pub fn bincode_opts(limit: u64) -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_limit(limit)
+}
+
+fn check_len(what: &'static str, bytes: &[u8], limit: u64) -> Result<(), FheError> {
+    if bytes.len() as u64 > limit {
+        return Err(FheError::TooLarge {
+            what,
+            size: bytes.len() as u64,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+fn ct_conformance() -> CiphertextConformanceParams {
+    tfhe::shortint::parameters::ShortintParameterSet::from(PARAMS).to_shortint_conformance_param()
+}
+
+/// The owner's keys: the secret `ClientKey` never leaves the owner's side.
+pub struct OwnerKeys {
+    pub client: ClientKey,
+}
+
+/// What an edge device receives: encrypts with the public key, evaluates with the server key.
+pub struct PublicMaterial {
+    pub public_key: CompactPublicKey,
+    pub server_key: CompressedServerKey,
+}
+
+impl OwnerKeys {
+    pub fn generate() -> Self {
+        OwnerKeys {
+            client: ClientKey::new(PARAMS),
+        }
+    }
+
+    pub fn public_material(&self) -> PublicMaterial {
+        PublicMaterial {
+            public_key: CompactPublicKey::new(&self.client),
+            server_key: CompressedServerKey::new(&self.client),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Result<Vec<u8>, FheError> {
+        to_safe_bytes(&self.client, limits::PUBLIC_KEY)
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, FheError> {
+        check_len("client key", bytes, limits::PUBLIC_KEY)?;
+        let client: ClientKey =
+            tfhe::safe_serialization::safe_deserialize(bytes, limits::PUBLIC_KEY)
+                .map_err(decode_err("client key"))?;
+        if client.parameters().message_modulus() != PARAMS.message_modulus
+            || client.parameters().carry_modulus() != PARAMS.carry_modulus
+        {
+            return Err(FheError::Decode {
+                what: "client key",
+                msg: "not a key for the default 2_2 parameters".into(),
+            });
+        }
+        Ok(OwnerKeys { client })
+    }
+}
+
+impl PublicMaterial {
+    pub fn public_key_bytes(&self) -> Result<Vec<u8>, FheError> {
+        to_safe_bytes(&self.public_key, limits::PUBLIC_KEY)
+    }
+    pub fn server_key_bytes(&self) -> Result<Vec<u8>, FheError> {
+        to_safe_bytes(&self.server_key, limits::SERVER_KEY)
+    }
+    pub fn from_bytes(public_key: &[u8], server_key: &[u8]) -> Result<Self, FheError> {
+        check_len("public key", public_key, limits::PUBLIC_KEY)?;
+        check_len("server key", server_key, limits::SERVER_KEY)?;
+        let pk_params = tfhe::shortint::parameters::CompactPublicKeyEncryptionParameters::try_from(
+            tfhe::shortint::parameters::ShortintParameterSet::from(PARAMS),
+        )
+        .map_err(|e| FheError::Decode {
+            what: "public key",
+            msg: e.to_string(),
+        })?;
+        let public_key = safe_deserialize_conformant(public_key, limits::PUBLIC_KEY, &pk_params)
+            .map_err(decode_err("public key"))?;
+        let sk_params = (
+            tfhe::shortint::AtomicPatternParameters::from(PARAMS),
+            tfhe::shortint::ciphertext::MaxDegree::from_msg_carry_modulus(
+                PARAMS.message_modulus,
+                PARAMS.carry_modulus,
+            ),
+        );
+        let server_key = safe_deserialize_conformant(server_key, limits::SERVER_KEY, &sk_params)
+            .map_err(decode_err("server key"))?;
+        Ok(PublicMaterial {
+            public_key,
+            server_key,
+        })
+    }
+}
+
+/// A model whose every weight and bias is encrypted; the architecture is public but
+/// carries no parameter values (they are replaced by the range's lower bound).
+#[derive(Clone)]
+pub struct EncryptedModel {
+    pub arch: Model,
+    pub params: Vec<Option<LayerParams<CompressedCiphertext>>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EncryptedModelFile {
+    format_version: u32,
+    arch: Model,
+    params: Vec<Option<LayerParams<Vec<u8>>>>,
+}
+
+/// Copy of the model with every weight and bias replaced by its public lower bound.
+pub fn strip_parameters(model: &Model) -> Model {
+    let mut arch = model.clone();
+    for n in &mut arch.nodes {
+        match &mut n.op {
+            Op::Conv2d {
+                weights,
+                bias,
+                weight_range,
+                bias_range,
+                ..
+            }
+            | Op::Dense {
+                weights,
+                bias,
+                weight_range,
+                bias_range,
+                ..
+            } => {
+                weights.iter_mut().for_each(|w| *w = weight_range[0]);
+                bias.iter_mut().for_each(|b| *b = bias_range[0]);
+            }
+            _ => {}
+        }
+    }
+    arch
+}
+
+impl EncryptedModel {
+    /// Encrypts every weight and bias digit with the secret key (seeded, compressed
+    /// ciphertexts: a few dozen bytes each instead of 16 KiB).
+    pub fn encrypt(model: &Model, keys: &OwnerKeys) -> Result<Self, FheError> {
+        let params = eval::map_params(model, &mut |v| keys.client.encrypt_compressed(v))?;
+        Ok(EncryptedModel {
+            arch: strip_parameters(model),
+            params,
+        })
+    }
+
+    pub fn to_bytes(&self) -> Result<Vec<u8>, FheError> {
+        let ser = |c: &CompressedCiphertext| to_safe_bytes(c, limits::CIPHERTEXT);
+        let params = self
+            .params
+            .iter()
+            .map(|p| {
+                p.as_ref()
+                    .map(|p| -> Result<_, FheError> {
+                        Ok(LayerParams {
+                            weights: p.weights.iter().map(ser).collect::<Result<_, _>>()?,
+                            bias: p
+                                .bias
+                                .iter()
+                                .map(|d| d.iter().map(ser).collect::<Result<_, _>>())
+                                .collect::<Result<_, _>>()?,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_, _>>()?;
+        let file = EncryptedModelFile {
+            format_version: ENCRYPTED_FORMAT_VERSION,
+            arch: self.arch.clone(),
+            params,
+        };
+        use bincode::Options;
+        bincode_opts(limits::MODEL)
+            .serialize(&file)
+            .map_err(|e| FheError::Decode {
+                what: "encrypted model",
+                msg: e.to_string(),
+            })
+    }
+
+    /// Parses an untrusted encrypted model: size-limited, every ciphertext checked for
+    /// conformance with the default parameters, shapes checked against the architecture.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, FheError> {
+        use bincode::Options;
+        check_len("encrypted model", bytes, limits::MODEL)?;
+        let file: EncryptedModelFile = bincode_opts(limits::MODEL)
+            .deserialize(bytes)
+            .map_err(|e| FheError::Decode {
+                what: "encrypted model",
+                msg: format!("{e} (truncated or corrupt file?)"),
+            })?;
+        if file.format_version != ENCRYPTED_FORMAT_VERSION {
+            return Err(FheError::Version {
+                what: "encrypted model",
+                found: file.format_version,
+                expected: ENCRYPTED_FORMAT_VERSION,
+            });
+        }
+        file.arch.infer()?;
+        let conf = ct_conformance();
+        let de = |b: &Vec<u8>| -> Result<CompressedCiphertext, FheError> {
+            safe_deserialize_conformant(b.as_slice(), limits::CIPHERTEXT, &conf)
+                .map_err(decode_err("encrypted parameter"))
+        };
+        let params: Vec<Option<LayerParams<CompressedCiphertext>>> = file
+            .params
+            .iter()
+            .map(|p| {
+                p.as_ref()
+                    .map(|p| -> Result<_, FheError> {
+                        Ok(LayerParams {
+                            weights: p.weights.iter().map(de).collect::<Result<_, _>>()?,
+                            bias: p
+                                .bias
+                                .iter()
+                                .map(|d| d.iter().map(de).collect::<Result<_, _>>())
+                                .collect::<Result<_, _>>()?,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_, _>>()?;
+        eval::check_params(&file.arch, &params)?;
+        Ok(EncryptedModel {
+            arch: file.arch,
+            params,
+        })
+    }
+
+    fn decompress(&self) -> Vec<Option<LayerParams<Ciphertext>>> {
+        use rayon::prelude::*;
+        self.params
+            .iter()
+            .map(|p| {
+                p.as_ref().map(|p| LayerParams {
+                    weights: p.weights.par_iter().map(|c| c.decompress()).collect(),
+                    bias: p
+                        .bias
+                        .iter()
+                        .map(|d| d.iter().map(|c| c.decompress()).collect())
+                        .collect(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// An encrypted frame: the quantized pixels under the compact public key.
+pub struct EncryptedInput(pub CompactCiphertextList);
+
+impl EncryptedInput {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, FheError> {
+        to_safe_bytes(&self.0, limits::INPUT)
+    }
+}
+
+/// The encrypted logits as base-4 digits plus their public layout.
+#[derive(Serialize, Deserialize)]
+struct EncryptedOutputFile {
+    format_version: u32,
+    layout: OutputLayout,
+    digits: Vec<Vec<u8>>,
+}
+
+pub struct EncryptedOutput {
+    pub layout: OutputLayout,
+    pub digits: Vec<Ciphertext>,
+}
+
+impl EncryptedOutput {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, FheError> {
+        use bincode::Options;
+        let file = EncryptedOutputFile {
+            format_version: ENCRYPTED_FORMAT_VERSION,
+            layout: self.layout.clone(),
+            digits: self
+                .digits
+                .iter()
+                .map(|c| to_safe_bytes(c, limits::CIPHERTEXT))
+                .collect::<Result<_, _>>()?,
+        };
+        bincode_opts(limits::OUTPUT)
+            .serialize(&file)
+            .map_err(|e| FheError::Decode {
+                what: "encrypted output",
+                msg: e.to_string(),
+            })
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, FheError> {
+        use bincode::Options;
+        check_len("encrypted output", bytes, limits::OUTPUT)?;
+        let file: EncryptedOutputFile = bincode_opts(limits::OUTPUT)
+            .deserialize(bytes)
+            .map_err(|e| FheError::Decode {
+                what: "encrypted output",
+                msg: format!("{e} (truncated or corrupt?)"),
+            })?;
+        if file.format_version != ENCRYPTED_FORMAT_VERSION {
+            return Err(FheError::Version {
+                what: "encrypted output",
+                found: file.format_version,
+                expected: ENCRYPTED_FORMAT_VERSION,
+            });
+        }
+        if file.layout.offsets.len() != file.layout.digits.len()
+            || file.layout.ciphertexts() != file.digits.len()
+            || file.layout.digits.iter().any(|&d| d == 0 || d > 32)
+        {
+            return Err(FheError::Decode {
+                what: "encrypted output",
+                msg: "layout does not match the ciphertexts".into(),
+            });
+        }
+        let conf = ct_conformance();
+        let digits = file
+            .digits
+            .iter()
+            .map(|b| {
+                safe_deserialize_conformant(b.as_slice(), limits::CIPHERTEXT, &conf)
+                    .map_err(decode_err("output ciphertext"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(EncryptedOutput {
+            layout: file.layout,
+            digits,
+        })
+    }
+
+    /// Decrypts the logits. Every digit must decrypt to 0..=3: anything else means the
+    /// ciphertexts were not produced under this key (or were tampered with).
+    pub fn decrypt(&self, keys: &OwnerKeys) -> Result<Vec<i64>, FheError> {
+        let vals: Vec<u64> = self
+            .digits
+            .iter()
+            .map(|c| keys.client.decrypt_message_and_carry(c))
+            .collect();
+        if let Some(v) = vals.iter().find(|&&v| v > 3) {
+            return Err(FheError::WrongKey(format!("a digit decrypted to {v}")));
+        }
+        Ok(self.layout.logits(&vals))
+    }
+}
+
+/// Timing of one encrypted inference.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct InferStats {
+    pub pbs: u64,
+    pub pbs_per_node: Vec<u64>,
+    pub expand_s: f64,
+    pub eval_s: f64,
+}
+
+/// The edge runtime: the encrypted model, the public material and a dedicated FHE thread
+/// pool. Nothing here can decrypt.
+pub struct EdgeRuntime {
+    pub arch: Model,
+    params: Vec<Option<LayerParams<Ciphertext>>>,
+    engine: Engine<TfheBackend>,
+    public_key: CompactPublicKey,
+    pool: rayon::ThreadPool,
+    planned: Vec<u64>,
+}
+
+impl EdgeRuntime {
+    /// Decompresses the server key and the encrypted parameters (no PBS) and starts a
+    /// pool of `threads` FHE workers (0 = one per core).
+    pub fn new(
+        model: &EncryptedModel,
+        public: PublicMaterial,
+        threads: usize,
+    ) -> Result<Self, FheError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("fhe-{i}"))
+            .build()
+            .map_err(|e| FheError::Pool(e.to_string()))?;
+        let (planned, _) = eval::plan(&model.arch)?;
+        let (server_key, params) = pool.install(|| {
+            rayon::join(
+                || public.server_key.decompress(),
+                || model.decompress(),
+            )
+        });
+        Ok(EdgeRuntime {
+            arch: model.arch.clone(),
+            params,
+            engine: Engine::new(TfheBackend::new(server_key)),
+            public_key: public.public_key,
+            pool,
+            planned,
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// PBS per node, planned from the architecture alone.
+    pub fn planned_pbs(&self) -> &[u64] {
+        &self.planned
+    }
+
+    pub fn server_key(&self) -> &ServerKey {
+        &self.engine.backend.server_key
+    }
+
+    /// Encrypts a quantized frame with the public key.
+    pub fn encrypt(&self, input: &[u8]) -> EncryptedInput {
+        let msgs: Vec<u64> = input.iter().map(|&v| v as u64).collect();
+        EncryptedInput(self.public_key.encrypt_slice(&msgs))
+    }
+
+    /// Runs the encrypted model on an encrypted frame.
+    pub fn infer(&self, input: &EncryptedInput) -> Result<(EncryptedOutput, InferStats), FheError> {
+        let t0 = Instant::now();
+        let cts = input
+            .0
+            .expand(ShortintCompactCiphertextListCastingMode::NoCasting)
+            .map_err(|e| FheError::Decode {
+                what: "encrypted input",
+                msg: e.to_string(),
+            })?;
+        let expand_s = t0.elapsed().as_secs_f64();
+        let before = self.engine.pbs_count();
+        let t1 = Instant::now();
+        let out = self
+            .pool
+            .install(|| eval::run(&self.engine, &self.arch, &self.params, cts))?;
+        let eval_s = t1.elapsed().as_secs_f64();
+        let stats = InferStats {
+            pbs: self.engine.pbs_count() - before,
+            pbs_per_node: out.pbs_per_node.clone(),
+            expand_s,
+            eval_s,
+        };
+        let layout = out.layout();
+        Ok((
+            EncryptedOutput {
+                layout,
+                digits: out.flatten(),
+            },
+            stats,
+        ))
+    }
+
+    /// Runs `f` on the FHE pool (for benchmarks of single PBS on the same threads).
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+}

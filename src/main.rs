@@ -1,0 +1,360 @@
+//! The `fhecam` binary: a thin layer of subcommands over the library.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use fhecam::data::{self, Dataset};
+use fhecam::fhe::{eval, EdgeRuntime, EncryptedModel, OwnerKeys};
+use fhecam::model::Model;
+use fhecam::{bench, reference, train};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Seed and split used everywhere the digits data set is split (75/25, stratified).
+const SPLIT_SEED: u64 = 42;
+const TEST_FRACTION: f64 = 0.25;
+/// Largest model JSON accepted (an 8x8 CNN is a few kB; big imported models a few MB).
+const MODEL_FILE_LIMIT: u64 = 64 << 20;
+
+#[derive(Parser)]
+#[command(
+    name = "fhecam",
+    version,
+    about = "Encrypted-model CNN inference for city cameras (TFHE: every weight is a ciphertext)",
+    long_about = None
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train the built-in quantization-aware reference CNN on a data set.
+    Train {
+        /// Data set to train on (only `digits`: scikit-learn's 8x8 handwritten digits).
+        #[arg(long, default_value = "digits")]
+        dataset: String,
+        /// Where to write the integer model (JSON).
+        #[arg(long)]
+        out: PathBuf,
+        /// Training epochs.
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Random seed (initialisation and batch order).
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Show the PBS plan of a model: per layer, before any key exists.
+    Plan {
+        /// Integer model (JSON).
+        model: PathBuf,
+    },
+    /// Encrypted inference benchmark on test images, checked against the plaintext model.
+    Bench {
+        /// Integer model (JSON); or use --reference.
+        #[arg(long, conflicts_with = "reference")]
+        model: Option<PathBuf>,
+        /// Train (or reuse a cached) reference model for this data set (`digits`).
+        #[arg(long)]
+        reference: Option<String>,
+        /// Test images to run encrypted.
+        #[arg(long, default_value_t = 5)]
+        samples: usize,
+        /// FHE worker threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Print the report as JSON (its last line is one JSON object).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Owner -> edge -> owner on the reference model: keys, encrypted weights, encrypted
+    /// frames, decrypted labels next to the plaintext model's.
+    Demo {
+        /// Test images to run encrypted.
+        #[arg(long, default_value_t = 3)]
+        samples: usize,
+        /// FHE worker threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Train {
+            dataset,
+            out,
+            epochs,
+            seed,
+        } => {
+            let (tr, te) = load_split(&dataset)?;
+            let mut cfg = train::TrainConfig {
+                seed,
+                ..Default::default()
+            };
+            if let Some(e) = epochs {
+                cfg.epochs = e;
+            }
+            let report = train_with_progress(&cfg, &tr, &te)?;
+            save_model(&report.model, &out, Some(report.accuracy_float))?;
+            println!(
+                "wrote {}: accuracy float {:.4}, integer {:.4} on {} test images, {} ct x ct MACs",
+                out.display(),
+                report.accuracy_float,
+                report.accuracy_plain,
+                report.test_samples,
+                report.model.macs()?
+            );
+        }
+        Cmd::Plan { model } => {
+            let m = load_model(&model)?;
+            print_plan(&m)?;
+        }
+        Cmd::Bench {
+            model,
+            reference,
+            samples,
+            threads,
+            json,
+        } => {
+            let (m, acc_float) = match (model, reference) {
+                (Some(p), _) => (load_model(&p)?, read_float_accuracy(&p)),
+                (None, Some(ds)) => reference_model(&ds)?,
+                (None, None) => bail!("give --model MODEL or --reference digits"),
+            };
+            let (_, te) = load_split("digits")?;
+            if te.images[0].len() != m.input.len() {
+                bail!(
+                    "model input is {}x{}x{} but the digits images are 1x8x8",
+                    m.input.channels,
+                    m.input.height,
+                    m.input.width
+                );
+            }
+            let r = bench::run(&m, &te, samples, threads, acc_float, json)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                print_bench(&r);
+            }
+        }
+        Cmd::Demo { samples, threads } => demo(samples, threads)?,
+    }
+    Ok(())
+}
+
+fn load_split(name: &str) -> Result<(Dataset, Dataset)> {
+    if name != "digits" {
+        bail!("unknown data set {name:?}: the built-in one is `digits`");
+    }
+    let ds = data::load_digits()?;
+    Ok(data::stratified_split(&ds, TEST_FRACTION, SPLIT_SEED))
+}
+
+fn train_with_progress(
+    cfg: &train::TrainConfig,
+    tr: &Dataset,
+    te: &Dataset,
+) -> Result<train::TrainReport> {
+    let pb = indicatif::ProgressBar::new(cfg.epochs as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("training {bar:30} epoch {pos}/{len} {msg}")
+            .unwrap(),
+    );
+    let report = train::train(cfg, tr, te, &|epoch, loss| {
+        pb.set_position(epoch as u64 + 1);
+        pb.set_message(format!("loss {loss:.4}"));
+    })?;
+    pb.finish_and_clear();
+    Ok(report)
+}
+
+fn load_model(path: &Path) -> Result<Model> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read model {}", path.display()))?;
+    if meta.len() > MODEL_FILE_LIMIT {
+        bail!(
+            "model {} is {} bytes, over the {MODEL_FILE_LIMIT}-byte limit",
+            path.display(),
+            meta.len()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read model {}", path.display()))?;
+    let m: Model = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not an fhecam model (JSON)", path.display()))?;
+    m.infer()
+        .with_context(|| format!("model {} is invalid", path.display()))?;
+    Ok(m)
+}
+
+fn sidecar(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".train.json");
+    PathBuf::from(s)
+}
+
+fn save_model(m: &Model, path: &Path, accuracy_float: Option<f64>) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string(m)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    if let Some(a) = accuracy_float {
+        std::fs::write(
+            sidecar(path),
+            serde_json::json!({ "accuracy_float": a }).to_string(),
+        )?;
+    }
+    Ok(())
+}
+
+fn read_float_accuracy(path: &Path) -> Option<f64> {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sidecar(path)).ok()?).ok()?;
+    v.get("accuracy_float")?.as_f64()
+}
+
+/// The cached reference model, trained on first use.
+fn reference_model(ds: &str) -> Result<(Model, Option<f64>)> {
+    if ds != "digits" {
+        bail!("no reference model for {ds:?}: the built-in one is `digits`");
+    }
+    let path = cache_dir().join("models").join("digits-reference.json");
+    if path.exists() {
+        if let Ok(m) = load_model(&path) {
+            return Ok((m, read_float_accuracy(&path)));
+        }
+    }
+    eprintln!("training the reference digits model (cached in {})", path.display());
+    let (tr, te) = load_split(ds)?;
+    let report = train_with_progress(&train::TrainConfig::default(), &tr, &te)?;
+    save_model(&report.model, &path, Some(report.accuracy_float))?;
+    Ok((report.model, Some(report.accuracy_float)))
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("FHECAM_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".cache"))
+}
+
+fn print_plan(m: &Model) -> Result<()> {
+    let (pbs, layout) = eval::plan(m)?;
+    let infos = m.infer()?;
+    println!("{:<4} {:<12} {:>14} {:>10}", "node", "op", "output", "PBS");
+    for (k, (n, p)) in m.nodes.iter().zip(&pbs).enumerate() {
+        let s = infos[k + 1].shape;
+        println!(
+            "{:<4} {:<12} {:>14} {:>10}",
+            k,
+            n.op.name(),
+            format!("{}x{}x{}", s[0], s[1], s[2]),
+            p
+        );
+    }
+    let total: u64 = pbs.iter().sum();
+    let macs = m.macs()?;
+    println!(
+        "total {total} PBS for {macs} ciphertext x ciphertext MACs ({:.2} PBS/MAC all-in); output {} digit ciphertexts",
+        total as f64 / macs.max(1) as f64,
+        layout.ciphertexts()
+    );
+    Ok(())
+}
+
+fn print_bench(r: &bench::BenchReport) {
+    println!("model               {}", r.model);
+    println!("parameters          {} ({} threads)", r.params, r.threads);
+    println!(
+        "PBS / inference     {} (planned {}), {} ct x ct MACs",
+        r.pbs_per_inference, r.pbs_planned, r.macs_ct_ct
+    );
+    println!("one PBS (1 thread)  {:.1} ms median", r.pbs_ms_median);
+    println!(
+        "latency             {:.2} s median ({:.2}..{:.2}) over {} images",
+        r.latency_s_median, r.latency_s_min, r.latency_s_max, r.samples
+    );
+    println!(
+        "PBS bound           {:.2} s -> efficiency {:.2}",
+        r.pbs_bound_s, r.efficiency
+    );
+    println!(
+        "agreement           {:.3} (decrypted FHE logits == plaintext integer logits)",
+        r.agreement
+    );
+    println!(
+        "accuracy            integer {:.4}, float {}",
+        r.accuracy_plain,
+        r.accuracy_float
+            .map(|a| format!("{a:.4}"))
+            .unwrap_or_else(|| "n/a".into())
+    );
+    println!(
+        "sizes               input {} B, output {} B, encrypted model {} B, server key {} B (compressed)",
+        r.input_ciphertext_bytes, r.output_ciphertext_bytes, r.encrypted_model_bytes, r.server_key_bytes
+    );
+    println!("peak RSS            {:.0} MB", r.peak_rss_mb);
+}
+
+fn demo(samples: usize, threads: usize) -> Result<()> {
+    let (model, _) = reference_model("digits")?;
+    let (_, te) = load_split("digits")?;
+    println!("[owner] reference model {:?}", model.name);
+    print_plan(&model)?;
+    let t = Instant::now();
+    let keys = OwnerKeys::generate();
+    let public = keys.public_material();
+    let enc = EncryptedModel::encrypt(&model, &keys)?;
+    let bytes = enc.to_bytes()?;
+    println!(
+        "[owner] keys generated, every weight and bias encrypted ({} bytes) in {:.1} s",
+        bytes.len(),
+        t.elapsed().as_secs_f64()
+    );
+    // The edge only ever sees the encrypted model and the public material.
+    let edge_model = EncryptedModel::from_bytes(&bytes)?;
+    let rt = EdgeRuntime::new(&edge_model, public, threads)?;
+    println!("[edge]  runtime ready on {} FHE threads", rt.threads());
+    let mut agree = 0;
+    let n = samples.min(te.len());
+    for i in 0..n {
+        let x = model.input.quantize(&te.images[i]);
+        let t = Instant::now();
+        let (out, stats) = rt.infer(&rt.encrypt(&x))?;
+        let secs = t.elapsed().as_secs_f64();
+        let wire = out.to_bytes()?;
+        let got = fhecam::fhe::EncryptedOutput::from_bytes(&wire)?.decrypt(&keys)?;
+        let want = reference::evaluate(&model, &x)?;
+        agree += (got == want) as usize;
+        println!(
+            "[owner] image {i}: true {} | plaintext model {} | decrypted FHE {} | logits equal: {} | {} PBS, {:.1} s, {} B sent",
+            te.labels[i],
+            reference::argmax(&want),
+            reference::argmax(&got),
+            got == want,
+            stats.pbs,
+            secs,
+            wire.len()
+        );
+    }
+    println!("summary: {agree}/{n} encrypted inferences equal the plaintext integer model");
+    if agree != n {
+        bail!("encrypted and plaintext results differ");
+    }
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! Random networks using every layer kind, for property tests and `fhecam selftest`.
+
+use crate::model::{ActTable, Kind, Model, Node, Op, MODEL_FORMAT_VERSION};
+use rand::Rng;
+
+/// Size knobs: `tiny` keeps the PBS count low enough for real TFHE in CI.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub hw: usize,
+    pub channels: usize,
+    pub classes: usize,
+}
+
+impl Shape {
+    pub fn tiny() -> Self {
+        Shape {
+            hw: 3,
+            channels: 1,
+            classes: 2,
+        }
+    }
+    pub fn small() -> Self {
+        Shape {
+            hw: 5,
+            channels: 2,
+            classes: 3,
+        }
+    }
+}
+
+fn weight_range(rng: &mut impl Rng) -> [i8; 2] {
+    [[-1, 1], [-2, 1], [-1, 2], [0, 1], [-1, 0], [0, 3]][rng.gen_range(0..6)]
+}
+
+fn bias_range(rng: &mut impl Rng) -> [i32; 2] {
+    let lo = rng.gen_range(-20..=3);
+    [lo, lo + rng.gen_range(0..=24)]
+}
+
+fn linear_params(rng: &mut impl Rng, nw: usize, nb: usize) -> (Vec<i8>, Vec<i32>, [i8; 2], [i32; 2]) {
+    let wr = weight_range(rng);
+    let br = bias_range(rng);
+    let w = (0..nw).map(|_| rng.gen_range(wr[0]..=wr[1])).collect();
+    let b = (0..nb).map(|_| rng.gen_range(br[0]..=br[1])).collect();
+    (w, b, wr, br)
+}
+
+/// A random activation table over `lo..=hi`: a requantizing ReLU (monotone, ≤ 3 steps), or
+/// an arbitrary table with a handful of level changes; sometimes narrower than the range,
+/// so that clamping at the ends is exercised too.
+fn table(rng: &mut impl Rng, lo: i64, hi: i64, bits: u8) -> ActTable {
+    let top = (1i64 << bits) - 1;
+    let (tlo, thi) = if rng.gen_bool(0.3) && hi > lo + 2 {
+        (rng.gen_range(lo..=lo + (hi - lo) / 3), rng.gen_range(hi - (hi - lo) / 3..=hi))
+    } else {
+        (lo, hi)
+    };
+    if rng.gen_bool(0.6) {
+        let scale = rng.gen_range(0.05..1.5);
+        let shift = rng.gen_range(-3.0..3.0);
+        ActTable::from_fn(tlo, thi, |s| {
+            ((s as f64 * scale + shift).round().clamp(0.0, top as f64)) as u8
+        })
+    } else {
+        let changes = rng.gen_range(1..=6);
+        let mut cuts: Vec<i64> = (0..changes).map(|_| rng.gen_range(tlo..=thi)).collect();
+        cuts.sort();
+        let levels: Vec<u8> = (0..=changes).map(|_| rng.gen_range(0..=top as u8)).collect();
+        ActTable::from_fn(tlo, thi, |s| levels[cuts.iter().filter(|&&c| s >= c).count()])
+    }
+}
+
+/// A random network: conv → act → conv(same) → add(residual) → act → maxpool → sumpool →
+/// act → flatten → dense.
+pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
+    let in_bits = rng.gen_range(1..=2);
+    let c = shape.channels;
+    let mut m = Model {
+        format_version: MODEL_FORMAT_VERSION,
+        name: "random".into(),
+        input: crate::model::InputSpec {
+            channels: rng.gen_range(1..=c),
+            height: shape.hw,
+            width: shape.hw,
+            bits: in_bits,
+            scale: 1.0 / ((1 << in_bits) - 1) as f32,
+        },
+        nodes: vec![],
+        num_classes: shape.classes,
+    };
+    let push = |m: &mut Model, op: Op, inputs: Vec<usize>| -> usize {
+        m.nodes.push(Node { op, inputs });
+        m.nodes.len()
+    };
+    let act = |m: &mut Model, rng: &mut dyn rand::RngCore, v: usize| -> usize {
+        let infos = m.infer_partial();
+        let info = &infos[v];
+        let (lo, hi) = info.range();
+        let bits = rng.gen_range(1..=2);
+        let n = if rng.gen_bool(0.5) { 1 } else { info.shape[0] };
+        let tables = (0..n).map(|_| table(rng, lo, hi, bits)).collect();
+        m.nodes.push(Node {
+            op: Op::Activation { bits, tables },
+            inputs: vec![v],
+        });
+        m.nodes.len()
+    };
+    // conv 1: kernel 2 or 3, stride 1 or 2, padding 0 or 1 (keeping at least 2x2 out)
+    let k = rng.gen_range(2..=3usize.min(shape.hw));
+    let (s, p) = (rng.gen_range(1..=2), rng.gen_range(0..=1));
+    let s = if (shape.hw + 2 * p - k) / s + 1 < 2 { 1 } else { s };
+    let oc = rng.gen_range(1..=c);
+    let ic = m.input.channels;
+    let (w, b, wr, br) = linear_params(rng, oc * ic * k * k, oc);
+    let v = push(
+        &mut m,
+        Op::Conv2d {
+            out_channels: oc,
+            kernel: [k, k],
+            stride: [s, s],
+            padding: [p, p],
+            weights: w,
+            bias: b,
+            weight_range: wr,
+            bias_range: br,
+        },
+        vec![0],
+    );
+    let a1 = act(&mut m, rng, v);
+    // residual block: same-size conv, added to its input
+    let (w, b, wr, br) = linear_params(rng, oc * oc * 9, oc);
+    let v = push(
+        &mut m,
+        Op::Conv2d {
+            out_channels: oc,
+            kernel: [3, 3],
+            stride: [1, 1],
+            padding: [1, 1],
+            weights: w,
+            bias: b,
+            weight_range: wr,
+            bias_range: br,
+        },
+        vec![a1],
+    );
+    let v = push(&mut m, Op::Add, vec![v, a1]);
+    let mut v = act(&mut m, rng, v);
+    let hw = m.infer_partial()[v].shape[1];
+    if hw >= 2 {
+        v = push(
+            &mut m,
+            Op::MaxPool {
+                kernel: [2, 2],
+                stride: [1, 1],
+            },
+            vec![v],
+        );
+        v = push(
+            &mut m,
+            Op::SumPool {
+                kernel: [1, 2],
+                stride: [1, 1],
+            },
+            vec![v],
+        );
+        v = act(&mut m, rng, v);
+    }
+    let v = push(&mut m, Op::Flatten, vec![v]);
+    let n_in = m.infer_partial()[v].len();
+    let (w, b, wr, br) = linear_params(rng, shape.classes * n_in, shape.classes);
+    push(
+        &mut m,
+        Op::Dense {
+            out_features: shape.classes,
+            weights: w,
+            bias: b,
+            weight_range: wr,
+            bias_range: br,
+        },
+        vec![v],
+    );
+    m.infer().expect("random model is valid");
+    m
+}
+
+/// A random integer input for the model.
+pub fn random_input(rng: &mut impl Rng, m: &Model) -> Vec<u8> {
+    let top = (1u8 << m.input.bits) - 1;
+    (0..m.input.len()).map(|_| rng.gen_range(0..=top)).collect()
+}
+
+impl Model {
+    fn infer_partial(&self) -> Vec<crate::model::ValueInfo> {
+        self.infer_values().expect("partial model is valid")
+    }
+}
+
+/// Kind of a value, for tests that want to assert coverage.
+pub fn kinds(m: &Model) -> Vec<Kind> {
+    m.infer().unwrap().into_iter().map(|v| v.kind).collect()
+}

@@ -1,0 +1,59 @@
+//! Real TFHE with the default secure parameters: every weight and bias encrypted, the input
+//! encrypted with the compact public key, decrypted logits equal the plaintext reference
+//! exactly. Tiny shapes keep the PBS count CI-sized.
+
+use fhecam::fhe::{EdgeRuntime, EncryptedModel, EncryptedOutput, FheError, OwnerKeys};
+use fhecam::reference;
+use fhecam::testnet::{random_input, random_model, Shape};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::sync::OnceLock;
+
+fn keys() -> &'static OwnerKeys {
+    static K: OnceLock<OwnerKeys> = OnceLock::new();
+    K.get_or_init(OwnerKeys::generate)
+}
+
+#[test]
+fn random_encrypted_networks_match_reference_bit_for_bit() {
+    let keys = keys();
+    for seed in 0..3u64 {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let m = random_model(&mut rng, Shape::tiny());
+        let enc = EncryptedModel::encrypt(&m, keys).unwrap();
+        // through the wire format, as a camera receives it
+        let enc = EncryptedModel::from_bytes(&enc.to_bytes().unwrap()).unwrap();
+        let rt = EdgeRuntime::new(&enc, keys.public_material(), 0).unwrap();
+        let x = random_input(&mut rng, &m);
+        let (out, stats) = rt.infer(&rt.encrypt(&x)).unwrap();
+        assert_eq!(stats.pbs, rt.planned_pbs().iter().sum::<u64>());
+        let out = EncryptedOutput::from_bytes(&out.to_bytes().unwrap()).unwrap();
+        let got = out.decrypt(keys).unwrap();
+        let want = reference::evaluate(&m, &x).unwrap();
+        assert_eq!(got, want, "seed {seed}");
+        eprintln!("seed {seed}: {} PBS, logits {got:?}", stats.pbs);
+    }
+}
+
+#[test]
+fn output_under_another_key_is_refused() {
+    let keys = keys();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let m = random_model(&mut rng, Shape::tiny());
+    let enc = EncryptedModel::encrypt(&m, keys).unwrap();
+    let rt = EdgeRuntime::new(&enc, keys.public_material(), 0).unwrap();
+    let (out, _) = rt.infer(&rt.encrypt(&random_input(&mut rng, &m))).unwrap();
+    let other = OwnerKeys::generate();
+    // a different secret key decrypts to noise: some digit lands outside 0..=3
+    // (probability of all digits landing in range by chance: (1/4)^digits)
+    let mut outs = vec![out];
+    for _ in 0..3 {
+        let (o, _) = rt.infer(&rt.encrypt(&random_input(&mut rng, &m))).unwrap();
+        outs.push(o);
+    }
+    let refused = outs
+        .iter()
+        .filter(|o| matches!(o.decrypt(&other), Err(FheError::WrongKey(_))))
+        .count();
+    assert!(refused >= 3, "only {refused}/4 refused");
+}

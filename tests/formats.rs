@@ -1,0 +1,64 @@
+//! Untrusted bytes: truncated, oversized or garbage encrypted models and outputs are refused
+//! with a clear error, never a panic.
+
+use fhecam::fhe::{limits, EncryptedModel, EncryptedOutput, FheError, OwnerKeys};
+use fhecam::model::Model;
+use fhecam::testnet::{random_model, Shape};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn model() -> Model {
+    random_model(&mut ChaCha8Rng::seed_from_u64(3), Shape::tiny())
+}
+
+#[test]
+fn encrypted_model_round_trips_and_rejects_damage() {
+    let keys = OwnerKeys::generate();
+    let m = model();
+    let bytes = EncryptedModel::encrypt(&m, &keys).unwrap().to_bytes().unwrap();
+    let back = EncryptedModel::from_bytes(&bytes).unwrap();
+    // nothing of the clear parameters travels with the architecture
+    assert_eq!(back.arch, fhecam::fhe::strip_parameters(&m));
+    assert_ne!(back.arch, m);
+
+    for cut in [0, 1, 7, bytes.len() / 3, bytes.len() / 2, bytes.len() - 1] {
+        let err = EncryptedModel::from_bytes(&bytes[..cut]).err().expect("truncated accepted");
+        assert!(err.to_string().contains("encrypted"), "{err}");
+    }
+    let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 2654435761u32 >> 13) as u8).collect();
+    assert!(EncryptedModel::from_bytes(&garbage).is_err());
+
+    let big = vec![0u8; limits::MODEL as usize + 1];
+    assert!(matches!(
+        EncryptedModel::from_bytes(&big),
+        Err(FheError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn encrypted_output_rejects_damage() {
+    let big = vec![0u8; limits::OUTPUT as usize + 1];
+    assert!(matches!(
+        EncryptedOutput::from_bytes(&big),
+        Err(FheError::TooLarge { .. })
+    ));
+    for junk in [&b""[..], &b"\x01\x00\x00\x00"[..], &[0xffu8; 64][..]] {
+        assert!(EncryptedOutput::from_bytes(junk).is_err());
+    }
+}
+
+#[test]
+fn invalid_models_are_refused_with_a_reason() {
+    let mut m = model();
+    m.format_version = 99;
+    assert!(m.infer().unwrap_err().to_string().contains("version 99"));
+    let mut m = model();
+    if let fhecam::model::Op::Conv2d { weights, .. } = &mut m.nodes[0].op {
+        weights.pop();
+    }
+    let e = m.infer().unwrap_err().to_string();
+    assert!(e.contains("node 0 (conv2d)") && e.contains("weights"), "{e}");
+    let mut m = model();
+    m.num_classes = 7;
+    assert!(m.infer().unwrap_err().to_string().contains("num_classes"));
+}
