@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-cargo run --locked -- demo "$@"
+cargo run --release --locked -- demo "$@"

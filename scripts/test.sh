@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): system setup and data, then every test.
-# Dev profile with dependencies at opt-level 3 (Cargo.toml): tfhe runs at full speed and
-# the demo shares the same build.
+# Release: tfhe is only usable optimised, and the demo and the tests share one build.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-cargo test --locked "$@"
+cargo test --release --locked "$@"

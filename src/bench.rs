@@ -17,6 +17,8 @@ pub struct BenchReport {
     pub samples: usize,
     pub pbs_per_inference: u64,
     pub pbs_planned: u64,
+    /// The same count as tfhe's own PBS counter saw it (feature `pbs-stats`).
+    pub pbs_counted_by_tfhe: u64,
     pub pbs_per_layer: Vec<u64>,
     pub macs_ct_ct: u64,
     pub pbs_ms_median: f64,
@@ -139,7 +141,7 @@ pub fn run(
     );
     let (mut lat, mut enc_ms) = (Vec::new(), Vec::new());
     let (mut agree, mut fhe_correct) = (0usize, 0usize);
-    let mut pbs = 0;
+    let (mut pbs, mut pbs_tfhe) = (0, 0);
     let mut pbs_per_layer = vec![];
     let (mut in_bytes, mut out_bytes) = (0, 0);
     for i in 0..n {
@@ -148,12 +150,15 @@ pub fn run(
         enc_ms.push(t.elapsed().as_secs_f64() * 1e3);
         in_bytes = input.to_bytes()?.len();
         let t = Instant::now();
+        let tfhe_before = tfhe::shortint::server_key::get_pbs_count();
         let (out, stats) = rt.infer(&input)?;
+        pbs_tfhe = tfhe::shortint::server_key::get_pbs_count() - tfhe_before;
         lat.push(t.elapsed().as_secs_f64());
         out_bytes = out.to_bytes()?.len();
-        let logits = out.decrypt(&keys)?;
-        agree += (logits == plain_logits[i]) as usize;
-        fhe_correct += (reference::argmax(&logits) == test.labels[i] as usize) as usize;
+        let got = out.decrypt(&keys)?;
+        agree += (got.logits == plain_logits[i] && got.label == reference::argmax(&plain_logits[i]))
+            as usize;
+        fhe_correct += (got.label == test.labels[i] as usize) as usize;
         pbs = stats.pbs;
         pbs_per_layer = stats.pbs_per_node;
         pb.set_message(format!("last {:.1} s", lat.last().unwrap()));
@@ -170,6 +175,7 @@ pub fn run(
         samples: n,
         pbs_per_inference: pbs,
         pbs_planned,
+        pbs_counted_by_tfhe: pbs_tfhe,
         pbs_per_layer,
         macs_ct_ct: model.macs()?,
         pbs_ms_median,

@@ -267,10 +267,17 @@ fn print_plan(m: &Model) -> Result<()> {
             p
         );
     }
+    println!(
+        "{:<4} {:<12} {:>14} {:>10}",
+        "",
+        "output",
+        format!("{} digits", layout.ciphertexts()),
+        pbs.last().unwrap()
+    );
     let total: u64 = pbs.iter().sum();
     let macs = m.macs()?;
     println!(
-        "total {total} PBS for {macs} ciphertext x ciphertext MACs ({:.2} PBS/MAC all-in); output {} digit ciphertexts",
+        "total {total} PBS for {macs} ciphertext x ciphertext MACs ({:.2} PBS/MAC all-in; the circuit's floor is one PBS per MAC); output {} ciphertexts (logit digits + encrypted argmax label)",
         total as f64 / macs.max(1) as f64,
         layout.ciphertexts()
     );
@@ -340,13 +347,14 @@ fn demo(samples: usize, threads: usize) -> Result<()> {
         let wire = out.to_bytes()?;
         let got = fhecam::fhe::EncryptedOutput::from_bytes(&wire)?.decrypt(&keys)?;
         let want = reference::evaluate(&model, &x)?;
-        agree += (got == want) as usize;
+        let same = got.logits == want && got.label == reference::argmax(&want);
+        agree += same as usize;
         println!(
             "[owner] image {i}: true {} | plaintext model {} | decrypted FHE {} | logits equal: {} | {} PBS, {:.1} s, {} B sent",
             te.labels[i],
             reference::argmax(&want),
-            reference::argmax(&got),
-            got == want,
+            got.label,
+            same,
             stats.pbs,
             secs,
             wire.len()

@@ -67,7 +67,7 @@ impl InputSpec {
 
 /// A node's operation. Tensors are row-major (C, H, W) or flat.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Op {
     Conv2d {
         out_channels: usize,
@@ -148,7 +148,6 @@ impl ActTable {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Node {
-    #[serde(flatten)]
     pub op: Op,
     /// Value ids this node reads: 0 is the model input, k is the output of node k-1.
     pub inputs: Vec<usize>,

@@ -48,7 +48,7 @@ fn linear_params(rng: &mut impl Rng, nw: usize, nb: usize) -> (Vec<i8>, Vec<i32>
 /// A random activation table over `lo..=hi`: a requantizing ReLU (monotone, ≤ 3 steps), or
 /// an arbitrary table with a handful of level changes; sometimes narrower than the range,
 /// so that clamping at the ends is exercised too.
-fn table(rng: &mut impl Rng, lo: i64, hi: i64, bits: u8) -> ActTable {
+fn table(rng: &mut (impl Rng + ?Sized), lo: i64, hi: i64, bits: u8) -> ActTable {
     let top = (1i64 << bits) - 1;
     let (tlo, thi) = if rng.gen_bool(0.3) && hi > lo + 2 {
         (rng.gen_range(lo..=lo + (hi - lo) / 3), rng.gen_range(hi - (hi - lo) / 3..=hi))
@@ -155,10 +155,11 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
             },
             vec![v],
         );
+        let w = m.infer_partial()[v].shape[2];
         v = push(
             &mut m,
             Op::SumPool {
-                kernel: [1, 2],
+                kernel: [1, w.min(2)],
                 stride: [1, 1],
             },
             vec![v],

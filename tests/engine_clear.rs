@@ -26,6 +26,7 @@ fn check(seed: u64, shape: Shape) {
         let got = layout.logits(&digits);
         let want = reference::evaluate(&m, &x).unwrap();
         assert_eq!(got, want, "seed {seed}: model {}", serde_json::to_string(&m).unwrap());
+        assert_eq!(layout.label(&digits), Some(reference::argmax(&want)), "seed {seed}: label");
     }
 }
 

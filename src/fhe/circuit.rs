@@ -18,6 +18,7 @@
 //! - max is one bivariate PBS per pair.
 
 use super::backend::{Backend, BLOCK};
+use rayon::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
 
@@ -185,12 +186,15 @@ impl<B: Backend> Engine<B> {
         } else {
             self.refresh(x)
         };
+        // Clamping to the operands' bounds keeps unreachable table entries from loosening
+        // the output bound.
+        let (uh, xh) = (u.hi, x.hi);
         if 16 * u.var + x.var <= NOISE_BUDGET {
             let p = self.pack(u, &x);
-            self.lut(&p, |v| ((v >> 2) + wmin) * (v & 3) - pmin)
+            self.lut(&p, |v| ((v >> 2).min(uh) + wmin) * (v & 3).min(xh) - pmin)
         } else {
             let p = self.pack(&x, u);
-            self.lut(&p, |v| ((v & 3) + wmin) * (v >> 2) - pmin)
+            self.lut(&p, |v| ((v & 3).min(uh) + wmin) * (v >> 2).min(xh) - pmin)
         }
     }
 
@@ -468,6 +472,131 @@ impl<B: Backend> Engine<B> {
                 r
             })
             .collect()
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// `v` with variance 1 when it is noisier (one PBS), so it can be the high operand of a
+    /// bivariate table.
+    fn quiet(&self, v: &Val<B::Ct>) -> Val<B::Ct> {
+        if v.var <= 1 {
+            v.clone()
+        } else {
+            self.refresh(v)
+        }
+    }
+
+    /// 1 when `b > a` (as base-4 digit strings of the same length), else 0.
+    fn greater(&self, a: &[Val<B::Ct>], b: &[Val<B::Ct>]) -> Val<B::Ct> {
+        let top = a.len() - 1;
+        let cmp = |j: usize| {
+            let p = self.pack(&self.quiet(&b[j]), &a[j]);
+            (p, |v: i64| ((v >> 2).cmp(&(v & 3)) as i64) + 1)
+        };
+        if top == 0 {
+            let (p, _) = cmp(0);
+            return self.lut(&p, |v| ((v >> 2) > (v & 3)) as i64);
+        }
+        let (p, f) = cmp(top);
+        let mut r = self.lut(&p, f);
+        for j in (0..top).rev() {
+            let (p, f) = cmp(j);
+            let c = self.lut(&p, f);
+            let q = self.pack(&r, &c);
+            r = if j == 0 {
+                self.lut(&q, |v| {
+                    let (s, c) = (v >> 2, v & 3);
+                    (s == 2 || (s == 1 && c == 2)) as i64
+                })
+            } else {
+                self.lut(&q, |v| if v >> 2 == 1 { v & 3 } else { v >> 2 })
+            };
+        }
+        r
+    }
+
+    /// `bit ? b : a` digit by digit (two PBS per digit, none when both are constants).
+    fn select(&self, bit: &Val<B::Ct>, a: &[Val<B::Ct>], b: &[Val<B::Ct>]) -> Vec<Val<B::Ct>> {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| {
+                if x.var == 0 && y.var == 0 {
+                    // constants: x + bit·(y − x) is exact and leveled
+                    let d = y.lo - x.lo;
+                    let scaled = if d >= 0 {
+                        self.scale(bit.clone(), d as u64)
+                    } else {
+                        let mut z = self.constant(0);
+                        let sb = self.scale(bit.clone(), (-d) as u64);
+                        self.backend.sub_assign(&mut z.ct, &sb.ct);
+                        Val {
+                            lo: d,
+                            hi: 0,
+                            var: sb.var,
+                            ct: z.ct,
+                        }
+                    };
+                    let r = self.add_const(scaled, x.lo);
+                    Val {
+                        lo: x.lo.min(y.lo),
+                        hi: x.hi.max(y.hi),
+                        ..r
+                    }
+                } else {
+                    let pa = self.pack(bit, x);
+                    let pb = self.pack(bit, y);
+                    let keep_a = self.lut(&pa, |v| if v >> 2 == 1 { 0 } else { v & 3 });
+                    let keep_b = self.lut(&pb, |v| if v >> 2 == 1 { v & 3 } else { 0 });
+                    let r = self.add(keep_a, &keep_b);
+                    Val {
+                        lo: 0,
+                        hi: x.hi.max(y.hi),
+                        ..r
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Encrypted argmax of logits that share one offset and digit count (a Dense layer's):
+    /// a tournament in which the lower index wins ties, as `reference::argmax` does.
+    /// Returns the index as base-4 digits, least significant first.
+    pub fn argmax(&self, logits: &[Digits<B::Ct>]) -> Option<Vec<Val<B::Ct>>> {
+        let first = logits.first()?;
+        if logits
+            .iter()
+            .any(|l| l.offset != first.offset || l.d.len() != first.d.len())
+        {
+            return None;
+        }
+        let nidx = digits_for(logits.len() as u64 - 1);
+        let mut round: Vec<(Vec<Val<B::Ct>>, Vec<Val<B::Ct>>)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let idx = (0..nidx)
+                    .map(|j| self.constant(((i >> (2 * j)) & 3) as i64))
+                    .collect();
+                (l.d.clone(), idx)
+            })
+            .collect();
+        while round.len() > 1 {
+            let pairs: Vec<_> = round.chunks(2).map(|c| c.to_vec()).collect();
+            round = pairs
+                .into_par_iter()
+                .map(|c| {
+                    if c.len() == 1 {
+                        return c.into_iter().next().unwrap();
+                    }
+                    let bit = self.greater(&c[0].0, &c[1].0);
+                    (
+                        self.select(&bit, &c[0].0, &c[1].0),
+                        self.select(&bit, &c[0].1, &c[1].1),
+                    )
+                })
+                .collect();
+        }
+        Some(round.pop().unwrap().1)
     }
 }
 

@@ -75,16 +75,31 @@ pub fn check_params<C>(model: &Model, params: &[Option<LayerParams<C>>]) -> Resu
     Ok(())
 }
 
-/// Layout of the output: logit `i` is `offset[i] + Σ_j 4^j digit[i][j]`.
+/// Layout of the output: logit `i` is `offset[i] + Σ_j 4^j digit[i][j]`; then the argmax
+/// label's base-4 digits (none when the logits do not share one offset).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OutputLayout {
     pub offsets: Vec<i64>,
     pub digits: Vec<usize>,
+    pub label_digits: usize,
 }
 
 impl OutputLayout {
     pub fn ciphertexts(&self) -> usize {
-        self.digits.iter().sum()
+        self.digits.iter().sum::<usize>() + self.label_digits
+    }
+    /// The label from its decrypted digits (the tail of the output).
+    pub fn label(&self, digits: &[u64]) -> Option<usize> {
+        if self.label_digits == 0 {
+            return None;
+        }
+        let tail = &digits[digits.len() - self.label_digits..];
+        Some(
+            tail.iter()
+                .enumerate()
+                .map(|(j, &d)| ((d & 3) as usize) << (2 * j))
+                .sum(),
+        )
     }
     /// Reassembles logits from decrypted digits (in the order `Output::flatten` gives).
     pub fn logits(&self, digits: &[u64]) -> Vec<i64> {
@@ -120,9 +135,11 @@ fn to_accs<C: Clone>(t: &Tensor<C>) -> Vec<Acc<C>> {
     }
 }
 
-/// What one run produced, with the PBS spent per node.
+/// What one run produced, with the PBS spent per node; the last entry of `pbs_per_node`
+/// is the output stage (carrying the logits into digits, encrypted argmax).
 pub struct RunOutput<C> {
     pub logits: Vec<Digits<C>>,
+    pub label: Option<Vec<Val<C>>>,
     pub pbs_per_node: Vec<u64>,
 }
 
@@ -131,13 +148,15 @@ impl<C: Clone> RunOutput<C> {
         OutputLayout {
             offsets: self.logits.iter().map(|d| d.offset).collect(),
             digits: self.logits.iter().map(|d| d.d.len()).collect(),
+            label_digits: self.label.as_ref().map_or(0, |l| l.len()),
         }
     }
-    /// All output ciphertexts, logit by logit, least significant digit first.
+    /// All output ciphertexts: logit by logit, least significant digit first, then the label.
     pub fn flatten(self) -> Vec<C> {
         self.logits
             .into_iter()
             .flat_map(|d| d.d.into_iter().map(|v| v.ct))
+            .chain(self.label.into_iter().flatten().map(|v| v.ct))
             .collect()
     }
 }
@@ -282,10 +301,11 @@ pub fn run<B: Backend>(
         .into_par_iter()
         .map(|a| e.normalize(a))
         .collect();
-    // carrying the logits into digits for transport is charged to the last node
-    *pbs_per_node.last_mut().unwrap() += e.pbs_count() - before;
+    let label = e.argmax(&logits);
+    pbs_per_node.push(e.pbs_count() - before);
     Ok(RunOutput {
         logits,
+        label,
         pbs_per_node,
     })
 }

@@ -17,13 +17,13 @@ use serde::{Deserialize, Serialize};
 use std::time::Instant;
 use tfhe::named::Named;
 use tfhe::safe_serialization::{safe_deserialize_conformant, safe_serialize};
+#[allow(unused_imports)]
+use tfhe::prelude::*;
 use tfhe::shortint::ciphertext::{CompactCiphertextList, CompressedCiphertext};
 use tfhe::shortint::parameters::{
     CiphertextConformanceParams, ClassicPBSParameters, ShortintCompactCiphertextListCastingMode, PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128,
 };
-use tfhe::shortint::{
-    Ciphertext, ClientKey, CompactPublicKey, CompressedServerKey, ServerKey,
-};
+use tfhe::shortint::{Ciphertext, ClientKey, CompactPublicKey, ServerKey};
 use tfhe_backend::TfheBackend;
 use thiserror::Error;
 
@@ -114,52 +114,72 @@ fn check_len(what: &'static str, bytes: &[u8], limit: u64) -> Result<(), FheErro
 }
 
 fn ct_conformance() -> CiphertextConformanceParams {
-    tfhe::shortint::parameters::ShortintParameterSet::from(PARAMS).to_shortint_conformance_param()
+    PARAMS.to_shortint_conformance_param()
+}
+
+/// tfhe's default configuration, without the dedicated OPRF key (fhecam draws no encrypted
+/// randomness; it would double the server key the cameras download).
+pub fn config() -> tfhe::Config {
+    tfhe::ConfigBuilder::default()
+        .use_dedicated_oprf_key(false)
+        .build()
 }
 
 /// The owner's keys: the secret `ClientKey` never leaves the owner's side.
 pub struct OwnerKeys {
+    hl: tfhe::ClientKey,
+    /// The shortint key inside `hl`, which the circuits' blocks are encrypted under.
     pub client: ClientKey,
 }
 
 /// What an edge device receives: encrypts with the public key, evaluates with the server key.
 pub struct PublicMaterial {
-    pub public_key: CompactPublicKey,
-    pub server_key: CompressedServerKey,
+    pub public_key: tfhe::CompactPublicKey,
+    pub server_key: tfhe::CompressedServerKey,
 }
 
 impl OwnerKeys {
     pub fn generate() -> Self {
+        Self::from_hl(tfhe::ClientKey::generate(config()))
+    }
+
+    fn from_hl(hl: tfhe::ClientKey) -> Self {
+        let (integer, ..) = hl.clone().into_raw_parts();
         OwnerKeys {
-            client: ClientKey::new(PARAMS),
+            hl,
+            client: integer.into(),
         }
     }
 
     pub fn public_material(&self) -> PublicMaterial {
         PublicMaterial {
-            public_key: CompactPublicKey::new(&self.client),
-            server_key: CompressedServerKey::new(&self.client),
+            public_key: tfhe::CompactPublicKey::new(&self.hl),
+            server_key: tfhe::CompressedServerKey::new(&self.hl),
         }
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>, FheError> {
-        to_safe_bytes(&self.client, limits::PUBLIC_KEY)
+        to_safe_bytes(&self.hl, limits::PUBLIC_KEY)
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, FheError> {
         check_len("client key", bytes, limits::PUBLIC_KEY)?;
-        let client: ClientKey =
+        let hl: tfhe::ClientKey =
             tfhe::safe_serialization::safe_deserialize(bytes, limits::PUBLIC_KEY)
                 .map_err(decode_err("client key"))?;
-        if client.parameters().message_modulus() != PARAMS.message_modulus
-            || client.parameters().carry_modulus() != PARAMS.carry_modulus
+        let keys = Self::from_hl(hl);
+        let p = keys.client.parameters();
+        if p.message_modulus() != PARAMS.message_modulus
+            || p.carry_modulus() != PARAMS.carry_modulus
+            || p.lwe_dimension() != PARAMS.lwe_dimension
+            || p.polynomial_size() != PARAMS.polynomial_size
         {
             return Err(FheError::Decode {
                 what: "client key",
-                msg: "not a key for the default 2_2 parameters".into(),
+                msg: format!("not a key for {PARAMS_NAME}"),
             });
         }
-        Ok(OwnerKeys { client })
+        Ok(keys)
     }
 }
 
@@ -170,26 +190,14 @@ impl PublicMaterial {
     pub fn server_key_bytes(&self) -> Result<Vec<u8>, FheError> {
         to_safe_bytes(&self.server_key, limits::SERVER_KEY)
     }
+    /// Parses untrusted key material: size-limited, versioned (tfhe safe serialization);
+    /// the parameters are checked when the runtime is built from it.
     pub fn from_bytes(public_key: &[u8], server_key: &[u8]) -> Result<Self, FheError> {
         check_len("public key", public_key, limits::PUBLIC_KEY)?;
         check_len("server key", server_key, limits::SERVER_KEY)?;
-        let pk_params = tfhe::shortint::parameters::CompactPublicKeyEncryptionParameters::try_from(
-            tfhe::shortint::parameters::ShortintParameterSet::from(PARAMS),
-        )
-        .map_err(|e| FheError::Decode {
-            what: "public key",
-            msg: e.to_string(),
-        })?;
-        let public_key = safe_deserialize_conformant(public_key, limits::PUBLIC_KEY, &pk_params)
+        let public_key = tfhe::safe_serialization::safe_deserialize(public_key, limits::PUBLIC_KEY)
             .map_err(decode_err("public key"))?;
-        let sk_params = (
-            tfhe::shortint::AtomicPatternParameters::from(PARAMS),
-            tfhe::shortint::ciphertext::MaxDegree::from_msg_carry_modulus(
-                PARAMS.message_modulus,
-                PARAMS.carry_modulus,
-            ),
-        );
-        let server_key = safe_deserialize_conformant(server_key, limits::SERVER_KEY, &sk_params)
+        let server_key = tfhe::safe_serialization::safe_deserialize(server_key, limits::SERVER_KEY)
             .map_err(decode_err("server key"))?;
         Ok(PublicMaterial {
             public_key,
@@ -209,7 +217,8 @@ pub struct EncryptedModel {
 #[derive(Serialize, Deserialize)]
 struct EncryptedModelFile {
     format_version: u32,
-    arch: Model,
+    /// JSON: the model's internally tagged enums are not a bincode layout.
+    arch: String,
     params: Vec<Option<LayerParams<Vec<u8>>>>,
 }
 
@@ -253,7 +262,15 @@ impl EncryptedModel {
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>, FheError> {
-        let ser = |c: &CompressedCiphertext| to_safe_bytes(c, limits::CIPHERTEXT);
+        let ser = |c: &CompressedCiphertext| -> Result<Vec<u8>, FheError> {
+            use bincode::Options;
+            bincode_opts(limits::CIPHERTEXT)
+                .serialize(c)
+                .map_err(|e| FheError::Decode {
+                    what: "encrypted parameter",
+                    msg: e.to_string(),
+                })
+        };
         let params = self
             .params
             .iter()
@@ -274,7 +291,10 @@ impl EncryptedModel {
             .collect::<Result<_, _>>()?;
         let file = EncryptedModelFile {
             format_version: ENCRYPTED_FORMAT_VERSION,
-            arch: self.arch.clone(),
+            arch: serde_json::to_string(&self.arch).map_err(|e| FheError::Decode {
+                what: "encrypted model",
+                msg: e.to_string(),
+            })?,
             params,
         };
         use bincode::Options;
@@ -304,11 +324,30 @@ impl EncryptedModel {
                 expected: ENCRYPTED_FORMAT_VERSION,
             });
         }
-        file.arch.infer()?;
+        let arch: Model = serde_json::from_str(&file.arch).map_err(|e| FheError::Decode {
+            what: "encrypted model architecture",
+            msg: e.to_string(),
+        })?;
+        arch.infer()?;
         let conf = ct_conformance();
+        // Seeded ciphertexts have no safe-serialization name in shortint: bincode with a
+        // size limit, then tfhe's conformance check against the default parameters.
         let de = |b: &Vec<u8>| -> Result<CompressedCiphertext, FheError> {
-            safe_deserialize_conformant(b.as_slice(), limits::CIPHERTEXT, &conf)
-                .map_err(decode_err("encrypted parameter"))
+            use bincode::Options;
+            use tfhe::conformance::ParameterSetConformant;
+            let c: CompressedCiphertext = bincode_opts(limits::CIPHERTEXT)
+                .deserialize(b)
+                .map_err(|e| FheError::Decode {
+                    what: "encrypted parameter",
+                    msg: e.to_string(),
+                })?;
+            if !c.is_conformant(&conf) {
+                return Err(FheError::Decode {
+                    what: "encrypted parameter",
+                    msg: format!("not a ciphertext of {PARAMS_NAME}"),
+                });
+            }
+            Ok(c)
         };
         let params: Vec<Option<LayerParams<CompressedCiphertext>>> = file
             .params
@@ -328,11 +367,8 @@ impl EncryptedModel {
                     .transpose()
             })
             .collect::<Result<_, _>>()?;
-        eval::check_params(&file.arch, &params)?;
-        Ok(EncryptedModel {
-            arch: file.arch,
-            params,
-        })
+        eval::check_params(&arch, &params)?;
+        Ok(EncryptedModel { arch, params })
     }
 
     fn decompress(&self) -> Vec<Option<LayerParams<Ciphertext>>> {
@@ -357,8 +393,15 @@ impl EncryptedModel {
 pub struct EncryptedInput(pub CompactCiphertextList);
 
 impl EncryptedInput {
+    /// Wire size of the list (it is produced and consumed on the device itself).
     pub fn to_bytes(&self) -> Result<Vec<u8>, FheError> {
-        to_safe_bytes(&self.0, limits::INPUT)
+        use bincode::Options;
+        bincode_opts(limits::INPUT)
+            .serialize(&self.0)
+            .map_err(|e| FheError::Decode {
+                what: "encrypted input",
+                msg: e.to_string(),
+            })
     }
 }
 
@@ -368,6 +411,13 @@ struct EncryptedOutputFile {
     format_version: u32,
     layout: OutputLayout,
     digits: Vec<Vec<u8>>,
+}
+
+/// A decrypted inference.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Decrypted {
+    pub label: usize,
+    pub logits: Vec<i64>,
 }
 
 pub struct EncryptedOutput {
@@ -414,6 +464,7 @@ impl EncryptedOutput {
         if file.layout.offsets.len() != file.layout.digits.len()
             || file.layout.ciphertexts() != file.digits.len()
             || file.layout.digits.iter().any(|&d| d == 0 || d > 32)
+            || file.layout.label_digits > 8
         {
             return Err(FheError::Decode {
                 what: "encrypted output",
@@ -435,9 +486,10 @@ impl EncryptedOutput {
         })
     }
 
-    /// Decrypts the logits. Every digit must decrypt to 0..=3: anything else means the
-    /// ciphertexts were not produced under this key (or were tampered with).
-    pub fn decrypt(&self, keys: &OwnerKeys) -> Result<Vec<i64>, FheError> {
+    /// Decrypts the logits and the label. Every digit must decrypt to 0..=3 and the
+    /// encrypted label must be the argmax of the logits: anything else means the
+    /// ciphertexts were not produced under this key for this model, or were tampered with.
+    pub fn decrypt(&self, keys: &OwnerKeys) -> Result<Decrypted, FheError> {
         let vals: Vec<u64> = self
             .digits
             .iter()
@@ -446,7 +498,19 @@ impl EncryptedOutput {
         if let Some(v) = vals.iter().find(|&&v| v > 3) {
             return Err(FheError::WrongKey(format!("a digit decrypted to {v}")));
         }
-        Ok(self.layout.logits(&vals))
+        let logits = self.layout.logits(&vals);
+        let label = self.layout.label(&vals);
+        let expected = crate::reference::argmax(&logits);
+        if label.is_some_and(|l| l != expected) {
+            return Err(FheError::WrongKey(format!(
+                "encrypted label {} is not the argmax {expected} of the logits",
+                label.unwrap()
+            )));
+        }
+        Ok(Decrypted {
+            label: label.unwrap_or(expected),
+            logits,
+        })
     }
 }
 
@@ -486,15 +550,28 @@ impl EdgeRuntime {
         let (planned, _) = eval::plan(&model.arch)?;
         let (server_key, params) = pool.install(|| {
             rayon::join(
-                || public.server_key.decompress(),
+                || {
+                    let (integer, ..) = public.server_key.decompress().into_raw_parts();
+                    ServerKey::from(integer)
+                },
                 || model.decompress(),
             )
         });
+        if server_key.message_modulus != PARAMS.message_modulus
+            || server_key.carry_modulus != PARAMS.carry_modulus
+            || server_key.ciphertext_lwe_dimension() != PARAMS.glwe_dimension.to_equivalent_lwe_dimension(PARAMS.polynomial_size)
+        {
+            return Err(FheError::Decode {
+                what: "server key",
+                msg: format!("not a key for {PARAMS_NAME}"),
+            });
+        }
+        let public_key = public.public_key.into_raw_parts().0.into_raw_parts();
         Ok(EdgeRuntime {
             arch: model.arch.clone(),
             params,
             engine: Engine::new(TfheBackend::new(server_key)),
-            public_key: public.public_key,
+            public_key,
             pool,
             planned,
         })
@@ -543,13 +620,14 @@ impl EdgeRuntime {
             eval_s,
         };
         let layout = out.layout();
-        Ok((
-            EncryptedOutput {
-                layout,
-                digits: out.flatten(),
-            },
-            stats,
-        ))
+        let mut digits = out.flatten();
+        for d in &mut digits {
+            // Leveled sums bypass shortint's bookkeeping; the circuits proved every output
+            // digit is in 0..=3 within the noise budget, so record that for conformance.
+            d.degree = tfhe::shortint::ciphertext::Degree::new(3);
+            d.set_noise_level_to_nominal();
+        }
+        Ok((EncryptedOutput { layout, digits }, stats))
     }
 
     /// Runs `f` on the FHE pool (for benchmarks of single PBS on the same threads).
