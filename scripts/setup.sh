@@ -10,7 +10,8 @@ export DEBIAN_FRONTEND=noninteractive
 
 # System packages the build/tests need; others append here (e.g. gstreamer, opencv dev
 # packages). Only the missing ones are installed.
-APT_PACKAGES=()
+# OpenCV bindings are generated with libclang at build time.
+APT_PACKAGES=(pkg-config clang libclang-dev libopencv-dev)
 
 missing=()
 for pkg in ${APT_PACKAGES[@]+"${APT_PACKAGES[@]}"}; do

@@ -43,6 +43,24 @@ enum Cmd {
         /// Random seed (initialisation and batch order).
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Output channels of the 3x3 convolution.
+        #[arg(long)]
+        channels: Option<usize>,
+        /// Convolution stride.
+        #[arg(long)]
+        stride: Option<usize>,
+        /// Convolution zero padding.
+        #[arg(long)]
+        padding: Option<usize>,
+        /// Max-pool window after the convolution's activation.
+        #[arg(long)]
+        pool: Option<usize>,
+        /// Width of an extra hidden dense layer.
+        #[arg(long)]
+        hidden: Option<usize>,
+        /// Learning rate.
+        #[arg(long)]
+        lr: Option<f64>,
     },
     /// Show the PBS plan of a model: per layer, before any key exists.
     Plan {
@@ -82,8 +100,7 @@ enum Cmd {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -100,15 +117,26 @@ fn run(cli: Cli) -> Result<()> {
             out,
             epochs,
             seed,
+            channels,
+            stride,
+            padding,
+            pool,
+            hidden,
+            lr,
         } => {
             let (tr, te) = load_split(&dataset)?;
-            let mut cfg = train::TrainConfig {
+            let d = train::TrainConfig::default();
+            let cfg = train::TrainConfig {
                 seed,
-                ..Default::default()
+                epochs: epochs.unwrap_or(d.epochs),
+                conv_channels: channels.unwrap_or(d.conv_channels),
+                stride: stride.unwrap_or(d.stride),
+                padding: padding.unwrap_or(d.padding),
+                pool: pool.or(d.pool),
+                hidden: hidden.or(d.hidden),
+                learning_rate: lr.unwrap_or(d.learning_rate),
+                ..d
             };
-            if let Some(e) = epochs {
-                cfg.epochs = e;
-            }
             let report = train_with_progress(&cfg, &tr, &te)?;
             save_model(&report.model, &out, Some(report.accuracy_float))?;
             println!(
@@ -184,8 +212,8 @@ fn train_with_progress(
 }
 
 fn load_model(path: &Path) -> Result<Model> {
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("cannot read model {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read model {}", path.display()))?;
     if meta.len() > MODEL_FILE_LIMIT {
         bail!(
             "model {} is {} bytes, over the {MODEL_FILE_LIMIT}-byte limit",
@@ -240,7 +268,10 @@ fn reference_model(ds: &str) -> Result<(Model, Option<f64>)> {
             return Ok((m, read_float_accuracy(&path)));
         }
     }
-    eprintln!("training the reference digits model (cached in {})", path.display());
+    eprintln!(
+        "training the reference digits model (cached in {})",
+        path.display()
+    );
     let (tr, te) = load_split(ds)?;
     let report = train_with_progress(&train::TrainConfig::default(), &tr, &te)?;
     save_model(&report.model, &path, Some(report.accuracy_float))?;

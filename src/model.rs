@@ -240,7 +240,10 @@ impl Model {
             });
         }
         let i = &self.input;
-        if i.is_empty() || !(1..=MAX_ACT_BITS).contains(&i.bits) || i.scale.is_nan() || i.scale <= 0.0
+        if i.is_empty()
+            || !(1..=MAX_ACT_BITS).contains(&i.bits)
+            || i.scale.is_nan()
+            || i.scale <= 0.0
         {
             return Err(ModelError::Input(format!(
                 "need non-empty C,H,W, bits in 1..={MAX_ACT_BITS} and a positive scale (got {}x{}x{}, {} bits, scale {})",
@@ -280,7 +283,9 @@ impl Model {
                     bias_range,
                 } => {
                     let Kind::Act { max } = a.kind else {
-                        return Err(err("input must be an activation (add an Activation node before it)".into()));
+                        return Err(err(
+                            "input must be an activation (add an Activation node before it)".into(),
+                        ));
                     };
                     if a.flat {
                         return Err(err("input is flat; conv2d needs (C,H,W)".into()));
@@ -294,8 +299,21 @@ impl Model {
                             "kernel {kernel:?} stride {stride:?} padding {padding:?} does not fit input {h}x{w}"
                         )));
                     };
-                    check_params(weights, bias, *out_channels * c * kernel[0] * kernel[1], *out_channels, *weight_range, *bias_range).map_err(err)?;
-                    let (lo, hi) = dot_range(c * kernel[0] * kernel[1], max as i64, *weight_range, *bias_range);
+                    check_params(
+                        weights,
+                        bias,
+                        *out_channels * c * kernel[0] * kernel[1],
+                        *out_channels,
+                        *weight_range,
+                        *bias_range,
+                    )
+                    .map_err(err)?;
+                    let (lo, hi) = dot_range(
+                        c * kernel[0] * kernel[1],
+                        max as i64,
+                        *weight_range,
+                        *bias_range,
+                    );
                     ValueInfo {
                         shape: [*out_channels, oh, ow],
                         flat: false,
@@ -310,10 +328,20 @@ impl Model {
                     bias_range,
                 } => {
                     let Kind::Act { max } = a.kind else {
-                        return Err(err("input must be an activation (add an Activation node before it)".into()));
+                        return Err(err(
+                            "input must be an activation (add an Activation node before it)".into(),
+                        ));
                     };
                     let n_in = a.len();
-                    check_params(weights, bias, *out_features * n_in, *out_features, *weight_range, *bias_range).map_err(err)?;
+                    check_params(
+                        weights,
+                        bias,
+                        *out_features * n_in,
+                        *out_features,
+                        *weight_range,
+                        *bias_range,
+                    )
+                    .map_err(err)?;
                     let (lo, hi) = dot_range(n_in, max as i64, *weight_range, *bias_range);
                     ValueInfo {
                         shape: [*out_features, 1, 1],
@@ -330,7 +358,9 @@ impl Model {
                         out_dim(h, kernel[0], stride[0], 0),
                         out_dim(w, kernel[1], stride[1], 0),
                     ) else {
-                        return Err(err(format!("window {kernel:?} stride {stride:?} does not fit input {h}x{w}")));
+                        return Err(err(format!(
+                            "window {kernel:?} stride {stride:?} does not fit input {h}x{w}"
+                        )));
                     };
                     let k = (kernel[0] * kernel[1]) as i64;
                     let kind = match (&node.op, a.kind) {
@@ -363,7 +393,10 @@ impl Model {
                     let top = (1u8 << bits) - 1;
                     for t in tables {
                         if t.values.is_empty() || t.values.len() > 1 << 20 {
-                            return Err(err(format!("table length {} must be 1..=2^20", t.values.len())));
+                            return Err(err(format!(
+                                "table length {} must be 1..=2^20",
+                                t.values.len()
+                            )));
                         }
                         if let Some(v) = t.values.iter().find(|&&v| v > top) {
                             return Err(err(format!("table value {v} exceeds {bits} bits")));
@@ -374,7 +407,11 @@ impl Model {
                     }
                     ValueInfo {
                         kind: Kind::Act {
-                            max: tables.iter().flat_map(|t| t.values.iter().copied()).max().unwrap(),
+                            max: tables
+                                .iter()
+                                .flat_map(|t| t.values.iter().copied())
+                                .max()
+                                .unwrap(),
                         },
                         ..a.clone()
                     }
@@ -382,11 +419,17 @@ impl Model {
                 Op::Add => {
                     let b = &vals[node.inputs[1]];
                     if a.len() != b.len() || (a.shape != b.shape && !(a.flat || b.flat)) {
-                        return Err(err(format!("shapes differ: {:?} vs {:?}", a.shape, b.shape)));
+                        return Err(err(format!(
+                            "shapes differ: {:?} vs {:?}",
+                            a.shape, b.shape
+                        )));
                     }
                     let ((al, ah), (bl, bh)) = (a.range(), b.range());
                     ValueInfo {
-                        kind: Kind::Acc { lo: al + bl, hi: ah + bh },
+                        kind: Kind::Acc {
+                            lo: al + bl,
+                            hi: ah + bh,
+                        },
                         ..a.clone()
                     }
                 }
@@ -398,7 +441,9 @@ impl Model {
             };
             if let Kind::Acc { lo, hi } = out.kind {
                 if lo < -(1 << 40) || hi > 1 << 40 {
-                    return Err(err(format!("accumulator range {lo}..={hi} is out of range")));
+                    return Err(err(format!(
+                        "accumulator range {lo}..={hi} is out of range"
+                    )));
                 }
             }
             vals.push(out);

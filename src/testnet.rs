@@ -37,7 +37,11 @@ fn bias_range(rng: &mut impl Rng) -> [i32; 2] {
     [lo, lo + rng.gen_range(0..=24)]
 }
 
-fn linear_params(rng: &mut impl Rng, nw: usize, nb: usize) -> (Vec<i8>, Vec<i32>, [i8; 2], [i32; 2]) {
+fn linear_params(
+    rng: &mut impl Rng,
+    nw: usize,
+    nb: usize,
+) -> (Vec<i8>, Vec<i32>, [i8; 2], [i32; 2]) {
     let wr = weight_range(rng);
     let br = bias_range(rng);
     let w = (0..nw).map(|_| rng.gen_range(wr[0]..=wr[1])).collect();
@@ -51,7 +55,10 @@ fn linear_params(rng: &mut impl Rng, nw: usize, nb: usize) -> (Vec<i8>, Vec<i32>
 fn table(rng: &mut (impl Rng + ?Sized), lo: i64, hi: i64, bits: u8) -> ActTable {
     let top = (1i64 << bits) - 1;
     let (tlo, thi) = if rng.gen_bool(0.3) && hi > lo + 2 {
-        (rng.gen_range(lo..=lo + (hi - lo) / 3), rng.gen_range(hi - (hi - lo) / 3..=hi))
+        (
+            rng.gen_range(lo..=lo + (hi - lo) / 3),
+            rng.gen_range(hi - (hi - lo) / 3..=hi),
+        )
     } else {
         (lo, hi)
     };
@@ -65,8 +72,12 @@ fn table(rng: &mut (impl Rng + ?Sized), lo: i64, hi: i64, bits: u8) -> ActTable 
         let changes = rng.gen_range(1..=6);
         let mut cuts: Vec<i64> = (0..changes).map(|_| rng.gen_range(tlo..=thi)).collect();
         cuts.sort();
-        let levels: Vec<u8> = (0..=changes).map(|_| rng.gen_range(0..=top as u8)).collect();
-        ActTable::from_fn(tlo, thi, |s| levels[cuts.iter().filter(|&&c| s >= c).count()])
+        let levels: Vec<u8> = (0..=changes)
+            .map(|_| rng.gen_range(0..=top as u8))
+            .collect();
+        ActTable::from_fn(tlo, thi, |s| {
+            levels[cuts.iter().filter(|&&c| s >= c).count()]
+        })
     }
 }
 
@@ -108,7 +119,11 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
     // conv 1: kernel 2 or 3, stride 1 or 2, padding 0 or 1 (keeping at least 2x2 out)
     let k = rng.gen_range(2..=3usize.min(shape.hw));
     let (s, p) = (rng.gen_range(1..=2), rng.gen_range(0..=1));
-    let s = if (shape.hw + 2 * p - k) / s + 1 < 2 { 1 } else { s };
+    let s = if (shape.hw + 2 * p - k) / s + 1 < 2 {
+        1
+    } else {
+        s
+    };
     let oc = rng.gen_range(1..=c);
     let ic = m.input.channels;
     let (w, b, wr, br) = linear_params(rng, oc * ic * k * k, oc);

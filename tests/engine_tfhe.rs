@@ -58,3 +58,28 @@ fn output_under_another_key_is_refused() {
         .count();
     assert!(refused >= 3, "only {refused}/4 refused");
 }
+
+#[test]
+fn trained_model_on_real_digits_images_matches_reference() {
+    // A small trained model (one conv channel) on real scikit-learn digits test images.
+    let ds = fhecam::data::load_digits().expect("digits data: run scripts/setup.sh");
+    let (tr, te) = fhecam::data::stratified_split(&ds, 0.25, 42);
+    let cfg = fhecam::train::TrainConfig {
+        conv_channels: 1,
+        epochs: 5,
+        ..Default::default()
+    };
+    let report = fhecam::train::train(&cfg, &tr, &te, &|_, _| {}).unwrap();
+    let m = report.model;
+    let keys = keys();
+    let enc = EncryptedModel::encrypt(&m, keys).unwrap();
+    let rt = EdgeRuntime::new(&enc, keys.public_material(), 0).unwrap();
+    for i in [0, 17] {
+        let x = m.input.quantize(&te.images[i]);
+        let (out, _) = rt.infer(&rt.encrypt(&x)).unwrap();
+        let got = out.decrypt(keys).unwrap();
+        let want = reference::evaluate(&m, &x).unwrap();
+        assert_eq!(got.logits, want, "test image {i}");
+        assert_eq!(got.label, reference::argmax(&want));
+    }
+}

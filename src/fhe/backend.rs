@@ -58,7 +58,10 @@ impl Backend for ClearBackend {
         table[*a as usize] % TORUS
     }
     fn many_lut(&self, a: &u64, tables: &[[u64; BLOCK as usize]]) -> Vec<u64> {
-        assert!(*a < BLOCK / tables.len() as u64, "many-LUT input {a} too large");
+        assert!(
+            *a < BLOCK / tables.len() as u64,
+            "many-LUT input {a} too large"
+        );
         tables.iter().map(|t| t[*a as usize] % TORUS).collect()
     }
     fn sign_lut(&self, a: &u64, c: u64) -> u64 {

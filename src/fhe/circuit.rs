@@ -174,13 +174,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// `w * x` as a non-negative value `w*x - pmin`, one PBS. `u` holds `w - wmin`.
-    pub fn product(
-        &self,
-        u: &Val<B::Ct>,
-        x: &Val<B::Ct>,
-        wmin: i64,
-        pmin: i64,
-    ) -> Val<B::Ct> {
+    pub fn product(&self, u: &Val<B::Ct>, x: &Val<B::Ct>, wmin: i64, pmin: i64) -> Val<B::Ct> {
         let x = if 16 * u.var + x.var <= NOISE_BUDGET || 16 * x.var + u.var <= NOISE_BUDGET {
             x.clone()
         } else {

@@ -207,9 +207,19 @@ pub fn run<B: Backend>(
                     .map(|idx| {
                         let (oc, oy, ox) = (idx / (oh * ow), (idx / ow) % oh, idx % ow);
                         let mut taps = Vec::new();
-                        for_each_tap(c, h, w, *kernel, *stride, *padding, oy, ox, |ic, ky, kx, i| {
-                            taps.push((((oc * c + ic) * kernel[0] + ky) * kernel[1] + kx, i));
-                        });
+                        for_each_tap(
+                            c,
+                            h,
+                            w,
+                            *kernel,
+                            *stride,
+                            *padding,
+                            oy,
+                            ox,
+                            |ic, ky, kx, i| {
+                                taps.push((((oc * c + ic) * kernel[0] + ky) * kernel[1] + kx, i));
+                            },
+                        );
                         neuron(e, &taps, x, ai, p, oc, *weight_range, *bias_range)
                     })
                     .collect();
@@ -278,7 +288,11 @@ pub fn run<B: Backend>(
                     .into_par_iter()
                     .enumerate()
                     .map(|(i, acc)| {
-                        let tab = &tables[if tables.len() == 1 { 0 } else { ai.channel_of(i) }];
+                        let tab = &tables[if tables.len() == 1 {
+                            0
+                        } else {
+                            ai.channel_of(i)
+                        }];
                         e.apply_table(acc, &|s| tab.lookup(s) as i64)
                     })
                     .collect();
@@ -340,9 +354,9 @@ fn neuron<B: Backend>(
         acc.push(j, e.fresh(d.clone(), 0, hi));
     }
     // the bias digits can never exceed the bias range as a whole
-    acc.range = acc.range.min(
-        ((pmin.abs() + (wmax * xmax).max(0)) as u64) * taps.len() as u64 + brange,
-    );
+    acc.range = acc
+        .range
+        .min(((pmin.abs() + (wmax * xmax).max(0)) as u64) * taps.len() as u64 + brange);
     acc
 }
 

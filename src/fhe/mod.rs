@@ -16,12 +16,13 @@ use eval::{LayerParams, OutputLayout};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 use tfhe::named::Named;
-use tfhe::safe_serialization::{safe_deserialize_conformant, safe_serialize};
 #[allow(unused_imports)]
 use tfhe::prelude::*;
+use tfhe::safe_serialization::{safe_deserialize_conformant, safe_serialize};
 use tfhe::shortint::ciphertext::{CompactCiphertextList, CompressedCiphertext};
 use tfhe::shortint::parameters::{
-    CiphertextConformanceParams, ClassicPBSParameters, ShortintCompactCiphertextListCastingMode, PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128,
+    CiphertextConformanceParams, ClassicPBSParameters, ShortintCompactCiphertextListCastingMode,
+    PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128,
 };
 use tfhe::shortint::{Ciphertext, ClientKey, CompactPublicKey, ServerKey};
 use tfhe_backend::TfheBackend;
@@ -311,12 +312,13 @@ impl EncryptedModel {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, FheError> {
         use bincode::Options;
         check_len("encrypted model", bytes, limits::MODEL)?;
-        let file: EncryptedModelFile = bincode_opts(limits::MODEL)
-            .deserialize(bytes)
-            .map_err(|e| FheError::Decode {
-                what: "encrypted model",
-                msg: format!("{e} (truncated or corrupt file?)"),
-            })?;
+        let file: EncryptedModelFile =
+            bincode_opts(limits::MODEL)
+                .deserialize(bytes)
+                .map_err(|e| FheError::Decode {
+                    what: "encrypted model",
+                    msg: format!("{e} (truncated or corrupt file?)"),
+                })?;
         if file.format_version != ENCRYPTED_FORMAT_VERSION {
             return Err(FheError::Version {
                 what: "encrypted model",
@@ -335,12 +337,13 @@ impl EncryptedModel {
         let de = |b: &Vec<u8>| -> Result<CompressedCiphertext, FheError> {
             use bincode::Options;
             use tfhe::conformance::ParameterSetConformant;
-            let c: CompressedCiphertext = bincode_opts(limits::CIPHERTEXT)
-                .deserialize(b)
-                .map_err(|e| FheError::Decode {
-                    what: "encrypted parameter",
-                    msg: e.to_string(),
-                })?;
+            let c: CompressedCiphertext =
+                bincode_opts(limits::CIPHERTEXT)
+                    .deserialize(b)
+                    .map_err(|e| FheError::Decode {
+                        what: "encrypted parameter",
+                        msg: e.to_string(),
+                    })?;
             if !c.is_conformant(&conf) {
                 return Err(FheError::Decode {
                     what: "encrypted parameter",
@@ -448,12 +451,13 @@ impl EncryptedOutput {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, FheError> {
         use bincode::Options;
         check_len("encrypted output", bytes, limits::OUTPUT)?;
-        let file: EncryptedOutputFile = bincode_opts(limits::OUTPUT)
-            .deserialize(bytes)
-            .map_err(|e| FheError::Decode {
-                what: "encrypted output",
-                msg: format!("{e} (truncated or corrupt?)"),
-            })?;
+        let file: EncryptedOutputFile =
+            bincode_opts(limits::OUTPUT)
+                .deserialize(bytes)
+                .map_err(|e| FheError::Decode {
+                    what: "encrypted output",
+                    msg: format!("{e} (truncated or corrupt?)"),
+                })?;
         if file.format_version != ENCRYPTED_FORMAT_VERSION {
             return Err(FheError::Version {
                 what: "encrypted output",
@@ -559,7 +563,10 @@ impl EdgeRuntime {
         });
         if server_key.message_modulus != PARAMS.message_modulus
             || server_key.carry_modulus != PARAMS.carry_modulus
-            || server_key.ciphertext_lwe_dimension() != PARAMS.glwe_dimension.to_equivalent_lwe_dimension(PARAMS.polynomial_size)
+            || server_key.ciphertext_lwe_dimension()
+                != PARAMS
+                    .glwe_dimension
+                    .to_equivalent_lwe_dimension(PARAMS.polynomial_size)
         {
             return Err(FheError::Decode {
                 what: "server key",

@@ -1,3 +1,0 @@
-//! Subcommand groups of the `fhecam` binary that live outside `main.rs`.
-
-pub mod owner;
