@@ -79,7 +79,11 @@ pub fn run(
     quiet: bool,
 ) -> Result<BenchReport> {
     model.infer().context("model failed validation")?;
-    let inputs: Vec<Vec<u8>> = test.images.iter().map(|im| model.input.quantize(im)).collect();
+    let inputs: Vec<Vec<u8>> = test
+        .images
+        .iter()
+        .map(|im| model.input.quantize(im))
+        .collect();
     let mut correct = 0usize;
     let mut plain_logits = Vec::with_capacity(inputs.len());
     for (x, &y) in inputs.iter().zip(&test.labels) {
@@ -136,8 +140,7 @@ pub fn run(
         ProgressBar::new(n as u64)
     };
     pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} encrypted inferences, {msg}")
-            .unwrap(),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} encrypted inferences, {msg}").unwrap(),
     );
     let (mut lat, mut enc_ms) = (Vec::new(), Vec::new());
     let (mut agree, mut fhe_correct) = (0usize, 0usize);

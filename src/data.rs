@@ -71,7 +71,11 @@ impl Dataset {
     }
     /// Number of classes, i.e. the largest label + 1.
     pub fn num_classes(&self) -> usize {
-        self.labels.iter().map(|&l| l as usize + 1).max().unwrap_or(0)
+        self.labels
+            .iter()
+            .map(|&l| l as usize + 1)
+            .max()
+            .unwrap_or(0)
     }
     /// The samples at `idx`, in that order.
     pub fn subset(&self, idx: &[usize]) -> Dataset {
@@ -102,7 +106,10 @@ pub fn data_dirs() -> Vec<PathBuf> {
 
 /// Loads the digits set from the first data directory that has it.
 pub fn load_digits() -> Result<Dataset, DataError> {
-    let tried: Vec<PathBuf> = data_dirs().into_iter().map(|d| d.join(DIGITS_FILE)).collect();
+    let tried: Vec<PathBuf> = data_dirs()
+        .into_iter()
+        .map(|d| d.join(DIGITS_FILE))
+        .collect();
     match tried.iter().find(|p| p.is_file()) {
         Some(p) => load_digits_from(p),
         None => Err(DataError::NotFound {

@@ -35,7 +35,16 @@ pub fn evaluate_all(model: &Model, input: &[u8]) -> Result<Vec<Vec<i64>>, ModelE
                 weights,
                 bias,
                 ..
-            } => conv(a, ai, *out_channels, *kernel, *stride, *padding, weights, bias),
+            } => conv(
+                a,
+                ai,
+                *out_channels,
+                *kernel,
+                *stride,
+                *padding,
+                weights,
+                bias,
+            ),
             Op::Dense {
                 out_features,
                 weights,
@@ -58,7 +67,11 @@ pub fn evaluate_all(model: &Model, input: &[u8]) -> Result<Vec<Vec<i64>>, ModelE
                 .iter()
                 .enumerate()
                 .map(|(i, &v)| {
-                    let t = &tables[if tables.len() == 1 { 0 } else { ai.channel_of(i) }];
+                    let t = &tables[if tables.len() == 1 {
+                        0
+                    } else {
+                        ai.channel_of(i)
+                    }];
                     t.lookup(v) as i64
                 })
                 .collect(),

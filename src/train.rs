@@ -170,7 +170,10 @@ impl QLayer {
         let mean_abs = if self.per_channel {
             abs.mean(1)?
         } else {
-            abs.flatten_all()?.mean(0)?.broadcast_as(out)?.contiguous()?
+            abs.flatten_all()?
+                .mean(0)?
+                .broadcast_as(out)?
+                .contiguous()?
         };
         // α is a statistic of the weights, not a trained parameter (TWN); the epsilon keeps
         // an all-zero channel finite.
@@ -195,8 +198,16 @@ impl QLayer {
     fn forward(&self, x: &Tensor, s_in: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let q = self.qparams(s_in)?;
         let train = mode == Mode::Train;
-        let w = if train { ste(&q.w_scaled, &q.w_t)? } else { q.w_t };
-        let b = if train { ste(&q.b_scaled, &q.b_int)? } else { q.b_int };
+        let w = if train {
+            ste(&q.w_scaled, &q.w_t)?
+        } else {
+            q.w_t
+        };
+        let b = if train {
+            ste(&q.b_scaled, &q.b_int)?
+        } else {
+            q.b_int
+        };
         let out = self.out_dim()?;
         let (acc, shape) = match self.kind {
             LayerKind::Conv {
@@ -309,7 +320,10 @@ fn check(cfg: &TrainConfig, train: &Dataset, test: &Dataset) -> Result<Geometry,
     if cfg.conv_channels == 0 || cfg.kernel == 0 || cfg.stride == 0 {
         return bad("conv_channels, kernel and stride must be positive".into());
     }
-    if cfg.epochs == 0 || cfg.batch_size == 0 || cfg.learning_rate.is_nan() || cfg.learning_rate <= 0.0
+    if cfg.epochs == 0
+        || cfg.batch_size == 0
+        || cfg.learning_rate.is_nan()
+        || cfg.learning_rate <= 0.0
     {
         return bad("epochs, batch_size and learning_rate must be positive".into());
     }
@@ -322,7 +336,9 @@ fn check(cfg: &TrainConfig, train: &Dataset, test: &Dataset) -> Result<Geometry,
         return bad("hidden and pool must be positive when set".into());
     }
     if train.is_empty() || test.is_empty() {
-        return Err(TrainError::Data("train and test splits must be non-empty".into()));
+        return Err(TrainError::Data(
+            "train and test splits must be non-empty".into(),
+        ));
     }
     let in_shape = [train.channels, train.height, train.width];
     if [test.channels, test.height, test.width] != in_shape {
@@ -512,7 +528,11 @@ pub fn train(
         .and_then(|l| l.var(0))
         .and_then(|v| v.to_scalar::<f32>())
         .ctx("calibrating temperature")?;
-    let temp = if spread > 1e-12 { -0.5 * spread.ln() } else { 0.0 };
+    let temp = if spread > 1e-12 {
+        -0.5 * spread.ln()
+    } else {
+        0.0
+    };
     net.log_temp
         .set(&Tensor::new(temp, &dev).ctx("temperature")?)
         .ctx("setting temperature")?;
@@ -540,7 +560,9 @@ pub fn train(
         for batch in order.chunks(cfg.batch_size) {
             // Cosine decay: large steps to find the ternary pattern, small ones to settle it.
             let t = step as f64 / total_steps;
-            opt.set_learning_rate(cfg.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()));
+            opt.set_learning_rate(
+                cfg.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()),
+            );
             let idx = Tensor::new(batch, &dev).ctx("batch indices")?;
             let xb = x_train.index_select(&idx, 0).ctx("batch inputs")?;
             let yb = y_train.index_select(&idx, 0).ctx("batch labels")?;

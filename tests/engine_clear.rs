@@ -19,14 +19,29 @@ fn check(seed: u64, shape: Shape) {
         let x = random_input(&mut rng, &m);
         let e = Engine::new(ClearBackend);
         let out = eval::run(&e, &m, &params, x.iter().map(|&v| v as u64).collect()).unwrap();
-        assert_eq!(out.pbs_per_node, planned, "seed {seed}: plan differs from run");
+        assert_eq!(
+            out.pbs_per_node, planned,
+            "seed {seed}: plan differs from run"
+        );
         assert_eq!(out.layout(), layout);
         let digits: Vec<u64> = out.flatten();
-        assert!(digits.iter().all(|&d| d < 4), "seed {seed}: digit out of range");
+        assert!(
+            digits.iter().all(|&d| d < 4),
+            "seed {seed}: digit out of range"
+        );
         let got = layout.logits(&digits);
         let want = reference::evaluate(&m, &x).unwrap();
-        assert_eq!(got, want, "seed {seed}: model {}", serde_json::to_string(&m).unwrap());
-        assert_eq!(layout.label(&digits), Some(reference::argmax(&want)), "seed {seed}: label");
+        assert_eq!(
+            got,
+            want,
+            "seed {seed}: model {}",
+            serde_json::to_string(&m).unwrap()
+        );
+        assert_eq!(
+            layout.label(&digits),
+            Some(reference::argmax(&want)),
+            "seed {seed}: label"
+        );
     }
 }
 

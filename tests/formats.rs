@@ -15,17 +15,24 @@ fn model() -> Model {
 fn encrypted_model_round_trips_and_rejects_damage() {
     let keys = OwnerKeys::generate();
     let m = model();
-    let bytes = EncryptedModel::encrypt(&m, &keys).unwrap().to_bytes().unwrap();
+    let bytes = EncryptedModel::encrypt(&m, &keys)
+        .unwrap()
+        .to_bytes()
+        .unwrap();
     let back = EncryptedModel::from_bytes(&bytes).unwrap();
     // nothing of the clear parameters travels with the architecture
     assert_eq!(back.arch, fhecam::fhe::strip_parameters(&m));
     assert_ne!(back.arch, m);
 
     for cut in [0, 1, 7, bytes.len() / 3, bytes.len() / 2, bytes.len() - 1] {
-        let err = EncryptedModel::from_bytes(&bytes[..cut]).err().expect("truncated accepted");
+        let err = EncryptedModel::from_bytes(&bytes[..cut])
+            .err()
+            .expect("truncated accepted");
         assert!(err.to_string().contains("encrypted"), "{err}");
     }
-    let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 2654435761u32 >> 13) as u8).collect();
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i * 2654435761u32 >> 13) as u8)
+        .collect();
     assert!(EncryptedModel::from_bytes(&garbage).is_err());
 
     let big = vec![0u8; limits::MODEL as usize + 1];
@@ -57,7 +64,10 @@ fn invalid_models_are_refused_with_a_reason() {
         weights.pop();
     }
     let e = m.infer().unwrap_err().to_string();
-    assert!(e.contains("node 0 (conv2d)") && e.contains("weights"), "{e}");
+    assert!(
+        e.contains("node 0 (conv2d)") && e.contains("weights"),
+        "{e}"
+    );
     let mut m = model();
     m.num_classes = 7;
     assert!(m.infer().unwrap_err().to_string().contains("num_classes"));
