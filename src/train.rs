@@ -550,7 +550,7 @@ pub fn train(
     let n = train.len();
     let steps_per_epoch = n.div_ceil(cfg.batch_size);
     let total_steps = (steps_per_epoch * cfg.epochs) as f64;
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed_0f_da7a);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x005e_ed0f_da7a);
     let mut order: Vec<u32> = (0..n as u32).collect();
     let mut step = 0usize;
     let mut final_loss = f32::NAN;

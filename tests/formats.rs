@@ -31,7 +31,7 @@ fn encrypted_model_round_trips_and_rejects_damage() {
         assert!(err.to_string().contains("encrypted"), "{err}");
     }
     let garbage: Vec<u8> = (0..4096u32)
-        .map(|i| (i * 2654435761u32 >> 13) as u8)
+        .map(|i| ((i * 2654435761u32) >> 13) as u8)
         .collect();
     assert!(EncryptedModel::from_bytes(&garbage).is_err());
 

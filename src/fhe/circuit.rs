@@ -564,7 +564,9 @@ impl<B: Backend> Engine<B> {
             return None;
         }
         let nidx = digits_for(logits.len() as u64 - 1);
-        let mut round: Vec<(Vec<Val<B::Ct>>, Vec<Val<B::Ct>>)> = logits
+        // (value digits, index digits) of each contender
+        type Contender<C> = (Vec<Val<C>>, Vec<Val<C>>);
+        let mut round: Vec<Contender<B::Ct>> = logits
             .iter()
             .enumerate()
             .map(|(i, l)| {
