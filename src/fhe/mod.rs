@@ -114,6 +114,33 @@ fn check_len(what: &'static str, bytes: &[u8], limit: u64) -> Result<(), FheErro
     Ok(())
 }
 
+/// Size-checked bincode decoding of one of fhecam's own containers.
+fn decode_container<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+    limit: u64,
+) -> Result<T, FheError> {
+    use bincode::Options;
+    check_len(what, bytes, limit)?;
+    bincode_opts(limit)
+        .deserialize(bytes)
+        .map_err(|e| FheError::Decode {
+            what,
+            msg: format!("{e} (truncated or corrupt?)"),
+        })
+}
+
+fn check_version(what: &'static str, found: u32) -> Result<(), FheError> {
+    if found != ENCRYPTED_FORMAT_VERSION {
+        return Err(FheError::Version {
+            what,
+            found,
+            expected: ENCRYPTED_FORMAT_VERSION,
+        });
+    }
+    Ok(())
+}
+
 fn ct_conformance() -> CiphertextConformanceParams {
     PARAMS.to_shortint_conformance_param()
 }
@@ -310,22 +337,8 @@ impl EncryptedModel {
     /// Parses an untrusted encrypted model: size-limited, every ciphertext checked for
     /// conformance with the default parameters, shapes checked against the architecture.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, FheError> {
-        use bincode::Options;
-        check_len("encrypted model", bytes, limits::MODEL)?;
-        let file: EncryptedModelFile =
-            bincode_opts(limits::MODEL)
-                .deserialize(bytes)
-                .map_err(|e| FheError::Decode {
-                    what: "encrypted model",
-                    msg: format!("{e} (truncated or corrupt file?)"),
-                })?;
-        if file.format_version != ENCRYPTED_FORMAT_VERSION {
-            return Err(FheError::Version {
-                what: "encrypted model",
-                found: file.format_version,
-                expected: ENCRYPTED_FORMAT_VERSION,
-            });
-        }
+        let file: EncryptedModelFile = decode_container("encrypted model", bytes, limits::MODEL)?;
+        check_version("encrypted model", file.format_version)?;
         let arch: Model = serde_json::from_str(&file.arch).map_err(|e| FheError::Decode {
             what: "encrypted model architecture",
             msg: e.to_string(),
@@ -449,22 +462,9 @@ impl EncryptedOutput {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, FheError> {
-        use bincode::Options;
-        check_len("encrypted output", bytes, limits::OUTPUT)?;
         let file: EncryptedOutputFile =
-            bincode_opts(limits::OUTPUT)
-                .deserialize(bytes)
-                .map_err(|e| FheError::Decode {
-                    what: "encrypted output",
-                    msg: format!("{e} (truncated or corrupt?)"),
-                })?;
-        if file.format_version != ENCRYPTED_FORMAT_VERSION {
-            return Err(FheError::Version {
-                what: "encrypted output",
-                found: file.format_version,
-                expected: ENCRYPTED_FORMAT_VERSION,
-            });
-        }
+            decode_container("encrypted output", bytes, limits::OUTPUT)?;
+        check_version("encrypted output", file.format_version)?;
         if file.layout.offsets.len() != file.layout.digits.len()
             || file.layout.ciphertexts() != file.digits.len()
             || file.layout.digits.iter().any(|&d| d == 0 || d > 32)
