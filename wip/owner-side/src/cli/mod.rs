@@ -1,0 +1,3 @@
+//! Subcommand groups of the `fhecam` binary that live outside `main.rs`.
+
+pub mod owner;

@@ -1,0 +1,655 @@
+//! The owner's side: signing key, protected-model database, signed bundles, and the edge
+//! commands that use them from files (`infer`) and back (`decrypt`).
+
+use anyhow::{bail, Context, Result};
+use fhecam::bundle;
+use fhecam::envelope::{self, Envelope};
+use fhecam::fhe::{EdgeRuntime, EncryptedModel, EncryptedOutput, OwnerKeys};
+use fhecam::ids::{rfc3339, ModelId};
+use fhecam::model::Model;
+use fhecam::secret::{KdfParams, Passphrase};
+use fhecam::store::{self, NewModel, Store};
+use fhecam::{preprocess, reference};
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Environment variable holding the owner's passphrase (or use --passphrase-file).
+pub const PASSPHRASE_ENV: &str = "FHECAM_OWNER_PASSPHRASE";
+/// Largest model JSON accepted (as `fhecam plan`/`bench`).
+const MODEL_FILE_LIMIT: u64 = 64 << 20;
+const PASSPHRASE_FILE_LIMIT: u64 = 4 << 10;
+const SIGNING_KEY_FILE: &str = "owner.key";
+const PUBLIC_KEY_FILE: &str = "owner.pub";
+
+#[derive(clap::Subcommand)]
+pub enum OwnerCmd {
+    /// The owner's Ed25519 key pair: the secret half signs deployment bundles, the public
+    /// half (owner.pub) is installed on every edge device to verify them.
+    OwnerKey {
+        #[command(subcommand)]
+        cmd: OwnerKeyCmd,
+    },
+    /// Generate fresh FHE keys, encrypt every weight and bias of a model and store it as a
+    /// new version in the owner database (the secret key sealed under the passphrase).
+    /// Prints the new model id on stdout.
+    Protect {
+        /// Integer model (JSON), as written by `fhecam train`.
+        model: PathBuf,
+        /// Owner database (SQLite; created with mode 0600 if missing).
+        #[arg(long, default_value = "owner.db")]
+        db: PathBuf,
+        /// Model name; versions are numbered per name (default: the model's own name).
+        #[arg(long)]
+        name: Option<String>,
+        /// File holding the passphrase that seals the secret key (default: the
+        /// FHECAM_OWNER_PASSPHRASE environment variable).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// List the protected model versions in the owner database.
+    Models {
+        /// Owner database.
+        #[arg(long, default_value = "owner.db")]
+        db: PathBuf,
+        /// One JSON object per model version instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a signed deployment bundle of one model version: encrypted model, public key
+    /// and compressed server key. Nothing secret is inside.
+    Deploy {
+        /// Owner database.
+        #[arg(long, default_value = "owner.db")]
+        db: PathBuf,
+        /// Model id (32 hex digits, from `fhecam protect` or `fhecam models`).
+        #[arg(long)]
+        model: ModelId,
+        /// The owner's Ed25519 signing key (from `fhecam owner-key init`).
+        #[arg(long)]
+        signing_key: PathBuf,
+        /// Where to write the bundle.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check a bundle as an edge device does: size, format, the owner's signature, then the
+    /// conformance of every key and ciphertext with fhecam's TFHE parameters.
+    VerifyBundle {
+        /// The bundle file.
+        bundle: PathBuf,
+        /// The owner's public key (owner.pub).
+        #[arg(long)]
+        owner_key: PathBuf,
+    },
+    /// Run the encrypted model of a verified bundle on image files, as a camera would:
+    /// each image is preprocessed, encrypted with the bundle's public key and evaluated;
+    /// one result envelope per image is written to --out as <image name>.fhe.
+    Infer {
+        /// The bundle file.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The owner's public key (owner.pub).
+        #[arg(long)]
+        owner_key: PathBuf,
+        /// Images (any format OpenCV decodes); converted to the model's channels, resized to
+        /// its input size.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Directory for the result envelopes.
+        #[arg(long)]
+        out: PathBuf,
+        /// Device id written in each envelope (A-Z a-z 0-9 . _ : -).
+        #[arg(long, default_value = "local")]
+        device_id: String,
+        /// Camera id written in each envelope.
+        #[arg(long, default_value = "file")]
+        camera_id: String,
+        /// FHE worker threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Decrypt result envelopes with the secret key from the owner database and print the
+    /// label (argmax of the logits).
+    Decrypt {
+        /// Owner database.
+        #[arg(long, default_value = "owner.db")]
+        db: PathBuf,
+        /// Result envelopes (.fhe files from `fhecam infer`).
+        #[arg(required = true)]
+        results: Vec<PathBuf>,
+        /// Print the logits too.
+        #[arg(long)]
+        logits: bool,
+        /// One JSON object per result instead of text.
+        #[arg(long)]
+        json: bool,
+        /// File holding the passphrase (default: the FHECAM_OWNER_PASSPHRASE environment
+        /// variable).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum OwnerKeyCmd {
+    /// Create a new key pair: DIR/owner.key (secret, mode 0600) and DIR/owner.pub (public,
+    /// hex). Refuses to overwrite existing keys.
+    Init {
+        /// Directory for the key files (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub fn run(cmd: OwnerCmd) -> Result<()> {
+    match cmd {
+        OwnerCmd::OwnerKey {
+            cmd: OwnerKeyCmd::Init { out },
+        } => owner_key_init(&out),
+        OwnerCmd::Protect {
+            model,
+            db,
+            name,
+            passphrase_file,
+        } => protect(&model, &db, name, passphrase_file.as_deref()),
+        OwnerCmd::Models { db, json } => models(&db, json),
+        OwnerCmd::Deploy {
+            db,
+            model,
+            signing_key,
+            out,
+        } => deploy(&db, &model, &signing_key, &out),
+        OwnerCmd::VerifyBundle { bundle, owner_key } => verify_bundle(&bundle, &owner_key),
+        OwnerCmd::Infer {
+            bundle,
+            owner_key,
+            images,
+            out,
+            device_id,
+            camera_id,
+            threads,
+        } => infer(&bundle, &owner_key, &images, &out, &device_id, &camera_id, threads),
+        OwnerCmd::Decrypt {
+            db,
+            results,
+            logits,
+            json,
+            passphrase_file,
+        } => decrypt(&db, &results, logits, json, passphrase_file.as_deref()),
+    }
+}
+
+fn spinner(msg: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            .expect("static template"),
+    );
+    pb.set_message(msg.to_string());
+    // Ticks from its own thread: keygen blocks this one for seconds.
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.2} MB", bytes as f64 / 1e6)
+}
+
+fn load_model(path: &Path) -> Result<Model> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read model {}", path.display()))?;
+    if meta.len() > MODEL_FILE_LIMIT {
+        bail!(
+            "model {} is {} bytes, over the {MODEL_FILE_LIMIT}-byte limit",
+            path.display(),
+            meta.len()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read model {}", path.display()))?;
+    let m: Model = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not an fhecam model (JSON)", path.display()))?;
+    m.infer()
+        .with_context(|| format!("model {} is invalid", path.display()))?;
+    Ok(m)
+}
+
+fn passphrase(file: Option<&Path>) -> Result<Passphrase> {
+    let text = match file {
+        Some(p) => {
+            let meta =
+                std::fs::metadata(p).with_context(|| format!("passphrase file {}", p.display()))?;
+            if meta.len() > PASSPHRASE_FILE_LIMIT {
+                bail!("passphrase file {} is over {PASSPHRASE_FILE_LIMIT} bytes", p.display());
+            }
+            if meta.permissions().mode() & 0o077 != 0 {
+                eprintln!(
+                    "warning: passphrase file {} is readable by group or others",
+                    p.display()
+                );
+            }
+            std::fs::read_to_string(p)
+                .with_context(|| format!("passphrase file {}", p.display()))?
+        }
+        None => match std::env::var(PASSPHRASE_ENV) {
+            Ok(s) => s,
+            Err(std::env::VarError::NotPresent) => {
+                bail!("no passphrase: set {PASSPHRASE_ENV} or give --passphrase-file FILE")
+            }
+            Err(e) => bail!("{PASSPHRASE_ENV}: {e}"),
+        },
+    };
+    Ok(Passphrase::new(text)?)
+}
+
+/// Creates `path` with `mode` (never over an existing file), writes `bytes`, and sets the
+/// mode again in case the umask narrowed it.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Writes a file through a temporary name in the same directory, so a reader never sees a
+/// half-written bundle or envelope.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file name", path.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    write_new(&tmp, bytes, 0o644)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn owner_key_init(dir: &Path) -> Result<()> {
+    let sk_path = dir.join(SIGNING_KEY_FILE);
+    let pk_path = dir.join(PUBLIC_KEY_FILE);
+    for p in [&sk_path, &pk_path] {
+        if p.exists() {
+            bail!(
+                "{} exists: refusing to overwrite an owner key",
+                p.display()
+            );
+        }
+    }
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let sk = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+    let vk = sk.verifying_key();
+    let mut secret_hex = zeroize::Zeroizing::new(hex::encode(sk.to_bytes()));
+    secret_hex.push('\n');
+    write_new(&sk_path, secret_hex.as_bytes(), 0o600)?;
+    write_new(
+        &pk_path,
+        format!("{}\n", hex::encode(vk.as_bytes())).as_bytes(),
+        0o644,
+    )?;
+    println!(
+        "owner key {}: {} (secret, mode 0600), {} (public: install it on the edge devices)",
+        bundle::key_id(&vk),
+        sk_path.display(),
+        pk_path.display()
+    );
+    Ok(())
+}
+
+fn protect(
+    model_path: &Path,
+    db: &Path,
+    name: Option<String>,
+    pass_file: Option<&Path>,
+) -> Result<()> {
+    let model = load_model(model_path)?;
+    let name = name.unwrap_or_else(|| model.name.clone());
+    store::validate_name(&name)?;
+    // Everything that can fail cheaply fails before seconds of key generation.
+    let pass = passphrase(pass_file)?;
+    let mut store = Store::create_or_open(db)?;
+
+    let pb = spinner("generating FHE keys (client, compact public, compressed server)");
+    let t = Instant::now();
+    let keys = OwnerKeys::generate();
+    let public = keys.public_material();
+    let keygen_s = t.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+
+    let pb = spinner("encrypting every weight and bias");
+    let t = Instant::now();
+    let enc = EncryptedModel::encrypt(&model, &keys)?;
+    let ciphertexts: usize = enc
+        .params
+        .iter()
+        .flatten()
+        .map(|p| p.weights.len() + p.bias.iter().map(Vec::len).sum::<usize>())
+        .sum();
+    let enc_bytes = enc.to_bytes()?;
+    let pk_bytes = public.public_key_bytes()?;
+    let sk_bytes = public.server_key_bytes()?;
+    let encrypt_s = t.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+
+    let pb = spinner("sealing the secret key (Argon2id + XChaCha20-Poly1305) and storing");
+    let t = Instant::now();
+    let id = ModelId::random();
+    let sealed = store::seal_owner_keys(&keys, &id, &pass, KdfParams::default())?;
+    let version = store.insert(&NewModel {
+        id,
+        name: &name,
+        arch: &enc.arch,
+        encrypted_model: &enc_bytes,
+        public_key: &pk_bytes,
+        server_key: &sk_bytes,
+        sealed_key: &sealed,
+    })?;
+    let store_s = t.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+
+    eprintln!(
+        "protected {name} version {version} in {}: {ciphertexts} encrypted parameters ({}), public key {}, server key {} compressed, secret key sealed ({} B)",
+        db.display(),
+        mb(enc_bytes.len() as u64),
+        mb(pk_bytes.len() as u64),
+        mb(sk_bytes.len() as u64),
+        sealed.ciphertext.len()
+    );
+    eprintln!(
+        "times: keygen {keygen_s:.1} s, encryption {encrypt_s:.1} s, sealing+storing {store_s:.1} s"
+    );
+    println!("{id}");
+    Ok(())
+}
+
+fn models(db: &Path, json: bool) -> Result<()> {
+    let store = Store::open(db)?;
+    let list = store.list()?;
+    if json {
+        for m in &list {
+            println!("{}", serde_json::to_string(m)?);
+        }
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("no models in {}", db.display());
+        return Ok(());
+    }
+    println!(
+        "{:<32}  {:<20} {:>3}  {:<20}  {:>8} {:>10} {:>10} {:>10}",
+        "id", "name", "ver", "created", "input", "params", "pubkey", "serverkey"
+    );
+    for m in &list {
+        println!(
+            "{:<32}  {:<20} {:>3}  {:<20}  {:>8} {:>10} {:>10} {:>10}",
+            m.id,
+            m.name,
+            m.version,
+            rfc3339(m.created_unix),
+            format!("{}x{}x{}", m.input.channels, m.input.height, m.input.width),
+            m.encrypted_model_bytes,
+            m.public_key_bytes,
+            m.server_key_bytes
+        );
+    }
+    Ok(())
+}
+
+fn deploy(db: &Path, id: &ModelId, key_path: &Path, out: &Path) -> Result<()> {
+    let store = Store::open(db)?;
+    let rec = store.public_record(id)?;
+    let key = bundle::read_signing_key(key_path)?;
+    let s = &rec.summary;
+    let bytes = bundle::build(
+        bundle::BundleMeta {
+            model_id: s.id,
+            name: s.name.clone(),
+            version: s.version,
+            created_unix: s.created_unix,
+            input: rec.arch.input.clone(),
+            num_classes: rec.arch.num_classes,
+        },
+        &rec.encrypted_model,
+        &rec.public_key,
+        &rec.server_key,
+        &key,
+    )?;
+    // Cheap self-check of the framing and signature before anything leaves the owner.
+    bundle::verify(&bytes, &key.verifying_key())?;
+    write_atomic(out, &bytes)?;
+    println!(
+        "wrote {}: {} bytes ({}) for {} version {} ({}); encrypted model {} B, public key {} B, server key {} B; signed by owner key {}",
+        out.display(),
+        bytes.len(),
+        mb(bytes.len() as u64),
+        s.name,
+        s.version,
+        s.id,
+        rec.encrypted_model.len(),
+        rec.public_key.len(),
+        rec.server_key.len(),
+        bundle::key_id(&key.verifying_key())
+    );
+    Ok(())
+}
+
+fn load_bundle(path: &Path, owner_key: &Path) -> Result<bundle::LoadedBundle> {
+    let vk = bundle::read_owner_key(owner_key)?;
+    bundle::load_file(path, &vk).with_context(|| format!("{} refused", path.display()))
+}
+
+fn verify_bundle(path: &Path, owner_key: &Path) -> Result<()> {
+    let t = Instant::now();
+    let b = load_bundle(path, owner_key)?;
+    let h = &b.header;
+    let sizes: Vec<String> = h
+        .sections
+        .iter()
+        .map(|s| format!("{} {} B", s.name, s.bytes))
+        .collect();
+    println!("bundle {} verified in {:.2} s", path.display(), t.elapsed().as_secs_f64());
+    println!("model id     {}", h.model_id);
+    println!("name         {} version {}", h.name, h.version);
+    println!("created      {}", rfc3339(h.created_unix));
+    println!(
+        "input        {}x{}x{} ({}-bit), {} classes",
+        h.input.channels, h.input.height, h.input.width, h.input.bits, h.num_classes
+    );
+    println!("tfhe params  {}", h.tfhe_params);
+    println!("size         {} bytes: {}", b.total_bytes, sizes.join(", "));
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn infer(
+    bundle_path: &Path,
+    owner_key: &Path,
+    images: &[PathBuf],
+    out_dir: &Path,
+    device_id: &str,
+    camera_id: &str,
+    threads: usize,
+) -> Result<()> {
+    envelope::check_id("device id", device_id)?;
+    envelope::check_id("camera id", camera_id)?;
+    // One output per image, decided before any FHE work.
+    let mut outputs = Vec::with_capacity(images.len());
+    let mut seen = HashMap::new();
+    for img in images {
+        let stem = img
+            .file_stem()
+            .with_context(|| format!("{} has no file name", img.display()))?;
+        let out = out_dir.join(format!("{}.fhe", stem.to_string_lossy()));
+        if let Some(prev) = seen.insert(out.clone(), img) {
+            bail!(
+                "{} and {} would both be written to {}",
+                prev.display(),
+                img.display(),
+                out.display()
+            );
+        }
+        outputs.push(out);
+    }
+
+    let b = load_bundle(bundle_path, owner_key)?;
+    let h = b.header.clone();
+    eprintln!(
+        "bundle verified: {} version {} ({}), input {}x{}x{}",
+        h.name, h.version, h.model_id, h.input.channels, h.input.height, h.input.width
+    );
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let pb = spinner("decompressing the server key and the encrypted parameters");
+    let rt = EdgeRuntime::new(&b.model, b.public, threads)?;
+    pb.finish_and_clear();
+    let planned: u64 = rt.planned_pbs().iter().sum();
+    eprintln!("runtime ready: {} FHE threads, {planned} PBS per image", rt.threads());
+
+    for (seq, (img, out)) in images.iter().zip(&outputs).enumerate() {
+        let t = Instant::now();
+        let frame_ms = now_ms();
+        let x = preprocess::preprocess_file(img, &h.input)?;
+        let (res, stats) = rt.infer(&rt.encrypt(&x))?;
+        let env = Envelope {
+            device_id: device_id.into(),
+            camera_id: camera_id.into(),
+            model_id: h.model_id,
+            model_version: h.version,
+            sequence: seq as u64,
+            frame_timestamp_ms: frame_ms,
+            ciphertext: res.to_bytes()?,
+        };
+        let bytes = envelope::encode(&env)?;
+        write_atomic(out, &bytes)?;
+        println!(
+            "{} -> {}: {} PBS, {:.2} s, {} B",
+            img.display(),
+            out.display(),
+            stats.pbs,
+            t.elapsed().as_secs_f64(),
+            bytes.len()
+        );
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct DecryptedResult<'a> {
+    file: String,
+    label: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logits: Option<&'a [i64]>,
+    model_id: ModelId,
+    model_name: &'a str,
+    model_version: u32,
+    device_id: &'a str,
+    camera_id: &'a str,
+    sequence: u64,
+    frame_timestamp_ms: u64,
+}
+
+fn decrypt(
+    db: &Path,
+    results: &[PathBuf],
+    show_logits: bool,
+    json: bool,
+    pass_file: Option<&Path>,
+) -> Result<()> {
+    let store = Store::open(db)?;
+    let pass = passphrase(pass_file)?;
+    // Unsealing runs Argon2 (~0.5 s): once per model, failures included.
+    let mut keys: HashMap<ModelId, std::result::Result<OwnerKeys, String>> = HashMap::new();
+    let mut failed = 0;
+    for path in results {
+        let one = || -> Result<()> {
+            let bytes = bundle::read_limited(path, envelope::MAX_ENVELOPE_BYTES as u64)?;
+            let env = envelope::decode(&bytes)?;
+            let summary = store.summary(&env.model_id)?;
+            if summary.version != env.model_version {
+                bail!(
+                    "result claims version {} of model {}, which is version {} in {}",
+                    env.model_version,
+                    env.model_id,
+                    summary.version,
+                    db.display()
+                );
+            }
+            let k = keys
+                .entry(env.model_id)
+                .or_insert_with(|| store.owner_keys(&env.model_id, &pass).map_err(|e| e.to_string()));
+            let k = match k {
+                Ok(k) => k,
+                Err(e) => bail!("{e}"),
+            };
+            let d = EncryptedOutput::from_bytes(&env.ciphertext)?.decrypt(k)?;
+            debug_assert_eq!(d.label, reference::argmax(&d.logits));
+            if json {
+                let r = DecryptedResult {
+                    file: path.display().to_string(),
+                    label: d.label,
+                    logits: show_logits.then_some(d.logits.as_slice()),
+                    model_id: env.model_id,
+                    model_name: &summary.name,
+                    model_version: env.model_version,
+                    device_id: &env.device_id,
+                    camera_id: &env.camera_id,
+                    sequence: env.sequence,
+                    frame_timestamp_ms: env.frame_timestamp_ms,
+                };
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{}: label {} (model {} v{}, device {}, camera {}, seq {}, frame {}){}",
+                    path.display(),
+                    d.label,
+                    summary.name,
+                    env.model_version,
+                    env.device_id,
+                    env.camera_id,
+                    env.sequence,
+                    rfc3339((env.frame_timestamp_ms / 1000) as i64),
+                    if show_logits {
+                        format!(" logits {:?}", d.logits)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            Ok(())
+        };
+        if let Err(e) = one() {
+            eprintln!("error: {}: {e:#}", path.display());
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} results could not be decrypted", results.len());
+    }
+    Ok(())
+}
