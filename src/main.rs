@@ -58,6 +58,10 @@ enum Cmd {
         /// Width of an extra hidden dense layer.
         #[arg(long)]
         hidden: Option<usize>,
+        /// Weight bits: 2 gives levels -2..=1, 1 gives ternary -1..=1 (same PBS per MAC).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+        weight_bits: Option<u8>,
+
         /// Learning rate.
         #[arg(long)]
         lr: Option<f64>,
@@ -123,6 +127,7 @@ fn run(cli: Cli) -> Result<()> {
             pool,
             hidden,
             lr,
+            weight_bits,
         } => {
             let (tr, te) = load_split(&dataset)?;
             let d = train::TrainConfig::default();
@@ -135,6 +140,11 @@ fn run(cli: Cli) -> Result<()> {
                 pool: pool.or(d.pool),
                 hidden: hidden.or(d.hidden),
                 learning_rate: lr.unwrap_or(d.learning_rate),
+                weight_levels: match weight_bits {
+                    Some(1) => [-1, 1],
+                    Some(_) => [-2, 1],
+                    None => d.weight_levels,
+                },
                 ..d
             };
             let report = train_with_progress(&cfg, &tr, &te)?;

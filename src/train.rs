@@ -49,6 +49,9 @@ pub struct TrainConfig {
     pub seed: u64,
     pub input_bits: u8,
     pub act_bits: u8,
+    /// Weight levels `[lo, hi]`: `[-1, 1]` is ternary, `[-2, 1]` two-bit. The engine's product
+    /// PBS takes any span of at most 3, so both cost the same per MAC.
+    pub weight_levels: [i8; 2],
 }
 
 impl Default for TrainConfig {
@@ -62,10 +65,11 @@ impl Default for TrainConfig {
             hidden: None,
             epochs: 60,
             batch_size: 32,
-            learning_rate: 0.01,
+            learning_rate: 0.03,
             seed: 42,
             input_bits: 2,
             act_bits: 2,
+            weight_levels: [-2, 1],
         }
     }
 }
@@ -141,6 +145,7 @@ struct QLayer {
     b: Var,
     kind: LayerKind,
     per_channel: bool,
+    levels: [i8; 2],
 }
 
 /// Quantized parameters of a layer, as tensors (shared by the forward pass and the export so
@@ -181,7 +186,10 @@ impl QLayer {
         let mut bshape = vec![out];
         bshape.extend(std::iter::repeat_n(1, w.rank() - 1));
         let w_scaled = w.broadcast_div(&alpha.reshape(bshape)?)?;
-        let w_t = w_scaled.round()?.clamp(-1f32, 1f32)?.detach();
+        let w_t = w_scaled
+            .round()?
+            .clamp(self.levels[0] as f32, self.levels[1] as f32)?
+            .detach();
         let scale = alpha.broadcast_mul(s_in)?;
         let b_scaled = self.b.as_tensor().div(&scale)?;
         let b_int = b_scaled.round()?.detach();
@@ -197,16 +205,9 @@ impl QLayer {
     /// z = α·s_in·(Σ w_t·x + b_int) for x holding integers.
     fn forward(&self, x: &Tensor, s_in: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let q = self.qparams(s_in)?;
-        let train = mode == Mode::Train;
-        let w = if train {
-            ste(&q.w_scaled, &q.w_t)?
-        } else {
-            q.w_t
-        };
-        let b = if train {
-            ste(&q.b_scaled, &q.b_int)?
-        } else {
-            q.b_int
+        let (w, b) = match mode {
+            Mode::Train => (ste(&q.w_scaled, &q.w_t)?, ste(&q.b_scaled, &q.b_int)?),
+            Mode::Eval | Mode::Calibrate => (q.w_t, q.b_int),
         };
         let out = self.out_dim()?;
         let (acc, shape) = match self.kind {
@@ -332,6 +333,13 @@ fn check(cfg: &TrainConfig, train: &Dataset, test: &Dataset) -> Result<Geometry,
             return bad(format!("{what} must be 1..={MAX_ACT_BITS}, got {b}"));
         }
     }
+    let [wl, wh] = cfg.weight_levels;
+    if !(wl <= 0 && wh >= 0 && wh > wl && (wh as i16 - wl as i16) <= 3) {
+        return bad(format!(
+            "weight levels {:?} must contain 0 and span at most 4 values (e.g. [-1, 1] or [-2, 1])",
+            cfg.weight_levels
+        ));
+    }
     if cfg.hidden == Some(0) || cfg.pool == Some(0) {
         return bad("hidden and pool must be positive when set".into());
     }
@@ -432,6 +440,7 @@ fn build_net(
             padding: cfg.padding,
         },
         per_channel: true,
+        levels: cfg.weight_levels,
     };
     let conv_act = QAct {
         log_s: var("conv.act_log_scale", &[], None)?,
@@ -445,6 +454,7 @@ fn build_net(
                 b: var("hidden.bias", &[h], None)?,
                 kind: LayerKind::Dense,
                 per_channel: true,
+                levels: cfg.weight_levels,
             };
             let act = QAct {
                 log_s: var("hidden.act_log_scale", &[], None)?,
@@ -460,6 +470,7 @@ fn build_net(
         b: var("out.bias", &[g.classes], None)?,
         kind: LayerKind::Dense,
         per_channel: false,
+        levels: cfg.weight_levels,
     };
     Ok(Net {
         conv,
@@ -647,11 +658,13 @@ fn int_layer(layer: &QLayer, s_in: &Tensor) -> candle_core::Result<IntLayer> {
     })
 }
 
-/// Accumulator range of a ternary layer with `n` taps on inputs in 0..=x_max (as
-/// `Model::infer` computes it).
-fn acc_range(n: usize, x_max: i64, bias_bound: i32) -> (i64, i64) {
-    let span = n as i64 * x_max;
-    (-span - bias_bound as i64, span + bias_bound as i64)
+/// Accumulator range of a layer with `n` taps on inputs in 0..=x_max and weights in
+/// `levels` (as `Model::infer` computes it).
+fn acc_range(n: usize, x_max: i64, levels: [i8; 2], bias_bound: i32) -> (i64, i64) {
+    let n = n as i64;
+    let lo = (levels[0] as i64 * x_max).min(0) * n - bias_bound as i64;
+    let hi = (levels[1] as i64 * x_max).max(0) * n + bias_bound as i64;
+    (lo, hi)
 }
 
 /// One table per channel: accumulator s ↦ clamp(round(scale_c·s / s_out), 0, top).
@@ -693,6 +706,7 @@ fn export(
     let (lo, hi) = acc_range(
         g.in_shape[0] * cfg.kernel * cfg.kernel,
         ((1u32 << spec.bits) - 1) as i64,
+        cfg.weight_levels,
         conv.bias_range[1],
     );
     let s1 = net.conv_act.scale()?.to_scalar::<f32>()?;
@@ -713,7 +727,7 @@ fn export(
         padding: [padding; 2],
         weights: conv.weights,
         bias: conv.bias,
-        weight_range: [-1, 1],
+        weight_range: cfg.weight_levels,
         bias_range: conv.bias_range,
     });
     push(Op::Activation {
@@ -731,14 +745,14 @@ fn export(
     let mut s = net.conv_act.scale()?;
     if let Some((layer, act)) = &net.hidden {
         let h = int_layer(layer, &s)?;
-        let (lo, hi) = acc_range(g.features, x_max, h.bias_range[1]);
+        let (lo, hi) = acc_range(g.features, x_max, cfg.weight_levels, h.bias_range[1]);
         let s_out = act.scale()?.to_scalar::<f32>()?;
         let tables = act_tables(lo, hi, &h.scale, s_out, top);
         push(Op::Dense {
             out_features: h.bias.len(),
             weights: h.weights,
             bias: h.bias,
-            weight_range: [-1, 1],
+            weight_range: cfg.weight_levels,
             bias_range: h.bias_range,
         });
         push(Op::Activation {
@@ -752,7 +766,7 @@ fn export(
         out_features: g.classes,
         weights: out.weights,
         bias: out.bias,
-        weight_range: [-1, 1],
+        weight_range: cfg.weight_levels,
         bias_range: out.bias_range,
     });
 
