@@ -3,9 +3,15 @@
 //! The engine (`model`, `reference`, `fhe`) knows nothing of tokio, MQTT or GStreamer.
 
 pub mod bench;
+pub mod bundle;
 pub mod data;
+pub mod envelope;
 pub mod fhe;
+pub mod ids;
 pub mod model;
+pub mod preprocess;
 pub mod reference;
+pub mod secret;
+pub mod store;
 pub mod testnet;
 pub mod train;

@@ -9,6 +9,8 @@ use fhecam::{bench, reference, train};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod cli;
+
 /// Seed and split used everywhere the digits data set is split (75/25, stratified).
 const SPLIT_SEED: u64 = 42;
 const TEST_FRACTION: f64 = 0.25;
@@ -89,6 +91,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Owner(cli::owner::OwnerCmd),
     /// Owner -> edge -> owner on the reference model: keys, encrypted weights, encrypted
     /// frames, decrypted labels next to the plaintext model's.
     Demo {
@@ -191,6 +195,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Demo { samples, threads } => demo(samples, threads)?,
+        Cmd::Owner(cmd) => cli::owner::run(cmd)?,
     }
     Ok(())
 }

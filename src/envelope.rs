@@ -35,7 +35,9 @@ pub const MAX_ENVELOPE_BYTES: usize = FIXED_BYTES + 2 * MAX_ID_LEN + MAX_CIPHERT
 pub enum EnvelopeError {
     #[error("not an fhecam result envelope (bad magic bytes)")]
     Magic,
-    #[error("result envelope schema version {found} is unknown (this fhecam reads {SCHEMA_VERSION})")]
+    #[error(
+        "result envelope schema version {found} is unknown (this fhecam reads {SCHEMA_VERSION})"
+    )]
     UnknownSchema { found: u16 },
     #[error("result envelope truncated: {field}")]
     Truncated { field: &'static str },
@@ -233,7 +235,10 @@ mod tests {
         let big = vec![0u8; MAX_ENVELOPE_BYTES + 1];
         assert!(matches!(
             decode(&big).unwrap_err(),
-            EnvelopeError::Oversized { what: "envelope", .. }
+            EnvelopeError::Oversized {
+                what: "envelope",
+                ..
+            }
         ));
         // a length field claiming more than the limit
         let mut t = b.clone();
@@ -241,7 +246,10 @@ mod tests {
         t[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             decode(&t).unwrap_err(),
-            EnvelopeError::Oversized { what: "ciphertext", .. }
+            EnvelopeError::Oversized {
+                what: "ciphertext",
+                ..
+            }
         ));
         let mut e = sample();
         e.camera_id = "a/b".into();

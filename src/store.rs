@@ -316,7 +316,8 @@ impl Store {
     }
 
     fn summary_from_row(&self, r: &rusqlite::Row) -> Result<(ModelSummary, Model), StoreError> {
-        let get = |r: &rusqlite::Row, i| -> Result<i64, StoreError> { r.get(i).map_err(|e| self.sql(e)) };
+        let get =
+            |r: &rusqlite::Row, i| -> Result<i64, StoreError> { r.get(i).map_err(|e| self.sql(e)) };
         let id: String = r.get(0).map_err(|e| self.sql(e))?;
         let arch_json: String = r.get(5).map_err(|e| self.sql(e))?;
         let arch: Model = serde_json::from_str(&arch_json)

@@ -12,7 +12,7 @@ use fhecam::store::{self, NewModel, Store};
 use fhecam::{preprocess, reference};
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -170,7 +170,9 @@ pub fn run(cmd: OwnerCmd) -> Result<()> {
             device_id,
             camera_id,
             threads,
-        } => infer(&bundle, &owner_key, &images, &out, &device_id, &camera_id, threads),
+        } => infer(
+            &bundle, &owner_key, &images, &out, &device_id, &camera_id, threads,
+        ),
         OwnerCmd::Decrypt {
             db,
             results,
@@ -198,8 +200,8 @@ fn mb(bytes: u64) -> String {
 }
 
 fn load_model(path: &Path) -> Result<Model> {
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("cannot read model {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read model {}", path.display()))?;
     if meta.len() > MODEL_FILE_LIMIT {
         bail!(
             "model {} is {} bytes, over the {MODEL_FILE_LIMIT}-byte limit",
@@ -222,7 +224,10 @@ fn passphrase(file: Option<&Path>) -> Result<Passphrase> {
             let meta =
                 std::fs::metadata(p).with_context(|| format!("passphrase file {}", p.display()))?;
             if meta.len() > PASSPHRASE_FILE_LIMIT {
-                bail!("passphrase file {} is over {PASSPHRASE_FILE_LIMIT} bytes", p.display());
+                bail!(
+                    "passphrase file {} is over {PASSPHRASE_FILE_LIMIT} bytes",
+                    p.display()
+                );
             }
             if meta.permissions().mode() & 0o077 != 0 {
                 eprintln!(
@@ -284,10 +289,7 @@ fn owner_key_init(dir: &Path) -> Result<()> {
     let pk_path = dir.join(PUBLIC_KEY_FILE);
     for p in [&sk_path, &pk_path] {
         if p.exists() {
-            bail!(
-                "{} exists: refusing to overwrite an owner key",
-                p.display()
-            );
+            bail!("{} exists: refusing to overwrite an owner key", p.display());
         }
     }
     if !dir.exists() {
@@ -467,7 +469,11 @@ fn verify_bundle(path: &Path, owner_key: &Path) -> Result<()> {
         .iter()
         .map(|s| format!("{} {} B", s.name, s.bytes))
         .collect();
-    println!("bundle {} verified in {:.2} s", path.display(), t.elapsed().as_secs_f64());
+    println!(
+        "bundle {} verified in {:.2} s",
+        path.display(),
+        t.elapsed().as_secs_f64()
+    );
     println!("model id     {}", h.model_id);
     println!("name         {} version {}", h.name, h.version);
     println!("created      {}", rfc3339(h.created_unix));
@@ -529,7 +535,10 @@ fn infer(
     let rt = EdgeRuntime::new(&b.model, b.public, threads)?;
     pb.finish_and_clear();
     let planned: u64 = rt.planned_pbs().iter().sum();
-    eprintln!("runtime ready: {} FHE threads, {planned} PBS per image", rt.threads());
+    eprintln!(
+        "runtime ready: {} FHE threads, {planned} PBS per image",
+        rt.threads()
+    );
 
     for (seq, (img, out)) in images.iter().zip(&outputs).enumerate() {
         let t = Instant::now();
@@ -587,7 +596,7 @@ fn decrypt(
     let mut keys: HashMap<ModelId, std::result::Result<OwnerKeys, String>> = HashMap::new();
     let mut failed = 0;
     for path in results {
-        let one = || -> Result<()> {
+        let mut one = || -> Result<()> {
             let bytes = bundle::read_limited(path, envelope::MAX_ENVELOPE_BYTES as u64)?;
             let env = envelope::decode(&bytes)?;
             let summary = store.summary(&env.model_id)?;
@@ -600,9 +609,11 @@ fn decrypt(
                     db.display()
                 );
             }
-            let k = keys
-                .entry(env.model_id)
-                .or_insert_with(|| store.owner_keys(&env.model_id, &pass).map_err(|e| e.to_string()));
+            let k = keys.entry(env.model_id).or_insert_with(|| {
+                store
+                    .owner_keys(&env.model_id, &pass)
+                    .map_err(|e| e.to_string())
+            });
             let k = match k {
                 Ok(k) => k,
                 Err(e) => bail!("{e}"),
@@ -649,7 +660,10 @@ fn decrypt(
         }
     }
     if failed > 0 {
-        bail!("{failed} of {} results could not be decrypted", results.len());
+        bail!(
+            "{failed} of {} results could not be decrypted",
+            results.len()
+        );
     }
     Ok(())
 }

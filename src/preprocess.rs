@@ -24,7 +24,9 @@ pub enum PreprocessError {
     Undecodable { path: String },
     #[error("the model takes {0} input channels; only 1 (grey) and 3 (RGB) are supported")]
     Channels(usize),
-    #[error("image has {channels} channels of depth {depth}: expected 8- or 16-bit grey, BGR or BGRA")]
+    #[error(
+        "image has {channels} channels of depth {depth}: expected 8- or 16-bit grey, BGR or BGRA"
+    )]
     Format { channels: i32, depth: i32 },
     #[error("empty image")]
     Empty,
@@ -127,12 +129,12 @@ pub fn preprocess_file(path: &Path, spec: &InputSpec) -> Result<Vec<u8>, Preproc
 
 /// Encodes 8-bit grey pixels (row-major, `height` rows) as PNG; for tests and tools.
 pub fn encode_grey_png(pixels: &[u8], height: usize) -> Result<Vec<u8>, PreprocessError> {
-    if height == 0 || pixels.is_empty() || pixels.len() % height != 0 {
+    if height == 0 || pixels.is_empty() || !pixels.len().is_multiple_of(height) {
         return Err(PreprocessError::Empty);
     }
     let m = Mat::new_rows_cols_with_data(height as i32, (pixels.len() / height) as i32, pixels)?;
     let mut out = Vector::<u8>::new();
-    imgcodecs::imencode_def(".png", &*m, &mut out)?;
+    imgcodecs::imencode_def(".png", &m, &mut out)?;
     Ok(out.to_vec())
 }
 
@@ -170,7 +172,7 @@ mod tests {
     fn colour_becomes_grey_or_rgb_planes() {
         // one BGR pixel: blue 0, green 0, red 255
         let m = Mat::new_rows_cols_with_data(1, 3, &[0u8, 0, 255]).unwrap();
-        let bgr = m.reshape(3, 1).unwrap();
+        let bgr = m.reshape(3, 1).unwrap().try_clone().unwrap();
         let rgb = intensities(&bgr, &spec(3, 1, 1)).unwrap();
         assert_eq!(rgb, vec![1.0, 0.0, 0.0]);
         let grey = intensities(&bgr, &spec(1, 1, 1)).unwrap();

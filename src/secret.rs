@@ -156,7 +156,11 @@ pub fn seal(
 }
 
 /// Opens a sealed secret; the plaintext is zeroized when dropped.
-pub fn open(sealed: &Sealed, pass: &Passphrase, aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, SecretError> {
+pub fn open(
+    sealed: &Sealed,
+    pass: &Passphrase,
+    aad: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, SecretError> {
     if sealed.ciphertext.len() < TAG_LEN || sealed.ciphertext.len() > MAX_SEALED_LEN {
         return Err(SecretError::Malformed(format!(
             "{} bytes of ciphertext",

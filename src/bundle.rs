@@ -57,7 +57,10 @@ pub enum BundleError {
     Trailing(u64),
     #[error("bundle header: {0}")]
     Header(String),
-    #[error("bundle is for tfhe parameters {found}, this fhecam uses {}", fhe::PARAMS_NAME)]
+    #[error(
+        "bundle is for tfhe parameters {found}, this fhecam uses {}",
+        fhe::PARAMS_NAME
+    )]
     Params { found: String },
     #[error("bundle section {section}: {source}")]
     Content {
@@ -196,7 +199,9 @@ fn frame(body: &[u8], signed: bool) -> Result<(BundleHeader, [&[u8]; 3]), Bundle
             "{h} bytes, over the {MAX_HEADER_BYTES}-byte limit"
         )));
     }
-    let json = body.get(PREFIX..PREFIX + h).ok_or_else(|| truncated("header"))?;
+    let json = body
+        .get(PREFIX..PREFIX + h)
+        .ok_or_else(|| truncated("header"))?;
     let header: BundleHeader =
         serde_json::from_slice(json).map_err(|e| BundleError::Header(e.to_string()))?;
     let names: Vec<&str> = header.sections.iter().map(|s| s.name.as_str()).collect();
@@ -223,7 +228,10 @@ fn frame(body: &[u8], signed: bool) -> Result<(BundleHeader, [&[u8]; 3]), Bundle
 }
 
 /// Checks size, magic, version and signature, then the framing. No tfhe parsing.
-pub fn verify<'a>(bytes: &'a [u8], owner: &VerifyingKey) -> Result<VerifiedBundle<'a>, BundleError> {
+pub fn verify<'a>(
+    bytes: &'a [u8],
+    owner: &VerifyingKey,
+) -> Result<VerifiedBundle<'a>, BundleError> {
     if bytes.len() as u64 > MAX_BUNDLE_BYTES {
         return Err(BundleError::TooLarge {
             size: bytes.len() as u64,
@@ -297,12 +305,11 @@ pub fn verify<'a>(bytes: &'a [u8], owner: &VerifyingKey) -> Result<VerifiedBundl
 /// Verifies a bundle, then parses its tfhe contents with conformance checks.
 pub fn load(bytes: &[u8], owner: &VerifyingKey) -> Result<LoadedBundle, BundleError> {
     let v = verify(bytes, owner)?;
-    let model = EncryptedModel::from_bytes(v.encrypted_model).map_err(|source| {
-        BundleError::Content {
+    let model =
+        EncryptedModel::from_bytes(v.encrypted_model).map_err(|source| BundleError::Content {
             section: SECTION_MODEL,
             source,
-        }
-    })?;
+        })?;
     let public = PublicMaterial::from_bytes(v.public_key, v.server_key).map_err(|source| {
         BundleError::Content {
             section: "public_key/server_key",
@@ -486,14 +493,27 @@ mod tests {
         for n in [3, 8, 11, 15, 40, b.len() - 70, b.len() - 1] {
             let e = verify(&b[..n], &k.verifying_key()).err().unwrap();
             assert!(
-                matches!(e, BundleError::Truncated { .. } | BundleError::Signature { .. }),
+                matches!(
+                    e,
+                    BundleError::Truncated { .. } | BundleError::Signature { .. }
+                ),
                 "{n}: {e}"
             );
         }
-        let e = verify(&b[..b.len() - 70], &k.verifying_key()).err().unwrap();
-        assert!(e.to_string().starts_with("bundle truncated: section server_key"), "{e}");
+        let e = verify(&b[..b.len() - 70], &k.verifying_key())
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string()
+                .starts_with("bundle truncated: section server_key"),
+            "{e}"
+        );
         let e = verify(&b[..b.len() - 1], &k.verifying_key()).err().unwrap();
-        assert!(e.to_string().starts_with("bundle truncated: section signature"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("bundle truncated: section signature"),
+            "{e}"
+        );
 
         let mut t = b.clone();
         t[8] = 9;
