@@ -8,10 +8,14 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DATA_DIR="${FHECAM_DATA_DIR:-$REPO/.cache/data}"
 export DEBIAN_FRONTEND=noninteractive
 
-# System packages the build/tests need; others append here (e.g. gstreamer, opencv dev
-# packages). Only the missing ones are installed.
-# OpenCV bindings are generated with libclang at build time.
-APT_PACKAGES=(pkg-config clang libclang-dev libopencv-dev)
+# System packages the build/tests need; only the missing ones are installed.
+# - OpenCV bindings are generated with libclang at build time.
+# - GStreamer: the edge daemon's frame source (videotestsrc, filesrc, decoders in -good).
+# - mosquitto: the real MQTT broker the integration tests start on a free loopback port.
+APT_PACKAGES=(pkg-config clang libclang-dev libopencv-dev
+    libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
+    gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-tools
+    mosquitto)
 
 missing=()
 for pkg in ${APT_PACKAGES[@]+"${APT_PACKAGES[@]}"}; do

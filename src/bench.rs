@@ -37,6 +37,8 @@ pub struct BenchReport {
     pub output_ciphertext_bytes: usize,
     pub encrypted_model_bytes: usize,
     pub server_key_bytes: usize,
+    /// The server key as the edge holds it in memory after decompression (bincode size).
+    pub server_key_uncompressed_bytes: u64,
     pub public_key_bytes: usize,
     pub keygen_s: f64,
     pub protect_s: f64,
@@ -117,6 +119,7 @@ pub fn run(
     let rt = EdgeRuntime::new(&enc, public, threads)?;
     let load_s = t.elapsed().as_secs_f64();
     let threads = rt.threads();
+    let server_key_uncompressed_bytes = bincode::serialized_size(rt.server_key()).unwrap_or(0);
 
     // One PBS on one FHE worker, measured now so the ratio below compares like with like.
     let pbs_ms_median = rt.install(|| {
@@ -197,6 +200,7 @@ pub fn run(
         output_ciphertext_bytes: out_bytes,
         encrypted_model_bytes: bytes.len(),
         server_key_bytes,
+        server_key_uncompressed_bytes,
         public_key_bytes,
         keygen_s,
         protect_s,

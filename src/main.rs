@@ -358,8 +358,12 @@ fn print_bench(r: &bench::BenchReport) {
             .unwrap_or_else(|| "n/a".into())
     );
     println!(
-        "sizes               input {} B, output {} B, encrypted model {} B, server key {} B (compressed)",
-        r.input_ciphertext_bytes, r.output_ciphertext_bytes, r.encrypted_model_bytes, r.server_key_bytes
+        "sizes               input {} B, output {} B, encrypted model {} B, server key {} B compressed / {} B in memory",
+        r.input_ciphertext_bytes,
+        r.output_ciphertext_bytes,
+        r.encrypted_model_bytes,
+        r.server_key_bytes,
+        r.server_key_uncompressed_bytes
     );
     println!("peak RSS            {:.0} MB", r.peak_rss_mb);
 }
