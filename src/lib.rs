@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bundle;
 pub mod data;
+pub mod edge;
 pub mod envelope;
 pub mod fhe;
 pub mod ids;

@@ -93,6 +93,8 @@ enum Cmd {
     },
     #[command(flatten)]
     Owner(cli::owner::OwnerCmd),
+    #[command(flatten)]
+    Edge(cli::edge::EdgeCmd),
     /// Owner -> edge -> owner on the reference model: keys, encrypted weights, encrypted
     /// frames, decrypted labels next to the plaintext model's.
     Demo {
@@ -196,6 +198,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Demo { samples, threads } => demo(samples, threads)?,
         Cmd::Owner(cmd) => cli::owner::run(cmd)?,
+        Cmd::Edge(cmd) => cli::edge::run(cmd)?,
     }
     Ok(())
 }

@@ -1,0 +1,142 @@
+//! `fhecam run` (the edge daemon under systemd) and `fhecam validate`.
+
+use anyhow::{Context, Result};
+use fhecam::edge::{self, EdgeConfig, Milestone};
+use sd_notify::NotifyState;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Subcommand)]
+pub enum EdgeCmd {
+    /// Run the edge daemon: frames from the configured GStreamer pipeline are preprocessed,
+    /// encrypted and run through the bundle's encrypted CNN; results go to the MQTT broker
+    /// through an on-disk outbox. SIGTERM/SIGINT drain in-flight work and exit.
+    Run {
+        /// Edge configuration (TOML); FHECAM_* environment variables override it
+        /// (e.g. FHECAM_MQTT__HOST=broker).
+        #[arg(long, default_value = "/etc/fhecam/edge.toml")]
+        config: PathBuf,
+    },
+    /// Check an edge configuration without starting anything: fields and values, the
+    /// bundle's signature and contents, the GStreamer pipeline's syntax, the outbox
+    /// directory.
+    Validate {
+        #[arg(long, default_value = "/etc/fhecam/edge.toml")]
+        config: PathBuf,
+    },
+}
+
+pub fn run(cmd: EdgeCmd) -> Result<()> {
+    match cmd {
+        EdgeCmd::Run { config } => run_daemon(&config),
+        EdgeCmd::Validate { config } => validate(&config),
+    }
+}
+
+fn validate(path: &Path) -> Result<()> {
+    let cfg = EdgeConfig::load(path)?;
+    println!("config {}: fields ok", path.display());
+    let b = edge::daemon::load_bundle(&cfg)?;
+    let h = &b.header;
+    println!(
+        "bundle {}: signature ok, {} version {} ({}), input {}x{}x{}",
+        cfg.bundle.display(),
+        h.name,
+        h.version,
+        h.model_id,
+        h.input.channels,
+        h.input.height,
+        h.input.width
+    );
+    edge::source::check_pipeline(&cfg.source.pipeline)?;
+    println!("pipeline: parses, has an appsink");
+    edge::outbox::Outbox::open(
+        &cfg.outbox.dir,
+        cfg.outbox.max_entries,
+        fhecam::envelope::MAX_ENVELOPE_BYTES as u64,
+    )?;
+    println!("outbox {}: writable", cfg.outbox.dir.display());
+    println!(
+        "broker {}:{} (not contacted by validate), topics {}",
+        cfg.mqtt.host,
+        cfg.mqtt.port,
+        cfg.topic("*")
+    );
+    Ok(())
+}
+
+const LOADED: u8 = 1;
+const PLAYING: u8 = 2;
+const CONNECTED: u8 = 4;
+
+fn run_daemon(path: &Path) -> Result<()> {
+    let cfg = EdgeConfig::load(path)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        // FHE has its own pool; tokio only moves bytes
+        .worker_threads(2)
+        .thread_name("tokio")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let cancel = CancellationToken::new();
+        let state = Arc::new(AtomicU8::new(0));
+        let milestone = {
+            let state = state.clone();
+            Arc::new(move |m: Milestone| {
+                let bit = match m {
+                    Milestone::BundleLoaded => LOADED,
+                    Milestone::PipelinePlaying => PLAYING,
+                    Milestone::BrokerConnected => CONNECTED,
+                    Milestone::BrokerDisconnected => {
+                        state.fetch_and(!CONNECTED, Ordering::SeqCst);
+                        return;
+                    }
+                };
+                let before = state.fetch_or(bit, Ordering::SeqCst);
+                let all = LOADED | PLAYING | CONNECTED;
+                if before & all != all && (before | bit) & all == all {
+                    tracing::info!("ready: bundle loaded, pipeline playing, broker connected");
+                    let _ = sd_notify::notify(&[NotifyState::Ready]);
+                }
+            })
+        };
+        // SIGTERM (systemd stop) and SIGINT (Ctrl-C): the one cancellation path
+        {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::error!("cannot watch SIGTERM: {e}");
+                            return;
+                        }
+                    };
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+                }
+                let _ = sd_notify::notify(&[NotifyState::Stopping]);
+                cancel.cancel();
+            });
+        }
+        // The watchdog is fed from here, so a wedged runtime stops feeding it.
+        if let Some(period) = sd_notify::watchdog_enabled() {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period / 2);
+                loop {
+                    tick.tick().await;
+                    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                }
+            });
+        }
+        let report = edge::run(cfg, cancel, milestone).await?;
+        tracing::info!("stopped ({:?}): {:?}", report.end, report.stats);
+        println!("{}", serde_json::to_string(&report.stats)?);
+        Ok(())
+    })
+}

@@ -1,0 +1,340 @@
+//! The daemon: source → preprocess → infer → publish, each stage on its own thread or task,
+//! joined by bounded channels with an explicit policy:
+//!
+//! - source → preprocess: capacity 1; a frame arriving while the previous one is still
+//!   being preprocessed is dropped (`frames_dropped_preprocess`);
+//! - preprocess → infer: a rendezvous; a frame that finds every inference slot busy is
+//!   dropped (`frames_dropped_busy`) — the camera only ever runs the newest frames;
+//! - infer → publish: bounded, blocking: a finished inference is never dropped; the
+//!   publisher writes it to the on-disk outbox before anything else.
+//!
+//! One cancellation path: the token stops the source; each stage ends when its input
+//! closes, so in-flight inferences finish (up to `drain_timeout_s`) and reach the outbox;
+//! then the publisher announces `offline` and disconnects.
+
+use super::config::{secs, EdgeConfig};
+use super::gate::{Decision, Gate};
+use super::outbox::Outbox;
+use super::publish::{self, Finished, PublishEvent};
+use super::source::{self, Frame, SourceEnd, SourceOptions};
+use super::stats::{Snapshot, Stats};
+use crate::bundle;
+use crate::envelope::Envelope;
+use crate::fhe::{EdgeRuntime, FheError};
+use crate::model::InputSpec;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Error)]
+pub enum EdgeError {
+    #[error("bundle {path}: {source}")]
+    Bundle {
+        path: String,
+        source: bundle::BundleError,
+    },
+    #[error("owner key {path}: {source}")]
+    OwnerKey {
+        path: String,
+        source: bundle::BundleError,
+    },
+    #[error("FHE runtime: {0}")]
+    Runtime(#[from] FheError),
+    #[error(transparent)]
+    Source(#[from] source::SourceError),
+    #[error(transparent)]
+    Publish(#[from] publish::PublishError),
+    #[error(transparent)]
+    Outbox(#[from] super::outbox::OutboxError),
+    #[error("a daemon thread failed: {0}")]
+    Thread(String),
+}
+
+/// Milestones, for systemd's READY=1 and for tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Milestone {
+    BundleLoaded,
+    PipelinePlaying,
+    BrokerConnected,
+    BrokerDisconnected,
+}
+
+/// How the run ended, with the final counters.
+#[derive(Debug)]
+pub struct RunReport {
+    pub end: SourceEnd,
+    pub stats: Snapshot,
+}
+
+/// Loads and verifies the bundle named in the config (also used by `fhecam validate`).
+pub fn load_bundle(cfg: &EdgeConfig) -> Result<bundle::LoadedBundle, EdgeError> {
+    let owner = bundle::read_owner_key(&cfg.owner_key).map_err(|source| EdgeError::OwnerKey {
+        path: cfg.owner_key.display().to_string(),
+        source,
+    })?;
+    bundle::load_file(&cfg.bundle, &owner).map_err(|source| EdgeError::Bundle {
+        path: cfg.bundle.display().to_string(),
+        source,
+    })
+}
+
+fn preprocess_stage(
+    frames: std_mpsc::Receiver<Frame>,
+    to_infer: std_mpsc::SyncSender<Job>,
+    spec: InputSpec,
+    mut gate: Gate,
+    stats: Arc<Stats>,
+) {
+    for frame in frames {
+        let x = match crate::preprocess::intensities(&frame.image, &spec) {
+            Ok(x) => x,
+            Err(e) => {
+                stats.preprocess_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("preprocess: {e}");
+                continue;
+            }
+        };
+        match gate.decide(&x, Instant::now()) {
+            Decision::Accept => {}
+            Decision::Interval => {
+                stats
+                    .frames_skipped_interval
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Decision::Static => {
+                stats.frames_skipped_static.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        }
+        let q = spec.quantize(&x);
+        match to_infer.try_send((q, frame.timestamp_ms)) {
+            Ok(()) => {}
+            Err(std_mpsc::TrySendError::Full(_)) => {
+                stats.frames_dropped_busy.fetch_add(1, Ordering::Relaxed);
+                gate.forget();
+            }
+            Err(std_mpsc::TrySendError::Disconnected(_)) => return,
+        }
+    }
+}
+
+/// A quantized frame and its capture time (unix ms).
+type Job = (Vec<u8>, u64);
+/// The infer stage's shared input: idle workers take turns waiting on it.
+type JobQueue = Arc<Mutex<std_mpsc::Receiver<Job>>>;
+
+struct InferCtx {
+    rt: EdgeRuntime,
+    device_id: String,
+    camera_id: String,
+    model_id: crate::ids::ModelId,
+    model_version: u32,
+}
+
+fn infer_worker(
+    ctx: Arc<InferCtx>,
+    input: JobQueue,
+    out: mpsc::Sender<Finished>,
+    stats: Arc<Stats>,
+) {
+    loop {
+        // the lock is held only while waiting: the next idle worker queues behind it
+        let next = input.lock().map(|rx| rx.recv());
+        let (x, ts) = match next {
+            Ok(Ok(v)) => v,
+            _ => return,
+        };
+        let t = Instant::now();
+        let result = ctx
+            .rt
+            .infer(&ctx.rt.encrypt(&x))
+            .and_then(|(o, s)| Ok((o.to_bytes()?, s)));
+        match result {
+            Ok((ciphertext, s)) => {
+                tracing::info!(
+                    "inference done: {} PBS in {:.1} s",
+                    s.pbs,
+                    t.elapsed().as_secs_f64()
+                );
+                let envelope = Envelope {
+                    device_id: ctx.device_id.clone(),
+                    camera_id: ctx.camera_id.clone(),
+                    model_id: ctx.model_id,
+                    model_version: ctx.model_version,
+                    sequence: 0, // given by the outbox
+                    frame_timestamp_ms: ts,
+                    ciphertext,
+                };
+                if out.blocking_send(Finished { envelope }).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                stats.infer_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("inference failed: {e}");
+            }
+        }
+    }
+}
+
+/// Runs the daemon until the source ends (end of stream) or `cancel` fires. `milestone`
+/// is called from any thread as the daemon comes up.
+pub async fn run(
+    cfg: EdgeConfig,
+    cancel: CancellationToken,
+    milestone: Arc<dyn Fn(Milestone) + Send + Sync>,
+) -> Result<RunReport, EdgeError> {
+    let stats = Arc::new(Stats::default());
+    let cfg = Arc::new(cfg);
+
+    // Everything that can fail on bad files fails here, before any thread starts.
+    let b = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || load_bundle(&cfg))
+            .await
+            .map_err(|e| EdgeError::Thread(e.to_string()))??
+    };
+    let header = b.header.clone();
+    let outbox = Outbox::open(
+        &cfg.outbox.dir,
+        cfg.outbox.max_entries,
+        crate::envelope::MAX_ENVELOPE_BYTES as u64,
+    )?;
+    let threads = cfg.infer.threads;
+    let rt = tokio::task::spawn_blocking(move || EdgeRuntime::new(&b.model, b.public, threads))
+        .await
+        .map_err(|e| EdgeError::Thread(e.to_string()))??;
+    tracing::info!(
+        "bundle {} version {} ({}) loaded: input {}x{}x{}, {} PBS per frame, {} FHE threads",
+        header.name,
+        header.version,
+        header.model_id,
+        header.input.channels,
+        header.input.height,
+        header.input.width,
+        rt.planned_pbs().iter().sum::<u64>(),
+        rt.threads()
+    );
+    milestone(Milestone::BundleLoaded);
+
+    // publish stage
+    let (fin_tx, fin_rx) = mpsc::channel::<Finished>(cfg.infer.max_in_flight + 1);
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let linger = secs(cfg.mqtt.keep_alive_s as f64).min(Duration::from_secs(10));
+    let pub_stop = CancellationToken::new();
+    let publisher = {
+        let (cfg, stats, stop) = (cfg.clone(), stats.clone(), pub_stop.clone());
+        tokio::spawn(
+            async move { publish::run(&cfg, outbox, stats, fin_rx, ev_tx, linger, stop).await },
+        )
+    };
+    {
+        let milestone = milestone.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = ev_rx.recv().await {
+                milestone(match ev {
+                    PublishEvent::Connected => Milestone::BrokerConnected,
+                    PublishEvent::Disconnected => Milestone::BrokerDisconnected,
+                });
+            }
+        });
+    }
+
+    // infer stage: our own threads around the runtime's FHE pool
+    let ctx = Arc::new(InferCtx {
+        rt,
+        device_id: cfg.device_id.clone(),
+        camera_id: cfg.camera_id.clone(),
+        model_id: header.model_id,
+        model_version: header.version,
+    });
+    let (inf_tx, inf_rx) = std_mpsc::sync_channel::<Job>(0);
+    let inf_rx = Arc::new(Mutex::new(inf_rx));
+    let workers: Vec<_> = (0..cfg.infer.max_in_flight)
+        .map(|i| {
+            let (ctx, rx, tx, stats) = (ctx.clone(), inf_rx.clone(), fin_tx.clone(), stats.clone());
+            std::thread::Builder::new()
+                .name(format!("infer-{i}"))
+                .spawn(move || infer_worker(ctx, rx, tx, stats))
+                .map_err(|e| EdgeError::Thread(e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    drop(fin_tx);
+
+    // preprocess stage
+    let (frame_tx, frame_rx) = std_mpsc::sync_channel::<Frame>(1);
+    let gate = Gate::new(
+        secs(cfg.preprocess.sample_interval_s),
+        cfg.preprocess.motion_threshold,
+    );
+    let pre = {
+        let (spec, stats) = (header.input.clone(), stats.clone());
+        std::thread::Builder::new()
+            .name("preprocess".into())
+            .spawn(move || preprocess_stage(frame_rx, inf_tx, spec, gate, stats))
+            .map_err(|e| EdgeError::Thread(e.to_string()))?
+    };
+
+    // source stage
+    let opts = SourceOptions {
+        pipeline: cfg.source.pipeline.clone(),
+        stall_timeout: secs(cfg.source.stall_timeout_s),
+        backoff_initial: secs(cfg.source.restart_backoff_initial_s),
+        backoff_max: secs(cfg.source.restart_backoff_max_s),
+    };
+    let src = {
+        let (stats, cancel, milestone) = (stats.clone(), cancel.clone(), milestone.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut playing = || milestone(Milestone::PipelinePlaying);
+            let mut deliver = |f: Frame| match frame_tx.try_send(f) {
+                Ok(()) => true,
+                Err(std_mpsc::TrySendError::Full(_)) => {
+                    stats
+                        .frames_dropped_preprocess
+                        .fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(std_mpsc::TrySendError::Disconnected(_)) => false,
+            };
+            source::run(&opts, &stats, &cancel, &mut playing, &mut deliver)
+        })
+    };
+    let end = src.await.map_err(|e| EdgeError::Thread(e.to_string()))?;
+    match &end {
+        Ok(e) => tracing::info!("source ended: {e:?}; draining"),
+        Err(e) => tracing::error!("source failed: {e}; draining"),
+    }
+
+    // the source's sender is gone: the stages end in order as their inputs close
+    let drain = secs(cfg.infer.drain_timeout_s);
+    let joined = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + drain;
+        let _ = pre.join();
+        for w in workers {
+            while !w.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if w.is_finished() {
+                let _ = w.join();
+            } else {
+                tracing::warn!("an inference still running after the drain timeout is abandoned");
+            }
+        }
+    });
+    let _ = joined.await;
+    pub_stop.cancel();
+    let published = publisher
+        .await
+        .map_err(|e| EdgeError::Thread(e.to_string()))?;
+    published?;
+    let end = end?;
+    Ok(RunReport {
+        end,
+        stats: stats.snapshot(),
+    })
+}

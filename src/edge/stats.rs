@@ -1,0 +1,82 @@
+//! The daemon's counters: every frame and every inference is accounted for, and published
+//! periodically on the stats topic.
+
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Frames pulled from the appsink.
+    pub frames_captured: AtomicU64,
+    /// Frames that could not be converted (unexpected format).
+    pub frames_bad: AtomicU64,
+    /// Frames dropped because preprocessing was still busy with the previous one.
+    pub frames_dropped_preprocess: AtomicU64,
+    /// Frames skipped by the sampling interval.
+    pub frames_skipped_interval: AtomicU64,
+    /// Frames skipped by the motion gate (static scene).
+    pub frames_skipped_static: AtomicU64,
+    /// Frames dropped because `max_in_flight` inferences were running.
+    pub frames_dropped_busy: AtomicU64,
+    /// Frames that failed preprocessing.
+    pub preprocess_errors: AtomicU64,
+    /// Encrypted inferences finished (and written to the outbox).
+    pub inferences: AtomicU64,
+    /// Encrypted inferences that failed.
+    pub infer_errors: AtomicU64,
+    /// Inferences acknowledged by the broker (PUBACK) and removed from the outbox.
+    pub published: AtomicU64,
+    /// Outbox entries dropped because the outbox was full (oldest first).
+    pub outbox_dropped: AtomicU64,
+    /// Entries in the outbox now.
+    pub outbox_pending: AtomicU64,
+    /// Camera pipeline restarts (errors, stalls).
+    pub source_restarts: AtomicU64,
+    /// Connections to the broker established (the first one included).
+    pub mqtt_connections: AtomicU64,
+    /// Lost connections and failed connection attempts.
+    pub mqtt_errors: AtomicU64,
+}
+
+/// A point-in-time copy of [`Stats`], as JSON on the stats topic.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Snapshot {
+    pub frames_captured: u64,
+    pub frames_bad: u64,
+    pub frames_dropped_preprocess: u64,
+    pub frames_skipped_interval: u64,
+    pub frames_skipped_static: u64,
+    pub frames_dropped_busy: u64,
+    pub preprocess_errors: u64,
+    pub inferences: u64,
+    pub infer_errors: u64,
+    pub published: u64,
+    pub outbox_dropped: u64,
+    pub outbox_pending: u64,
+    pub source_restarts: u64,
+    pub mqtt_connections: u64,
+    pub mqtt_errors: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> Snapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Snapshot {
+            frames_captured: g(&self.frames_captured),
+            frames_bad: g(&self.frames_bad),
+            frames_dropped_preprocess: g(&self.frames_dropped_preprocess),
+            frames_skipped_interval: g(&self.frames_skipped_interval),
+            frames_skipped_static: g(&self.frames_skipped_static),
+            frames_dropped_busy: g(&self.frames_dropped_busy),
+            preprocess_errors: g(&self.preprocess_errors),
+            inferences: g(&self.inferences),
+            infer_errors: g(&self.infer_errors),
+            published: g(&self.published),
+            outbox_dropped: g(&self.outbox_dropped),
+            outbox_pending: g(&self.outbox_pending),
+            source_restarts: g(&self.source_restarts),
+            mqtt_connections: g(&self.mqtt_connections),
+            mqtt_errors: g(&self.mqtt_errors),
+        }
+    }
+}
