@@ -1,0 +1,512 @@
+//! The edge daemon through the real binary, against a real mosquitto on a free loopback
+//! port and real GStreamer pipelines: digits PNGs played by multifilesrc come out of the
+//! broker as envelopes that decrypt to the plaintext model's logits; a broker that is down,
+//! a SIGKILL and a restart lose nothing; SIGTERM drains; bad configs, bundles and cameras
+//! are reported clearly.
+
+use fhecam::data::{load_digits, stratified_split};
+use fhecam::envelope;
+use fhecam::{preprocess, reference};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const PASS: &str = "edge test passphrase";
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fhecam"));
+    c.env("FHECAM_OWNER_PASSPHRASE", PASS);
+    c
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = bin().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "fhecam {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A mosquitto broker for one test, killed on drop.
+struct Broker {
+    child: Child,
+}
+
+impl Broker {
+    fn start(dir: &Path, port: u16) -> Broker {
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed by scripts/setup.sh");
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "mosquitto did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker { child }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+type Messages = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// Subscribes to `fhecam/#` (QoS 1) and records every message.
+fn subscribe(port: u16, id: &str) -> Messages {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut conn) = Client::new(o, 16);
+    client.subscribe("fhecam/#", QoS::AtLeastOnce).unwrap();
+    let msgs: Messages = Arc::default();
+    let m = msgs.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _client = client; // keeps the connection alive
+        for ev in conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = tx.send(());
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    m.lock()
+                        .unwrap()
+                        .push((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("subscribed");
+    msgs
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Owner side, done once per test: a tiny trained model protected and deployed.
+struct Owner {
+    dir: PathBuf,
+    db: PathBuf,
+    bundle: PathBuf,
+    owner_pub: PathBuf,
+    model: fhecam::model::Model,
+}
+
+fn owner(dir: &Path) -> Owner {
+    let ds = load_digits().unwrap_or_else(|e| panic!("{e}"));
+    let (tr, te) = stratified_split(&ds, 0.25, 42);
+    let cfg = fhecam::train::TrainConfig {
+        conv_channels: 1,
+        epochs: 5,
+        weight_levels: [-1, 1],
+        ..Default::default()
+    };
+    let model = fhecam::train::train(&cfg, &tr, &te, &|_, _| {})
+        .unwrap()
+        .model;
+    let model_path = dir.join("tiny.json");
+    std::fs::write(&model_path, serde_json::to_string(&model).unwrap()).unwrap();
+    let keys = dir.join("keys");
+    ok(&["owner-key", "init", "--out", s(&keys)]);
+    let db = dir.join("owner.db");
+    let id = ok(&["protect", s(&model_path), "--db", s(&db), "--name", "tiny"]);
+    let id = id.trim().lines().last().unwrap().to_string();
+    let bundle = dir.join("m.bundle");
+    ok(&[
+        "deploy",
+        "--db",
+        s(&db),
+        "--model",
+        &id,
+        "--signing-key",
+        s(&keys.join("owner.key")),
+        "--out",
+        s(&bundle),
+    ]);
+    // digits as PNG files for multifilesrc
+    for i in 0..2 {
+        let px: Vec<u8> = te.images[i]
+            .iter()
+            .map(|v| (v * 255.0).round() as u8)
+            .collect();
+        std::fs::write(
+            dir.join(format!("digit{i}.png")),
+            preprocess::encode_grey_png(&px, 8).unwrap(),
+        )
+        .unwrap();
+    }
+    Owner {
+        dir: dir.into(),
+        db,
+        bundle,
+        owner_pub: keys.join("owner.pub"),
+        model,
+    }
+}
+
+impl Owner {
+    fn config(&self, name: &str, port: u16, pipeline: &str, extra: &str) -> PathBuf {
+        let p = self.dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "device_id = \"dev1\"\ncamera_id = \"{name}\"\nbundle = \"{}\"\nowner_key = \"{}\"\n\
+                 [source]\npipeline = \"{pipeline}\"\nstall_timeout_s = 5.0\nrestart_backoff_initial_s = 0.2\n\
+                 [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nstats_interval_s = 1.0\nreconnect_backoff_initial_s = 0.2\nreconnect_backoff_max_s = 1.0\n\
+                 [outbox]\ndir = \"{}\"\n{extra}",
+                s(&self.bundle),
+                s(&self.owner_pub),
+                s(&self.dir.join(format!("outbox-{name}")))
+            ),
+        )
+        .unwrap();
+        p
+    }
+
+    fn outbox_len(&self, name: &str) -> usize {
+        std::fs::read_dir(self.dir.join(format!("outbox-{name}")))
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(".env")
+                })
+                .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Decrypts envelopes with `fhecam decrypt`: (sequence, logits) each.
+    fn decrypt(&self, payloads: &[Vec<u8>]) -> Vec<(u64, Vec<i64>)> {
+        let mut files = Vec::new();
+        for (i, p) in payloads.iter().enumerate() {
+            let f = self.dir.join(format!("received-{i}.fhe"));
+            std::fs::write(&f, p).unwrap();
+            files.push(f);
+        }
+        let mut args = vec!["decrypt", "--db", s(&self.db), "--json", "--logits"];
+        args.extend(files.iter().map(|f| s(f)));
+        ok(&args)
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["sequence"].as_u64().unwrap(),
+                    serde_json::from_value(v["logits"].clone()).unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+fn run_daemon(config: &Path) -> Child {
+    bin()
+        .args(["run", "--config", s(config)])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for the daemon to exit; returns its output (stderr printed for the test log).
+fn finish(child: Child, limit: Duration) -> Output {
+    let t = Instant::now();
+    let mut child = child;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            panic!("daemon did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    eprintln!(
+        "--- daemon stderr ---\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn topic_payloads(msgs: &Messages, leaf: &str) -> Vec<Vec<u8>> {
+    msgs.lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t.ends_with(leaf))
+        .map(|(_, p)| p.clone())
+        .collect()
+}
+
+#[test]
+fn png_frames_reach_the_broker_and_decrypt_to_the_plaintext_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = owner(dir.path());
+    let port = free_port();
+    let _broker = Broker::start(dir.path(), port);
+    let msgs = subscribe(port, "test-sub");
+    let pipeline = format!(
+        "multifilesrc location={} index=0 stop-index=1 caps=image/png,framerate=1/1 ! pngdec ! videoconvert ! appsink",
+        s(&dir.path().join("digit%d.png"))
+    );
+    let cfg = o.config("files", port, &pipeline, "");
+    assert!(ok(&["validate", "--config", s(&cfg)]).contains("signature ok"));
+    let out = finish(run_daemon(&cfg), Duration::from_secs(300));
+    assert!(out.status.success(), "daemon failed");
+    let stats: fhecam::edge::stats::Snapshot =
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert!(stats.inferences >= 1, "{stats:?}");
+    assert_eq!(stats.published, stats.inferences, "{stats:?}");
+    // every frame is accounted for
+    assert_eq!(
+        stats.frames_captured,
+        stats.inferences + stats.frames_dropped_busy + stats.frames_dropped_preprocess,
+        "{stats:?}"
+    );
+    assert_eq!(o.outbox_len("files"), 0);
+
+    wait_for("the inferences", Duration::from_secs(10), || {
+        topic_payloads(&msgs, "/inference").len() as u64 >= stats.inferences
+    });
+    let payloads = topic_payloads(&msgs, "/inference");
+    for p in &payloads {
+        let e = envelope::decode(p).unwrap();
+        assert_eq!(
+            (e.device_id.as_str(), e.camera_id.as_str()),
+            ("dev1", "files")
+        );
+    }
+    // the plaintext model on the same PNGs, as the daemon preprocesses them
+    let want: Vec<Vec<i64>> = (0..2)
+        .map(|i| {
+            let x = preprocess::preprocess_file(
+                &dir.path().join(format!("digit{i}.png")),
+                &o.model.input,
+            )
+            .unwrap();
+            reference::evaluate(&o.model, &x).unwrap()
+        })
+        .collect();
+    let got = o.decrypt(&payloads);
+    let mut seqs: Vec<u64> = got.iter().map(|(q, _)| *q).collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), got.len(), "sequence numbers are unique");
+    for (seq, logits) in &got {
+        assert!(
+            want.contains(logits),
+            "inference {seq}: decrypted logits {logits:?} are not the plaintext model's on any frame {want:?}"
+        );
+    }
+    let avail: Vec<String> = topic_payloads(&msgs, "/availability")
+        .into_iter()
+        .map(|p| String::from_utf8(p).unwrap())
+        .collect();
+    assert_eq!(
+        avail.first().map(String::as_str),
+        Some("online"),
+        "{avail:?}"
+    );
+    assert_eq!(
+        avail.last().map(String::as_str),
+        Some("offline"),
+        "{avail:?}"
+    );
+    assert!(!topic_payloads(&msgs, "/stats").is_empty());
+}
+
+#[test]
+fn broker_outage_and_sigkill_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = owner(dir.path());
+    let port = free_port();
+    // broker down: the inference waits in the outbox; the daemon is killed hard
+    let one = "videotestsrc num-buffers=1 pattern=ball ! video/x-raw,width=32,height=32 ! videoconvert ! appsink";
+    let cfg = o.config("kill", port, one, "");
+    let child = run_daemon(&cfg);
+    wait_for("the first outbox entry", Duration::from_secs(300), || {
+        o.outbox_len("kill") == 1
+    });
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = finish(child, Duration::from_secs(10));
+    assert!(!out.status.success());
+    assert_eq!(o.outbox_len("kill"), 1, "the entry survived SIGKILL");
+
+    // broker up, daemon restarted on a source with no frames: it replays the outbox
+    let _broker = Broker::start(dir.path(), port);
+    let msgs = subscribe(port, "test-sub-2");
+    let none = "videotestsrc num-buffers=0 ! videoconvert ! appsink";
+    let cfg = o.config("kill", port, none, "");
+    let out = finish(run_daemon(&cfg), Duration::from_secs(120));
+    assert!(out.status.success());
+    assert_eq!(o.outbox_len("kill"), 0);
+    wait_for("the replayed inference", Duration::from_secs(10), || {
+        !topic_payloads(&msgs, "/inference").is_empty()
+    });
+    let payloads = topic_payloads(&msgs, "/inference");
+    let e = envelope::decode(&payloads[0]).unwrap();
+    assert_eq!(e.sequence, 0);
+    assert_eq!(o.decrypt(&payloads[..1]).len(), 1);
+}
+
+#[test]
+fn sigterm_drains_the_running_inference_and_says_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = owner(dir.path());
+    let port = free_port();
+    let _broker = Broker::start(dir.path(), port);
+    let msgs = subscribe(port, "test-sub-3");
+    let live = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=32,height=32,framerate=5/1 ! videoconvert ! appsink";
+    let cfg = o.config("live", port, live, "");
+    let child = run_daemon(&cfg);
+    // ready (bundle, pipeline, broker) shows as the retained `online`
+    wait_for("online", Duration::from_secs(60), || {
+        topic_payloads(&msgs, "/availability")
+            .iter()
+            .any(|p| p == b"online")
+    });
+    std::thread::sleep(Duration::from_secs(2)); // an inference is running now
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = finish(child, Duration::from_secs(200));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("SIGTERM"), "{err}");
+    let stats: fhecam::edge::stats::Snapshot =
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert!(
+        stats.inferences >= 1,
+        "the running inference finished: {stats:?}"
+    );
+    assert_eq!(stats.published, stats.inferences, "{stats:?}");
+    assert!(
+        stats.frames_dropped_busy > 0,
+        "frames arriving while busy are dropped: {stats:?}"
+    );
+    wait_for("offline", Duration::from_secs(10), || {
+        topic_payloads(&msgs, "/availability")
+            .last()
+            .map(|p| p.as_slice())
+            == Some(b"offline")
+    });
+    assert_eq!(
+        topic_payloads(&msgs, "/inference").len() as u64,
+        stats.inferences
+    );
+}
+
+#[test]
+fn bad_configs_bundles_and_cameras_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = owner(dir.path());
+    let port = free_port();
+    let fail = |cfg: &Path, cmd: &str| -> String {
+        let out = bin().args([cmd, "--config", s(cfg)]).output().unwrap();
+        assert!(!out.status.success(), "{cmd} {} should fail", cfg.display());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let good = "videotestsrc num-buffers=1 ! videoconvert ! appsink";
+    // unknown field
+    let cfg = o.config("bad", port, good, "[infer]\nmax_inflight = 2\n");
+    let e = fail(&cfg, "validate");
+    assert!(e.contains("max_inflight"), "{e}");
+    // environment override with a bad value
+    let cfg = o.config("bad", port, good, "");
+    let out = bin()
+        .args(["validate", "--config", s(&cfg)])
+        .env("FHECAM_INFER__MAX_IN_FLIGHT", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_in_flight"));
+    // a pipeline that does not parse
+    let cfg = o.config("bad", port, "nosuchelement ! appsink", "");
+    let e = fail(&cfg, "validate");
+    assert!(e.contains("nosuchelement"), "{e}");
+    // a bundle with one byte flipped
+    let mut b = std::fs::read(&o.bundle).unwrap();
+    let n = b.len();
+    b[n / 2] ^= 1;
+    std::fs::write(&o.bundle, &b).unwrap();
+    let cfg = o.config("bad", port, good, "");
+    let e = fail(&cfg, "run");
+    assert!(e.contains("bundle"), "{e}");
+    b[n / 2] ^= 1;
+    std::fs::write(&o.bundle, &b).unwrap();
+
+    // a broken camera at run time: restarted with backoff until SIGTERM
+    let broken = format!(
+        "filesrc location={} ! pngdec ! videoconvert ! appsink",
+        s(&dir.path().join("missing.png"))
+    );
+    let cfg = o.config("broken", port, &broken, "");
+    let child = run_daemon(&cfg);
+    std::thread::sleep(Duration::from_secs(4));
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = finish(child, Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("restarting the pipeline"), "{err}");
+    let stats: fhecam::edge::stats::Snapshot =
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert!(stats.source_restarts >= 2, "{stats:?}");
+}
