@@ -12,10 +12,11 @@ export DEBIAN_FRONTEND=noninteractive
 # - OpenCV bindings are generated with libclang at build time.
 # - GStreamer: the edge daemon's frame source (videotestsrc, filesrc, decoders in -good).
 # - mosquitto: the real MQTT broker the integration tests start on a free loopback port.
+# - systemd: `systemd-analyze verify` of the shipped unit in the tests.
 APT_PACKAGES=(pkg-config clang libclang-dev libopencv-dev
     libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
     gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-tools
-    mosquitto)
+    mosquitto systemd)
 
 missing=()
 for pkg in ${APT_PACKAGES[@]+"${APT_PACKAGES[@]}"}; do

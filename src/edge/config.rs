@@ -47,6 +47,10 @@ pub struct SourceConfig {
     /// A gst-launch pipeline ending in an `appsink` (any name). fhecam sets the appsink to
     /// keep only the newest frame and to accept GRAY8 or BGR; put a `videoconvert` before it.
     pub pipeline: String,
+    /// Process every frame, pausing the pipeline while inference is busy (for recorded
+    /// files). Default false: a live camera keeps only its newest frame and the frames that
+    /// arrive while busy are dropped and counted.
+    pub every_frame: bool,
     /// A camera that delivers no frame for this long is restarted.
     pub stall_timeout_s: f64,
     /// First restart delay; doubled on each consecutive failure (with ±25 % jitter).
@@ -59,6 +63,7 @@ impl Default for SourceConfig {
     fn default() -> Self {
         SourceConfig {
             pipeline: "v4l2src device=/dev/video0 ! videoconvert ! appsink".into(),
+            every_frame: false,
             stall_timeout_s: 10.0,
             restart_backoff_initial_s: 1.0,
             restart_backoff_max_s: 60.0,

@@ -85,6 +85,7 @@ pub fn load_bundle(cfg: &EdgeConfig) -> Result<bundle::LoadedBundle, EdgeError> 
 fn preprocess_stage(
     frames: std_mpsc::Receiver<Frame>,
     to_infer: std_mpsc::SyncSender<Job>,
+    every_frame: bool,
     spec: InputSpec,
     mut gate: Gate,
     stats: Arc<Stats>,
@@ -112,6 +113,12 @@ fn preprocess_stage(
             }
         }
         let q = spec.quantize(&x);
+        if every_frame {
+            if to_infer.send((q, frame.timestamp_ms)).is_err() {
+                return;
+            }
+            continue;
+        }
         match to_infer.try_send((q, frame.timestamp_ms)) {
             Ok(()) => {}
             Err(std_mpsc::TrySendError::Full(_)) => {
@@ -274,15 +281,17 @@ pub async fn run(
     );
     let pre = {
         let (spec, stats) = (header.input.clone(), stats.clone());
+        let every_frame = cfg.source.every_frame;
         std::thread::Builder::new()
             .name("preprocess".into())
-            .spawn(move || preprocess_stage(frame_rx, inf_tx, spec, gate, stats))
+            .spawn(move || preprocess_stage(frame_rx, inf_tx, every_frame, spec, gate, stats))
             .map_err(|e| EdgeError::Thread(e.to_string()))?
     };
 
     // source stage
     let opts = SourceOptions {
         pipeline: cfg.source.pipeline.clone(),
+        every_frame: cfg.source.every_frame,
         stall_timeout: secs(cfg.source.stall_timeout_s),
         backoff_initial: secs(cfg.source.restart_backoff_initial_s),
         backoff_max: secs(cfg.source.restart_backoff_max_s),
@@ -291,8 +300,10 @@ pub async fn run(
         let (stats, cancel, milestone) = (stats.clone(), cancel.clone(), milestone.clone());
         tokio::task::spawn_blocking(move || {
             let mut playing = || milestone(Milestone::PipelinePlaying);
+            let every_frame = opts.every_frame;
             let mut deliver = |f: Frame| match frame_tx.try_send(f) {
                 Ok(()) => true,
+                Err(std_mpsc::TrySendError::Full(f)) if every_frame => frame_tx.send(f).is_ok(),
                 Err(std_mpsc::TrySendError::Full(_)) => {
                     stats
                         .frames_dropped_preprocess

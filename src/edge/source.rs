@@ -43,13 +43,15 @@ pub enum SourceEnd {
 
 pub struct SourceOptions {
     pub pipeline: String,
+    /// Back-pressure instead of dropping: the appsink blocks the pipeline while full.
+    pub every_frame: bool,
     pub stall_timeout: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
 }
 
 /// Builds the pipeline and returns it with its appsink, set to keep only the newest frame.
-fn build(desc: &str) -> Result<(gst::Pipeline, gst_app::AppSink), SourceError> {
+fn build(desc: &str, every_frame: bool) -> Result<(gst::Pipeline, gst_app::AppSink), SourceError> {
     let err = |msg: String| SourceError::Pipeline {
         pipeline: desc.into(),
         msg,
@@ -72,7 +74,7 @@ fn build(desc: &str) -> Result<(gst::Pipeline, gst_app::AppSink), SourceError> {
         .ok_or_else(|| err("has no appsink to take frames from".into()))?;
     // Latest frame only: a busy daemon skips frames instead of queueing stale ones.
     sink.set_max_buffers(1);
-    sink.set_drop(true);
+    sink.set_drop(!every_frame);
     sink.set_property("sync", false);
     let caps = gst::Caps::builder("video/x-raw")
         .field("format", gst::List::new(["GRAY8", "BGR"]))
@@ -84,7 +86,7 @@ fn build(desc: &str) -> Result<(gst::Pipeline, gst_app::AppSink), SourceError> {
 /// Checks that a pipeline description parses and has an appsink (for `fhecam validate`).
 pub fn check_pipeline(desc: &str) -> Result<(), SourceError> {
     gst::init().map_err(|e| SourceError::Init(e.to_string()))?;
-    build(desc).map(|_| ())
+    build(desc, false).map(|_| ())
 }
 
 fn to_mat(sample: &gst::Sample) -> Result<Mat, SourceError> {
@@ -162,22 +164,32 @@ pub fn run(
 ) -> Result<SourceEnd, SourceError> {
     gst::init().map_err(|e| SourceError::Init(e.to_string()))?;
     let mut failures = 0u32;
+    let mut ever_played = false;
     loop {
-        let outcome = match build(&opts.pipeline) {
+        let outcome = match build(&opts.pipeline, opts.every_frame) {
             // a pipeline that does not even parse will not get better: stop
-            Err(e) if failures == 0 => return Err(e),
+            Err(e) if !ever_played => return Err(e),
             Err(e) => RunEnd::Restart(e.to_string()),
             Ok((pipeline, sink)) => {
-                let r = run_once(&pipeline, &sink, opts, stats, cancel, on_playing, deliver);
+                let mut playing = || {
+                    ever_played = true;
+                    on_playing();
+                };
+                let r = run_once(&pipeline, &sink, opts, stats, cancel, &mut playing, deliver);
                 let _ = pipeline.set_state(gst::State::Null);
-                match r {
-                    RunEnd::End(end) => RunEnd::End(end),
-                    RunEnd::Restart(why) => RunEnd::Restart(why),
-                }
+                r
             }
         };
         match outcome {
             RunEnd::End(end) => return Ok(end),
+            // a camera that never delivered a frame is missing or misconfigured: say so
+            // and stop (systemd restarts the service); one that worked is restarted here
+            RunEnd::Restart(why) if !ever_played => {
+                return Err(SourceError::Pipeline {
+                    pipeline: opts.pipeline.clone(),
+                    msg: format!("no frame: {why}"),
+                })
+            }
             RunEnd::Restart(why) => {
                 let wait = backoff(opts.backoff_initial, opts.backoff_max, failures);
                 failures += 1;
