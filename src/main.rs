@@ -63,6 +63,10 @@ enum Cmd {
         /// Weight bits: 2 gives levels -2..=1, 1 gives ternary -1..=1 (same PBS per MAC).
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
         weight_bits: Option<u8>,
+        /// Starting point the other flags modify: `reference` (16 channels, ≥ 0.95 accurate,
+        /// ~14,600 PBS per frame) or `fast` (4 channels, ~0.93, ~3,700 PBS).
+        #[arg(long, value_enum, default_value = "reference")]
+        preset: train::Preset,
 
         /// Learning rate.
         #[arg(long)]
@@ -78,9 +82,12 @@ enum Cmd {
         /// Integer model (JSON); or use --reference.
         #[arg(long, conflicts_with = "reference")]
         model: Option<PathBuf>,
-        /// Train (or reuse a cached) reference model for this data set (`digits`).
+        /// Train (or reuse a cached) built-in model for this data set (`digits`).
         #[arg(long)]
         reference: Option<String>,
+        /// Which built-in model --reference trains.
+        #[arg(long, value_enum, default_value = "reference")]
+        preset: train::Preset,
         /// Test images to run encrypted.
         #[arg(long, default_value_t = 5)]
         samples: usize,
@@ -104,6 +111,10 @@ enum Cmd {
         /// FHE worker threads (0 = one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Built-in model: `fast` (4 channels, ~0.93, under a minute per frame on 2 cores)
+        /// or `reference` (16 channels, ≥ 0.95, about 3–4 minutes per frame).
+        #[arg(long, value_enum, default_value = "fast")]
+        preset: train::Preset,
     },
 }
 
@@ -134,9 +145,10 @@ fn run(cli: Cli) -> Result<()> {
             hidden,
             lr,
             weight_bits,
+            preset,
         } => {
             let (tr, te) = load_split(&dataset)?;
-            let d = train::TrainConfig::default();
+            let d = preset.config();
             let cfg = train::TrainConfig {
                 seed,
                 epochs: epochs.unwrap_or(d.epochs),
@@ -171,13 +183,14 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench {
             model,
             reference,
+            preset,
             samples,
             threads,
             json,
         } => {
             let (m, acc_float) = match (model, reference) {
                 (Some(p), _) => (load_model(&p)?, read_float_accuracy(&p)),
-                (None, Some(ds)) => reference_model(&ds)?,
+                (None, Some(ds)) => reference_model(&ds, preset)?,
                 (None, None) => bail!("give --model MODEL or --reference digits"),
             };
             let (_, te) = load_split("digits")?;
@@ -196,7 +209,11 @@ fn run(cli: Cli) -> Result<()> {
                 print_bench(&r);
             }
         }
-        Cmd::Demo { samples, threads } => demo(samples, threads)?,
+        Cmd::Demo {
+            samples,
+            threads,
+            preset,
+        } => demo(samples, threads, preset)?,
         Cmd::Owner(cmd) => cli::owner::run(cmd)?,
         Cmd::Edge(cmd) => cli::edge::run(cmd)?,
     }
@@ -276,11 +293,20 @@ fn read_float_accuracy(path: &Path) -> Option<f64> {
 }
 
 /// The cached reference model, trained on first use.
-fn reference_model(ds: &str) -> Result<(Model, Option<f64>)> {
+fn reference_model(ds: &str, preset: train::Preset) -> Result<(Model, Option<f64>)> {
     if ds != "digits" {
         bail!("no reference model for {ds:?}: the built-in one is `digits`");
     }
-    let path = cache_dir().join("models").join("digits-reference.json");
+    // the file name changes whenever the preset's recipe does, so no stale model is reused
+    let cfg = preset.config();
+    let path = cache_dir().join("models").join(format!(
+        "digits-{}-{}ch-w{}-e{}-s{}.json",
+        preset.name(),
+        cfg.conv_channels,
+        cfg.weight_levels[0],
+        cfg.epochs,
+        cfg.seed
+    ));
     if path.exists() {
         if let Ok(m) = load_model(&path) {
             return Ok((m, read_float_accuracy(&path)));
@@ -291,7 +317,7 @@ fn reference_model(ds: &str) -> Result<(Model, Option<f64>)> {
         path.display()
     );
     let (tr, te) = load_split(ds)?;
-    let report = train_with_progress(&train::TrainConfig::default(), &tr, &te)?;
+    let report = train_with_progress(&cfg, &tr, &te)?;
     save_model(&report.model, &path, Some(report.accuracy_float))?;
     Ok((report.model, Some(report.accuracy_float)))
 }
@@ -371,8 +397,8 @@ fn print_bench(r: &bench::BenchReport) {
     println!("peak RSS            {:.0} MB", r.peak_rss_mb);
 }
 
-fn demo(samples: usize, threads: usize) -> Result<()> {
-    let (model, _) = reference_model("digits")?;
+fn demo(samples: usize, threads: usize, preset: train::Preset) -> Result<()> {
+    let (model, _) = reference_model("digits", preset)?;
     let (_, te) = load_split("digits")?;
     println!("[owner] reference model {:?}", model.name);
     print_plan(&model)?;
