@@ -153,7 +153,7 @@ pub fn run(cmd: OwnerCmd) -> Result<()> {
             db,
             name,
             passphrase_file,
-        } => protect(&model, &db, name, passphrase_file.as_deref()),
+        } => protect(&model, &db, name, passphrase_file.as_deref()).map(|_| ()),
         OwnerCmd::Models { db, json } => models(&db, json),
         OwnerCmd::Deploy {
             db,
@@ -284,7 +284,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn owner_key_init(dir: &Path) -> Result<()> {
+pub(crate) fn owner_key_init(dir: &Path) -> Result<()> {
     let sk_path = dir.join(SIGNING_KEY_FILE);
     let pk_path = dir.join(PUBLIC_KEY_FILE);
     for p in [&sk_path, &pk_path] {
@@ -318,12 +318,13 @@ fn owner_key_init(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn protect(
+/// Protects a model into the database; returns its id (also printed on stdout).
+pub(crate) fn protect(
     model_path: &Path,
     db: &Path,
     name: Option<String>,
     pass_file: Option<&Path>,
-) -> Result<()> {
+) -> Result<ModelId> {
     let model = load_model(model_path)?;
     let name = name.unwrap_or_else(|| model.name.clone());
     store::validate_name(&name)?;
@@ -381,7 +382,7 @@ fn protect(
         "times: keygen {keygen_s:.1} s, encryption {encrypt_s:.1} s, sealing+storing {store_s:.1} s"
     );
     println!("{id}");
-    Ok(())
+    Ok(id)
 }
 
 fn models(db: &Path, json: bool) -> Result<()> {
@@ -417,7 +418,7 @@ fn models(db: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn deploy(db: &Path, id: &ModelId, key_path: &Path, out: &Path) -> Result<()> {
+pub(crate) fn deploy(db: &Path, id: &ModelId, key_path: &Path, out: &Path) -> Result<()> {
     let store = Store::open(db)?;
     let rec = store.public_record(id)?;
     let key = bundle::read_signing_key(key_path)?;

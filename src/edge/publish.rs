@@ -131,6 +131,8 @@ pub fn mqtt_options(cfg: &EdgeConfig) -> Result<MqttOptions, PublishError> {
         o.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
     }
     if let Some(t) = &m.tls {
+        // rustls needs one process-wide crypto provider; a second install is a no-op
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|source| PublishError::TlsFile {
                 path: p.display().to_string(),
