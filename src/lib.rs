@@ -2,6 +2,7 @@
 //!
 //! The engine (`model`, `reference`, `fhe`) knows nothing of tokio, MQTT or GStreamer.
 
+pub mod agent;
 pub mod bench;
 pub mod bundle;
 pub mod data;

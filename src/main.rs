@@ -3,11 +3,10 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use fhecam::data::{self, Dataset};
-use fhecam::fhe::{eval, EdgeRuntime, EncryptedModel, OwnerKeys};
+use fhecam::fhe::eval;
 use fhecam::model::Model;
-use fhecam::{bench, reference, train};
+use fhecam::{bench, train};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 mod cli;
 
@@ -102,19 +101,31 @@ enum Cmd {
     Owner(cli::owner::OwnerCmd),
     #[command(flatten)]
     Edge(cli::edge::EdgeCmd),
-    /// Owner -> edge -> owner on the reference model: keys, encrypted weights, encrypted
-    /// frames, decrypted labels next to the plaintext model's.
+    /// The backend decryption agent: subscribes to the cameras' encrypted inferences (MQTT
+    /// v5 shared subscription), validates and decrypts them with the owner database, and
+    /// publishes labels for the city cockpit; refusals go to a dead-letter topic.
+    Agent(cli::agent::AgentArgs),
+    /// The whole product on this machine: the owner protects and deploys the digits model, a
+    /// broker starts, the edge daemon plays real test digits through GStreamer and publishes
+    /// encrypted inferences, the backend agent decrypts them; each label is printed next to
+    /// the true label and the plaintext model's.
     Demo {
-        /// Test images to run encrypted.
+        /// Test digits played as camera frames.
         #[arg(long, default_value_t = 3)]
-        samples: usize,
+        frames: usize,
         /// FHE worker threads (0 = one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
-        /// Built-in model: `fast` (4 channels, ~0.93, under a minute per frame on 2 cores)
+        /// Built-in model: `fast` (4 channels, ~0.93, about a minute per frame on 2 cores)
         /// or `reference` (16 channels, ≥ 0.95, about 3–4 minutes per frame).
         #[arg(long, value_enum, default_value = "fast")]
         preset: train::Preset,
+        /// Use this MQTT broker (HOST:PORT) instead of starting mosquitto on a free port.
+        #[arg(long)]
+        broker: Option<String>,
+        /// Keep the work directory (database, keys, bundle, frames) here.
+        #[arg(long)]
+        keep: Option<PathBuf>,
     },
 }
 
@@ -210,10 +221,27 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Demo {
-            samples,
+            frames,
             threads,
             preset,
-        } => demo(samples, threads, preset)?,
+            broker,
+            keep,
+        } => {
+            let (model, _) = reference_model("digits", preset)?;
+            let (_, te) = load_split("digits")?;
+            cli::demo::run(
+                cli::demo::DemoArgs {
+                    frames,
+                    threads,
+                    preset,
+                    broker,
+                    keep,
+                },
+                model,
+                te,
+            )?
+        }
+        Cmd::Agent(args) => cli::agent::run(args)?,
         Cmd::Owner(cmd) => cli::owner::run(cmd)?,
         Cmd::Edge(cmd) => cli::edge::run(cmd)?,
     }
@@ -328,7 +356,7 @@ fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".cache"))
 }
 
-fn print_plan(m: &Model) -> Result<()> {
+pub(crate) fn print_plan(m: &Model) -> Result<()> {
     let (pbs, layout) = eval::plan(m)?;
     let infos = m.infer()?;
     println!("{:<4} {:<12} {:>14} {:>10}", "node", "op", "output", "PBS");
@@ -395,53 +423,4 @@ fn print_bench(r: &bench::BenchReport) {
         r.server_key_uncompressed_bytes
     );
     println!("peak RSS            {:.0} MB", r.peak_rss_mb);
-}
-
-fn demo(samples: usize, threads: usize, preset: train::Preset) -> Result<()> {
-    let (model, _) = reference_model("digits", preset)?;
-    let (_, te) = load_split("digits")?;
-    println!("[owner] reference model {:?}", model.name);
-    print_plan(&model)?;
-    let t = Instant::now();
-    let keys = OwnerKeys::generate();
-    let public = keys.public_material();
-    let enc = EncryptedModel::encrypt(&model, &keys)?;
-    let bytes = enc.to_bytes()?;
-    println!(
-        "[owner] keys generated, every weight and bias encrypted ({} bytes) in {:.1} s",
-        bytes.len(),
-        t.elapsed().as_secs_f64()
-    );
-    // The edge only ever sees the encrypted model and the public material.
-    let edge_model = EncryptedModel::from_bytes(&bytes)?;
-    let rt = EdgeRuntime::new(&edge_model, public, threads)?;
-    println!("[edge]  runtime ready on {} FHE threads", rt.threads());
-    let mut agree = 0;
-    let n = samples.min(te.len());
-    for i in 0..n {
-        let x = model.input.quantize(&te.images[i]);
-        let t = Instant::now();
-        let (out, stats) = rt.infer(&rt.encrypt(&x))?;
-        let secs = t.elapsed().as_secs_f64();
-        let wire = out.to_bytes()?;
-        let got = fhecam::fhe::EncryptedOutput::from_bytes(&wire)?.decrypt(&keys)?;
-        let want = reference::evaluate(&model, &x)?;
-        let same = got.logits == want && got.label == reference::argmax(&want);
-        agree += same as usize;
-        println!(
-            "[owner] image {i}: true {} | plaintext model {} | decrypted FHE {} | logits equal: {} | {} PBS, {:.1} s, {} B sent",
-            te.labels[i],
-            reference::argmax(&want),
-            got.label,
-            same,
-            stats.pbs,
-            secs,
-            wire.len()
-        );
-    }
-    println!("summary: {agree}/{n} encrypted inferences equal the plaintext integer model");
-    if agree != n {
-        bail!("encrypted and plaintext results differ");
-    }
-    Ok(())
 }

@@ -1,4 +1,6 @@
 //! Subcommand groups of the `fhecam` binary that live outside `main.rs`.
 
+pub mod agent;
+pub mod demo;
 pub mod edge;
 pub mod owner;

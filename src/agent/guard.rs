@@ -1,0 +1,113 @@
+//! Pure checks of the decryption agent, no I/O: topic parsing, per-device rate limiting,
+//! and the post-decryption range check. Together with the layout check in `agent.rs` they
+//! keep the agent from being a decryption oracle for the edge.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// `<prefix>/<device>/<camera>/inference` → (device, camera).
+pub fn parse_topic<'a>(prefix: &str, topic: &'a str) -> Option<(&'a str, &'a str)> {
+    let rest = topic.strip_prefix(prefix)?.strip_prefix('/')?;
+    let mut parts = rest.split('/');
+    let (device, camera, leaf) = (parts.next()?, parts.next()?, parts.next()?);
+    if leaf != "inference" || parts.next().is_some() {
+        return None;
+    }
+    Some((device, camera))
+}
+
+/// A token bucket per device: `burst` decryptions at once, refilled at `per_minute`.
+pub struct RateLimiter {
+    per_sec: f64,
+    burst: f64,
+    buckets: HashMap<String, (f64, Instant)>,
+}
+
+impl RateLimiter {
+    pub fn new(per_minute: f64, burst: f64) -> Self {
+        RateLimiter {
+            per_sec: per_minute / 60.0,
+            burst,
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Takes one token for `device`; false when it is over its limit.
+    pub fn allow(&mut self, device: &str, now: Instant) -> bool {
+        let (tokens, last) = self
+            .buckets
+            .entry(device.to_string())
+            .or_insert((self.burst, now));
+        let refill = now.saturating_duration_since(*last).as_secs_f64() * self.per_sec;
+        *tokens = (*tokens + refill).min(self.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Every decrypted logit must lie in the range the model's last layer can produce, and the
+/// label must name a class: anything else was not computed by this model.
+pub fn check_range(
+    logits: &[i64],
+    label: usize,
+    lo: i64,
+    hi: i64,
+    classes: usize,
+) -> Result<(), String> {
+    if logits.len() != classes {
+        return Err(format!(
+            "{} logits, the model has {classes} classes",
+            logits.len()
+        ));
+    }
+    if let Some(v) = logits.iter().find(|&&v| v < lo || v > hi) {
+        return Err(format!("logit {v} outside the model's range {lo}..={hi}"));
+    }
+    if label >= classes {
+        return Err(format!("label {label} is not one of the {classes} classes"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn topics() {
+        assert_eq!(
+            parse_topic("fhecam", "fhecam/d1/c:0/inference"),
+            Some(("d1", "c:0"))
+        );
+        assert_eq!(parse_topic("fhecam", "fhecam/d1/c0/stats"), None);
+        assert_eq!(parse_topic("fhecam", "fhecam/d1/inference"), None);
+        assert_eq!(parse_topic("fhecam", "other/d1/c0/inference"), None);
+        assert_eq!(parse_topic("fhecam", "fhecam/d1/c0/inference/x"), None);
+    }
+
+    #[test]
+    fn bucket_refills() {
+        let t = Instant::now();
+        let mut r = RateLimiter::new(60.0, 2.0);
+        assert!(r.allow("a", t));
+        assert!(r.allow("a", t));
+        assert!(!r.allow("a", t));
+        assert!(r.allow("b", t), "per device");
+        assert!(r.allow("a", t + Duration::from_millis(1100)));
+        assert!(!r.allow("a", t + Duration::from_millis(1200)));
+    }
+
+    #[test]
+    fn ranges() {
+        assert!(check_range(&[0, 5], 1, -3, 5, 2).is_ok());
+        assert!(check_range(&[0, 6], 1, -3, 5, 2).is_err());
+        assert!(check_range(&[0, 5], 2, -3, 5, 2).is_err());
+        assert!(check_range(&[0], 0, -3, 5, 2).is_err());
+    }
+}

@@ -1,0 +1,10 @@
+//! The backend decryption agent (`fhecam agent`): encrypted inferences in, labels for the
+//! city cockpit out, refusals to a dead-letter topic. See docs/THREAT_MODEL.md.
+
+#[allow(clippy::module_inception)]
+pub mod agent;
+pub mod config;
+pub mod guard;
+
+pub use agent::{run, AgentError, AgentStats, Outcome, Processor};
+pub use config::AgentConfig;

@@ -1,0 +1,325 @@
+//! `fhecam demo`: the whole product on one machine. The owner trains (or loads) the digits
+//! model, protects and deploys it; a broker starts on a free loopback port (or `--broker`);
+//! the edge daemon plays real test digits through a GStreamer pipeline and publishes
+//! encrypted inferences; the backend agent decrypts them and feeds the cockpit topic, where
+//! this command listens and compares each label with the truth and the plaintext model.
+
+use anyhow::{bail, Context, Result};
+use fhecam::edge::config::{
+    EdgeConfig, InferConfig, MqttConfig, OutboxConfig, PreprocessConfig, SourceConfig,
+};
+use fhecam::{preprocess, reference, train};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub struct DemoArgs {
+    pub frames: usize,
+    pub threads: usize,
+    pub preset: train::Preset,
+    pub broker: Option<String>,
+    pub keep: Option<PathBuf>,
+}
+
+/// A mosquitto started for the demo, stopped on drop.
+struct Mosquitto(Child);
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_mosquitto(dir: &Path) -> Result<(Mosquitto, u16)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )?;
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context(
+            "cannot start mosquitto: install it (scripts/setup.sh does) or pass --broker HOST:PORT",
+        )?;
+    let guard = Mosquitto(child);
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("mosquitto did not start listening on 127.0.0.1:{port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((guard, port))
+}
+
+fn parse_broker(s: &str) -> Result<(String, u16)> {
+    let s = s.strip_prefix("mqtt://").unwrap_or(s);
+    let (h, p) = s
+        .rsplit_once(':')
+        .with_context(|| format!("--broker {s:?}: expected HOST:PORT"))?;
+    Ok((h.to_string(), p.parse().context("--broker: bad port")?))
+}
+
+/// One cockpit result as the demo reads it.
+#[derive(Debug, serde::Deserialize)]
+struct CockpitResult {
+    label: usize,
+    sequence: u64,
+    #[serde(default)]
+    frame_timestamp_ms: Option<u64>,
+}
+
+pub fn run(args: DemoArgs, model: fhecam::model::Model, te: fhecam::data::Dataset) -> Result<()> {
+    if args.frames == 0 || args.frames > te.len() {
+        bail!("--frames must be 1..={}", te.len());
+    }
+    let work = match &args.keep {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => std::env::temp_dir().join(format!("fhecam-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&work)?;
+    let result = run_in(&args, &model, &te, &work);
+    if args.keep.is_none() {
+        let _ = std::fs::remove_dir_all(&work);
+    } else {
+        println!("work directory kept: {}", work.display());
+    }
+    result
+}
+
+fn run_in(
+    args: &DemoArgs,
+    model: &fhecam::model::Model,
+    te: &fhecam::data::Dataset,
+    work: &Path,
+) -> Result<()> {
+    // ---- owner ----
+    println!(
+        "[owner] {} digits model {:?}: {} ct x ct MACs",
+        args.preset.name(),
+        model.name,
+        model.macs()?
+    );
+    crate::print_plan(model)?;
+    let model_path = work.join("model.json");
+    std::fs::write(&model_path, serde_json::to_vec(model)?)?;
+    let keys_dir = work.join("keys");
+    super::owner::owner_key_init(&keys_dir)?;
+    let pass_file = work.join("passphrase");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let pass = hex::encode(rand::random::<[u8; 16]>());
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&pass_file)?;
+        f.write_all(pass.as_bytes())?;
+    }
+    let db = work.join("owner.db");
+    let id = super::owner::protect(&model_path, &db, Some("digits".into()), Some(&pass_file))?;
+    let bundle_path = work.join("digits.bundle");
+    super::owner::deploy(&db, &id, &keys_dir.join("owner.key"), &bundle_path)?;
+
+    // ---- broker ----
+    let (_mosquitto, host, port) = match &args.broker {
+        Some(b) => {
+            let (h, p) = parse_broker(b)?;
+            (None, h, p)
+        }
+        None => {
+            let (m, p) = start_mosquitto(work)?;
+            (Some(m), "127.0.0.1".to_string(), p)
+        }
+    };
+    println!("[broker] mqtt://{host}:{port}");
+
+    // ---- the camera's frames: real test digits as PNG files ----
+    let mut plain = Vec::new();
+    for i in 0..args.frames {
+        let px: Vec<u8> = te.images[i]
+            .iter()
+            .map(|v| (v * 255.0).round() as u8)
+            .collect();
+        let png = work.join(format!("frame{i}.png"));
+        std::fs::write(&png, preprocess::encode_grey_png(&px, 8)?)?;
+        // the plaintext model on exactly what the daemon will see
+        let x = preprocess::preprocess_file(&png, &model.input)?;
+        plain.push(reference::argmax(&reference::evaluate(model, &x)?));
+    }
+    let pipeline = format!(
+        "multifilesrc location={} index=0 stop-index={} caps=image/png,framerate=1/1 ! pngdec ! videoconvert ! appsink",
+        work.join("frame%d.png").display(),
+        args.frames - 1
+    );
+    let edge = EdgeConfig {
+        device_id: "demo-cam".into(),
+        camera_id: "cam0".into(),
+        bundle: bundle_path.clone(),
+        owner_key: keys_dir.join("owner.pub"),
+        source: SourceConfig {
+            pipeline: pipeline.clone(),
+            every_frame: true,
+            ..SourceConfig::default()
+        },
+        preprocess: PreprocessConfig::default(),
+        infer: InferConfig {
+            threads: args.threads,
+            ..InferConfig::default()
+        },
+        mqtt: MqttConfig {
+            host: host.clone(),
+            port,
+            stats_interval_s: 10.0,
+            ..MqttConfig::default()
+        },
+        outbox: OutboxConfig {
+            dir: work.join("outbox"),
+            ..OutboxConfig::default()
+        },
+    };
+    edge.check()?;
+    println!("[edge] pipeline: {pipeline}");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        // ---- cockpit: subscribe before anything is published ----
+        let mut o = MqttOptions::new(format!("demo-cockpit-{}", std::process::id()), host.clone(), port);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (cockpit, mut cockpit_loop) = AsyncClient::new(o, 16);
+        cockpit.subscribe("cockpit/#", QoS::AtLeastOnce).await?;
+        let (res_tx, mut res_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (sub_tx, sub_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut sub_tx = Some(sub_tx);
+            loop {
+                match cockpit_loop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(t) = sub_tx.take() {
+                            let _ = t.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = res_tx.send((p.topic.clone(), p.payload.to_vec(), Instant::now()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), sub_rx)
+            .await
+            .context("the cockpit could not subscribe to the broker")??;
+
+        // ---- backend agent ----
+        let mut acfg = fhecam::agent::AgentConfig::new(db.clone(), work.join("agent-state.db"));
+        acfg.passphrase_file = Some(pass_file.clone());
+        acfg.mqtt.host = host.clone();
+        acfg.mqtt.port = port;
+        acfg.mqtt.client_id = Some(format!("demo-agent-{}", std::process::id()));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let agent = tokio::spawn(fhecam::agent::run(acfg, shutdown.clone(), Some(ready_tx)));
+        tokio::time::timeout(Duration::from_secs(30), ready_rx)
+            .await
+            .context("the backend agent did not subscribe in time")?
+            .context("the backend agent stopped")?;
+        println!("[backend] agent subscribed (MQTT v5 shared subscription); results go to cockpit/<device>/<camera>");
+
+        // ---- edge daemon ----
+        let started = Instant::now();
+        let milestone: Arc<dyn Fn(fhecam::edge::Milestone) + Send + Sync> = Arc::new(|_| {});
+        let report = fhecam::edge::run(edge, shutdown.child_token(), milestone).await?;
+        let edge_s = started.elapsed().as_secs_f64();
+        println!(
+            "[edge] done: {} inferences published in {:.1} s",
+            report.stats.published, edge_s
+        );
+
+        // ---- results ----
+        let mut got: Vec<Option<(CockpitResult, f64)>> = (0..args.frames).map(|_| None).collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while got.iter().any(Option::is_none) {
+            let Ok(Some((topic, payload, at))) = tokio::time::timeout_at(deadline, res_rx.recv()).await else {
+                break;
+            };
+            let r: CockpitResult = match serde_json::from_slice(&payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    println!("[cockpit] {topic}: unreadable result ({e})");
+                    continue;
+                }
+            };
+            let latency = r
+                .frame_timestamp_ms
+                .map(|ts| {
+                    let now_ms = fhecam::ids::unix_now_ms();
+                    let elapsed_since = at.elapsed().as_millis() as u64;
+                    (now_ms.saturating_sub(elapsed_since).saturating_sub(ts)) as f64 / 1000.0
+                })
+                .unwrap_or(f64::NAN);
+            let seq = r.sequence as usize;
+            if seq < got.len() && got[seq].is_none() {
+                got[seq] = Some((r, latency));
+            }
+        }
+        shutdown.cancel();
+        let stats = agent.await??;
+        println!(
+            "[backend] agent: {} received, {} decrypted, {} duplicates, {} refused",
+            stats.received, stats.decrypted, stats.duplicates, stats.dead_lettered
+        );
+
+        println!();
+        println!("frame  true  plaintext  decrypted (backend)  latency");
+        let (mut agree, mut correct, mut lat) = (0, 0, Vec::new());
+        for (i, g) in got.iter().enumerate() {
+            match g {
+                Some((r, l)) => {
+                    agree += (r.label == plain[i]) as usize;
+                    correct += (r.label == te.labels[i] as usize) as usize;
+                    lat.push(*l);
+                    println!(
+                        "{i:>5}  {:>4}  {:>9}  {:>19}  {:>6.1} s{}",
+                        te.labels[i],
+                        plain[i],
+                        r.label,
+                        l,
+                        if r.label == plain[i] { "" } else { "  MISMATCH" }
+                    );
+                }
+                None => println!("{i:>5}  {:>4}  {:>9}  {:>19}", te.labels[i], plain[i], "missing"),
+            }
+        }
+        let n = args.frames;
+        let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
+        println!();
+        println!(
+            "summary: {n} frames, {} decrypted by the backend, agreement with the plaintext model {agree}/{n}, accuracy {correct}/{n}; {:.1} s of encrypted inference per frame, mean latency capture -> cockpit {mean:.1} s (frames queue behind each other)",
+            lat.len(),
+            edge_s / n as f64
+        );
+        if agree != n {
+            bail!("the backend's labels differ from the plaintext model's (or some are missing)");
+        }
+        Ok(())
+    })
+}
