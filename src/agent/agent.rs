@@ -126,6 +126,8 @@ fn open_state(path: &Path) -> Result<rusqlite::Connection, AgentError> {
             })?;
     }
     let c = rusqlite::Connection::open(path).map_err(err)?;
+    // several agents may share the file
+    c.busy_timeout(Duration::from_secs(5)).map_err(err)?;
     c.execute_batch(
         "CREATE TABLE IF NOT EXISTS seen (
              device TEXT NOT NULL, camera TEXT NOT NULL, sequence INTEGER NOT NULL,
@@ -224,13 +226,14 @@ impl Processor {
                 env.device_id, env.camera_id
             ));
         }
+        // a duplicate costs no decryption, so it takes no token
+        if self.seen(device, camera, env.sequence) {
+            return Outcome::Duplicate;
+        }
         if !self.limiter.allow(device, now) {
             return dead(format!(
                 "rate limit: device {device} is over its decryptions per minute"
             ));
-        }
-        if self.seen(device, camera, env.sequence) {
-            return Outcome::Duplicate;
         }
         let id = env.model_id;
         let logits_allowed = self.logits_for.contains(&id);

@@ -1,0 +1,389 @@
+//! The backend agent through the real binary against a real mosquitto: two agents share one
+//! subscription and decrypt every inference exactly once; duplicates are released once;
+//! tampered, truncated, oversized, unknown-model and wrong-topic envelopes, a replayed
+//! encrypted weight and a device over its rate limit end in the dead-letter topic with a
+//! reason, and the agents keep running.
+
+use fhecam::bundle;
+use fhecam::data::{load_digits, stratified_split};
+use fhecam::envelope::{self, Envelope};
+use fhecam::fhe::eval::OutputLayout;
+use fhecam::fhe::{EdgeRuntime, EncryptedOutput};
+use fhecam::reference;
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const PASS: &str = "agent test passphrase";
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_fhecam"))
+        .args(args)
+        .env("FHECAM_OWNER_PASSPHRASE", PASS)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fhecam {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn mosquitto(dir: &Path) -> (Killed, u16) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )
+    .unwrap();
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto is installed by scripts/setup.sh");
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Killed(child), port)
+}
+
+type Messages = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+fn subscribe(port: u16, filters: &[&str]) -> Messages {
+    let mut o = MqttOptions::new("cockpit-test", "127.0.0.1", port);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut conn) = Client::new(o, 16);
+    for f in filters {
+        client.subscribe(*f, QoS::AtLeastOnce).unwrap();
+    }
+    let msgs: Messages = Arc::default();
+    let m = msgs.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let n = filters.len();
+    std::thread::spawn(move || {
+        let _client = client;
+        let mut acks = 0;
+        for ev in conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    acks += 1;
+                    if acks == n {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => m
+                    .lock()
+                    .unwrap()
+                    .push((p.topic.clone(), p.payload.to_vec())),
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    msgs
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn on(msgs: &Messages, topic_prefix: &str) -> Vec<serde_json::Value> {
+    msgs.lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t.starts_with(topic_prefix))
+        .map(|(_, p)| serde_json::from_slice(p).unwrap())
+        .collect()
+}
+
+#[test]
+fn shared_agents_decrypt_once_and_dead_letter_every_attack() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    // owner: a tiny trained model, protected and deployed
+    let ds = load_digits().unwrap_or_else(|e| panic!("{e}"));
+    let (tr, te) = stratified_split(&ds, 0.25, 42);
+    let cfg = fhecam::train::TrainConfig {
+        conv_channels: 1,
+        epochs: 5,
+        weight_levels: [-1, 1],
+        ..Default::default()
+    };
+    let model = fhecam::train::train(&cfg, &tr, &te, &|_, _| {})
+        .unwrap()
+        .model;
+    let model_path = d.join("tiny.json");
+    std::fs::write(&model_path, serde_json::to_string(&model).unwrap()).unwrap();
+    ok(&["owner-key", "init", "--out", s(&d.join("keys"))]);
+    let db = d.join("owner.db");
+    let id = ok(&["protect", s(&model_path), "--db", s(&db), "--name", "tiny"]);
+    let id = id.trim().lines().last().unwrap().to_string();
+    let bundle_path = d.join("m.bundle");
+    ok(&[
+        "deploy",
+        "--db",
+        s(&db),
+        "--model",
+        &id,
+        "--signing-key",
+        s(&d.join("keys/owner.key")),
+        "--out",
+        s(&bundle_path),
+    ]);
+
+    // the edge side, in the library: one real encrypted inference, reused below
+    let owner = bundle::read_owner_key(&d.join("keys/owner.pub")).unwrap();
+    let b = bundle::load_file(&bundle_path, &owner).unwrap();
+    let header = b.header.clone();
+    let rt = EdgeRuntime::new(&b.model, b.public, 0).unwrap();
+    let x = model.input.quantize(&te.images[0]);
+    let want = reference::evaluate(&model, &x).unwrap();
+    let label = reference::argmax(&want);
+    let (out, _) = rt.infer(&rt.encrypt(&x)).unwrap();
+    let ciphertext = out.to_bytes().unwrap();
+    // an encrypted weight whose value differs from the label's high digit (the owner can
+    // tell; the attacker would just try)
+    let store = fhecam::store::Store::open(&db).unwrap();
+    let keys = store
+        .owner_keys(
+            &id.parse().unwrap(),
+            &fhecam::secret::Passphrase::new(PASS.into()).unwrap(),
+        )
+        .unwrap();
+    let weight = b
+        .model
+        .params
+        .iter()
+        .flatten()
+        .flat_map(|p| p.weights.iter())
+        .map(|c| c.decompress())
+        .find(|c| keys.client.decrypt_message_and_carry(c) != (label / 4) as u64)
+        .expect("a weight that changes the label");
+    let env = |device: &str, seq: u64, ct: &[u8]| {
+        envelope::encode(&Envelope {
+            device_id: device.into(),
+            camera_id: "cam0".into(),
+            model_id: header.model_id,
+            model_version: header.version,
+            sequence: seq,
+            frame_timestamp_ms: 1_700_000_000_000 + seq,
+            ciphertext: ct.to_vec(),
+        })
+        .unwrap()
+    };
+
+    // broker, cockpit, two agents in one group
+    let (_broker, port) = mosquitto(d);
+    let msgs = subscribe(port, &["cockpit/#", "backend/deadletter"]);
+    let agent_cfg = |n: u32| {
+        let p = d.join(format!("backend{n}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "db = \"{}\"\nstate_db = \"{}\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"agent-{n}\"\n\
+                 [limits]\nmax_payload_bytes = 2000000\nper_device_per_minute = 1.0\nburst = 5.0\n",
+                s(&db),
+                s(&d.join("agent-state.db"))
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let spawn = |cfg: &Path| {
+        Killed(
+            Command::new(env!("CARGO_BIN_EXE_fhecam"))
+                .args(["agent", "--config", s(cfg)])
+                .env("FHECAM_OWNER_PASSPHRASE", PASS)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let (c1, c2) = (agent_cfg(1), agent_cfg(2));
+    assert!(ok(&["agent", "--config", s(&c1), "--check"])
+        .contains("$share/fhecam-agents/fhecam/+/+/inference"));
+    let mut agents = vec![spawn(&c1), spawn(&c2)];
+    std::thread::sleep(Duration::from_secs(2)); // both subscribed
+
+    let mut o = MqttOptions::new("edge-test", "127.0.0.1", port);
+    o.set_max_packet_size(4 << 20, 4 << 20);
+    let (edge, mut conn) = Client::new(o, 64);
+    std::thread::spawn(move || for _ in conn.iter() {});
+    let publish = |device: &str, payload: Vec<u8>| {
+        edge.publish(
+            format!("fhecam/{device}/cam0/inference"),
+            QoS::AtLeastOnce,
+            false,
+            payload,
+        )
+        .unwrap();
+    };
+
+    // 1. eight inferences, one duplicate: eight results, each sequence once, the right label
+    for seq in 0..8 {
+        publish("dev1", env("dev1", seq, &ciphertext));
+    }
+    wait_for("8 cockpit results", Duration::from_secs(60), || {
+        on(&msgs, "cockpit/").len() >= 8
+    });
+    publish("dev1", env("dev1", 3, &ciphertext));
+
+    // 2. attacks, each from dev2 or on a bad topic
+    let mut tampered = env("dev2", 100, &ciphertext);
+    tampered[56] ^= 0x40; // the ciphertext container's format version
+    publish("dev2", tampered);
+    let full = env("dev2", 101, &ciphertext);
+    publish("dev2", full[..full.len() / 2].to_vec());
+    let mut unknown = env("dev2", 102, &ciphertext);
+    unknown[4 + 2 + 1 + 4 + 1 + 4] ^= 0xff; // a byte of the model id
+    publish("dev2", unknown);
+    publish("dev2", vec![0u8; 2_500_000]);
+    publish("devX", env("dev2", 103, &ciphertext)); // envelope of dev2 on devX's topic
+                                                    // an encrypted weight sent back as a "result", in the model's layout (as the label's
+                                                    // high digit, chosen so the label changes) and alone in a layout of its own
+    let mut swapped = EncryptedOutput::from_bytes(&ciphertext).unwrap();
+    let last = swapped.digits.len() - 1;
+    swapped.digits[last] = weight.clone();
+    publish("dev2", env("dev2", 104, &swapped.to_bytes().unwrap()));
+    let alone = EncryptedOutput {
+        layout: OutputLayout {
+            offsets: vec![0],
+            digits: vec![1],
+            label_digits: 0,
+        },
+        digits: vec![weight],
+    };
+    publish("dev2", env("dev2", 105, &alone.to_bytes().unwrap()));
+
+    // 3. dev3 over its rate limit: burst 5, then 1 per minute, per agent (two agents: at
+    // most 10 of its 12 are decrypted)
+    for seq in 0..12 {
+        publish("dev3", env("dev3", seq, &ciphertext));
+    }
+
+    let t = Instant::now();
+    while on(&msgs, "backend/deadletter").len() < 9 && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2)); // nothing more should arrive
+    let results = on(&msgs, "cockpit/");
+    let dead = on(&msgs, "backend/deadletter");
+    for r in &results {
+        assert_eq!(r["label"], label, "{r}");
+        assert!(r.get("logits").is_none(), "logits are opt-in: {r}");
+        assert_eq!(r["model_id"], id.as_str());
+    }
+    let dev1: Vec<u64> = results
+        .iter()
+        .filter(|r| r["device_id"] == "dev1")
+        .map(|r| r["sequence"].as_u64().unwrap())
+        .collect();
+    let mut sorted = dev1.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        (0..8).collect::<Vec<_>>(),
+        "each dev1 inference exactly once"
+    );
+    let dev3 = results.iter().filter(|r| r["device_id"] == "dev3").count();
+    assert!(
+        results.iter().all(|r| r["device_id"] != "dev2"),
+        "no attack was released"
+    );
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|v| v["reason"].as_str().unwrap().to_string())
+        .collect();
+    eprintln!("dead letters: {reasons:#?}");
+    let has = |needle: &str| reasons.iter().filter(|r| r.contains(needle)).count();
+    assert!(has("malformed ciphertext") >= 1, "tampered");
+    assert!(has("truncated") >= 1, "truncated");
+    assert!(has("not in the database") >= 1, "unknown model");
+    assert!(has("oversized") >= 1, "oversized");
+    assert!(has("published on the topic of devX") >= 1, "wrong topic");
+    assert!(
+        has("decryption check failed") >= 1,
+        "weight in the label digit"
+    );
+    assert!(has("output layout is not the model's") >= 1, "weight alone");
+    assert!(has("rate limit") >= 2, "dev3 over its limit");
+    assert_eq!(
+        dev3 + has("rate limit"),
+        12,
+        "every dev3 message decrypted or refused"
+    );
+    assert_eq!(dead.len(), 7 + has("rate limit"), "{reasons:#?}");
+
+    // both agents worked, the duplicate was counted, and SIGTERM stops them cleanly
+    let mut total = (0, 0, 0);
+    let mut each = Vec::new();
+    for a in agents.iter_mut() {
+        let pid = a.0.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+    for a in agents.drain(..) {
+        let mut a = a;
+        let child = std::mem::replace(&mut a.0, Command::new("true").spawn().unwrap());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let st: serde_json::Value =
+            serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+        eprintln!("agent stats: {st}");
+        each.push(st["decrypted"].as_u64().unwrap());
+        total.0 += st["decrypted"].as_u64().unwrap();
+        total.1 += st["duplicates"].as_u64().unwrap();
+        total.2 += st["dead_lettered"].as_u64().unwrap();
+    }
+    assert_eq!(
+        total.0,
+        8 + dev3 as u64,
+        "dev1 and dev3, each decrypted once"
+    );
+    assert_eq!(total.1, 1, "the duplicate");
+    assert_eq!(total.2, dead.len() as u64);
+    assert!(
+        each.iter().all(|&n| n > 0),
+        "both agents got work: {each:?}"
+    );
+}
