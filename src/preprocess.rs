@@ -79,9 +79,15 @@ pub fn intensities(img: &Mat, spec: &InputSpec) -> Result<Vec<f32>, PreprocessEr
         src
     };
     let mut f = Mat::default();
-    src.convert_to(&mut f, CV_32F, 1.0 / full, 0.0)?;
+    // unscaled: the division below is the same f32 division the training data went through
+    src.convert_to(&mut f, CV_32F, 1.0, 0.0)?;
     let f = if f.is_continuous() { f } else { f.try_clone()? };
-    let hwc: &[f32] = f.data_typed::<f32>()?;
+    // bytes, not data_typed: that one refuses multi-channel matrices
+    let hwc: Vec<f32> = f
+        .data_bytes()?
+        .chunks_exact(4)
+        .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]) / full as f32)
+        .collect();
     let c = spec.channels;
     let plane = spec.height * spec.width;
     let mut out = vec![0f32; c * plane];
