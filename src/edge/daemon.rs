@@ -322,12 +322,17 @@ pub async fn run(
     }
 
     // the source's sender is gone: the stages end in order as their inputs close
-    let drain = secs(cfg.infer.drain_timeout_s);
+    // A stop request bounds the drain; a source that simply ended (a file played out)
+    // has every frame it delivered finished, however long the queue.
+    let drain = match &end {
+        Ok(SourceEnd::Eos) => None,
+        _ => Some(secs(cfg.infer.drain_timeout_s)),
+    };
     let joined = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + drain;
         let _ = pre.join();
+        let deadline = drain.map(|d| Instant::now() + d);
         for w in workers {
-            while !w.is_finished() && Instant::now() < deadline {
+            while !w.is_finished() && deadline.is_none_or(|d| Instant::now() < d) {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if w.is_finished() {
