@@ -274,7 +274,7 @@ fn train_with_progress(
     Ok(report)
 }
 
-fn load_model(path: &Path) -> Result<Model> {
+pub(crate) fn load_model(path: &Path) -> Result<Model> {
     let meta =
         std::fs::metadata(path).with_context(|| format!("cannot read model {}", path.display()))?;
     if meta.len() > MODEL_FILE_LIMIT {

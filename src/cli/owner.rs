@@ -6,7 +6,6 @@ use fhecam::bundle;
 use fhecam::envelope::{self, Envelope};
 use fhecam::fhe::{EdgeRuntime, EncryptedModel, EncryptedOutput, OwnerKeys};
 use fhecam::ids::{rfc3339, ModelId};
-use fhecam::model::Model;
 use fhecam::secret::{KdfParams, Passphrase};
 use fhecam::store::{self, NewModel, Store};
 use fhecam::{preprocess, reference};
@@ -18,8 +17,6 @@ use std::time::{Duration, Instant};
 
 /// Environment variable holding the owner's passphrase (or use --passphrase-file).
 pub const PASSPHRASE_ENV: &str = "FHECAM_OWNER_PASSPHRASE";
-/// Largest model JSON accepted (as `fhecam plan`/`bench`).
-const MODEL_FILE_LIMIT: u64 = 64 << 20;
 const PASSPHRASE_FILE_LIMIT: u64 = 4 << 10;
 const SIGNING_KEY_FILE: &str = "owner.key";
 const PUBLIC_KEY_FILE: &str = "owner.pub";
@@ -199,24 +196,6 @@ fn mb(bytes: u64) -> String {
     format!("{:.2} MB", bytes as f64 / 1e6)
 }
 
-fn load_model(path: &Path) -> Result<Model> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("cannot read model {}", path.display()))?;
-    if meta.len() > MODEL_FILE_LIMIT {
-        bail!(
-            "model {} is {} bytes, over the {MODEL_FILE_LIMIT}-byte limit",
-            path.display(),
-            meta.len()
-        );
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read model {}", path.display()))?;
-    let m: Model = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not an fhecam model (JSON)", path.display()))?;
-    m.infer()
-        .with_context(|| format!("model {} is invalid", path.display()))?;
-    Ok(m)
-}
 
 fn passphrase(file: Option<&Path>) -> Result<Passphrase> {
     let text = match file {
@@ -325,7 +304,7 @@ pub(crate) fn protect(
     name: Option<String>,
     pass_file: Option<&Path>,
 ) -> Result<ModelId> {
-    let model = load_model(model_path)?;
+    let model = crate::load_model(model_path)?;
     let name = name.unwrap_or_else(|| model.name.clone());
     store::validate_name(&name)?;
     // Everything that can fail cheaply fails before seconds of key generation.
