@@ -196,7 +196,6 @@ fn mb(bytes: u64) -> String {
     format!("{:.2} MB", bytes as f64 / 1e6)
 }
 
-
 fn passphrase(file: Option<&Path>) -> Result<Passphrase> {
     let text = match file {
         Some(p) => {
