@@ -460,6 +460,7 @@ mod tests {
                 width: 8,
                 bits: 2,
                 scale: 1.0 / 3.0,
+                zero: 0.0,
             },
             num_classes: 10,
         }

@@ -1,8 +1,9 @@
 //! The integer network: a versioned, serde-serializable description of a quantized CNN.
 //!
 //! Values flowing between nodes are of two kinds:
-//! - *activations*: small unsigned integers in `0..2^bits` (bits ≤ 2), the only thing a
-//!   linear layer (Conv2d, Dense) may consume, because every product is a single 4-bit PBS;
+//! - *activations*: small unsigned integers in `0..2^bits` (bits ≤ 4), the only thing a
+//!   linear layer (Conv2d, Dense) may consume; the engine holds them as base-4 digits and
+//!   multiplies digit by digit, one 4-bit PBS per (weight digit, activation digit) pair;
 //! - *accumulators*: wide signed integers (sums of products plus a bias), turned back into
 //!   activations by an `Activation` lookup table in which requantization is folded.
 //!
@@ -15,9 +16,22 @@ use thiserror::Error;
 /// Bumped whenever the serialized layout changes; older files are refused with a clear error.
 pub const MODEL_FORMAT_VERSION: u32 = 1;
 
-/// Largest activation width the encrypted engine handles: a product packs `4*w + x` in one
-/// 4-bit block, so activations and stored weights are both 2-bit.
-pub const MAX_ACT_BITS: u8 = 2;
+/// Largest activation width the encrypted engine handles. A product packs `4*w + x` in one
+/// 4-bit block, so wider values are split into base-4 digits: a b-bit activation costs
+/// ceil(b/2) PBS per multiply, a weight spanning more than 4 levels likewise.
+pub const MAX_ACT_BITS: u8 = 4;
+
+/// Largest input width: camera pixels may keep more levels than hidden activations (the
+/// first layer pays one PBS per base-4 digit of them).
+pub const MAX_INPUT_BITS: u8 = 8;
+
+/// Largest number of levels a layer's weights may span (8-bit weights).
+pub const MAX_WEIGHT_SPAN: i16 = 255;
+
+/// Base-4 digits of an activation of this many bits.
+pub fn act_digits(bits: u8) -> usize {
+    (bits as usize).div_ceil(2).max(1)
+}
 
 #[derive(Debug, Error, PartialEq)]
 pub enum ModelError {
@@ -42,10 +56,17 @@ pub struct InputSpec {
     pub channels: usize,
     pub height: usize,
     pub width: usize,
-    /// Bits per input value (1 or 2).
+    /// Bits per input value (1..=4).
     pub bits: u8,
-    /// A pixel intensity p in [0, 1] becomes clamp(round(p / scale), 0, 2^bits - 1).
+    /// A pixel intensity p in [0, 1] becomes clamp(round((p - zero) / scale), 0, 2^bits - 1).
     pub scale: f32,
+    /// The value integer 0 stands for (imported models whose inputs are normalised).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub zero: f32,
+}
+
+fn is_zero(v: &f32) -> bool {
+    *v == 0.0
 }
 
 impl InputSpec {
@@ -60,7 +81,11 @@ impl InputSpec {
         let max = (1u32 << self.bits) - 1;
         pixels
             .iter()
-            .map(|p| ((p / self.scale).round().clamp(0.0, max as f32)) as u8)
+            .map(|p| {
+                (((p - self.zero) / self.scale)
+                    .round()
+                    .clamp(0.0, max as f32)) as u8
+            })
             .collect()
     }
 }
@@ -104,8 +129,13 @@ pub enum Op {
     /// One table for the whole tensor, or one per channel (folded BatchNorm and per-channel
     /// weight scales need that); the channel of element i is i / (H*W).
     Activation { bits: u8, tables: Vec<ActTable> },
-    /// Element-wise sum of two tensors of the same shape (residual connection).
-    Add,
+    /// Element-wise `a + m·b` of two tensors of the same shape (residual connection); `m`
+    /// is a clear positive integer, one for the tensor or one per channel of `b` (empty:
+    /// 1), so a branch on a finer scale can be added exactly.
+    Add {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        mul: Vec<u32>,
+    },
     /// (C, H, W) -> flat; a no-op on data.
     Flatten,
 }
@@ -118,7 +148,7 @@ impl Op {
             Op::SumPool { .. } => "sum_pool",
             Op::MaxPool { .. } => "max_pool",
             Op::Activation { .. } => "activation",
-            Op::Add => "add",
+            Op::Add { .. } => "add",
             Op::Flatten => "flatten",
         }
     }
@@ -241,12 +271,13 @@ impl Model {
         }
         let i = &self.input;
         if i.is_empty()
-            || !(1..=MAX_ACT_BITS).contains(&i.bits)
+            || !(1..=MAX_INPUT_BITS).contains(&i.bits)
             || i.scale.is_nan()
             || i.scale <= 0.0
+            || !i.zero.is_finite()
         {
             return Err(ModelError::Input(format!(
-                "need non-empty C,H,W, bits in 1..={MAX_ACT_BITS} and a positive scale (got {}x{}x{}, {} bits, scale {})",
+                "need non-empty C,H,W, bits in 1..={MAX_INPUT_BITS} and a positive scale (got {}x{}x{}, {} bits, scale {})",
                 i.channels, i.height, i.width, i.bits, i.scale
             )));
         }
@@ -254,7 +285,7 @@ impl Model {
             shape: [i.channels, i.height, i.width],
             flat: false,
             kind: Kind::Act {
-                max: (1u8 << i.bits) - 1,
+                max: ((1u16 << i.bits) - 1) as u8,
             },
         }];
         for (n, node) in self.nodes.iter().enumerate() {
@@ -263,7 +294,11 @@ impl Model {
                 op: node.op.name(),
                 msg,
             };
-            let want = if matches!(node.op, Op::Add) { 2 } else { 1 };
+            let want = if matches!(node.op, Op::Add { .. }) {
+                2
+            } else {
+                1
+            };
             if node.inputs.len() != want || node.inputs.iter().any(|&v| v > n) {
                 return Err(err(format!(
                     "needs {want} input(s) among values 0..={n}, got {:?}",
@@ -416,7 +451,7 @@ impl Model {
                         ..a.clone()
                     }
                 }
-                Op::Add => {
+                Op::Add { mul } => {
                     let b = &vals[node.inputs[1]];
                     if a.len() != b.len() || (a.shape != b.shape && !(a.flat || b.flat)) {
                         return Err(err(format!(
@@ -424,11 +459,23 @@ impl Model {
                             a.shape, b.shape
                         )));
                     }
+                    if !(mul.is_empty() || mul.len() == 1 || mul.len() == b.shape[0])
+                        || mul.iter().any(|&m| m == 0 || m > 1 << 16)
+                    {
+                        return Err(err(format!(
+                            "mul needs 1 or {} values in 1..=65536, got {mul:?}",
+                            b.shape[0]
+                        )));
+                    }
+                    let (mlo, mhi) = (
+                        *mul.iter().min().unwrap_or(&1) as i64,
+                        *mul.iter().max().unwrap_or(&1) as i64,
+                    );
                     let ((al, ah), (bl, bh)) = (a.range(), b.range());
                     ValueInfo {
                         kind: Kind::Acc {
-                            lo: al + bl,
-                            hi: ah + bh,
+                            lo: al + (mlo * bl).min(mhi * bl),
+                            hi: ah + (mlo * bh).max(mhi * bh),
                         },
                         ..a.clone()
                     }
@@ -506,9 +553,10 @@ fn check_params(
             bias.len()
         ));
     }
-    if wr[0] > wr[1] || (wr[1] as i16 - wr[0] as i16) > 3 {
+    if wr[0] > wr[1] || (wr[1] as i16 - wr[0] as i16) > MAX_WEIGHT_SPAN {
         return Err(format!(
-            "weight_range {wr:?} must span at most 4 values (2-bit weights)"
+            "weight_range {wr:?} must be ordered and span at most {} values (8-bit weights)",
+            MAX_WEIGHT_SPAN + 1
         ));
     }
     if br[0] > br[1] || (br[1] as i64 - br[0] as i64) > 1 << 20 {

@@ -155,6 +155,7 @@ mod tests {
             width: w,
             bits: 2,
             scale: 1.0 / 3.0,
+            zero: 0.0,
         }
     }
 

@@ -15,7 +15,7 @@ pub fn evaluate_all(model: &Model, input: &[u8]) -> Result<Vec<Vec<i64>>, ModelE
             input.len()
         )));
     }
-    let top = (1u8 << model.input.bits) - 1;
+    let top = ((1u16 << model.input.bits) - 1) as u8;
     if let Some(v) = input.iter().find(|&&v| v > top) {
         return Err(ModelError::Input(format!(
             "input value {v} exceeds {} bits",
@@ -75,9 +75,14 @@ pub fn evaluate_all(model: &Model, input: &[u8]) -> Result<Vec<Vec<i64>>, ModelE
                     t.lookup(v) as i64
                 })
                 .collect(),
-            Op::Add => {
+            Op::Add { mul } => {
                 let b = &vals[node.inputs[1]];
-                a.iter().zip(b).map(|(x, y)| x + y).collect()
+                let bi = &infos[node.inputs[1]];
+                a.iter()
+                    .zip(b)
+                    .enumerate()
+                    .map(|(i, (x, y))| x + add_mul(mul, bi, i) * y)
+                    .collect()
             }
             Op::Flatten => a.clone(),
         };
@@ -195,4 +200,13 @@ fn pool(
         .iter()
         .map(|win| f(&win.iter().map(|&i| a[i]).collect::<Vec<_>>()))
         .collect()
+}
+
+/// The multiplier `Op::Add` applies to element `i` of its second input.
+pub fn add_mul(mul: &[u32], b: &ValueInfo, i: usize) -> i64 {
+    match mul.len() {
+        0 => 1,
+        1 => mul[0] as i64,
+        _ => mul[b.channel_of(i)] as i64,
+    }
 }

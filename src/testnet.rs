@@ -9,6 +9,9 @@ pub struct Shape {
     pub hw: usize,
     pub channels: usize,
     pub classes: usize,
+    /// Activations up to 4 bits and weights spanning up to 41 levels (several base-4
+    /// digits per value), as imported models use.
+    pub wide: bool,
 }
 
 impl Shape {
@@ -17,6 +20,7 @@ impl Shape {
             hw: 3,
             channels: 1,
             classes: 2,
+            wide: false,
         }
     }
     pub fn small() -> Self {
@@ -24,12 +28,28 @@ impl Shape {
             hw: 5,
             channels: 2,
             classes: 3,
+            wide: true,
+        }
+    }
+    /// `tiny` with multi-digit activations and weights.
+    pub fn tiny_wide() -> Self {
+        Shape {
+            wide: true,
+            ..Self::tiny()
         }
     }
 }
 
-fn weight_range(rng: &mut impl Rng) -> [i8; 2] {
-    [[-1, 1], [-2, 1], [-1, 2], [0, 1], [-1, 0], [0, 3]][rng.gen_range(0..6)]
+fn weight_range(rng: &mut impl Rng, wide: bool) -> [i8; 2] {
+    if wide && rng.gen_bool(0.6) {
+        [-rng.gen_range(0..=20), rng.gen_range(0..=20)]
+    } else {
+        [[-1, 1], [-2, 1], [-1, 2], [0, 1], [-1, 0], [0, 3]][rng.gen_range(0..6)]
+    }
+}
+
+fn bits(rng: &mut (impl Rng + ?Sized), wide: bool) -> u8 {
+    rng.gen_range(1..=if wide { 4 } else { 2 })
 }
 
 fn bias_range(rng: &mut impl Rng) -> [i32; 2] {
@@ -41,8 +61,9 @@ fn linear_params(
     rng: &mut impl Rng,
     nw: usize,
     nb: usize,
+    wide: bool,
 ) -> (Vec<i8>, Vec<i32>, [i8; 2], [i32; 2]) {
-    let wr = weight_range(rng);
+    let wr = weight_range(rng, wide);
     let br = bias_range(rng);
     let w = (0..nw).map(|_| rng.gen_range(wr[0]..=wr[1])).collect();
     let b = (0..nb).map(|_| rng.gen_range(br[0]..=br[1])).collect();
@@ -84,7 +105,7 @@ fn table(rng: &mut (impl Rng + ?Sized), lo: i64, hi: i64, bits: u8) -> ActTable 
 /// A random network: conv → act → conv(same) → add(residual) → act → maxpool → sumpool →
 /// act → flatten → dense.
 pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
-    let in_bits = rng.gen_range(1..=2);
+    let in_bits = bits(rng, shape.wide);
     let c = shape.channels;
     let mut m = Model {
         format_version: MODEL_FORMAT_VERSION,
@@ -95,6 +116,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
             width: shape.hw,
             bits: in_bits,
             scale: 1.0 / ((1 << in_bits) - 1) as f32,
+            zero: 0.0,
         },
         nodes: vec![],
         num_classes: shape.classes,
@@ -107,7 +129,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
         let infos = m.infer_partial();
         let info = &infos[v];
         let (lo, hi) = info.range();
-        let bits = rng.gen_range(1..=2);
+        let bits = bits(rng, shape.wide);
         let n = if rng.gen_bool(0.5) { 1 } else { info.shape[0] };
         let tables = (0..n).map(|_| table(rng, lo, hi, bits)).collect();
         m.nodes.push(Node {
@@ -126,7 +148,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
     };
     let oc = rng.gen_range(1..=c);
     let ic = m.input.channels;
-    let (w, b, wr, br) = linear_params(rng, oc * ic * k * k, oc);
+    let (w, b, wr, br) = linear_params(rng, oc * ic * k * k, oc, shape.wide);
     let v = push(
         &mut m,
         Op::Conv2d {
@@ -143,7 +165,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
     );
     let a1 = act(&mut m, rng, v);
     // residual block: same-size conv, added to its input
-    let (w, b, wr, br) = linear_params(rng, oc * oc * 9, oc);
+    let (w, b, wr, br) = linear_params(rng, oc * oc * 9, oc, shape.wide);
     let v = push(
         &mut m,
         Op::Conv2d {
@@ -158,7 +180,12 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
         },
         vec![a1],
     );
-    let v = push(&mut m, Op::Add, vec![v, a1]);
+    let mul = if shape.wide && rng.gen_bool(0.5) {
+        vec![rng.gen_range(1..=20)]
+    } else {
+        vec![]
+    };
+    let v = push(&mut m, Op::Add { mul }, vec![v, a1]);
     let mut v = act(&mut m, rng, v);
     let hw = m.infer_partial()[v].shape[1];
     if hw >= 2 {
@@ -183,7 +210,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
     }
     let v = push(&mut m, Op::Flatten, vec![v]);
     let n_in = m.infer_partial()[v].len();
-    let (w, b, wr, br) = linear_params(rng, shape.classes * n_in, shape.classes);
+    let (w, b, wr, br) = linear_params(rng, shape.classes * n_in, shape.classes, shape.wide);
     push(
         &mut m,
         Op::Dense {
@@ -201,7 +228,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
 
 /// A random integer input for the model.
 pub fn random_input(rng: &mut impl Rng, m: &Model) -> Vec<u8> {
-    let top = (1u8 << m.input.bits) - 1;
+    let top = ((1u16 << m.input.bits) - 1) as u8;
     (0..m.input.len()).map(|_| rng.gen_range(0..=top)).collect()
 }
 

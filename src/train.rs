@@ -549,6 +549,7 @@ pub fn train(
         width: g.in_shape[2],
         bits: cfg.input_bits,
         scale: 1.0 / ((1u32 << cfg.input_bits) - 1) as f32,
+        zero: 0.0,
     };
     let varmap = VarMap::new();
     let net = build_net(cfg, &g, spec.scale, &varmap, &dev).ctx("building the network")?;

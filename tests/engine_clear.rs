@@ -18,7 +18,7 @@ fn check(seed: u64, shape: Shape) {
     for _ in 0..3 {
         let x = random_input(&mut rng, &m);
         let e = Engine::new(ClearBackend);
-        let out = eval::run(&e, &m, &params, x.iter().map(|&v| v as u64).collect()).unwrap();
+        let out = eval::run(&e, &m, &params, eval::input_digits(&m, &x)).unwrap();
         assert_eq!(
             out.pbs_per_node, planned,
             "seed {seed}: plan differs from run"
@@ -60,6 +60,13 @@ fn random_tiny_networks_match_reference() {
 }
 
 #[test]
+fn random_multi_digit_networks_match_reference() {
+    for seed in 2000..2300 {
+        check(seed, Shape::tiny_wide());
+    }
+}
+
+#[test]
 fn a_wrong_weight_changes_the_result() {
     // guards against a vacuous comparison: the circuits must actually read the weights
     let mut differs = 0;
@@ -71,7 +78,7 @@ fn a_wrong_weight_changes_the_result() {
         let last = params.iter_mut().rev().find_map(|p| p.as_mut()).unwrap();
         last.weights[0] ^= 1;
         let e = Engine::new(ClearBackend);
-        let out = eval::run(&e, &m, &params, x.iter().map(|&v| v as u64).collect()).unwrap();
+        let out = eval::run(&e, &m, &params, eval::input_digits(&m, &x)).unwrap();
         let layout = out.layout();
         let got = layout.logits(&out.flatten());
         differs += (got != reference::evaluate(&m, &x).unwrap()) as usize;

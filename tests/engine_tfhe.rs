@@ -17,9 +17,16 @@ fn keys() -> &'static OwnerKeys {
 #[test]
 fn random_encrypted_networks_match_reference_bit_for_bit() {
     let keys = keys();
-    for seed in 0..3u64 {
+    // seeds 0..3 keep 2-bit values; 100 has multi-digit weights and activations (as
+    // imported models do)
+    for (seed, shape) in [
+        (0u64, Shape::tiny()),
+        (1, Shape::tiny()),
+        (2, Shape::tiny()),
+        (100, Shape::tiny_wide()),
+    ] {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let m = random_model(&mut rng, Shape::tiny());
+        let m = random_model(&mut rng, shape);
         let enc = EncryptedModel::encrypt(&m, keys).unwrap();
         // through the wire format, as a camera receives it
         let enc = EncryptedModel::from_bytes(&enc.to_bytes().unwrap()).unwrap();

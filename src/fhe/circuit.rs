@@ -331,17 +331,57 @@ impl<B: Backend> Engine<B> {
         acc: Acc<B::Ct>,
         g: &dyn Fn(i64) -> i64,
     ) -> Result<Val<B::Ct>, CircuitError> {
+        Ok(self.apply_table_digits(acc, g, 1)?.pop().unwrap())
+    }
+
+    /// Applies `g` (values in `0..4^nd`) exactly and returns its `nd` base-4 digits, least
+    /// significant first. The accumulator is carried once; each output digit is its own
+    /// table over it.
+    pub fn apply_table_digits(
+        &self,
+        acc: Acc<B::Ct>,
+        g: &dyn Fn(i64) -> i64,
+        nd: usize,
+    ) -> Result<Vec<Val<B::Ct>>, CircuitError> {
         let offset = acc.offset;
-        let gt = |t: i64| g(t + offset);
-        // Cheapest case: the whole sum fits one block.
-        if let Some(v) = self.single_block(&acc) {
-            return Ok(self.lut(&v, gt));
-        }
         let range = acc.range as i64;
-        let digits = self.normalize(acc);
-        if digits.d.len() == 1 {
-            return Ok(self.lut(&digits.d[0], gt));
-        }
+        let digit = |k: usize| {
+            move |t: i64| {
+                let y = g(t + offset);
+                if nd == 1 {
+                    y
+                } else {
+                    (y >> (2 * k)) & 3
+                }
+            }
+        };
+        // Cheapest case: the whole sum fits one block.
+        let block = match self.single_block(&acc) {
+            Some(v) => Some(v),
+            None => {
+                let digits = self.normalize(acc);
+                if digits.d.len() == 1 {
+                    Some(digits.d.into_iter().next().unwrap())
+                } else {
+                    return (0..nd)
+                        .map(|k| self.table_on_digits(&digits.d, range, &digit(k)))
+                        .collect();
+                }
+            }
+        };
+        let v = block.unwrap();
+        let fs: Vec<_> = (0..nd).map(digit).collect();
+        let refs: Vec<&dyn Fn(i64) -> i64> = fs.iter().map(|f| f as &dyn Fn(i64) -> i64).collect();
+        Ok(self.luts(&v, &refs))
+    }
+
+    /// `gt(T)` for a normalized accumulator `T = Σ 4^j d[j]` in `0..=range` (≥ 2 digits).
+    fn table_on_digits(
+        &self,
+        d: &[Val<B::Ct>],
+        range: i64,
+        gt: &dyn Fn(i64) -> i64,
+    ) -> Result<Val<B::Ct>, CircuitError> {
         let (mut ylo, mut yhi) = (gt(0), gt(0));
         let mut steps = Vec::new();
         let mut prev = gt(0);
@@ -357,7 +397,7 @@ impl<B: Backend> Engine<B> {
         if steps.is_empty() {
             return Ok(self.constant(gt(0)));
         }
-        let hs = self.steps(&digits.d, &steps);
+        let hs = self.steps(d, &steps);
         let mut y = self.constant(gt(0));
         if hs.len() <= 9 {
             for h in &hs {
@@ -481,7 +521,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// 1 when `b > a` (as base-4 digit strings of the same length), else 0.
-    fn greater(&self, a: &[Val<B::Ct>], b: &[Val<B::Ct>]) -> Val<B::Ct> {
+    pub fn greater(&self, a: &[Val<B::Ct>], b: &[Val<B::Ct>]) -> Val<B::Ct> {
         let top = a.len() - 1;
         let cmp = |j: usize| {
             let p = self.pack(&self.quiet(&b[j]), &a[j]);
@@ -510,7 +550,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// `bit ? b : a` digit by digit (two PBS per digit, none when both are constants).
-    fn select(&self, bit: &Val<B::Ct>, a: &[Val<B::Ct>], b: &[Val<B::Ct>]) -> Vec<Val<B::Ct>> {
+    pub fn select(&self, bit: &Val<B::Ct>, a: &[Val<B::Ct>], b: &[Val<B::Ct>]) -> Vec<Val<B::Ct>> {
         a.iter()
             .zip(b)
             .map(|(x, y)| {
@@ -651,6 +691,31 @@ impl<C: Clone> Acc<C> {
         let v = e.add_const(v, -lo);
         self.offset += lo;
         self.push(0, Val { lo: 0, ..v });
+    }
+
+    /// `m·self` without any PBS: each term is repeated per base-4 digit of `m`, shifted
+    /// to that digit's column (noise per term is unchanged).
+    pub fn times(self, m: u64) -> Self {
+        if m == 1 {
+            return self;
+        }
+        let mut out = Acc::zero();
+        for (j, col) in self.cols.into_iter().enumerate() {
+            for v in col {
+                let mut p = 0;
+                let mut r = m;
+                while r > 0 {
+                    for _ in 0..(r & 3) {
+                        out.push(j + p, v.clone());
+                    }
+                    r >>= 2;
+                    p += 1;
+                }
+            }
+        }
+        out.offset = self.offset * m as i64;
+        out.range = out.range.min(self.range * m);
+        out
     }
 
     pub fn merge(mut self, other: Acc<C>) -> Self {

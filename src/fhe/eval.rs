@@ -3,7 +3,7 @@
 use super::backend::Backend;
 use super::circuit::{digits_for, Acc, CircuitError, Digits, Engine, Val};
 use crate::model::{Kind, Model, ModelError, Op, ValueInfo};
-use crate::reference::{for_each_tap, pool_windows};
+use crate::reference::{add_mul, for_each_tap, pool_windows};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -20,12 +20,48 @@ pub enum EvalError {
     InputLen { expected: usize, got: usize },
 }
 
-/// Encrypted parameters of one linear layer: `weights[i]` holds `w_i - wmin` (0..=3) and
-/// `bias[o]` the base-4 digits (least significant first) of `b_o - bmin`.
+/// Encrypted parameters of one linear layer: `weights[i * D + j]` holds base-4 digit `j`
+/// (least significant first) of `w_i - base`, with `base = min(wmin, 0)` and
+/// `D = weight_digits(weight_range)`, and `bias[o]` the base-4 digits of `b_o - bmin`.
+/// Digit `j` stands for `u_j + c_j` with the clear `c_j` = minus digit `j` of `-base`, so
+/// every digit product `(u_j + c_j)·x_k` spans at most 10 values and fits one PBS.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LayerParams<C> {
     pub weights: Vec<C>,
     pub bias: Vec<Vec<C>>,
+}
+
+/// How many base-4 digits encode a weight of a layer with this public range.
+pub fn weight_digits(wr: [i8; 2]) -> usize {
+    let base = (wr[0] as i64).min(0);
+    digits_for((wr[1] as i64 - base) as u64).max(digits_for((-base) as u64))
+}
+
+/// The clear offset `c_j` of each weight digit: `Σ 4^j c_j = min(wmin, 0)`, `c_j ∈ -3..=0`.
+fn weight_digit_offsets(wr: [i8; 2]) -> Vec<i64> {
+    let neg = -(wr[0] as i64).min(0);
+    (0..weight_digits(wr))
+        .map(|j| -((neg >> (2 * j)) & 3))
+        .collect()
+}
+
+/// How many base-4 digits hold an activation in `0..=max`.
+pub fn act_digits(max: u8) -> usize {
+    digits_for(max as u64)
+}
+
+/// Ciphertexts in an encrypted input: one per base-4 digit of every input value.
+pub fn input_ciphertexts(model: &Model) -> usize {
+    model.input.len() * act_digits(((1u16 << model.input.bits) - 1) as u8)
+}
+
+/// Splits quantized input values into the base-4 digits the engine encrypts.
+pub fn input_digits(model: &Model, input: &[u8]) -> Vec<u64> {
+    let nd = act_digits(((1u16 << model.input.bits) - 1) as u8);
+    input
+        .iter()
+        .flat_map(|&v| (0..nd).map(move |k| ((v as u64) >> (2 * k)) & 3))
+        .collect()
 }
 
 /// How many digits encode a bias of a layer with this public range.
@@ -47,15 +83,21 @@ pub fn check_params<C>(model: &Model, params: &[Option<LayerParams<C>>]) -> Resu
             Op::Conv2d {
                 weights,
                 bias,
+                weight_range,
                 bias_range,
                 ..
             }
             | Op::Dense {
                 weights,
                 bias,
+                weight_range,
                 bias_range,
                 ..
-            } => Some((weights.len(), bias.len(), bias_digits(*bias_range))),
+            } => Some((
+                weights.len() * weight_digits(*weight_range),
+                bias.len(),
+                bias_digits(*bias_range),
+            )),
             _ => None,
         };
         match (want, p) {
@@ -117,7 +159,8 @@ impl OutputLayout {
 }
 
 enum Tensor<C> {
-    Act(Vec<Val<C>>),
+    /// Each element as its base-4 digits, least significant first.
+    Act(Vec<Vec<Val<C>>>),
     Acc(Vec<Acc<C>>),
 }
 
@@ -128,7 +171,9 @@ fn to_accs<C: Clone>(t: &Tensor<C>) -> Vec<Acc<C>> {
             .iter()
             .map(|x| {
                 let mut a = Acc::zero();
-                a.push(0, x.clone());
+                for (k, d) in x.iter().enumerate() {
+                    a.push(k, d.clone());
+                }
                 a
             })
             .collect(),
@@ -171,15 +216,23 @@ pub fn run<B: Backend>(
 ) -> Result<RunOutput<B::Ct>, EvalError> {
     let infos = model.infer()?;
     check_params(model, params)?;
-    if input.len() != model.input.len() {
+    if input.len() != input_ciphertexts(model) {
         return Err(EvalError::InputLen {
-            expected: model.input.len(),
+            expected: input_ciphertexts(model),
             got: input.len(),
         });
     }
     let xmax = (1i64 << model.input.bits) - 1;
+    let nd = act_digits(xmax as u8);
+    let mut it = input.into_iter();
     let mut vals: Vec<Tensor<B::Ct>> = vec![Tensor::Act(
-        input.into_iter().map(|c| e.fresh(c, 0, xmax)).collect(),
+        (0..model.input.len())
+            .map(|_| {
+                (0..nd)
+                    .map(|k| e.fresh(it.next().unwrap(), 0, (xmax >> (2 * k)).min(3)))
+                    .collect()
+            })
+            .collect(),
     )];
     let mut pbs_per_node = Vec::with_capacity(model.nodes.len());
     for (k, node) in model.nodes.iter().enumerate() {
@@ -263,17 +316,18 @@ pub fn run<B: Backend>(
                     wins.into_par_iter()
                         .map(|win| {
                             // balanced tree: keeps the refresh-free path (variance) likely
-                            let mut layer: Vec<Val<B::Ct>> =
+                            let mut layer: Vec<Vec<Val<B::Ct>>> =
                                 win.iter().map(|&i| x[i].clone()).collect();
                             while layer.len() > 1 {
                                 layer = layer
                                     .chunks(2)
-                                    .map(|p| {
-                                        if p.len() == 2 {
-                                            e.max(&p[0], &p[1])
-                                        } else {
-                                            p[0].clone()
+                                    .map(|p| match p {
+                                        [a, b] if a.len() == 1 => vec![e.max(&a[0], &b[0])],
+                                        [a, b] => {
+                                            let bit = e.greater(a, b);
+                                            e.select(&bit, a, b)
                                         }
+                                        _ => p[0].clone(),
                                     })
                                     .collect();
                             }
@@ -284,6 +338,10 @@ pub fn run<B: Backend>(
             }
             (Op::Activation { tables, .. }, t) => {
                 let accs = to_accs(t);
+                let Kind::Act { max } = infos[k + 1].kind else {
+                    unreachable!("an activation's output is an activation")
+                };
+                let out_digits = act_digits(max);
                 let ys: Result<Vec<_>, CircuitError> = accs
                     .into_par_iter()
                     .enumerate()
@@ -293,14 +351,21 @@ pub fn run<B: Backend>(
                         } else {
                             ai.channel_of(i)
                         }];
-                        e.apply_table(acc, &|s| tab.lookup(s) as i64)
+                        e.apply_table_digits(acc, &|s| tab.lookup(s) as i64, out_digits)
                     })
                     .collect();
                 Tensor::Act(ys?)
             }
-            (Op::Add, a) => {
+            (Op::Add { mul }, a) => {
                 let (a, b) = (to_accs(a), to_accs(&vals[node.inputs[1]]));
-                Tensor::Acc(a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect())
+                let bi = &infos[node.inputs[1]];
+                Tensor::Acc(
+                    a.into_iter()
+                        .zip(b)
+                        .enumerate()
+                        .map(|(i, (x, y))| x.merge(y.times(add_mul(mul, bi, i) as u64)))
+                        .collect(),
+                )
             }
             (Op::Flatten, Tensor::Act(x)) => Tensor::Act(x.clone()),
             (Op::Flatten, Tensor::Acc(x)) => Tensor::Acc(x.clone()),
@@ -328,7 +393,7 @@ pub fn run<B: Backend>(
 fn neuron<B: Backend>(
     e: &Engine<B>,
     taps: &[(usize, usize)],
-    x: &[Val<B::Ct>],
+    x: &[Vec<Val<B::Ct>>],
     ai: &ValueInfo,
     p: &LayerParams<B::Ct>,
     o: usize,
@@ -338,16 +403,30 @@ fn neuron<B: Backend>(
     let Kind::Act { max } = ai.kind else {
         unreachable!()
     };
-    let (wmin, wmax, xmax) = (wr[0] as i64, wr[1] as i64, max as i64);
-    let pmin = (wmin * xmax).min(0);
-    let umax = wmax - wmin;
+    let (wmax, xmax) = (wr[1] as i64, max as i64);
+    let vmax = wmax - (wr[0] as i64).min(0);
+    let cs = weight_digit_offsets(wr);
+    let wd = cs.len();
+    // w·x = Σ_j Σ_k 4^(j+k) (u_j + c_j) x_k; each product is shifted by its lower bound
+    // (c_j · max x_k) to stay non-negative, and the shifts are returned through the offset.
+    let xd_hi: Vec<i64> = (0..act_digits(max))
+        .map(|k| (xmax >> (2 * k)).min(3))
+        .collect();
+    let pmin = |j: usize, k: usize| (cs[j] * xd_hi[k]).min(0);
+    let shift: i64 = (0..wd)
+        .flat_map(|j| (0..xd_hi.len()).map(move |k| (j, k)))
+        .map(|(j, k)| pmin(j, k) << (2 * (j + k)))
+        .sum();
     let mut acc = Acc::zero();
     for &(wi, xi) in taps {
-        let u = e.fresh(p.weights[wi].clone(), 0, umax);
-        let q = e.product(&u, &x[xi], wmin, pmin);
-        acc.push(0, q);
+        for (j, &c) in cs.iter().enumerate() {
+            let u = e.fresh(p.weights[wi * wd + j].clone(), 0, (vmax >> (2 * j)).min(3));
+            for (k, xk) in x[xi].iter().enumerate() {
+                acc.push(j + k, e.product(&u, xk, c, pmin(j, k)));
+            }
+        }
     }
-    acc.offset += pmin * taps.len() as i64 + br[0] as i64;
+    acc.offset += shift * taps.len() as i64 + br[0] as i64;
     let brange = (br[1] as i64 - br[0] as i64) as u64;
     for (j, d) in p.bias[o].iter().enumerate() {
         let hi = ((brange >> (2 * j)) as i64).min(3);
@@ -356,7 +435,7 @@ fn neuron<B: Backend>(
     // the bias digits can never exceed the bias range as a whole
     acc.range = acc
         .range
-        .min(((pmin.abs() + (wmax * xmax).max(0)) as u64) * taps.len() as u64 + brange);
+        .min(((-shift + (wmax * xmax).max(0)) as u64) * taps.len() as u64 + brange);
     acc
 }
 
@@ -365,7 +444,7 @@ pub fn plan(model: &Model) -> Result<(Vec<u64>, OutputLayout), EvalError> {
     use super::backend::PlanBackend;
     let e = Engine::new(PlanBackend);
     let params = unit_params(model, &|| ())?;
-    let out = run(&e, model, &params, vec![(); model.input.len()])?;
+    let out = run(&e, model, &params, vec![(); input_ciphertexts(model)])?;
     Ok((out.pbs_per_node.clone(), out.layout()))
 }
 
@@ -394,10 +473,16 @@ pub fn map_params<C>(
                 ..
             } => {
                 let nd = bias_digits(*bias_range);
+                let wd = weight_digits(*weight_range);
+                let base = (weight_range[0] as i64).min(0);
                 Some(LayerParams {
                     weights: weights
                         .iter()
-                        .map(|&w| f((w as i64 - weight_range[0] as i64) as u64))
+                        .flat_map(|&w| {
+                            let v = (w as i64 - base) as u64;
+                            (0..wd).map(move |j| (v >> (2 * j)) & 3)
+                        })
+                        .map(&mut *f)
                         .collect(),
                     bias: bias
                         .iter()

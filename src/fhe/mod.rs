@@ -599,7 +599,7 @@ impl EdgeRuntime {
 
     /// Encrypts a quantized frame with the public key.
     pub fn encrypt(&self, input: &[u8]) -> EncryptedInput {
-        let msgs: Vec<u64> = input.iter().map(|&v| v as u64).collect();
+        let msgs = eval::input_digits(&self.arch, input);
         EncryptedInput(self.public_key.encrypt_slice(&msgs))
     }
 
