@@ -71,6 +71,10 @@ enum Cmd {
         #[arg(long)]
         lr: Option<f64>,
     },
+    /// Import an ONNX model (PyTorch, Keras) and quantize it with calibration data.
+    Import(cli::import::ImportArgs),
+    /// Accuracy of an integer model on test data: plaintext, float ONNX (tract), encrypted.
+    Eval(cli::import::EvalArgs),
     /// Show the PBS plan of a model: per layer, before any key exists.
     Plan {
         /// Integer model (JSON).
@@ -187,6 +191,8 @@ fn run(cli: Cli) -> Result<()> {
                 report.model.macs()?
             );
         }
+        Cmd::Import(args) => cli::import::import(args)?,
+        Cmd::Eval(args) => cli::import::eval_cmd(args)?,
         Cmd::Plan { model } => {
             let m = load_model(&model)?;
             print_plan(&m)?;
@@ -248,7 +254,7 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn load_split(name: &str) -> Result<(Dataset, Dataset)> {
+pub(crate) fn load_split(name: &str) -> Result<(Dataset, Dataset)> {
     if name != "digits" {
         bail!("unknown data set {name:?}: the built-in one is `digits`");
     }
@@ -299,7 +305,7 @@ fn sidecar(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn save_model(m: &Model, path: &Path, accuracy_float: Option<f64>) -> Result<()> {
+pub(crate) fn save_model(m: &Model, path: &Path, accuracy_float: Option<f64>) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }

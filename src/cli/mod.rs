@@ -3,4 +3,5 @@
 pub mod agent;
 pub mod demo;
 pub mod edge;
+pub mod import;
 pub mod owner;

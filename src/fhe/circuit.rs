@@ -281,6 +281,12 @@ impl<B: Backend> Engine<B> {
     /// Carries an accumulator into base-4 digits `d_j` (each in 0..=3, variance ≤ 9) with
     /// `T = Σ 4^j d_j`.
     pub fn normalize(&self, acc: Acc<B::Ct>) -> Digits<B::Ct> {
+        self.normalize_from(acc, 0)
+    }
+
+    /// [`Self::normalize`] for a caller that only reads digits `from..`: the lower digits
+    /// are carried but may be left noisier than 9.
+    pub fn normalize_from(&self, acc: Acc<B::Ct>, from: usize) -> Digits<B::Ct> {
         let ndig = digits_for(acc.range);
         let mut cols = acc.cols;
         cols.resize_with(ndig.max(cols.len()), Vec::new);
@@ -295,7 +301,11 @@ impl<B: Backend> Engine<B> {
                 }
                 if bins.len() == 1 && bins[0].hi <= 3 {
                     let d = bins.pop().unwrap();
-                    break if d.var > 9 { self.refresh(&d) } else { d };
+                    break if d.var > 9 && j >= from {
+                        self.refresh(&d)
+                    } else {
+                        d
+                    };
                 }
                 col = Vec::with_capacity(bins.len());
                 for b in bins {
@@ -331,61 +341,109 @@ impl<B: Backend> Engine<B> {
         acc: Acc<B::Ct>,
         g: &dyn Fn(i64) -> i64,
     ) -> Result<Val<B::Ct>, CircuitError> {
-        Ok(self.apply_table_digits(acc, g, 1)?.pop().unwrap())
+        Ok(self.apply_table_digits(acc, g, 1, None)?.pop().unwrap())
     }
 
     /// Applies `g` (values in `0..4^nd`) exactly and returns its `nd` base-4 digits, least
     /// significant first. The accumulator is carried once; each output digit is its own
-    /// table over it.
+    /// table over it. `span` (in units of the accumulator's value S), when given, is where
+    /// `g` may change: it is constant below and above.
+    ///
+    /// When every level change of `g` lies on one residue modulo 4^m, the accumulator is
+    /// shifted by a clear constant so the changes fall on multiples of 4^m; comparisons
+    /// then read only digits m and up (quantized tables are built that way, see `import`).
     pub fn apply_table_digits(
         &self,
-        acc: Acc<B::Ct>,
+        mut acc: Acc<B::Ct>,
         g: &dyn Fn(i64) -> i64,
         nd: usize,
+        span: Option<(i64, i64)>,
     ) -> Result<Vec<Val<B::Ct>>, CircuitError> {
+        let digit_of = move |y: i64, k: usize| if nd == 1 { y } else { (y >> (2 * k)) & 3 };
         let offset = acc.offset;
-        let range = acc.range as i64;
-        let digit = |k: usize| {
-            move |t: i64| {
-                let y = g(t + offset);
-                if nd == 1 {
-                    y
-                } else {
-                    (y >> (2 * k)) & 3
-                }
-            }
-        };
         // Cheapest case: the whole sum fits one block.
-        let block = match self.single_block(&acc) {
-            Some(v) => Some(v),
-            None => {
-                let digits = self.normalize(acc);
-                if digits.d.len() == 1 {
-                    Some(digits.d.into_iter().next().unwrap())
-                } else {
-                    return (0..nd)
-                        .map(|k| self.table_on_digits(&digits.d, range, &digit(k)))
-                        .collect();
+        if let Some(v) = self.single_block(&acc) {
+            let fs: Vec<_> = (0..nd)
+                .map(|k| move |t: i64| digit_of(g(t + offset), k))
+                .collect();
+            let refs: Vec<&dyn Fn(i64) -> i64> =
+                fs.iter().map(|f| f as &dyn Fn(i64) -> i64).collect();
+            return Ok(self.luts(&v, &refs));
+        }
+        let range = acc.range as i64;
+        let (from, to) = match span {
+            Some((a, b)) => ((a + 1 - offset).max(1), (b - offset).min(range)),
+            None => (1, range),
+        };
+        let mut changes = Vec::new();
+        if from <= to {
+            let mut prev = g(from - 1 + offset);
+            for t in from..=to {
+                let cur = g(t + offset);
+                if cur != prev {
+                    changes.push(t);
+                    prev = cur;
                 }
             }
+        }
+        let Some(&first) = changes.first() else {
+            let y = g(offset);
+            return Ok((0..nd).map(|k| self.constant(digit_of(y, k))).collect());
         };
-        let v = block.unwrap();
-        let fs: Vec<_> = (0..nd).map(digit).collect();
-        let refs: Vec<&dyn Fn(i64) -> i64> = fs.iter().map(|f| f as &dyn Fn(i64) -> i64).collect();
-        Ok(self.luts(&v, &refs))
+        let dmax = digits_for(range as u64);
+        let mut m = 0;
+        while m + 1 < dmax {
+            let q = 1i64 << (2 * (m + 1));
+            if changes
+                .iter()
+                .all(|c| c.rem_euclid(q) == first.rem_euclid(q))
+            {
+                m += 1;
+            } else {
+                break;
+            }
+        }
+        let q = 1i64 << (2 * m);
+        let sh = (q - first.rem_euclid(q)) % q;
+        for j in 0..m {
+            let d = (sh >> (2 * j)) & 3;
+            if d > 0 {
+                acc.push(j, self.constant(d));
+            }
+        }
+        let top = range + sh;
+        let digits = self.normalize_from(acc, m);
+        let du = &digits.d[m.min(digits.d.len() - 1)..];
+        // g on U = floor(T'/4^m), T' = T + sh: constant within each block of 4^m
+        let gu = move |u: i64| g((u * q).clamp(sh, top) - sh + offset);
+        let range_u = top >> (2 * m);
+        if du.len() == 1 {
+            let fs: Vec<_> = (0..nd).map(|k| move |u: i64| digit_of(gu(u), k)).collect();
+            let refs: Vec<&dyn Fn(i64) -> i64> =
+                fs.iter().map(|f| f as &dyn Fn(i64) -> i64).collect();
+            return Ok(self.luts(&du[0], &refs));
+        }
+        let (ufrom, uto) = if m == 0 { (from, to) } else { (1, range_u) };
+        (0..nd)
+            .map(|k| self.table_on_digits(du, range_u, &|u| digit_of(gu(u), k), ufrom, uto))
+            .collect()
     }
 
-    /// `gt(T)` for a normalized accumulator `T = Σ 4^j d[j]` in `0..=range` (≥ 2 digits).
+    /// `gt(T)` for a normalized accumulator `T = Σ 4^j d[j]` in `0..=range` (≥ 2 digits);
+    /// `gt` may only change on `from..=to`.
     fn table_on_digits(
         &self,
         d: &[Val<B::Ct>],
         range: i64,
         gt: &dyn Fn(i64) -> i64,
+        from: i64,
+        to: i64,
     ) -> Result<Val<B::Ct>, CircuitError> {
-        let (mut ylo, mut yhi) = (gt(0), gt(0));
+        let base = gt(from - 1);
+        let (mut ylo, mut yhi) = (base, base);
         let mut steps = Vec::new();
-        let mut prev = gt(0);
-        for t in 1..=range {
+        let mut prev = base;
+        for t in from..=to.min(range) {
             let cur = gt(t);
             ylo = ylo.min(cur);
             yhi = yhi.max(cur);
@@ -395,10 +453,10 @@ impl<B: Backend> Engine<B> {
             }
         }
         if steps.is_empty() {
-            return Ok(self.constant(gt(0)));
+            return Ok(self.constant(base));
         }
         let hs = self.steps(d, &steps);
-        let mut y = self.constant(gt(0));
+        let mut y = self.constant(base);
         if hs.len() <= 9 {
             for h in &hs {
                 y = self.add(y, h);

@@ -351,7 +351,12 @@ pub fn run<B: Backend>(
                         } else {
                             ai.channel_of(i)
                         }];
-                        e.apply_table_digits(acc, &|s| tab.lookup(s) as i64, out_digits)
+                        e.apply_table_digits(
+                            acc,
+                            &|s| tab.lookup(s) as i64,
+                            out_digits,
+                            Some((tab.min, tab.min + tab.values.len() as i64 - 1)),
+                        )
                     })
                     .collect();
                 Tensor::Act(ys?)

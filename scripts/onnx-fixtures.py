@@ -1,0 +1,150 @@
+"""Trains small float CNNs on the digits data set with PyTorch and exports them with
+torch.onnx.export, the way model owners do; `fhecam import` is tested on the result.
+
+Run through scripts/onnx-fixtures.sh (it installs Debian's python3-torch and fetches the data).
+Writes into tests/fixtures/onnx/:
+  digits_bn.onnx        conv -> BatchNorm -> ReLU -> dense                     (opset 13)
+  digits_res.onnx       conv -> ReLU -> residual block (conv, BN, add) -> ReLU
+                        -> max pool -> dense                                   (opset 17)
+  digits_tanh.onnx      conv -> Tanh -> average pool -> dense -> Sigmoid -> dense (opset 15)
+  digits_gelu.onnx      uses GELU (an operator fhecam does not import)         (opset 13)
+  calib_x.npy / calib_y.txt   300 training images, float32 (N, 1, 8, 8), intensities in [0, 1]
+  test_x.npy  / test_y.txt    the 450 held-out test images
+  float_accuracy.json   float test accuracy of each model as PyTorch computed it
+"""
+
+import gzip
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+
+OUT = sys.argv[2] if len(sys.argv) > 2 else "tests/fixtures/onnx"
+DIGITS = sys.argv[1] if len(sys.argv) > 1 else ".cache/data/digits.csv.gz"
+
+
+def load_digits(path):
+    with gzip.open(path, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    x = (rows[:, :64] / 16.0).reshape(-1, 1, 8, 8).astype(np.float32)
+    y = rows[:, 64].astype(np.int64)
+    return x, y
+
+
+class BN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+class Res(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.pool = nn.MaxPool2d(2, stride=1)
+        self.drop = nn.Dropout(0.1)
+        self.fc = nn.Linear(4 * 3 * 3, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        h = torch.relu(self.bn2(self.conv2(h)) + h)
+        h = self.pool(h)
+        return self.fc(self.drop(h.flatten(1)))
+
+
+class Tanh(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.pool = nn.AvgPool2d(2)
+        self.fc1 = nn.Linear(4 * 3 * 3, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.pool(torch.tanh(self.conv(x)))
+        h = torch.sigmoid(self.fc1(h.flatten(1)))
+        return self.fc2(h)
+
+
+class Gelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(nn.functional.gelu(x.flatten(1)))
+
+
+def train(model, x, y, epochs=80, seed=0):
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(xt))
+        for i in range(0, len(xt), 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
+def export(model, path, opset):
+    # PRESERVE keeps BatchNormalization nodes (EVAL mode would fuse them into the Conv at
+    # export): fhecam's own folding is what the BN fixtures test.
+    torch.onnx.export(
+        model,
+        torch.zeros(1, 1, 8, 8),
+        path,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        opset_version=opset,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    x, y = load_digits(DIGITS)
+    rng = np.random.default_rng(7)
+    perm = rng.permutation(len(x))
+    test, train_idx = perm[:450], perm[450:]
+    xtr, ytr, xte, yte = x[train_idx], y[train_idx], x[test], y[test]
+    np.save(os.path.join(OUT, "calib_x.npy"), xtr[:300])
+    np.savetxt(os.path.join(OUT, "calib_y.txt"), ytr[:300], fmt="%d")
+    np.save(os.path.join(OUT, "test_x.npy"), xte)
+    np.savetxt(os.path.join(OUT, "test_y.txt"), yte, fmt="%d")
+    acc = {}
+    torch.manual_seed(1)
+    for name, cls, opset in [("digits_bn", BN, 13), ("digits_res", Res, 17),
+                             ("digits_tanh", Tanh, 15), ("digits_gelu", Gelu, 13)]:
+        model = train(cls(), xtr, ytr)
+        acc[name] = accuracy(model, xte, yte)
+        export(model, os.path.join(OUT, name + ".onnx"), opset)
+        print(f"{name}: float test accuracy {acc[name]:.4f} (opset {opset})")
+    with open(os.path.join(OUT, "float_accuracy.json"), "w") as f:
+        json.dump({"torch": torch.__version__, "test_samples": len(yte), "accuracy": acc}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+//! Models trained elsewhere: ONNX → float graph → post-training quantization → the engine's
+//! integer [`Model`], with the accuracy cost measured.
+
+pub mod graph;
+pub mod onnx;
+pub mod quantize;
+
+use crate::model::{Model, ModelError};
+use crate::npy::Array;
+use crate::reference;
+use graph::{argmax_f, FGraph, FShape};
+use quantize::QuantConfig;
+use std::path::Path;
+use thiserror::Error;
+
+/// Largest ONNX file read (small CNNs are kilobytes; this leaves room for real ones).
+pub const ONNX_LIMIT: u64 = 256 << 20;
+
+#[derive(Debug, Error)]
+pub enum ImportError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("not a readable ONNX model: {0}")]
+    Decode(String),
+    #[error(
+        "operator {op} ({node}) is not supported; fhecam imports: {}",
+        onnx::SUPPORTED
+    )]
+    Unsupported { op: String, node: String },
+    #[error("{node}: {msg}")]
+    Node { node: String, msg: String },
+    #[error("data does not fit the model: {0}")]
+    Shape(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("quantization: {0}")]
+    Quantize(String),
+    #[error("the quantized model is invalid: {0}")]
+    Model(#[from] ModelError),
+}
+
+/// A parsed ONNX model, ready to quantize or to run in float.
+pub struct Parsed {
+    pub graph: FGraph,
+    pub shapes: Vec<FShape>,
+}
+
+/// Reads and parses an ONNX file (size-limited: it is untrusted input).
+pub fn read_onnx(path: &Path) -> Result<Parsed, ImportError> {
+    let io = |source| ImportError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > ONNX_LIMIT {
+        return Err(ImportError::Decode(format!(
+            "{}: {len} bytes is over the {ONNX_LIMIT}-byte limit",
+            path.display()
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(io)?;
+    parse_onnx(&bytes)
+}
+
+pub fn parse_onnx(bytes: &[u8]) -> Result<Parsed, ImportError> {
+    let graph = onnx::parse(bytes)?;
+    let shapes = graph.shapes().map_err(|(n, m)| ImportError::Node {
+        node: graph.nodes[n].origin.clone(),
+        msg: m,
+    })?;
+    Ok(Parsed { graph, shapes })
+}
+
+impl Parsed {
+    /// Checks that data samples have the model's (C, H, W).
+    pub fn check_data(&self, data: &Array, what: &str) -> Result<(), ImportError> {
+        let [c, h, w] = self.graph.input;
+        if data.shape.len() != 4 || data.shape[1..] != [c, h, w] || data.samples() == 0 {
+            return Err(ImportError::Shape(format!(
+                "{what} has shape {:?}; the model takes (N, {c}, {h}, {w}) float32 samples",
+                data.shape
+            )));
+        }
+        if data.data.iter().any(|v| !v.is_finite()) {
+            return Err(ImportError::Shape(format!(
+                "{what} contains NaN or infinite values"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Float predictions of the parsed graph (our own forward pass; used for calibration).
+    pub fn predict_float(&self, data: &Array) -> Vec<usize> {
+        (0..data.samples())
+            .map(|i| {
+                let vals = self.graph.forward(data.sample(i), &self.shapes);
+                argmax_f(&vals[self.graph.output])
+            })
+            .collect()
+    }
+
+    /// Per-channel value ranges over the calibration data.
+    pub fn calibrate(&self, calibration: &Array) -> Result<quantize::Ranges, ImportError> {
+        self.check_data(calibration, "the calibration data")?;
+        Ok(quantize::calibrate(&self.graph, &self.shapes, calibration))
+    }
+
+    /// Quantizes with calibration ranges.
+    pub fn quantize(
+        &self,
+        ranges: &quantize::Ranges,
+        cfg: QuantConfig,
+        name: &str,
+    ) -> Result<Model, ImportError> {
+        quantize::quantize(&self.graph, &self.shapes, ranges, cfg, name)
+    }
+}
+
+/// The integer model's input for one float sample.
+pub fn quantize_input(model: &Model, sample: &[f32]) -> Vec<u8> {
+    model.input.quantize(sample)
+}
+
+/// Predictions of the integer model (the plaintext reference the engine equals).
+pub fn predict_int(model: &Model, data: &Array) -> Result<Vec<usize>, ModelError> {
+    (0..data.samples())
+        .map(|i| {
+            reference::evaluate(model, &quantize_input(model, data.sample(i)))
+                .map(|l| reference::argmax(&l))
+        })
+        .collect()
+}
+
+/// Fraction of predictions equal to the labels.
+pub fn accuracy(pred: &[usize], labels: &[usize]) -> f64 {
+    let hits = pred.iter().zip(labels).filter(|(p, l)| p == l).count();
+    hits as f64 / pred.len().max(1) as f64
+}
+
+/// Float accuracy by an independent ONNX runtime (tract), one sample at a time.
+pub fn predict_tract(path: &Path, data: &Array) -> Result<Vec<usize>, ImportError> {
+    use tract_onnx::prelude::*;
+    let err = |e: TractError| ImportError::Decode(format!("tract: {e:#}"));
+    let [_, c, h, w] = data.shape[..] else {
+        return Err(ImportError::Shape(format!(
+            "data has shape {:?}; need (N, C, H, W)",
+            data.shape
+        )));
+    };
+    let model = tract_onnx::onnx()
+        .model_for_path(path)
+        .and_then(|m| m.with_input_fact(0, f32::fact([1, c, h, w]).into()))
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(err)?;
+    (0..data.samples())
+        .map(|i| {
+            let x = Tensor::from_shape(&[1, c, h, w], data.sample(i)).map_err(err)?;
+            let out = model.run(tvec!(x.into())).map_err(err)?;
+            let v: Vec<f32> = out[0]
+                .to_array_view::<f32>()
+                .map_err(err)?
+                .iter()
+                .copied()
+                .collect();
+            Ok(argmax_f(&v))
+        })
+        .collect()
+}

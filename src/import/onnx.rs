@@ -1,0 +1,642 @@
+//! ONNX (as `torch.onnx.export` and tf2onnx write it) → [`FGraph`].
+//!
+//! The protobuf is decoded by tract-onnx's generated types; the graph is walked here so
+//! that every node either maps onto a layer the engine runs or is refused by name.
+
+use super::graph::{ActFn, FGraph, FNode, FOp};
+use super::ImportError;
+use std::collections::HashMap;
+use tract_onnx::pb::{self, tensor_proto::DataType, NodeProto, TensorProto};
+use tract_onnx::prelude::Framework;
+
+/// Operators `fhecam import` maps onto the engine.
+pub const SUPPORTED: &str = "Conv, Gemm, MatMul(+Add), Relu, LeakyRelu, Sigmoid, Tanh, \
+AveragePool, GlobalAveragePool, MaxPool, BatchNormalization (after Conv/Gemm), Add, Flatten, \
+Reshape (to [batch, -1]), Identity, Dropout, Constant, zero Pad, and a final Softmax (dropped: it does \
+not change the predicted class)";
+
+/// A constant: an initializer or a Constant node's value.
+#[derive(Clone, Debug)]
+struct Const {
+    dims: Vec<usize>,
+    f: Vec<f32>,
+    i: Vec<i64>,
+}
+
+#[derive(Clone, Debug)]
+enum Sym {
+    /// A value of the float graph.
+    Val(usize),
+    Const(Const),
+}
+
+fn tensor(t: &TensorProto) -> Result<Const, String> {
+    if t.data_location == Some(pb::tensor_proto::DataLocation::External as i32) {
+        return Err(format!(
+            "tensor '{}' is stored in an external data file; re-export with the weights inside the .onnx",
+            t.name
+        ));
+    }
+    let dims: Vec<usize> = t
+        .dims
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| format!("tensor '{}' has dimension {d}", t.name)))
+        .collect::<Result<_, _>>()?;
+    let n = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&n| n <= 1 << 28)
+        .ok_or(format!("tensor '{}' is too large", t.name))?;
+    let raw = &t.raw_data;
+    let bad = || {
+        format!(
+            "tensor '{}' holds {} bytes for shape {dims:?}",
+            t.name,
+            raw.len()
+        )
+    };
+    let (f, i): (Vec<f32>, Vec<i64>) = match DataType::from_i32(t.data_type) {
+        Some(DataType::Float) => {
+            let f = if !raw.is_empty() {
+                if raw.len() != 4 * n {
+                    return Err(bad());
+                }
+                raw.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            } else {
+                t.float_data.clone()
+            };
+            (f, vec![])
+        }
+        Some(DataType::Double) => {
+            let f = if !raw.is_empty() {
+                if raw.len() != 8 * n {
+                    return Err(bad());
+                }
+                raw.chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                    .collect()
+            } else {
+                t.double_data.iter().map(|&v| v as f32).collect()
+            };
+            (f, vec![])
+        }
+        Some(DataType::Int64) => {
+            let i: Vec<i64> = if !raw.is_empty() {
+                if raw.len() != 8 * n {
+                    return Err(bad());
+                }
+                raw.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
+            } else {
+                t.int64_data.clone()
+            };
+            (i.iter().map(|&v| v as f32).collect(), i)
+        }
+        Some(DataType::Int32) => {
+            let i: Vec<i64> = if !raw.is_empty() {
+                if raw.len() != 4 * n {
+                    return Err(bad());
+                }
+                raw.chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                    .collect()
+            } else {
+                t.int32_data.iter().map(|&v| v as i64).collect()
+            };
+            (i.iter().map(|&v| v as f32).collect(), i)
+        }
+        _ => {
+            return Err(format!(
+                "tensor '{}' has data type {} (only float32/float64 weights and int32/int64 shapes are read)",
+                t.name, t.data_type
+            ))
+        }
+    };
+    if f.len() != n {
+        return Err(bad());
+    }
+    Ok(Const { dims, f, i })
+}
+
+struct Attrs<'a>(&'a NodeProto);
+
+impl Attrs<'_> {
+    fn get(&self, name: &str) -> Option<&pb::AttributeProto> {
+        self.0.attribute.iter().find(|a| a.name == name)
+    }
+    fn int(&self, name: &str, default: i64) -> i64 {
+        self.get(name).map_or(default, |a| a.i)
+    }
+    fn float(&self, name: &str, default: f32) -> f32 {
+        self.get(name).map_or(default, |a| a.f)
+    }
+    fn ints(&self, name: &str) -> Option<Vec<i64>> {
+        self.get(name).map(|a| a.ints.clone())
+    }
+    fn string(&self, name: &str) -> Option<String> {
+        self.get(name)
+            .map(|a| String::from_utf8_lossy(&a.s).into_owned())
+    }
+}
+
+fn pair(v: Option<Vec<i64>>, default: usize, what: &str) -> Result<[usize; 2], String> {
+    match v.as_deref() {
+        None => Ok([default; 2]),
+        Some([a, b]) if *a >= 0 && *b >= 0 => Ok([*a as usize, *b as usize]),
+        Some(other) => Err(format!(
+            "{what} {other:?}: only 2-D (height, width) is supported"
+        )),
+    }
+}
+
+/// Decodes an ONNX model and maps it onto the engine's layers.
+pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
+    let proto = tract_onnx::onnx()
+        .proto_model_for_read(&mut &bytes[..])
+        .map_err(|e| ImportError::Decode(format!("{e:#}")))?;
+    let graph = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| ImportError::Decode("the model has no graph".into()))?;
+    if graph.node.is_empty() {
+        return Err(ImportError::Decode(
+            "the graph has no nodes (is this an ONNX model?)".into(),
+        ));
+    }
+    for o in &proto.opset_import {
+        if (o.domain.is_empty() || o.domain == "ai.onnx") && !(7..=21).contains(&o.version) {
+            return Err(ImportError::Decode(format!(
+                "opset {} is outside the supported 7..=21 (export with opset_version=13..18)",
+                o.version
+            )));
+        }
+    }
+    let mut syms: HashMap<String, Sym> = HashMap::new();
+    for t in &graph.initializer {
+        let c = tensor(t).map_err(ImportError::Decode)?;
+        syms.insert(t.name.clone(), Sym::Const(c));
+    }
+    let real_inputs: Vec<&pb::ValueInfoProto> = graph
+        .input
+        .iter()
+        .filter(|i| !syms.contains_key(&i.name))
+        .collect();
+    let [input] = real_inputs[..] else {
+        return Err(ImportError::Decode(format!(
+            "the model has {} inputs; fhecam needs exactly one image input",
+            real_inputs.len()
+        )));
+    };
+    let dims: Vec<Option<i64>> = match input.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(pb::type_proto::Value::TensorType(t)) => t
+            .shape
+            .as_ref()
+            .map(|s| {
+                s.dim
+                    .iter()
+                    .map(|d| match d.value {
+                        Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) if v > 0 => {
+                            Some(v)
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        None => vec![],
+    };
+    let chw = match dims[..] {
+        [_, Some(c), Some(h), Some(w)] => [c as usize, h as usize, w as usize],
+        _ => {
+            return Err(ImportError::Decode(format!(
+                "input '{}' has shape {:?}; fhecam needs (batch, C, H, W) with fixed C, H, W (the batch axis may be dynamic)",
+                input.name, dims
+            )))
+        }
+    };
+    syms.insert(input.name.clone(), Sym::Val(0));
+    // how many nodes read each name: folding BN or a bias into a layer needs sole ownership
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for n in &graph.node {
+        for i in &n.input {
+            *uses.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    for o in &graph.output {
+        *uses.entry(o.name.as_str()).or_default() += 1;
+    }
+    let [output] = &graph.output[..] else {
+        return Err(ImportError::Decode(format!(
+            "the model has {} outputs; fhecam needs exactly one (the class scores)",
+            graph.output.len()
+        )));
+    };
+
+    let mut g = FGraph {
+        input: chw,
+        nodes: vec![],
+        output: 0,
+        notes: vec![],
+    };
+    for (idx, node) in graph.node.iter().enumerate() {
+        let origin = if node.name.is_empty() {
+            format!("{} #{idx}", node.op_type)
+        } else {
+            format!("{} '{}'", node.op_type, node.name)
+        };
+        let invalid = |msg: String| ImportError::Node {
+            node: origin.clone(),
+            msg,
+        };
+        if !(node.domain.is_empty() || node.domain == "ai.onnx") {
+            return Err(ImportError::Unsupported {
+                op: format!("{}:{}", node.domain, node.op_type),
+                node: origin.clone(),
+            });
+        }
+        let sym = |k: usize| -> Result<&Sym, ImportError> {
+            let name = node
+                .input
+                .get(k)
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| invalid(format!("input {k} is missing")))?;
+            syms.get(name).ok_or_else(|| {
+                invalid(format!(
+                    "input '{name}' is not produced by any earlier node"
+                ))
+            })
+        };
+        let val = |k: usize| -> Result<usize, ImportError> {
+            match sym(k)? {
+                Sym::Val(v) => Ok(*v),
+                Sym::Const(_) => Err(invalid(format!(
+                    "input {k} is a constant; fhecam needs it computed from the image"
+                ))),
+            }
+        };
+        let konst = |k: usize| -> Result<Option<Const>, ImportError> {
+            if node.input.get(k).is_none_or(|n| n.is_empty()) {
+                return Ok(None);
+            }
+            match sym(k)? {
+                Sym::Const(c) => Ok(Some(c.clone())),
+                Sym::Val(_) => Err(invalid(format!(
+                    "input {k} must be a constant (weights are fixed at import)"
+                ))),
+            }
+        };
+        let a = Attrs(node);
+        let shapes = g.shapes().map_err(|(n, m)| ImportError::Node {
+            node: g.nodes[n].origin.clone(),
+            msg: m,
+        })?;
+        let push = |g: &mut FGraph, op: FOp, inputs: Vec<usize>| -> usize {
+            g.nodes.push(FNode {
+                op,
+                inputs,
+                origin: origin.clone(),
+            });
+            g.nodes.len()
+        };
+        // the single output name this node defines
+        let out_name = node.output.first().cloned().unwrap_or_default();
+        let result: Sym = match node.op_type.as_str() {
+            "Identity" | "Dropout" => sym(0)?.clone(),
+            "Constant" => {
+                let t = a
+                    .get("value")
+                    .and_then(|v| v.t.as_ref())
+                    .ok_or_else(|| invalid("only tensor-valued Constant is supported".into()))?;
+                Sym::Const(tensor(t).map_err(&invalid)?)
+            }
+            "Conv" => {
+                let x = val(0)?;
+                let w = konst(1)?.ok_or_else(|| invalid("weights are missing".into()))?;
+                let [o, ci, kh, kw] = w.dims[..] else {
+                    return Err(invalid(format!(
+                        "weights of shape {:?}; only 2-D convolutions are supported",
+                        w.dims
+                    )));
+                };
+                if a.int("group", 1) != 1 {
+                    return Err(invalid(format!(
+                        "group = {}: grouped/depthwise convolution is not supported",
+                        a.int("group", 1)
+                    )));
+                }
+                if pair(a.ints("dilations"), 1, "dilations").map_err(&invalid)? != [1, 1] {
+                    return Err(invalid("dilated convolution is not supported".into()));
+                }
+                let stride = pair(a.ints("strides"), 1, "strides").map_err(&invalid)?;
+                let padding = match (a.string("auto_pad").as_deref(), a.ints("pads").as_deref()) {
+                    (None | Some("NOTSET") | Some(""), None) | (Some("VALID"), _) => [0, 0],
+                    (None | Some("NOTSET") | Some(""), Some([t, l, b, r])) if t == b && l == r && *t >= 0 && *l >= 0 => {
+                        [*t as usize, *l as usize]
+                    }
+                    (Some("SAME_UPPER" | "SAME_LOWER"), _) if kh % 2 == 1 && kw % 2 == 1 && stride == [1, 1] => {
+                        [kh / 2, kw / 2]
+                    }
+                    (ap, pads) => {
+                        return Err(invalid(format!(
+                            "padding auto_pad={ap:?} pads={pads:?}: only symmetric padding is supported"
+                        )))
+                    }
+                };
+                let c = shapes[x].chw[0];
+                if shapes[x].flat || ci != c {
+                    return Err(invalid(format!(
+                        "weights expect {ci} input channels, the input is {:?}",
+                        shapes[x].chw
+                    )));
+                }
+                let bias = match konst(2)? {
+                    Some(b) if b.f.len() == o => b.f,
+                    Some(b) => {
+                        return Err(invalid(format!(
+                            "bias has {} values for {o} filters",
+                            b.f.len()
+                        )))
+                    }
+                    None => vec![0.0; o],
+                };
+                Sym::Val(push(
+                    &mut g,
+                    FOp::Conv {
+                        out_channels: o,
+                        kernel: [kh, kw],
+                        stride,
+                        padding,
+                        weights: w.f,
+                        bias,
+                    },
+                    vec![x],
+                ))
+            }
+            "Gemm" | "MatMul" => {
+                let x = val(0)?;
+                let w = konst(1)?.ok_or_else(|| invalid("weights are missing".into()))?;
+                let gemm = node.op_type == "Gemm";
+                let (ta, tb) = if gemm {
+                    (a.int("transA", 0), a.int("transB", 0))
+                } else {
+                    (0, 0)
+                };
+                let (alpha, beta) = if gemm {
+                    (a.float("alpha", 1.0), a.float("beta", 1.0))
+                } else {
+                    (1.0, 1.0)
+                };
+                if ta != 0 {
+                    return Err(invalid("transA = 1 is not supported".into()));
+                }
+                let [r, c] = w.dims[..] else {
+                    return Err(invalid(format!(
+                        "weights of shape {:?}; need a matrix",
+                        w.dims
+                    )));
+                };
+                // engine layout [out][in]
+                let (out, inp) = if tb != 0 { (r, c) } else { (c, r) };
+                if shapes[x].len() != inp {
+                    return Err(invalid(format!(
+                        "weights expect {inp} inputs, the input has {} values ({:?})",
+                        shapes[x].len(),
+                        shapes[x].chw
+                    )));
+                }
+                let weights: Vec<f32> = (0..out)
+                    .flat_map(|o| (0..inp).map(move |i| (o, i)))
+                    .map(|(o, i)| {
+                        alpha
+                            * if tb != 0 {
+                                w.f[o * inp + i]
+                            } else {
+                                w.f[i * out + o]
+                            }
+                    })
+                    .collect();
+                let bias = match konst(2)? {
+                    Some(b) if b.f.len() == out => b.f.iter().map(|v| beta * v).collect(),
+                    Some(b) if b.f.len() == 1 => vec![beta * b.f[0]; out],
+                    Some(b) => {
+                        return Err(invalid(format!(
+                            "bias has {} values for {out} outputs",
+                            b.f.len()
+                        )))
+                    }
+                    None => vec![0.0; out],
+                };
+                let x = if shapes[x].flat {
+                    x
+                } else {
+                    push(&mut g, FOp::Flatten, vec![x])
+                };
+                Sym::Val(push(
+                    &mut g,
+                    FOp::Dense {
+                        out_features: out,
+                        weights,
+                        bias,
+                    },
+                    vec![x],
+                ))
+            }
+            "BatchNormalization" => {
+                let x = val(0)?;
+                let p: Vec<Const> = (1..5)
+                    .map(|k| konst(k)?.ok_or_else(|| invalid(format!("parameter {k} is missing"))))
+                    .collect::<Result<_, _>>()?;
+                let eps = a.float("epsilon", 1e-5);
+                let c = shapes[x].channels();
+                if p.iter().any(|t| t.f.len() != c) {
+                    return Err(invalid(format!("parameters do not have {c} channels")));
+                }
+                let owner = x.checked_sub(1).map(|n| &mut g.nodes[n]);
+                let sole = node.input[0].as_str();
+                match owner {
+                    Some(FNode { op: FOp::Conv { weights, bias, .. } | FOp::Dense { weights, bias, .. }, .. })
+                        if uses.get(sole) == Some(&1) =>
+                    {
+                        let per = weights.len() / c;
+                        for ch in 0..c {
+                            let k = p[0].f[ch] / (p[3].f[ch] + eps).sqrt();
+                            for w in &mut weights[ch * per..(ch + 1) * per] {
+                                *w *= k;
+                            }
+                            bias[ch] = (bias[ch] - p[2].f[ch]) * k + p[1].f[ch];
+                        }
+                    }
+                    _ => {
+                        return Err(invalid(
+                            "BatchNormalization must directly follow a Conv or Gemm whose output nothing else reads (it is folded into that layer)".into(),
+                        ))
+                    }
+                }
+                if !g.notes.iter().any(|n| n.starts_with("BatchNormalization")) {
+                    g.notes.push(
+                        "BatchNormalization folded into the preceding layer's weights and bias"
+                            .into(),
+                    );
+                }
+                Sym::Val(x)
+            }
+            "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" => {
+                let f = match node.op_type.as_str() {
+                    "Relu" => ActFn::Relu,
+                    "LeakyRelu" => ActFn::LeakyRelu(a.float("alpha", 0.01)),
+                    "Sigmoid" => ActFn::Sigmoid,
+                    _ => ActFn::Tanh,
+                };
+                Sym::Val(push(&mut g, FOp::Act(f), vec![val(0)?]))
+            }
+            "MaxPool" | "AveragePool" => {
+                let x = val(0)?;
+                let kernel = pair(a.ints("kernel_shape"), 0, "kernel_shape").map_err(&invalid)?;
+                let stride = pair(a.ints("strides"), 1, "strides").map_err(&invalid)?;
+                if a.ints("pads").is_some_and(|p| p.iter().any(|&v| v != 0))
+                    || a.string("auto_pad")
+                        .is_some_and(|s| s != "NOTSET" && s != "VALID" && !s.is_empty())
+                {
+                    return Err(invalid("padded pooling is not supported".into()));
+                }
+                if a.int("ceil_mode", 0) != 0 {
+                    return Err(invalid("ceil_mode = 1 is not supported".into()));
+                }
+                if pair(a.ints("dilations"), 1, "dilations").map_err(&invalid)? != [1, 1] {
+                    return Err(invalid("dilated pooling is not supported".into()));
+                }
+                if node.output.len() > 1 && !node.output[1].is_empty() {
+                    return Err(invalid("MaxPool indices output is not supported".into()));
+                }
+                let op = if node.op_type == "MaxPool" {
+                    FOp::MaxPool { kernel, stride }
+                } else {
+                    FOp::AvgPool { kernel, stride }
+                };
+                Sym::Val(push(&mut g, op, vec![x]))
+            }
+            "GlobalAveragePool" => {
+                let x = val(0)?;
+                let [_, h, w] = shapes[x].chw;
+                Sym::Val(push(
+                    &mut g,
+                    FOp::AvgPool {
+                        kernel: [h, w],
+                        stride: [1, 1],
+                    },
+                    vec![x],
+                ))
+            }
+            "Pad" => {
+                // torch exports AvgPool2d as a zero Pad before AveragePool
+                let pads = match konst(1)? {
+                    Some(p) => p.i,
+                    None => a.ints("pads").unwrap_or_default(),
+                };
+                if pads.iter().any(|&p| p != 0) {
+                    return Err(invalid(format!(
+                        "pads {pads:?}: only zero padding (a no-op) is supported; pad inside Conv instead"
+                    )));
+                }
+                Sym::Val(val(0)?)
+            }
+            "Flatten" => {
+                let x = val(0)?;
+                if a.int("axis", 1) != 1 {
+                    return Err(invalid(format!(
+                        "axis = {}: only flattening after the batch axis (axis = 1) is supported",
+                        a.int("axis", 1)
+                    )));
+                }
+                Sym::Val(push(&mut g, FOp::Flatten, vec![x]))
+            }
+            "Reshape" => {
+                let x = val(0)?;
+                let shape = konst(1)?.ok_or_else(|| invalid("target shape is missing".into()))?;
+                let n = shapes[x].len() as i64;
+                match shape.i[..] {
+                    [_, d] if d == -1 || d == n => Sym::Val(push(&mut g, FOp::Flatten, vec![x])),
+                    _ => {
+                        return Err(invalid(format!(
+                            "target shape {:?}: only flattening to (batch, {n}) is supported",
+                            shape.i
+                        )))
+                    }
+                }
+            }
+            "Add" => match (sym(0)?.clone(), sym(1)?.clone()) {
+                (Sym::Val(x), Sym::Val(y)) => {
+                    if shapes[x].len() != shapes[y].len() {
+                        return Err(invalid(format!(
+                            "adds tensors of different shapes {:?} and {:?} (broadcasting is not supported)",
+                            shapes[x].chw, shapes[y].chw
+                        )));
+                    }
+                    Sym::Val(push(&mut g, FOp::Add, vec![x, y]))
+                }
+                (Sym::Val(x), Sym::Const(c)) | (Sym::Const(c), Sym::Val(x)) => {
+                    // a bias after MatMul (or a Conv/Gemm nothing else reads): fold it
+                    let name = if matches!(sym(0)?, Sym::Val(_)) {
+                        &node.input[0]
+                    } else {
+                        &node.input[1]
+                    };
+                    let sole = uses.get(name.as_str()) == Some(&1);
+                    let chans = shapes[x].channels();
+                    match x.checked_sub(1).map(|n| &mut g.nodes[n]) {
+                        Some(FNode { op: FOp::Dense { bias, .. } | FOp::Conv { bias, .. }, .. })
+                            if sole && (c.f.len() == chans || c.f.len() == 1) =>
+                        {
+                            for (ch, b) in bias.iter_mut().enumerate() {
+                                *b += c.f[if c.f.len() == 1 { 0 } else { ch }];
+                            }
+                            Sym::Val(x)
+                        }
+                        _ => {
+                            return Err(invalid(
+                                "adding a constant is only supported as the bias of the MatMul, Gemm or Conv right before it".into(),
+                            ))
+                        }
+                    }
+                }
+                _ => return Err(invalid("adds two constants".into())),
+            },
+            "Softmax" | "LogSoftmax" if node.output.first() == Some(&output.name) => {
+                g.notes.push(format!("{origin}: final {} dropped (the predicted class is the same; logits are reported instead of probabilities)", node.op_type));
+                sym(0)?.clone()
+            }
+            other => {
+                return Err(ImportError::Unsupported {
+                    op: other.to_string(),
+                    node: origin.clone(),
+                })
+            }
+        };
+        syms.insert(out_name, result);
+    }
+    match syms.get(&output.name) {
+        Some(Sym::Val(v)) => g.output = *v,
+        _ => {
+            return Err(ImportError::Decode(format!(
+                "output '{}' is not computed from the input",
+                output.name
+            )))
+        }
+    }
+    if g.output != g.nodes.len() {
+        return Err(ImportError::Decode(format!(
+            "output '{}' is not the last layer (value {} of {})",
+            output.name,
+            g.output,
+            g.nodes.len()
+        )));
+    }
+    g.shapes().map_err(|(n, m)| ImportError::Node {
+        node: g.nodes[n].origin.clone(),
+        msg: m,
+    })?;
+    Ok(g)
+}

@@ -1,0 +1,255 @@
+//! ONNX models exported by PyTorch (scripts/onnx-fixtures.py), imported through the real
+//! `fhecam` binary: integer accuracy within 1 point of the float model as tract runs it,
+//! tract's float accuracy equal to PyTorch's, an encrypted inference equal to the plaintext
+//! integer model, and clear refusals of bad input.
+
+use fhecam::npy::{self, Array};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx")
+}
+
+fn fx(name: &str) -> String {
+    fixtures().join(name).to_str().unwrap().to_string()
+}
+
+fn fhecam(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_fhecam"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run fhecam");
+    eprintln!(
+        "$ fhecam {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = fhecam(args);
+    assert!(out.status.success(), "fhecam {args:?} failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A command that must fail cleanly: non-zero exit, no panic; returns stderr.
+fn refused(args: &[&str]) -> String {
+    let out = fhecam(args);
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success(), "fhecam {args:?} should have failed");
+    assert_eq!(out.status.code(), Some(1), "exit code of {args:?}");
+    assert!(!err.contains("panicked"), "panic on {args:?}: {err}");
+    err
+}
+
+fn last_json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout.lines().last().expect("output")).expect("last line is JSON")
+}
+
+fn torch_accuracy(model: &str) -> f64 {
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("float_accuracy.json")).unwrap(),
+    )
+    .unwrap();
+    v["accuracy"][model].as_f64().unwrap()
+}
+
+fn import(dir: &Path, model: &str, extra: &[&str]) -> String {
+    let out = dir.join(format!("{model}.json"));
+    let onnx = fx(&format!("{model}.onnx"));
+    let (calib, labels) = (fx("calib_x.npy"), fx("calib_y.txt"));
+    let mut args = vec![
+        "import",
+        &onnx,
+        "--calibration",
+        &calib,
+        "--labels",
+        &labels,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    ok(&args);
+    out.to_str().unwrap().to_string()
+}
+
+#[test]
+fn pytorch_models_import_within_one_point_of_float() {
+    let dir = tempfile::tempdir().unwrap();
+    for model in ["digits_bn", "digits_res", "digits_tanh"] {
+        let m = import(dir.path(), model, &[]);
+        let out = ok(&[
+            "eval",
+            &m,
+            "--data",
+            &fx("test_x.npy"),
+            "--labels",
+            &fx("test_y.txt"),
+            "--onnx",
+            &fx(&format!("{model}.onnx")),
+            "--json",
+        ]);
+        let r = last_json(&out);
+        let (plain, float) = (
+            r["accuracy_plain"].as_f64().unwrap(),
+            r["accuracy_float"].as_f64().unwrap(),
+        );
+        assert_eq!(r["samples"], 450);
+        // tract runs the exported graph as PyTorch did
+        assert!(
+            (float - torch_accuracy(model)).abs() < 1e-9,
+            "{model}: tract {float} vs torch {}",
+            torch_accuracy(model)
+        );
+        assert!(
+            plain >= float - 0.01,
+            "{model}: integer accuracy {plain} is more than 1 point below float {float}"
+        );
+    }
+}
+
+#[test]
+fn encrypted_inference_of_an_imported_model_equals_the_integer_model() {
+    let dir = tempfile::tempdir().unwrap();
+    // narrower than the defaults to keep CI short, still several digits per weight and
+    // per input value
+    let m = import(
+        dir.path(),
+        "digits_bn",
+        &["--weight-bits", "4", "--act-bits", "2", "--input-bits", "4"],
+    );
+    let out = ok(&[
+        "eval",
+        &m,
+        "--data",
+        &fx("test_x.npy"),
+        "--labels",
+        &fx("test_y.txt"),
+        "--fhe",
+        "1",
+        "--json",
+    ]);
+    let r = last_json(&out);
+    assert_eq!(r["fhe_samples"], 1);
+    assert_eq!(
+        r["agreement"], 1.0,
+        "decrypted logits differ from the plaintext model"
+    );
+    assert_eq!(r["pbs_counted_by_tfhe"], r["pbs_per_inference"]);
+}
+
+#[test]
+fn bad_models_and_data_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let out = p("m.json");
+    let import_args = |onnx: &str, calib: &str| {
+        vec![
+            "import".to_string(),
+            onnx.to_string(),
+            "--calibration".into(),
+            calib.to_string(),
+            "--out".into(),
+            out.clone(),
+        ]
+    };
+    let run = |args: Vec<String>| refused(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // not protobuf at all
+    std::fs::write(
+        p("junk.onnx"),
+        b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff garbage",
+    )
+    .unwrap();
+    let e = run(import_args(&p("junk.onnx"), &fx("calib_x.npy")));
+    assert!(e.contains("not a readable ONNX model"), "{e}");
+
+    // a truncated export
+    let bytes = std::fs::read(fixtures().join("digits_bn.onnx")).unwrap();
+    std::fs::write(p("cut.onnx"), &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let e = run(import_args(&p("cut.onnx"), &fx("calib_x.npy")));
+    assert!(e.contains("not a readable ONNX model"), "{e}");
+
+    // an operator the engine has no circuit for: named, with its node and the list
+    let e = run(import_args(&fx("digits_gelu.onnx"), &fx("calib_x.npy")));
+    assert!(e.contains("operator Div") && e.contains("'/Div'"), "{e}");
+    assert!(e.contains("fhecam imports: Conv, Gemm"), "{e}");
+
+    // data of another shape than the model's input
+    let small = Array {
+        shape: vec![3, 1, 4, 4],
+        data: vec![0.5; 48],
+    };
+    std::fs::write(p("small.npy"), small.to_npy()).unwrap();
+    let e = run(import_args(&fx("digits_bn.onnx"), &p("small.npy")));
+    assert!(
+        e.contains("[3, 1, 4, 4]") && e.contains("(N, 1, 8, 8)"),
+        "{e}"
+    );
+
+    // data that is not .npy, labels that do not match
+    let e = run(import_args(&fx("digits_bn.onnx"), &fx("test_y.txt")));
+    assert!(e.contains("numpy.save"), "{e}");
+    let m = import(dir.path(), "digits_bn", &[]);
+    std::fs::write(p("few.txt"), "1\n2\n").unwrap();
+    let e = refused(&[
+        "eval",
+        &m,
+        "--data",
+        &fx("test_x.npy"),
+        "--labels",
+        &p("few.txt"),
+    ]);
+    assert!(e.contains("2 labels for 450 samples"), "{e}");
+    let e = refused(&[
+        "eval",
+        &m,
+        "--data",
+        &p("small.npy"),
+        "--labels",
+        &p("few.txt"),
+    ]);
+    assert!(e.contains("3 samples") || e.contains("[3, 1, 4, 4]"), "{e}");
+    // bit widths the engine does not run
+    let mut a = import_args(&fx("digits_bn.onnx"), &fx("calib_x.npy"));
+    a.extend(["--act-bits".into(), "6".into()]);
+    let e = run(a);
+    assert!(e.contains("--act-bits 6 is outside 1..=4"), "{e}");
+}
+
+#[test]
+fn npy_written_by_numpy_reads_back() {
+    let a = npy::read(&fixtures().join("test_x.npy")).unwrap();
+    assert_eq!(a.shape, vec![450, 1, 8, 8]);
+    assert!(a.data.iter().all(|v| (0.0..=1.0).contains(v)));
+    assert_eq!(
+        npy::read_labels(&fixtures().join("test_y.txt"))
+            .unwrap()
+            .len(),
+        450
+    );
+}
+
+#[test]
+fn search_reports_each_bit_width_and_keeps_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = import(dir.path(), "digits_tanh", &["--search"]);
+    let model: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&m).unwrap()).unwrap();
+    assert_eq!(model["num_classes"], 10);
+    let out = fhecam(&[
+        "import",
+        &fx("digits_tanh.onnx"),
+        "--calibration",
+        &fx("calib_x.npy"),
+        "--out",
+        &m,
+        "--search",
+    ]);
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.matches("agreement with float").count(), 9, "{err}");
+}
