@@ -7,6 +7,8 @@ Writes into tests/fixtures/onnx/:
   digits_res.onnx       conv -> ReLU -> residual block (conv, BN, add) -> ReLU
                         -> max pool -> dense                                   (opset 17)
   digits_tanh.onnx      conv -> Tanh -> average pool -> dense -> Sigmoid -> dense (opset 15)
+  digits_keras.onnx     laid out as tf2onnx writes Keras models: NHWC input, Transposes,
+                        MatMul + Add, final Softmax                            (opset 13)
   digits_gelu.onnx      uses GELU (an operator fhecam does not import)         (opset 13)
   calib_x.npy / calib_y.txt   300 training images, float32 (N, 1, 8, 8), intensities in [0, 1]
   test_x.npy  / test_y.txt    the 450 held-out test images
@@ -77,6 +79,22 @@ class Tanh(nn.Module):
         return self.fc2(h)
 
 
+class Keras(nn.Module):
+    """Laid out as tf2onnx writes a Keras model: (N, H, W, C) input, transposes around the
+    convolution, a flatten in (H, W, C) order, MatMul + Add, a final Softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.w = nn.Parameter(torch.randn(64, 10) * 0.1)
+        self.b = nn.Parameter(torch.zeros(10))
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x.permute(0, 3, 1, 2)))
+        h = h.permute(0, 2, 3, 1).reshape(-1, 64)
+        return torch.softmax(h @ self.w + self.b, dim=1)
+
+
 class Gelu(nn.Module):
     def __init__(self):
         super().__init__()
@@ -86,7 +104,7 @@ class Gelu(nn.Module):
         return self.fc(nn.functional.gelu(x.flatten(1)))
 
 
-def train(model, x, y, epochs=80, seed=0):
+def train(model, x, y, epochs=80, seed=0, probs=False):
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -96,7 +114,11 @@ def train(model, x, y, epochs=80, seed=0):
         for i in range(0, len(xt), 64):
             idx = perm[i : i + 64]
             opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            out = model(xt[idx])
+            if probs:
+                loss = nn.functional.nll_loss(torch.log(out + 1e-9), yt[idx])
+            else:
+                loss = nn.functional.cross_entropy(out, yt[idx])
             loss.backward()
             opt.step()
     model.eval()
@@ -108,12 +130,12 @@ def accuracy(model, x, y):
         return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
-def export(model, path, opset):
+def export(model, path, opset, shape=(1, 1, 8, 8)):
     # PRESERVE keeps BatchNormalization nodes (EVAL mode would fuse them into the Conv at
     # export): fhecam's own folding is what the BN fixtures test.
     torch.onnx.export(
         model,
-        torch.zeros(1, 1, 8, 8),
+        torch.zeros(*shape),
         path,
         training=torch.onnx.TrainingMode.PRESERVE,
         opset_version=opset,
@@ -142,6 +164,12 @@ def main():
         acc[name] = accuracy(model, xte, yte)
         export(model, os.path.join(OUT, name + ".onnx"), opset)
         print(f"{name}: float test accuracy {acc[name]:.4f} (opset {opset})")
+    # Keras-style: trained and exported on (N, H, W, C); fhecam's data stay (N, C, H, W)
+    nhwc = lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+    model = train(Keras(), nhwc(xtr), ytr, probs=True)
+    acc["digits_keras"] = accuracy(model, nhwc(xte), yte)
+    export(model, os.path.join(OUT, "digits_keras.onnx"), 13, shape=(1, 8, 8, 1))
+    print(f"digits_keras: float test accuracy {acc['digits_keras']:.4f} (opset 13, NHWC)")
     with open(os.path.join(OUT, "float_accuracy.json"), "w") as f:
         json.dump({"torch": torch.__version__, "test_samples": len(yte), "accuracy": acc}, f, indent=1)
 

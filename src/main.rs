@@ -136,7 +136,9 @@ enum Cmd {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // tract announces its SIMD kernels at info level on every model load
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tract_linalg=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -80,7 +80,7 @@ fn import(dir: &Path, model: &str, extra: &[&str]) -> String {
 #[test]
 fn pytorch_models_import_within_one_point_of_float() {
     let dir = tempfile::tempdir().unwrap();
-    for model in ["digits_bn", "digits_res", "digits_tanh"] {
+    for model in ["digits_bn", "digits_res", "digits_tanh", "digits_keras"] {
         let m = import(dir.path(), model, &[]);
         let out = ok(&[
             "eval",

@@ -4,7 +4,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use fhecam::data::Dataset;
 use fhecam::fhe::eval;
-use fhecam::import::quantize::{QuantConfig, DEFAULT_ACT_BITS, DEFAULT_WEIGHT_BITS};
+use fhecam::import::quantize::{
+    QuantConfig, DEFAULT_ACT_BITS, DEFAULT_OUTPUT_WEIGHT_BITS, DEFAULT_WEIGHT_BITS,
+};
 use fhecam::import::{self, accuracy, predict_int, predict_tract};
 use fhecam::model::Model;
 use fhecam::npy::{self, Array};
@@ -38,6 +40,9 @@ pub struct ImportArgs {
     /// Activation bits (1..=4): 1–2 bits are one digit, 3–4 bits two.
     #[arg(long, default_value_t = DEFAULT_ACT_BITS)]
     pub act_bits: u8,
+    /// Signed weight bits of the output layer (2..=8): one scale serves all classes there.
+    #[arg(long, default_value_t = DEFAULT_OUTPUT_WEIGHT_BITS)]
+    pub output_weight_bits: u8,
     /// Input bits (1..=8); defaults to the activation bits.
     #[arg(long)]
     pub input_bits: Option<u8>,
@@ -204,6 +209,7 @@ pub fn import(a: ImportArgs) -> Result<()> {
             act_bits: act,
             input_bits: a.input_bits.unwrap_or(act),
             per_channel: !a.per_tensor,
+            output_weight_bits: a.output_weight_bits.max(w),
         };
         cfg.check()?;
         let model = parsed.quantize(&ranges, cfg, &name)?;
@@ -327,7 +333,11 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     );
     if let Some(onnx) = &a.onnx {
         let t = Instant::now();
-        let float = predict_tract(onnx, &data)
+        let nhwc = import::read_onnx(onnx)
+            .with_context(|| format!("cannot read {}", onnx.display()))?
+            .graph
+            .input_nhwc;
+        let float = predict_tract(onnx, &data, nhwc)
             .with_context(|| format!("running {} with tract", onnx.display()))?;
         let accuracy_float = accuracy(&float, &labels);
         let same = accuracy(&int, &float);

@@ -77,6 +77,9 @@ pub struct FNode {
 pub struct FGraph {
     /// (C, H, W) of one sample.
     pub input: [usize; 3],
+    /// The ONNX input is declared (N, H, W, C) (Keras through tf2onnx); fhecam's data are
+    /// (N, C, H, W) all the same, and are transposed for the ONNX runtime.
+    pub input_nhwc: bool,
     pub nodes: Vec<FNode>,
     /// Value id of the network output (logits).
     pub output: usize,

@@ -141,7 +141,8 @@ pub fn accuracy(pred: &[usize], labels: &[usize]) -> f64 {
 }
 
 /// Float accuracy by an independent ONNX runtime (tract), one sample at a time.
-pub fn predict_tract(path: &Path, data: &Array) -> Result<Vec<usize>, ImportError> {
+/// `nhwc`: the model's input is declared (N, H, W, C); samples are transposed to it.
+pub fn predict_tract(path: &Path, data: &Array, nhwc: bool) -> Result<Vec<usize>, ImportError> {
     use tract_onnx::prelude::*;
     let err = |e: TractError| ImportError::Decode(format!("tract: {e:#}"));
     let [_, c, h, w] = data.shape[..] else {
@@ -152,13 +153,23 @@ pub fn predict_tract(path: &Path, data: &Array) -> Result<Vec<usize>, ImportErro
     };
     let model = tract_onnx::onnx()
         .model_for_path(path)
-        .and_then(|m| m.with_input_fact(0, f32::fact([1, c, h, w]).into()))
+        .and_then(|m| {
+            let shape = if nhwc { [1, h, w, c] } else { [1, c, h, w] };
+            m.with_input_fact(0, f32::fact(shape).into())
+        })
         .and_then(|m| m.into_optimized())
         .and_then(|m| m.into_runnable())
         .map_err(err)?;
     (0..data.samples())
         .map(|i| {
-            let x = Tensor::from_shape(&[1, c, h, w], data.sample(i)).map_err(err)?;
+            let x = if nhwc {
+                let s = data.sample(i);
+                let t: Vec<f32> = (0..h * w * c).map(|j| s[(j % c) * h * w + j / c]).collect();
+                Tensor::from_shape(&[1, h, w, c], &t)
+            } else {
+                Tensor::from_shape(&[1, c, h, w], data.sample(i))
+            }
+            .map_err(err)?;
             let out = model.run(tvec!(x.into())).map_err(err)?;
             let v: Vec<f32> = out[0]
                 .to_array_view::<f32>()

@@ -12,7 +12,8 @@ use tract_onnx::prelude::Framework;
 /// Operators `fhecam import` maps onto the engine.
 pub const SUPPORTED: &str = "Conv, Gemm, MatMul(+Add), Relu, LeakyRelu, Sigmoid, Tanh, \
 AveragePool, GlobalAveragePool, MaxPool, BatchNormalization (after Conv/Gemm), Add, Flatten, \
-Reshape (to [batch, -1]), Identity, Dropout, Constant, zero Pad, and a final Softmax (dropped: it does \
+Reshape (to [batch, -1]), Identity, Dropout, Constant, zero Pad, Transpose (NCHW <-> NHWC, as \
+tf2onnx writes Keras models), and a final Softmax (dropped: it does \
 not change the predicted class)";
 
 /// A constant: an initializer or a Constant node's value.
@@ -27,6 +28,12 @@ struct Const {
 enum Sym {
     /// A value of the float graph.
     Val(usize),
+    /// A value of the float graph that the ONNX graph holds transposed to (N, H, W, C), as
+    /// tf2onnx writes Keras models: Transposes around the NCHW-only layers.
+    Nhwc(usize),
+    /// The (N, H·W·C) flattening of an NHWC value: the next Gemm/MatMul reads its columns
+    /// in that order.
+    FlatHwc(usize),
     Const(Const),
 }
 
@@ -208,8 +215,17 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
             .unwrap_or_default(),
         None => vec![],
     };
+    // A Keras model declares (N, H, W, C) and transposes it to NCHW first thing.
+    let nhwc = graph
+        .node
+        .iter()
+        .filter(|n| n.input.contains(&input.name))
+        .all(|n| {
+            n.op_type == "Transpose" && Attrs(n).ints("perm").as_deref() == Some(&[0, 3, 1, 2][..])
+        });
     let chw = match dims[..] {
-        [_, Some(c), Some(h), Some(w)] => [c as usize, h as usize, w as usize],
+        [_, Some(h), Some(w), Some(c)] if nhwc => [c as usize, h as usize, w as usize],
+        [_, Some(c), Some(h), Some(w)] if !nhwc => [c as usize, h as usize, w as usize],
         _ => {
             return Err(ImportError::Decode(format!(
                 "input '{}' has shape {:?}; fhecam needs (batch, C, H, W) with fixed C, H, W (the batch axis may be dynamic)",
@@ -217,7 +233,10 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
             )))
         }
     };
-    syms.insert(input.name.clone(), Sym::Val(0));
+    syms.insert(
+        input.name.clone(),
+        if nhwc { Sym::Nhwc(0) } else { Sym::Val(0) },
+    );
     // how many nodes read each name: folding BN or a bias into a layer needs sole ownership
     let mut uses: HashMap<&str, usize> = HashMap::new();
     for n in &graph.node {
@@ -237,6 +256,7 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
 
     let mut g = FGraph {
         input: chw,
+        input_nhwc: nhwc,
         nodes: vec![],
         output: 0,
         notes: vec![],
@@ -275,6 +295,9 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                 Sym::Const(_) => Err(invalid(format!(
                     "input {k} is a constant; fhecam needs it computed from the image"
                 ))),
+                Sym::Nhwc(_) | Sym::FlatHwc(_) => Err(invalid(format!(
+                    "input {k} is in (N, H, W, C) layout here; fhecam reads NHWC tensors only through Transpose, activations, Add and Flatten/Reshape before a Gemm/MatMul"
+                ))),
             }
         };
         let konst = |k: usize| -> Result<Option<Const>, ImportError> {
@@ -283,7 +306,7 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
             }
             match sym(k)? {
                 Sym::Const(c) => Ok(Some(c.clone())),
-                Sym::Val(_) => Err(invalid(format!(
+                _ => Err(invalid(format!(
                     "input {k} must be a constant (weights are fixed at import)"
                 ))),
             }
@@ -376,7 +399,10 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                 ))
             }
             "Gemm" | "MatMul" => {
-                let x = val(0)?;
+                let (x, hwc) = match sym(0)? {
+                    Sym::FlatHwc(v) => (*v, true),
+                    _ => (val(0)?, false),
+                };
                 let w = konst(1)?.ok_or_else(|| invalid("weights are missing".into()))?;
                 let gemm = node.op_type == "Gemm";
                 let (ta, tb) = if gemm {
@@ -428,6 +454,20 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                         )))
                     }
                     None => vec![0.0; out],
+                };
+                // columns of an NHWC flattening, reordered to the engine's (C, H, W) order
+                let weights = if hwc {
+                    let [c, h, w] = shapes[x].chw;
+                    let col = |i: usize| {
+                        let (ch, y, xx) = (i / (h * w), (i / w) % h, i % w);
+                        (y * w + xx) * c + ch
+                    };
+                    (0..out)
+                        .flat_map(|o| (0..inp).map(move |i| (o, i)))
+                        .map(|(o, i)| weights[o * inp + col(i)])
+                        .collect()
+                } else {
+                    weights
                 };
                 let x = if shapes[x].flat {
                     x
@@ -490,7 +530,10 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                     "Sigmoid" => ActFn::Sigmoid,
                     _ => ActFn::Tanh,
                 };
-                Sym::Val(push(&mut g, FOp::Act(f), vec![val(0)?]))
+                match sym(0)? {
+                    Sym::Nhwc(v) => Sym::Nhwc(push(&mut g, FOp::Act(f), vec![*v])),
+                    _ => Sym::Val(push(&mut g, FOp::Act(f), vec![val(0)?])),
+                }
             }
             "MaxPool" | "AveragePool" => {
                 let x = val(0)?;
@@ -543,6 +586,34 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                 }
                 Sym::Val(val(0)?)
             }
+            "Transpose" => {
+                let perm = a.ints("perm").unwrap_or_default();
+                match (sym(0)?, perm.as_slice()) {
+                    (Sym::Nhwc(v), [0, 3, 1, 2]) => Sym::Val(*v),
+                    (Sym::Val(v), [0, 2, 3, 1]) if !shapes[*v].flat => Sym::Nhwc(*v),
+                    _ => {
+                        return Err(invalid(format!(
+                            "perm {perm:?}: only the NCHW <-> NHWC transposes tf2onnx writes around image layers are supported"
+                        )))
+                    }
+                }
+            }
+            "Flatten" | "Reshape" if matches!(sym(0)?, Sym::Nhwc(_)) => {
+                let Sym::Nhwc(v) = sym(0)? else {
+                    unreachable!()
+                };
+                let n = shapes[*v].len() as i64;
+                let flat = match node.op_type.as_str() {
+                    "Flatten" => a.int("axis", 1) == 1,
+                    _ => konst(1)?.is_some_and(|t| matches!(t.i[..], [_, d] if d == -1 || d == n)),
+                };
+                if !flat {
+                    return Err(invalid(format!(
+                        "only flattening to (batch, {n}) is supported"
+                    )));
+                }
+                Sym::FlatHwc(*v)
+            }
             "Flatten" => {
                 let x = val(0)?;
                 if a.int("axis", 1) != 1 {
@@ -568,6 +639,9 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                 }
             }
             "Add" => match (sym(0)?.clone(), sym(1)?.clone()) {
+                (Sym::Nhwc(x), Sym::Nhwc(y)) if shapes[x].len() == shapes[y].len() => {
+                    Sym::Nhwc(push(&mut g, FOp::Add, vec![x, y]))
+                }
                 (Sym::Val(x), Sym::Val(y)) => {
                     if shapes[x].len() != shapes[y].len() {
                         return Err(invalid(format!(
@@ -618,7 +692,7 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
         syms.insert(out_name, result);
     }
     match syms.get(&output.name) {
-        Some(Sym::Val(v)) => g.output = *v,
+        Some(Sym::Val(v) | Sym::Nhwc(v)) => g.output = *v,
         _ => {
             return Err(ImportError::Decode(format!(
                 "output '{}' is not computed from the input",

@@ -26,6 +26,9 @@ pub struct QuantConfig {
     pub input_bits: u8,
     /// One weight scale per output channel (else one per layer).
     pub per_channel: bool,
+    /// Signed weight bits of the output layer (2..=8), whose one scale is shared by all
+    /// classes so that the encrypted argmax compares like with like.
+    pub output_weight_bits: u8,
 }
 
 impl Default for QuantConfig {
@@ -35,6 +38,7 @@ impl Default for QuantConfig {
             act_bits: DEFAULT_ACT_BITS,
             input_bits: DEFAULT_ACT_BITS,
             per_channel: true,
+            output_weight_bits: DEFAULT_OUTPUT_WEIGHT_BITS,
         }
     }
 }
@@ -44,14 +48,17 @@ impl Default for QuantConfig {
 /// nothing more there and cost a third more PBS; 4-bit weights lose 1–2 points).
 pub const DEFAULT_WEIGHT_BITS: u8 = 6;
 pub const DEFAULT_ACT_BITS: u8 = 4;
+pub const DEFAULT_OUTPUT_WEIGHT_BITS: u8 = 8;
 
 impl QuantConfig {
     pub fn check(&self) -> Result<(), ImportError> {
-        if !(2..=8).contains(&self.weight_bits) {
-            return Err(ImportError::Config(format!(
-                "--weight-bits {} is outside 2..=8",
-                self.weight_bits
-            )));
+        for (what, b) in [
+            ("--weight-bits", self.weight_bits),
+            ("--output-weight-bits", self.output_weight_bits),
+        ] {
+            if !(2..=8).contains(&b) {
+                return Err(ImportError::Config(format!("{what} {b} is outside 2..=8")));
+            }
         }
         for (what, b, max) in [
             ("--act-bits", self.act_bits, MAX_ACT_BITS),
@@ -303,7 +310,13 @@ impl Builder<'_> {
                 bf[o] += w * z[chan(i)];
             }
         }
-        let q = ((1i32 << (self.cfg.weight_bits - 1)) - 1) as f32;
+        // the output layer shares one scale across classes; it gets its own width
+        let bits = if per_tensor {
+            self.cfg.output_weight_bits
+        } else {
+            self.cfg.weight_bits
+        };
+        let q = ((1i32 << (bits - 1)) - 1) as f32;
         let scales: Vec<f32> = if let Some(f) = forced {
             f.to_vec()
         } else if self.cfg.per_channel && !per_tensor {
