@@ -120,7 +120,16 @@ fn encrypted_inference_of_an_imported_model_equals_the_integer_model() {
     let m = import(
         dir.path(),
         "digits_bn",
-        &["--weight-bits", "4", "--act-bits", "2", "--input-bits", "4"],
+        &[
+            "--weight-bits",
+            "4",
+            "--act-bits",
+            "2",
+            "--input-bits",
+            "4",
+            "--output-weight-bits",
+            "4",
+        ],
     );
     let out = ok(&[
         "eval",
