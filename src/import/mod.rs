@@ -181,3 +181,56 @@ pub fn predict_tract(path: &Path, data: &Array, nhwc: bool) -> Result<Vec<usize>
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/onnx")
+                .join(name),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn damaged_models_are_errors_not_panics() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for name in ["digits_bn.onnx", "digits_res.onnx", "digits_keras.onnx"] {
+            let good = fixture(name);
+            assert!(parse_onnx(&good).is_ok());
+            for _ in 0..300 {
+                let mut b = good.clone();
+                match rng.gen_range(0..3) {
+                    0 => b.truncate(rng.gen_range(0..good.len())),
+                    1 => {
+                        for _ in 0..rng.gen_range(1..8) {
+                            let i = rng.gen_range(0..b.len());
+                            b[i] = rng.gen();
+                        }
+                    }
+                    _ => {
+                        let i = rng.gen_range(0..b.len());
+                        b.insert(i, rng.gen());
+                    }
+                }
+                // Ok (a flip in a float weight) or a clean error; a panic fails the test
+                if let Ok(p) = parse_onnx(&b) {
+                    let x = Array {
+                        shape: vec![1, p.graph.input[0], p.graph.input[1], p.graph.input[2]],
+                        data: vec![0.5; p.graph.input.iter().product()],
+                    };
+                    let _ = p.predict_float(&x);
+                    if let Ok(r) = p.calibrate(&x) {
+                        if let Ok(m) = p.quantize(&r, quantize::QuantConfig::default(), "fuzz") {
+                            let _ = predict_int(&m, &x);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
