@@ -109,6 +109,10 @@ enum Cmd {
     /// broker starts, the edge daemon plays real test digits through GStreamer and publishes
     /// encrypted inferences, the backend agent decrypts them; each label is printed next to
     /// the true label and the plaintext model's.
+    /// Prove this device works: one frame through the GStreamer source and OpenCV, a tiny
+    /// network encrypted with a throwaway key and run on it encrypted, the decrypted logits
+    /// checked bit for bit against the plaintext reference. Exits non-zero on any failure.
+    Selftest(cli::selftest::SelftestArgs),
     Demo {
         /// Test digits played as camera frames.
         #[arg(long, default_value_t = 3)]
@@ -241,6 +245,7 @@ fn run(cli: Cli) -> Result<()> {
                 te,
             )?
         }
+        Cmd::Selftest(args) => cli::selftest::run(args)?,
         Cmd::Agent(args) => cli::agent::run(args)?,
         Cmd::Owner(cmd) => cli::owner::run(cmd)?,
         Cmd::Edge(cmd) => cli::edge::run(cmd)?,

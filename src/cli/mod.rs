@@ -4,3 +4,4 @@ pub mod agent;
 pub mod demo;
 pub mod edge;
 pub mod owner;
+pub mod selftest;
