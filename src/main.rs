@@ -109,10 +109,6 @@ enum Cmd {
     /// broker starts, the edge daemon plays real test digits through GStreamer and publishes
     /// encrypted inferences, the backend agent decrypts them; each label is printed next to
     /// the true label and the plaintext model's.
-    /// Prove this device works: one frame through the GStreamer source and OpenCV, a tiny
-    /// network encrypted with a throwaway key and run on it encrypted, the decrypted logits
-    /// checked bit for bit against the plaintext reference. Exits non-zero on any failure.
-    Selftest(cli::selftest::SelftestArgs),
     Demo {
         /// Test digits played as camera frames.
         #[arg(long, default_value_t = 3)]
@@ -131,6 +127,10 @@ enum Cmd {
         #[arg(long)]
         keep: Option<PathBuf>,
     },
+    /// Prove this device works: one frame through the GStreamer source and OpenCV, a tiny
+    /// network encrypted with a throwaway key and run on it encrypted, the decrypted logits
+    /// checked bit for bit against the plaintext reference. Exits non-zero on any failure.
+    Selftest(cli::selftest::SelftestArgs),
 }
 
 fn main() {
