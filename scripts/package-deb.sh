@@ -43,9 +43,11 @@ owner_arm64() {
     if [[ ! -s "$index" || "$index" -ot "$DEB_CACHE/closure.list" ]]; then
         while read -r file; do
             local pv
-            pv="$(dpkg-deb -f "$DEB_CACHE/$file" Package Version | tr '\n' ' ')"
-            dpkg-deb -c "$DEB_CACHE/$file" | awk -v pv="$pv" '$6 ~ /\.so[.0-9]*$/ {
-                n = $6; sub(".*/", "", n); split(pv, a, " "); print n, a[1], a[2] }'
+            pv="$(dpkg-deb --show --showformat='${Package} ${Version}' "$DEB_CACHE/$file")"
+            # only the loader's directories: plugins and private libraries are not linked
+            dpkg-deb -c "$DEB_CACHE/$file" |
+                awk -v pv="$pv" '$6 ~ "^\\./(usr/)?lib/'"$LIBDIR"'/[^/]+\\.so[.0-9]*$" {
+                    n = $6; sub(".*/", "", n); print n, pv }'
         done <"$DEB_CACHE/closure.list" >"$index.tmp"
         mv "$index.tmp" "$index"
     fi
