@@ -138,8 +138,8 @@ build_sysroot() {
 
 # The environment cargo needs to cross-compile against the sysroot.
 cross_env() {
-    local wrapper="$REPO/target/aarch64-linker"
-    mkdir -p "$REPO/target"
+    # next to the sysroot it names, so two sysroots never share a wrapper
+    local wrapper="$SYSROOT.linker"
     # The linker resolves libraries and the libc linker script inside the sysroot. The C/C++
     # compilers keep their default sysroot: Debian's cross g++ looks for its C++ headers
     # relative to it.

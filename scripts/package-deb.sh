@@ -24,7 +24,6 @@ esac
 MAINTAINER="${FHECAM_DEB_MAINTAINER:-$(git log -1 --format='%an <%ae>' 2>/dev/null)}"
 STAMP="$(git log -1 --format=%ct 2>/dev/null || date +%s)"
 VERSION="$(awk -F'"' '/^version *=/ { print $2; exit }' Cargo.toml)"
-SYSROOT="${FHECAM_AARCH64_SYSROOT:-$REPO/target/aarch64-sysroot}"
 DEB_CACHE="${FHECAM_AARCH64_DEBS:-$REPO/target/aarch64-debs}"
 
 if [[ ! -x "$BIN" ]]; then
@@ -43,6 +42,7 @@ owner_arm64() {
     if [[ ! -s "$index" || "$index" -ot "$DEB_CACHE/closure.list" ]]; then
         while read -r file; do
             local pv
+            # shellcheck disable=SC2016 # dpkg-deb's fields, not shell variables
             pv="$(dpkg-deb --show --showformat='${Package} ${Version}' "$DEB_CACHE/$file")"
             # only the loader's directories: plugins and private libraries are not linked
             dpkg-deb -c "$DEB_CACHE/$file" |
