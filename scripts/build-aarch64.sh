@@ -98,7 +98,7 @@ download_packages() {
         <closure.list)"
     if [[ -n "$missing" ]]; then
         log "not downloaded (check apt's sources and network): $missing"
-        exit 1
+        return 1
     fi
 }
 
@@ -168,7 +168,8 @@ EOF
 main() {
     install_host_packages
     enable_arm64_lists
-    download_packages
+    # stale package lists name versions the mirror no longer has: refresh them once
+    download_packages || { apt-get update && download_packages; }
     build_sysroot
     cross_env
     if [[ "${1:-}" == --env-only ]]; then
