@@ -131,6 +131,10 @@ enum Cmd {
         #[arg(long)]
         keep: Option<PathBuf>,
     },
+    /// Prove this device works: one frame through the GStreamer source and OpenCV, a tiny
+    /// network encrypted with a throwaway key and run on it encrypted, the decrypted logits
+    /// checked bit for bit against the plaintext reference. Exits non-zero on any failure.
+    Selftest(cli::selftest::SelftestArgs),
 }
 
 fn main() {
@@ -249,6 +253,7 @@ fn run(cli: Cli) -> Result<()> {
                 te,
             )?
         }
+        Cmd::Selftest(args) => cli::selftest::run(args)?,
         Cmd::Agent(args) => cli::agent::run(args)?,
         Cmd::Owner(cmd) => cli::owner::run(cmd)?,
         Cmd::Edge(cmd) => cli::edge::run(cmd)?,

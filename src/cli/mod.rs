@@ -5,3 +5,4 @@ pub mod demo;
 pub mod edge;
 pub mod import;
 pub mod owner;
+pub mod selftest;
