@@ -12,8 +12,9 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TARGET=aarch64-unknown-linux-gnu
 TRIPLET=aarch64-linux-gnu
-SYSROOT="${FHECAM_AARCH64_SYSROOT:-$REPO/target/aarch64-sysroot}"
-DEB_CACHE="${FHECAM_AARCH64_DEBS:-$REPO/target/aarch64-debs}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
+SYSROOT="${FHECAM_AARCH64_SYSROOT:-$TARGET_DIR/aarch64-sysroot}"
+DEB_CACHE="${FHECAM_AARCH64_DEBS:-$TARGET_DIR/aarch64-debs}"
 export DEBIAN_FRONTEND=noninteractive
 
 # What the build links against and what `fhecam selftest` needs at run time under qemu
@@ -178,7 +179,8 @@ main() {
     cd "$REPO"
     local t0=$SECONDS
     cargo build --release --locked --target "$TARGET" "$@"
-    log "built target/$TARGET/release/fhecam in $((SECONDS - t0)) s ($(stat -c %s "target/$TARGET/release/fhecam") bytes)"
+    local bin="$TARGET_DIR/$TARGET/release/fhecam"
+    log "built $bin in $((SECONDS - t0)) s ($(stat -c %s "$bin") bytes)"
 }
 
 main "$@"

@@ -11,9 +11,10 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 ARCH="${1:-}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
 case "$ARCH" in
-amd64) BIN=target/release/fhecam STRIP=strip LIBDIR=x86_64-linux-gnu ;;
-arm64) BIN=target/aarch64-unknown-linux-gnu/release/fhecam STRIP=aarch64-linux-gnu-strip
+amd64) BIN="$TARGET_DIR/release/fhecam" STRIP=strip LIBDIR=x86_64-linux-gnu ;;
+arm64) BIN="$TARGET_DIR/aarch64-unknown-linux-gnu/release/fhecam" STRIP=aarch64-linux-gnu-strip
     LIBDIR=aarch64-linux-gnu ;;
 *)
     echo "usage: $0 amd64|arm64" >&2
@@ -24,7 +25,7 @@ esac
 MAINTAINER="${FHECAM_DEB_MAINTAINER:-$(git log -1 --format='%an <%ae>' 2>/dev/null)}"
 STAMP="$(git log -1 --format=%ct 2>/dev/null || date +%s)"
 VERSION="$(awk -F'"' '/^version *=/ { print $2; exit }' Cargo.toml)"
-DEB_CACHE="${FHECAM_AARCH64_DEBS:-$REPO/target/aarch64-debs}"
+DEB_CACHE="${FHECAM_AARCH64_DEBS:-$TARGET_DIR/aarch64-debs}"
 
 if [[ ! -x "$BIN" ]]; then
     if [[ "$ARCH" == arm64 ]]; then bash scripts/build-aarch64.sh; else cargo build --release --locked; fi

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The aarch64 check (not part of scripts/test.sh; see docs/ARM.md for why): cross-builds
+# The aarch64 check (the last part of scripts/test.sh, see docs/ARM.md): cross-builds
 # fhecam for Debian 12 arm64 (scripts/build-aarch64.sh), runs `fhecam selftest` on the
 # aarch64 binary under qemu-aarch64-static with the arm64 sysroot's libraries, then the
 # aarch64 integration tests. Leaves the binary at
-# target/aarch64-unknown-linux-gnu/release/fhecam. Run as root on Debian 12.
+# target/aarch64-unknown-linux-gnu/release/fhecam (under CARGO_TARGET_DIR when that is
+# set). Run as root on Debian 12.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 export DEBIAN_FRONTEND=noninteractive
-SYSROOT="${FHECAM_AARCH64_SYSROOT:-$REPO/target/aarch64-sysroot}"
-BIN="target/aarch64-unknown-linux-gnu/release/fhecam"
+TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
+SYSROOT="${FHECAM_AARCH64_SYSROOT:-$TARGET_DIR/aarch64-sysroot}"
+BIN="$TARGET_DIR/aarch64-unknown-linux-gnu/release/fhecam"
 
 bash scripts/build-aarch64.sh
 ls -l "$BIN"

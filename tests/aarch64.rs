@@ -61,7 +61,10 @@ fn read_elf(path: &Path) -> ElfInfo {
 }
 
 fn aarch64_binary() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/aarch64-unknown-linux-gnu/release/fhecam")
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("aarch64-unknown-linux-gnu/release/fhecam")
 }
 
 #[test]
