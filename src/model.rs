@@ -28,11 +28,6 @@ pub const MAX_INPUT_BITS: u8 = 8;
 /// Largest number of levels a layer's weights may span (8-bit weights).
 pub const MAX_WEIGHT_SPAN: i16 = 255;
 
-/// Base-4 digits of an activation of this many bits.
-pub fn act_digits(bits: u8) -> usize {
-    (bits as usize).div_ceil(2).max(1)
-}
-
 #[derive(Debug, Error, PartialEq)]
 pub enum ModelError {
     #[error("model format version {found} is not supported (this fhecam reads version {expected}); re-export the model with this version")]

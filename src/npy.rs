@@ -34,6 +34,21 @@ impl Array {
     pub fn sample_len(&self) -> usize {
         self.shape.iter().skip(1).product()
     }
+    /// Checks that this holds at least one (C, H, W) sample of finite values.
+    pub fn check_samples(&self, chw: [usize; 3], what: &str) -> Result<(), String> {
+        let [c, h, w] = chw;
+        if self.shape.len() != 4 || self.shape[1..] != chw || self.samples() == 0 {
+            return Err(format!(
+                "{what} has shape {:?}; the model takes (N, {c}, {h}, {w}) float32 samples",
+                self.shape
+            ));
+        }
+        if self.data.iter().any(|v| !v.is_finite()) {
+            return Err(format!("{what} contains NaN or infinite values"));
+        }
+        Ok(())
+    }
+
     pub fn sample(&self, i: usize) -> &[f32] {
         let n = self.sample_len();
         &self.data[i * n..(i + 1) * n]

@@ -307,13 +307,8 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         (None, None) => bail!("give --data X.npy --labels y.txt, or --dataset digits"),
     };
     let [c, h, w] = [model.input.channels, model.input.height, model.input.width];
-    if data.shape.len() != 4 || data.shape[1..] != [c, h, w] || data.samples() == 0 {
-        bail!(
-            "data has shape {:?}; model {} takes (N, {c}, {h}, {w}) float32 samples",
-            data.shape,
-            a.model.display()
-        );
-    }
+    data.check_samples([c, h, w], "the data")
+        .map_err(|e| anyhow::anyhow!("{e} (model {})", a.model.display()))?;
     let t = Instant::now();
     let int = predict_int(&model, &data)?;
     let accuracy_plain = accuracy(&int, &labels);

@@ -334,16 +334,6 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Applies `g` (defined on the accumulator's value S) exactly; the result is an
-    /// activation in `min g ..= max g`.
-    pub fn apply_table(
-        &self,
-        acc: Acc<B::Ct>,
-        g: &dyn Fn(i64) -> i64,
-    ) -> Result<Val<B::Ct>, CircuitError> {
-        Ok(self.apply_table_digits(acc, g, 1, None)?.pop().unwrap())
-    }
-
     /// Applies `g` (values in `0..4^nd`) exactly and returns its `nd` base-4 digits, least
     /// significant first. The accumulator is carried once; each output digit is its own
     /// table over it. `span` (in units of the accumulator's value S), when given, is where

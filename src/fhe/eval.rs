@@ -50,14 +50,19 @@ pub fn act_digits(max: u8) -> usize {
     digits_for(max as u64)
 }
 
+/// Base-4 digits of one input value.
+fn input_value_digits(model: &Model) -> usize {
+    act_digits(((1u16 << model.input.bits) - 1) as u8)
+}
+
 /// Ciphertexts in an encrypted input: one per base-4 digit of every input value.
 pub fn input_ciphertexts(model: &Model) -> usize {
-    model.input.len() * act_digits(((1u16 << model.input.bits) - 1) as u8)
+    model.input.len() * input_value_digits(model)
 }
 
 /// Splits quantized input values into the base-4 digits the engine encrypts.
 pub fn input_digits(model: &Model, input: &[u8]) -> Vec<u64> {
-    let nd = act_digits(((1u16 << model.input.bits) - 1) as u8);
+    let nd = input_value_digits(model);
     input
         .iter()
         .flat_map(|&v| (0..nd).map(move |k| ((v as u64) >> (2 * k)) & 3))
@@ -223,7 +228,7 @@ pub fn run<B: Backend>(
         });
     }
     let xmax = (1i64 << model.input.bits) - 1;
-    let nd = act_digits(xmax as u8);
+    let nd = input_value_digits(model);
     let mut it = input.into_iter();
     let mut vals: Vec<Tensor<B::Ct>> = vec![Tensor::Act(
         (0..model.input.len())

@@ -77,19 +77,8 @@ pub fn parse_onnx(bytes: &[u8]) -> Result<Parsed, ImportError> {
 impl Parsed {
     /// Checks that data samples have the model's (C, H, W).
     pub fn check_data(&self, data: &Array, what: &str) -> Result<(), ImportError> {
-        let [c, h, w] = self.graph.input;
-        if data.shape.len() != 4 || data.shape[1..] != [c, h, w] || data.samples() == 0 {
-            return Err(ImportError::Shape(format!(
-                "{what} has shape {:?}; the model takes (N, {c}, {h}, {w}) float32 samples",
-                data.shape
-            )));
-        }
-        if data.data.iter().any(|v| !v.is_finite()) {
-            return Err(ImportError::Shape(format!(
-                "{what} contains NaN or infinite values"
-            )));
-        }
-        Ok(())
+        data.check_samples(self.graph.input, what)
+            .map_err(ImportError::Shape)
     }
 
     /// Float predictions of the parsed graph (our own forward pass; used for calibration).
@@ -119,16 +108,11 @@ impl Parsed {
     }
 }
 
-/// The integer model's input for one float sample.
-pub fn quantize_input(model: &Model, sample: &[f32]) -> Vec<u8> {
-    model.input.quantize(sample)
-}
-
 /// Predictions of the integer model (the plaintext reference the engine equals).
 pub fn predict_int(model: &Model, data: &Array) -> Result<Vec<usize>, ModelError> {
     (0..data.samples())
         .map(|i| {
-            reference::evaluate(model, &quantize_input(model, data.sample(i)))
+            reference::evaluate(model, &model.input.quantize(data.sample(i)))
                 .map(|l| reference::argmax(&l))
         })
         .collect()
