@@ -11,6 +11,7 @@
 //! model id             16 bytes
 //! model version        u32
 //! sequence number      u64
+//! camera epoch         u64 (schema 2 on; schema 1 envelopes read as epoch 0)
 //! frame timestamp      u64, unix milliseconds
 //! ciphertext           u32 length + bytes (`EncryptedOutput::to_bytes`)
 //! ```
@@ -23,11 +24,13 @@ use crate::ids::ModelId;
 use thiserror::Error;
 
 pub const MAGIC: &[u8; 4] = b"FHCR";
-pub const SCHEMA_VERSION: u16 = 1;
+pub const SCHEMA_VERSION: u16 = 2;
+/// Schema 1 had no camera epoch; still read, so outboxes written before the upgrade drain.
+pub const OLDEST_SCHEMA_VERSION: u16 = 1;
 pub const MAX_ID_LEN: usize = 64;
 /// Largest ciphertext carried (the encrypted output limit).
 pub const MAX_CIPHERTEXT_BYTES: usize = crate::fhe::limits::OUTPUT as usize;
-const FIXED_BYTES: usize = 4 + 2 + 1 + 1 + 16 + 4 + 8 + 8 + 4;
+const FIXED_BYTES: usize = 4 + 2 + 1 + 1 + 16 + 4 + 8 + 8 + 8 + 4;
 /// Largest envelope: the fixed fields, two longest ids and the largest ciphertext.
 pub const MAX_ENVELOPE_BYTES: usize = FIXED_BYTES + 2 * MAX_ID_LEN + MAX_CIPHERTEXT_BYTES;
 
@@ -36,7 +39,7 @@ pub enum EnvelopeError {
     #[error("not an fhecam result envelope (bad magic bytes)")]
     Magic,
     #[error(
-        "result envelope schema version {found} is unknown (this fhecam reads {SCHEMA_VERSION})"
+        "result envelope schema version {found} is unknown (this fhecam reads {OLDEST_SCHEMA_VERSION} to {SCHEMA_VERSION})"
     )]
     UnknownSchema { found: u16 },
     #[error("result envelope truncated: {field}")]
@@ -61,6 +64,10 @@ pub struct Envelope {
     pub model_version: u32,
     /// Per device and camera, increasing: lets the owner spot gaps and replays.
     pub sequence: u64,
+    /// Random per outbox, drawn when the camera's outbox is created: a reset outbox (new
+    /// disk, sequence back to 0) starts a new epoch, so its results are not taken for
+    /// replays of the old ones.
+    pub epoch: u64,
     /// When the frame was captured, unix milliseconds.
     pub frame_timestamp_ms: u64,
     /// `EncryptedOutput::to_bytes()`.
@@ -106,6 +113,7 @@ pub fn encode(e: &Envelope) -> Result<Vec<u8>, EnvelopeError> {
     out.extend_from_slice(&e.model_id.0);
     out.extend_from_slice(&e.model_version.to_le_bytes());
     out.extend_from_slice(&e.sequence.to_le_bytes());
+    out.extend_from_slice(&e.epoch.to_le_bytes());
     out.extend_from_slice(&e.frame_timestamp_ms.to_le_bytes());
     out.extend_from_slice(&(e.ciphertext.len() as u32).to_le_bytes());
     out.extend_from_slice(&e.ciphertext);
@@ -153,7 +161,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
         });
     }
     let version = u16::from_le_bytes(r.array("schema version")?);
-    if version != SCHEMA_VERSION {
+    if !(OLDEST_SCHEMA_VERSION..=SCHEMA_VERSION).contains(&version) {
         return Err(EnvelopeError::UnknownSchema { found: version });
     }
     let device_id = r.id("device id")?;
@@ -161,6 +169,11 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
     let model_id = ModelId(r.array("model id")?);
     let model_version = u32::from_le_bytes(r.array("model version")?);
     let sequence = u64::from_le_bytes(r.array("sequence number")?);
+    let epoch = if version >= 2 {
+        u64::from_le_bytes(r.array("camera epoch")?)
+    } else {
+        0
+    };
     let frame_timestamp_ms = u64::from_le_bytes(r.array("frame timestamp")?);
     let n = u32::from_le_bytes(r.array("ciphertext length")?) as usize;
     if n > MAX_CIPHERTEXT_BYTES {
@@ -180,6 +193,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
         model_id,
         model_version,
         sequence,
+        epoch,
         frame_timestamp_ms,
         ciphertext,
     })
@@ -196,6 +210,7 @@ mod tests {
             model_id: ModelId([0xab; 16]),
             model_version: 3,
             sequence: u64::MAX - 1,
+            epoch: 0x0123_4567_89ab_cdef,
             frame_timestamp_ms: 1_700_000_000_123,
             ciphertext: vec![1, 2, 3, 4, 5],
         }
@@ -207,6 +222,19 @@ mod tests {
         let b = encode(&e).unwrap();
         assert_eq!(b.len(), FIXED_BYTES + 11 + 12 + 5);
         assert_eq!(decode(&b).unwrap(), e);
+    }
+
+    #[test]
+    fn schema_1_reads_as_epoch_0() {
+        let e = sample();
+        let b = encode(&e).unwrap();
+        // schema 1: the same bytes without the epoch
+        let at = 4 + 2 + 1 + e.device_id.len() + 1 + e.camera_id.len() + 16 + 4 + 8;
+        let mut v1 = b[..at].to_vec();
+        v1.extend_from_slice(&b[at + 8..]);
+        v1[4] = 1;
+        let got = decode(&v1).unwrap();
+        assert_eq!(got, Envelope { epoch: 0, ..e });
     }
 
     #[test]
@@ -226,10 +254,10 @@ mod tests {
         t.push(0);
         assert_eq!(decode(&t).unwrap_err(), EnvelopeError::Trailing(1));
         let mut t = b.clone();
-        t[4] = 2;
+        t[4] = 3;
         assert_eq!(
             decode(&t).unwrap_err(),
-            EnvelopeError::UnknownSchema { found: 2 }
+            EnvelopeError::UnknownSchema { found: 3 }
         );
         assert_eq!(decode(b"PNG\0xxxx").unwrap_err(), EnvelopeError::Magic);
         let big = vec![0u8; MAX_ENVELOPE_BYTES + 1];

@@ -193,6 +193,39 @@ impl Store {
         Self::open(path)
     }
 
+    /// Opens an existing, initialised database read-only: the backend agent and checks
+    /// never write the owner's database, and an empty file is refused, not initialised.
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Missing(path.into()));
+        }
+        check_mode(path)?;
+        let sql = |source| StoreError::Sqlite {
+            path: path.into(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sql)?;
+        if version != SCHEMA_VERSION {
+            return Err(StoreError::Schema {
+                path: path.into(),
+                found: version,
+            });
+        }
+        Ok(Store {
+            conn,
+            path: path.into(),
+        })
+    }
+
     /// Opens an existing database.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if !path.exists() {

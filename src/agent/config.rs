@@ -58,6 +58,8 @@ pub struct AgentMqtt {
     pub username: Option<String>,
     /// Prefer the FHECAM_MQTT__PASSWORD environment variable.
     pub password: Option<String>,
+    /// TLS (rustls) when set.
+    pub tls: Option<crate::mqtt::TlsConfig>,
 }
 
 impl Default for AgentMqtt {
@@ -75,6 +77,7 @@ impl Default for AgentMqtt {
             reconnect_backoff_max_s: 30.0,
             username: None,
             password: None,
+            tls: None,
         }
     }
 }
@@ -195,6 +198,13 @@ impl AgentConfig {
             return bad("mqtt reconnect backoffs must be positive".into());
         }
         Ok(())
+    }
+
+    pub fn client_id(&self) -> String {
+        self.mqtt
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("fhecam-agent-{}", self.mqtt.group))
     }
 
     /// `$share/<group>/<prefix>/+/+/inference`

@@ -3,7 +3,7 @@
 //! keep the agent from being a decryption oracle for the edge.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// `<prefix>/<device>/<camera>/inference` → (device, camera).
 pub fn parse_topic<'a>(prefix: &str, topic: &'a str) -> Option<(&'a str, &'a str)> {
@@ -32,21 +32,36 @@ impl RateLimiter {
         }
     }
 
-    /// Takes one token for `device`; false when it is over its limit.
-    pub fn allow(&mut self, device: &str, now: Instant) -> bool {
+    fn refill(&mut self, device: &str, now: Instant) -> &mut f64 {
+        let (per_sec, burst) = (self.per_sec, self.burst);
         let (tokens, last) = self
             .buckets
             .entry(device.to_string())
-            .or_insert((self.burst, now));
-        let refill = now.saturating_duration_since(*last).as_secs_f64() * self.per_sec;
-        *tokens = (*tokens + refill).min(self.burst);
+            .or_insert((burst, now));
+        let refill = now.saturating_duration_since(*last).as_secs_f64() * per_sec;
+        *tokens = (*tokens + refill).min(burst);
         *last = now;
+        tokens
+    }
+
+    /// Takes one token for `device`; false when it is over its limit.
+    pub fn allow(&mut self, device: &str, now: Instant) -> bool {
+        let tokens = self.refill(device, now);
         if *tokens >= 1.0 {
             *tokens -= 1.0;
             true
         } else {
             false
         }
+    }
+
+    /// How long until `device` has a token again (zero if it has one now).
+    pub fn wait(&mut self, device: &str, now: Instant) -> Duration {
+        let per_sec = self.per_sec;
+        let missing = (1.0 - *self.refill(device, now)).max(0.0);
+        // config bounds keep per_sec positive and finite; cap anyway, a Duration must not
+        // overflow
+        Duration::from_secs_f64((missing / per_sec).min(3600.0))
     }
 }
 
@@ -77,7 +92,6 @@ pub fn check_range(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn topics() {
@@ -101,6 +115,9 @@ mod tests {
         assert!(r.allow("b", t), "per device");
         assert!(r.allow("a", t + Duration::from_millis(1100)));
         assert!(!r.allow("a", t + Duration::from_millis(1200)));
+        let w = r.wait("a", t + Duration::from_millis(1200));
+        assert!(w > Duration::from_millis(850) && w <= Duration::from_millis(900), "{w:?}");
+        assert_eq!(r.wait("b", t), Duration::ZERO);
     }
 
     #[test]

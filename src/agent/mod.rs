@@ -5,6 +5,9 @@
 pub mod agent;
 pub mod config;
 pub mod guard;
+pub mod processor;
+pub mod session;
 
-pub use agent::{run, AgentError, AgentStats, Outcome, Processor};
+pub use agent::{run, AgentStats};
+pub use processor::{AgentError, Processor};
 pub use config::AgentConfig;

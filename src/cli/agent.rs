@@ -10,8 +10,9 @@ pub struct AgentArgs {
     /// Backend configuration (TOML); FHECAM_* environment variables override it.
     #[arg(long, default_value = "/etc/fhecam/backend.toml")]
     config: PathBuf,
-    /// Check the configuration, the databases and the passphrase, then exit without
-    /// connecting.
+    /// Check without connecting or writing anything: the configuration's values, the owner
+    /// database (opened read-only), that the passphrase unseals every model's key, the
+    /// passphrase file's mode (0600), the state database, the TLS files.
     #[arg(long)]
     check: bool,
 }
@@ -23,17 +24,22 @@ pub fn run(args: AgentArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    if args.check {
+        // reads only: the owner database read-only, the state database if present
+        let p = agent::processor::preflight(&cfg)?;
+        println!(
+            "config {}: ok; owner database {} read-only: {} model version(s), every key unseals \
+             with the passphrase; state {}; client id {}; subscription {}",
+            args.config.display(),
+            cfg.db.display(),
+            p.models,
+            p.state,
+            cfg.client_id(),
+            cfg.subscription()
+        );
+        return Ok(());
+    }
     rt.block_on(async move {
-        if args.check {
-            let p = tokio::task::block_in_place(|| agent::Processor::new(cfg.clone()))?;
-            drop(p);
-            println!(
-                "config {}: ok; databases open; subscription {}",
-                args.config.display(),
-                cfg.subscription()
-            );
-            return Ok(());
-        }
         let shutdown = CancellationToken::new();
         {
             let shutdown = shutdown.clone();

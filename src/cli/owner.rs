@@ -519,6 +519,8 @@ fn infer(
         rt.threads()
     );
 
+    // each run numbers its results from 0: its own epoch keeps them apart from other runs'
+    let epoch = rand::random::<u64>().max(1);
     for (seq, (img, out)) in images.iter().zip(&outputs).enumerate() {
         let t = Instant::now();
         let frame_ms = now_ms();
@@ -530,6 +532,7 @@ fn infer(
             model_id: h.model_id,
             model_version: h.version,
             sequence: seq as u64,
+            epoch,
             frame_timestamp_ms: frame_ms,
             ciphertext: res.to_bytes()?,
         };

@@ -174,6 +174,7 @@ fn infer_worker(
                     model_id: ctx.model_id,
                     model_version: ctx.model_version,
                     sequence: 0, // given by the outbox
+                    epoch: 0,    // likewise
                     frame_timestamp_ms: ts,
                     ciphertext,
                 };

@@ -23,6 +23,7 @@ pub enum OutboxError {
 
 const SUFFIX: &str = ".env";
 const NEXT_SEQ_FILE: &str = "next_seq";
+const EPOCH_FILE: &str = "epoch";
 
 pub struct Outbox {
     dir: PathBuf,
@@ -30,6 +31,7 @@ pub struct Outbox {
     max_entry_bytes: u64,
     entries: BTreeSet<u64>,
     next_seq: u64,
+    epoch: u64,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OutboxError + '_ {
@@ -39,6 +41,14 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OutboxError + '_ {
     }
 }
 
+/// Makes a rename or removal in `dir` durable: without it a power cut can lose the new
+/// directory entry even though the file's data was synced.
+fn sync_dir(dir: &Path) -> Result<(), OutboxError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one.
 fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), OutboxError> {
     let tmp = path.with_extension("tmp");
@@ -46,7 +56,22 @@ fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), OutboxError> {
     f.write_all(bytes).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))?;
-    Ok(())
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// The outbox's epoch, drawn (non-zero) the first time the directory is used.
+fn read_or_make_epoch(dir: &Path) -> Result<u64, OutboxError> {
+    let p = dir.join(EPOCH_FILE);
+    if let Some(e) = fs::read_to_string(&p)
+        .ok()
+        .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+        .filter(|&e| e != 0)
+    {
+        return Ok(e);
+    }
+    let e = rand::random::<u64>().max(1);
+    write_durable(&p, format!("{e:016x}\n").as_bytes())?;
+    Ok(e)
 }
 
 impl Outbox {
@@ -79,17 +104,25 @@ impl Outbox {
             Err(_) => 0,
         };
         let next_seq = stored.max(entries.last().map_or(0, |s| s + 1));
+        let epoch = read_or_make_epoch(dir)?;
         Ok(Outbox {
             dir: dir.into(),
             max_entries,
             max_entry_bytes,
             entries,
             next_seq,
+            epoch,
         })
     }
 
     fn path(&self, seq: u64) -> PathBuf {
         self.dir.join(format!("{seq:020}{SUFFIX}"))
+    }
+
+    /// This outbox's epoch (see `Envelope::epoch`): it changes only when the directory is
+    /// lost and made anew.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The sequence number the next entry will get (sequences never repeat, across
@@ -125,7 +158,7 @@ impl Outbox {
         if self.entries.remove(&seq) {
             let p = self.path(seq);
             match fs::remove_file(&p) {
-                Ok(()) => {}
+                Ok(()) => sync_dir(&self.dir)?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err(&p)(e)),
             }
@@ -196,5 +229,15 @@ mod tests {
         let o = Outbox::open(d.path(), 3, 1 << 20).unwrap();
         assert!(o.is_empty());
         assert_eq!(o.next_seq(), 5);
+    }
+
+    #[test]
+    fn epoch_is_kept_and_a_new_directory_gets_a_new_one() {
+        let d = tempfile::tempdir().unwrap();
+        let e = Outbox::open(d.path(), 3, 1 << 20).unwrap().epoch();
+        assert_ne!(e, 0);
+        assert_eq!(Outbox::open(d.path(), 3, 1 << 20).unwrap().epoch(), e);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(Outbox::open(other.path(), 3, 1 << 20).unwrap().epoch(), e);
     }
 }

@@ -165,6 +165,7 @@ struct Publisher<'a> {
 impl Publisher<'_> {
     fn store(&mut self, f: Finished) -> Result<(), PublishError> {
         let mut env = f.envelope;
+        env.epoch = self.outbox.epoch();
         let mut encode_err = None;
         let (_, dropped) = self.outbox.push(|seq| {
             env.sequence = seq;

@@ -1,0 +1,422 @@
+//! What the agent decides about one inference, without network I/O: the cheap checks (no
+//! token, no decryption), the decryption with its checks, and the record of what reached
+//! the cockpit. Owns the databases; synchronous, run on the agent's worker thread.
+
+use super::config::AgentConfig;
+use super::guard::{check_range, parse_topic};
+use crate::envelope::{self, Envelope};
+use crate::fhe::eval::OutputLayout;
+use crate::fhe::{EncryptedOutput, OwnerKeys};
+use crate::ids::{rfc3339, ModelId};
+use crate::model::Kind;
+use crate::secret::Passphrase;
+use crate::store::Store;
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("agent state database {path}: {msg}")]
+    State { path: String, msg: String },
+    #[error("passphrase: {0}")]
+    Passphrase(String),
+    #[error("MQTT: {0}")]
+    Mqtt(String),
+}
+
+/// One inference as the agent deduplicates it: a reset outbox starts a new epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub device: String,
+    pub camera: String,
+    pub epoch: u64,
+    pub sequence: u64,
+}
+
+/// An inference that passed every check that costs no decryption.
+pub struct Checked {
+    pub key: Key,
+    pub model: ModelId,
+    env: Envelope,
+    out: EncryptedOutput,
+}
+
+/// The verdict of the cheap checks.
+pub enum Step {
+    /// Refused; nothing decrypted.
+    Dead(String),
+    /// Its result already reached the cockpit (QoS 1 redelivery or a replay).
+    Duplicate,
+    Ready(Box<Checked>),
+    /// The agent's own state failed: stop without acknowledging (the broker redelivers).
+    Fatal(AgentError),
+}
+
+/// A cockpit result.
+#[derive(Serialize)]
+pub struct CockpitResult<'a> {
+    pub device_id: &'a str,
+    pub camera_id: &'a str,
+    pub model_id: String,
+    pub model_version: u32,
+    /// With `sequence`, identifies the inference: a consumer that must see each result
+    /// once deduplicates on (device_id, camera_id, epoch, sequence).
+    pub epoch: u64,
+    pub sequence: u64,
+    pub label: usize,
+    pub frame_timestamp_ms: u64,
+    pub frame_time: String,
+    pub decrypt_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logits: Option<Vec<i64>>,
+}
+
+struct Known {
+    version: u32,
+    keys: OwnerKeys,
+    layout: OutputLayout,
+    lo: i64,
+    hi: i64,
+    classes: usize,
+}
+
+pub struct Processor {
+    cfg: AgentConfig,
+    store: Store,
+    state: rusqlite::Connection,
+    pass: Passphrase,
+    models: HashMap<ModelId, Known>,
+    logits_for: HashSet<ModelId>,
+}
+
+/// Reads the passphrase (file or FHECAM_OWNER_PASSPHRASE); a passphrase file readable by
+/// others is refused.
+pub fn read_passphrase(cfg: &AgentConfig) -> Result<Passphrase, AgentError> {
+    let raw = match &cfg.passphrase_file {
+        Some(p) => {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(p)
+                .map_err(|e| AgentError::Passphrase(format!("{}: {e}", p.display())))?;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(AgentError::Passphrase(format!(
+                    "{} has mode {mode:04o}: it holds a secret, make it 0600 (chmod 600)",
+                    p.display()
+                )));
+            }
+            let text = crate::bundle::read_limited(p, 4096)
+                .map_err(|e| AgentError::Passphrase(format!("{}: {e}", p.display())))?;
+            String::from_utf8(text)
+                .map_err(|_| AgentError::Passphrase(format!("{} is not UTF-8", p.display())))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string()
+        }
+        None => std::env::var("FHECAM_OWNER_PASSPHRASE").map_err(|_| {
+            AgentError::Passphrase(
+                "set FHECAM_OWNER_PASSPHRASE or passphrase_file to unseal the model keys".into(),
+            )
+        })?,
+    };
+    Passphrase::new(raw).map_err(|e| AgentError::Passphrase(e.to_string()))
+}
+
+const STATE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS results (
+         device TEXT NOT NULL, camera TEXT NOT NULL, epoch INTEGER NOT NULL,
+         sequence INTEGER NOT NULL, model_id TEXT NOT NULL, published_unix INTEGER NOT NULL,
+         PRIMARY KEY (device, camera, epoch, sequence));";
+
+fn state_err(path: &Path) -> impl Fn(rusqlite::Error) -> AgentError + '_ {
+    move |e| AgentError::State {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    }
+}
+
+fn open_state(path: &Path) -> Result<rusqlite::Connection, AgentError> {
+    let err = state_err(path);
+    if !path.exists() {
+        // created 0600 before SQLite touches it: it records which devices sent what
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| AgentError::State {
+                path: path.display().to_string(),
+                msg: e.to_string(),
+            })?;
+    }
+    let c = rusqlite::Connection::open(path).map_err(&err)?;
+    // several agents may share the file
+    c.busy_timeout(Duration::from_secs(5)).map_err(&err)?;
+    c.execute_batch(STATE_SCHEMA).map_err(&err)?;
+    // state written before camera epochs: those inferences were schema-1 envelopes (epoch 0)
+    let old: i64 = c
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'seen'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(&err)?;
+    if old > 0 {
+        c.execute_batch(
+            "BEGIN;
+             INSERT OR IGNORE INTO results
+                 SELECT device, camera, 0, sequence, model_id, decrypted_unix FROM seen;
+             DROP TABLE seen;
+             COMMIT;",
+        )
+        .map_err(&err)?;
+    }
+    Ok(c)
+}
+
+/// What `fhecam agent --check` verified.
+pub struct Preflight {
+    pub models: usize,
+    pub state: String,
+}
+
+/// Checks what the agent needs, writing nothing: the owner database opens read-only, the
+/// passphrase unseals every model's key, the state database is usable or can be created.
+pub fn preflight(cfg: &AgentConfig) -> Result<Preflight, AgentError> {
+    if let Some(t) = &cfg.mqtt.tls {
+        crate::mqtt::tls_transport(t).map_err(|e| AgentError::Mqtt(e.to_string()))?;
+    }
+    let store = Store::open_read_only(&cfg.db)?;
+    let pass = read_passphrase(cfg)?;
+    let list = store.list()?;
+    for m in &list {
+        store.owner_keys(&m.id, &pass).map_err(|e| {
+            AgentError::Passphrase(format!(
+                "cannot unseal the key of model {} ({} version {}): {e}",
+                m.id, m.name, m.version
+            ))
+        })?;
+    }
+    let p = &cfg.state_db;
+    let state = if p.exists() {
+        let err = state_err(p);
+        let c = rusqlite::Connection::open_with_flags(p, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(&err)?;
+        c.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map_err(&err)?;
+        format!("{} readable", p.display())
+    } else {
+        let parent = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            return Err(AgentError::State {
+                path: p.display().to_string(),
+                msg: format!("its directory {} does not exist", parent.display()),
+            });
+        }
+        format!("{} will be created at start", p.display())
+    };
+    Ok(Preflight {
+        models: list.len(),
+        state,
+    })
+}
+
+impl Processor {
+    pub fn new(cfg: AgentConfig) -> Result<Self, AgentError> {
+        let store = Store::open_read_only(&cfg.db)?;
+        let state = open_state(&cfg.state_db)?;
+        let pass = read_passphrase(&cfg)?;
+        let logits_for = cfg
+            .logits_for
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        Ok(Processor {
+            cfg,
+            store,
+            state,
+            pass,
+            models: HashMap::new(),
+            logits_for,
+        })
+    }
+
+    fn known(&mut self, id: &ModelId) -> Result<&Known, String> {
+        if !self.models.contains_key(id) {
+            let rec = self
+                .store
+                .public_record(id)
+                .map_err(|_| format!("model id {id} is not in the database"))?;
+            let (_, layout) =
+                crate::fhe::eval::plan(&rec.arch).map_err(|e| format!("model {id}: {e}"))?;
+            let infos = rec.arch.infer().map_err(|e| format!("model {id}: {e}"))?;
+            let (lo, hi) = match infos.last().map(|i| i.kind) {
+                Some(Kind::Acc { lo, hi }) => (lo, hi),
+                Some(Kind::Act { max }) => (0, max as i64),
+                None => return Err(format!("model {id} has no output")),
+            };
+            let keys = self.store.owner_keys(id, &self.pass).map_err(|e| {
+                tracing::error!("cannot unseal the key of model {id}: {e}");
+                format!("the key of model {id} cannot be unsealed")
+            })?;
+            self.models.insert(
+                *id,
+                Known {
+                    version: rec.summary.version,
+                    keys,
+                    layout,
+                    lo,
+                    hi,
+                    classes: rec.arch.num_classes,
+                },
+            );
+        }
+        Ok(&self.models[id])
+    }
+
+    /// Whether the result of `key` already reached the cockpit.
+    pub fn published(&self, key: &Key) -> Result<bool, AgentError> {
+        use rusqlite::OptionalExtension;
+        self.state
+            .query_row(
+                "SELECT 1 FROM results
+                 WHERE device = ?1 AND camera = ?2 AND epoch = ?3 AND sequence = ?4",
+                rusqlite::params![
+                    key.device,
+                    key.camera,
+                    key.epoch as i64,
+                    key.sequence as i64
+                ],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(state_err(&self.cfg.state_db))
+    }
+
+    /// The checks that cost no decryption: size, topic, envelope, sender, duplicate, model,
+    /// version, ciphertext format and layout. No rate-limit token is taken here, so junk on
+    /// a camera's topic cannot use up that camera's decryptions.
+    pub fn check(&mut self, topic: &str, payload: &[u8]) -> Step {
+        let dead = |reason: String| Step::Dead(reason);
+        if payload.len() > self.cfg.limits.max_payload_bytes {
+            return dead(format!(
+                "oversized: {} bytes, over the {}-byte limit",
+                payload.len(),
+                self.cfg.limits.max_payload_bytes
+            ));
+        }
+        let Some((device, camera)) = parse_topic(&self.cfg.mqtt.edge_prefix, topic) else {
+            return dead("not an inference topic".into());
+        };
+        let env = match envelope::decode(payload) {
+            Ok(e) => e,
+            Err(e) => return dead(format!("malformed envelope: {e}")),
+        };
+        if env.device_id != device || env.camera_id != camera {
+            return dead(format!(
+                "envelope of {}/{} published on the topic of {device}/{camera}",
+                env.device_id, env.camera_id
+            ));
+        }
+        let key = Key {
+            device: env.device_id.clone(),
+            camera: env.camera_id.clone(),
+            epoch: env.epoch,
+            sequence: env.sequence,
+        };
+        match self.published(&key) {
+            Ok(true) => return Step::Duplicate,
+            Ok(false) => {}
+            Err(e) => return Step::Fatal(e),
+        }
+        let id = env.model_id;
+        let known = match self.known(&id) {
+            Ok(k) => k,
+            Err(reason) => return dead(reason),
+        };
+        if env.model_version != known.version {
+            return dead(format!(
+                "model {id} version {} is not the database's version {}",
+                env.model_version, known.version
+            ));
+        }
+        let out = match EncryptedOutput::from_bytes(&env.ciphertext) {
+            Ok(o) => o,
+            Err(e) => return dead(format!("malformed ciphertext: {e}")),
+        };
+        // The layout comes from the sender; only the model's own is decrypted, so an edge
+        // cannot ask for arbitrary ciphertexts (an encrypted weight, say) to be opened.
+        if out.layout != known.layout {
+            return dead("output layout is not the model's".into());
+        }
+        Step::Ready(Box::new(Checked {
+            key,
+            model: id,
+            env,
+            out,
+        }))
+    }
+
+    /// Decrypts a checked inference: the cockpit topic and JSON, or the refusal.
+    pub fn decrypt(&mut self, c: &Checked) -> Result<(String, Vec<u8>), String> {
+        let logits_allowed = self.logits_for.contains(&c.model);
+        let known = self.known(&c.model)?;
+        let t = Instant::now();
+        let d = c
+            .out
+            .decrypt(&known.keys)
+            .map_err(|e| format!("decryption check failed: {e}"))?;
+        check_range(&d.logits, d.label, known.lo, known.hi, known.classes)
+            .map_err(|e| format!("decrypted values impossible for this model: {e}"))?;
+        let env = &c.env;
+        let r = CockpitResult {
+            device_id: &env.device_id,
+            camera_id: &env.camera_id,
+            model_id: c.model.to_string(),
+            model_version: env.model_version,
+            epoch: env.epoch,
+            sequence: env.sequence,
+            label: d.label,
+            frame_timestamp_ms: env.frame_timestamp_ms,
+            frame_time: rfc3339((env.frame_timestamp_ms / 1000).min(i64::MAX as u64) as i64),
+            decrypt_ms: t.elapsed().as_secs_f64() * 1e3,
+            logits: logits_allowed.then_some(d.logits),
+        };
+        let json = serde_json::to_vec(&r).map_err(|e| format!("cannot encode the result: {e}"))?;
+        Ok((
+            format!(
+                "{}/{}/{}",
+                self.cfg.mqtt.cockpit_prefix, env.device_id, env.camera_id
+            ),
+            json,
+        ))
+    }
+
+    /// Records that the broker has the cockpit result of `key`; from now on the inference
+    /// is a duplicate.
+    pub fn record(&mut self, key: &Key, model: &ModelId) -> Result<(), AgentError> {
+        self.state
+            .execute(
+                "INSERT OR IGNORE INTO results VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                rusqlite::params![
+                    key.device,
+                    key.camera,
+                    key.epoch as i64,
+                    key.sequence as i64,
+                    model.to_string(),
+                    crate::ids::unix_now()
+                ],
+            )
+            .map(|_| ())
+            .map_err(state_err(&self.cfg.state_db))
+    }
+}

@@ -1,0 +1,339 @@
+//! Helpers shared by the integration tests: the real binary, a real mosquitto on a free
+//! loopback port, an MQTT subscriber that records what it sees, and a tiny protected model.
+#![allow(dead_code)]
+
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const PASS: &str = "integration test passphrase";
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fhecam"));
+    c.env("FHECAM_OWNER_PASSPHRASE", PASS);
+    c
+}
+
+/// Runs the binary and returns its stdout; panics with its stderr on failure.
+pub fn ok(args: &[&str]) -> String {
+    let out = bin().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "fhecam {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed on drop.
+pub struct Killed(pub Child);
+
+impl Killed {
+    pub fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").args([sig, &self.pid()]).status();
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A mosquitto broker with persistence in `dir`, unlimited queues (a backlog must wait at
+/// the broker, not be dropped), killed on drop. `user root`: started as root, mosquitto
+/// would otherwise switch to its own user and fail to save sessions in a root-owned `dir`.
+pub struct Broker {
+    child: Killed,
+    pub port: u16,
+}
+
+impl Broker {
+    pub fn start(dir: &Path, port: u16) -> Broker {
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\n\
+                 persistence_location {}/\nmax_queued_messages 0\n\
+                 log_dest file {}/mosquitto-{port}.log\n",
+                dir.display(),
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed by scripts/setup.sh");
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "mosquitto did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker {
+            child: Killed(child),
+            port,
+        }
+    }
+
+    /// SIGTERM: mosquitto saves its sessions and exits.
+    pub fn stop(mut self) {
+        self.child.signal("-TERM");
+        let _ = self.child.0.wait();
+    }
+}
+
+pub type Messages = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// Subscribes to `filters` (QoS 1) on a persistent session and records every message.
+pub fn subscribe(port: u16, id: &str, filters: &[&str]) -> Messages {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_max_packet_size(4 << 20, 4 << 20);
+    // what is published while we reconnect is kept for us
+    o.set_clean_session(false);
+    let (client, mut conn) = Client::new(o, 64);
+    let msgs: Messages = Arc::default();
+    let m = msgs.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let filters: Vec<String> = filters.iter().map(|f| f.to_string()).collect();
+    std::thread::spawn(move || {
+        let mut acks = 0;
+        for ev in conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(a))) if !a.session_present => {
+                    for f in &filters {
+                        let _ = client.try_subscribe(f.clone(), QoS::AtLeastOnce);
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    acks += 1;
+                    if acks == filters.len() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    m.lock()
+                        .unwrap()
+                        .push((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("subscribed");
+    msgs
+}
+
+/// The JSON messages on topics starting with `prefix`.
+pub fn on(msgs: &Messages, prefix: &str) -> Vec<serde_json::Value> {
+    msgs.lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t.starts_with(prefix))
+        .map(|(_, p)| serde_json::from_slice(p).unwrap())
+        .collect()
+}
+
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An MQTT client that publishes (QoS 1) from a background thread.
+pub struct Publisher {
+    pub client: Client,
+}
+
+impl Publisher {
+    pub fn new(port: u16, id: &str) -> Publisher {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_max_packet_size(4 << 20, 4 << 20);
+        o.set_clean_session(false);
+        let (client, mut conn) = Client::new(o, 256);
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                if ev.is_err() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        });
+        Publisher { client }
+    }
+
+    pub fn send(&self, topic: &str, payload: Vec<u8>, retain: bool) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .unwrap();
+    }
+}
+
+/// How many cockpit results each (device, camera, epoch, sequence) got.
+pub fn result_counts(results: &[serde_json::Value]) -> HashMap<(String, String, u64, u64), usize> {
+    let mut m = HashMap::new();
+    for r in results {
+        let k = (
+            r["device_id"].as_str().unwrap().to_string(),
+            r["camera_id"].as_str().unwrap().to_string(),
+            r["epoch"].as_u64().unwrap(),
+            r["sequence"].as_u64().unwrap(),
+        );
+        *m.entry(k).or_insert(0) += 1;
+    }
+    m
+}
+
+/// The owner side, once: a tiny trained model, protected and deployed, and one real
+/// encrypted inference of it to reuse as the ciphertext of many envelopes.
+pub struct Owner {
+    pub dir: PathBuf,
+    pub db: PathBuf,
+    pub id: String,
+    pub bundle: PathBuf,
+    pub header: fhecam::bundle::BundleHeader,
+    pub ciphertext: Vec<u8>,
+    pub label: usize,
+}
+
+pub fn owner(dir: &Path) -> Owner {
+    use fhecam::data::{load_digits, stratified_split};
+    let ds = load_digits().unwrap_or_else(|e| panic!("{e}"));
+    let (tr, te) = stratified_split(&ds, 0.25, 42);
+    let cfg = fhecam::train::TrainConfig {
+        conv_channels: 1,
+        epochs: 5,
+        weight_levels: [-1, 1],
+        ..Default::default()
+    };
+    let model = fhecam::train::train(&cfg, &tr, &te, &|_, _| {})
+        .unwrap()
+        .model;
+    let model_path = dir.join("tiny.json");
+    std::fs::write(&model_path, serde_json::to_string(&model).unwrap()).unwrap();
+    ok(&["owner-key", "init", "--out", s(&dir.join("keys"))]);
+    let db = dir.join("owner.db");
+    let id = ok(&["protect", s(&model_path), "--db", s(&db), "--name", "tiny"]);
+    let id = id.trim().lines().last().unwrap().to_string();
+    let bundle_path = dir.join("m.bundle");
+    ok(&[
+        "deploy",
+        "--db",
+        s(&db),
+        "--model",
+        &id,
+        "--signing-key",
+        s(&dir.join("keys/owner.key")),
+        "--out",
+        s(&bundle_path),
+    ]);
+    let key = fhecam::bundle::read_owner_key(&dir.join("keys/owner.pub")).unwrap();
+    let b = fhecam::bundle::load_file(&bundle_path, &key).unwrap();
+    let rt = fhecam::fhe::EdgeRuntime::new(&b.model, b.public, 0).unwrap();
+    let x = model.input.quantize(&te.images[0]);
+    let label = fhecam::reference::argmax(&fhecam::reference::evaluate(&model, &x).unwrap());
+    let (out, _) = rt.infer(&rt.encrypt(&x)).unwrap();
+    Owner {
+        dir: dir.into(),
+        db,
+        id,
+        bundle: bundle_path,
+        header: b.header.clone(),
+        ciphertext: out.to_bytes().unwrap(),
+        label,
+    }
+}
+
+impl Owner {
+    /// An envelope of this model's inference as camera `device`/`camera` would send it.
+    pub fn envelope(&self, device: &str, camera: &str, epoch: u64, seq: u64) -> Vec<u8> {
+        fhecam::envelope::encode(&fhecam::envelope::Envelope {
+            device_id: device.into(),
+            camera_id: camera.into(),
+            model_id: self.header.model_id,
+            model_version: self.header.version,
+            sequence: seq,
+            epoch,
+            frame_timestamp_ms: 1_700_000_000_000 + seq,
+            ciphertext: self.ciphertext.clone(),
+        })
+        .unwrap()
+    }
+
+    /// A backend.toml for an agent on `port`; `extra` is appended verbatim (TOML).
+    pub fn agent_config(&self, name: &str, port: u16, mqtt_extra: &str, extra: &str) -> PathBuf {
+        let p = self.dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "db = \"{}\"\nstate_db = \"{}\"\n{extra}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n{mqtt_extra}\n",
+                s(&self.db),
+                s(&self.dir.join(format!("{name}-state.db"))),
+            ),
+        )
+        .unwrap();
+        p
+    }
+}
+
+/// `fhecam agent --config cfg`, logs to a file beside the config.
+pub fn spawn_agent(cfg: &Path, envs: &[(&str, &str)]) -> Killed {
+    let log = std::fs::File::create(cfg.with_extension("log")).unwrap();
+    let mut c = bin();
+    c.args(["agent", "--config", s(cfg)])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(log);
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    Killed(c.spawn().unwrap())
+}
+
+/// SIGTERM, then the agent's closing stats line; asserts it exits 0 within `limit`.
+pub fn stop_agent(mut a: Killed, limit: Duration) -> serde_json::Value {
+    a.signal("-TERM");
+    let t = Instant::now();
+    loop {
+        if let Some(st) = a.0.try_wait().unwrap() {
+            assert!(st.success(), "agent exit status {st}");
+            break;
+        }
+        assert!(t.elapsed() < limit, "agent did not exit within {limit:?} of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut out = String::new();
+    use std::io::Read;
+    a.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    serde_json::from_str(out.trim().lines().last().unwrap_or("null")).unwrap()
+}
