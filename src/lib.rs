@@ -12,6 +12,7 @@ pub mod fhe;
 pub mod ids;
 pub mod import;
 pub mod model;
+pub mod mqtt;
 pub mod npy;
 pub mod preprocess;
 pub mod reference;
