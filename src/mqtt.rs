@@ -102,25 +102,26 @@ fn client_config(section: &str, t: &TlsConfig) -> Result<rustls::ClientConfig, M
     // rustls needs one process-wide crypto provider for anything that asks for the default;
     // a second install is a no-op. Ours is explicit below.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let tls_err = |field: String| {
-        move |e: rustls::Error| MqttSetupError::Tls {
-            field,
-            msg: e.to_string(),
-        }
-    };
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(tls_err(format!("{section}.tls")))?
+    .map_err(|e| MqttSetupError::Tls {
+        field: format!("{section}.tls"),
+        msg: e.to_string(),
+    })?
     .with_root_certificates(roots);
     match (&t.client_cert, &t.client_key) {
         (Some(c), Some(k)) => {
             let certs = read_certs(&field("client_cert"), c)?;
             let key = read_key(&field("client_key"), k)?;
+            // rustls checks that the key belongs to the certificate
             builder
                 .with_client_auth_cert(certs, key)
-                .map_err(tls_err(field("client_key")))
+                .map_err(|e| MqttSetupError::Tls {
+                    field: field("client_key"),
+                    msg: format!("does not fit {} ({e})", field("client_cert")),
+                })
         }
         (None, None) => Ok(builder.with_no_client_auth()),
         _ => Err(MqttSetupError::Tls {

@@ -394,6 +394,17 @@ async fn tls_round_trip_and_refusals() {
     let e = until(&mut wrong, limit, |_| false).await.unwrap_err();
     assert!(e.to_lowercase().contains("certificate"), "{e}");
     assert!(t.elapsed() < limit, "the refusal took {:?}", t.elapsed());
+
+    // a key that belongs to another certificate is refused at setup, not at connect
+    let e = tls_transport(&TlsConfig {
+        ca: s.pki.ca.cert.clone(),
+        client_cert: Some(s.camera.cert.clone()),
+        client_key: Some(s.agent.key.clone()),
+    })
+    .err()
+    .expect("a mismatched key is refused")
+    .to_string();
+    assert!(e.starts_with("mqtt.tls.client_key"), "{e}");
 }
 
 #[test]
