@@ -39,26 +39,40 @@ pub struct AgentConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentMqtt {
+    /// Broker host name or address (1..=253 bytes, no whitespace).
     pub host: String,
+    /// Broker port (1..=65535; 0 is refused).
     pub port: u16,
-    /// Client id; stable across restarts (persistent session). Default `fhecam-agent-<pid>`
-    /// is not stable: set it in production.
+    /// Client id; stable across restarts, so the broker keeps the persistent session and its
+    /// unacknowledged messages. 1..=64 of A-Z a-z 0-9 . _ : -. Default (`client_id()`):
+    /// `fhecam-agent-<hostname>-<group>`, the host name sanitized and shortened to fit 64
+    /// characters. Two agents on one host in one group must set distinct ids, or the broker
+    /// disconnects one whenever the other connects.
     pub client_id: Option<String>,
-    /// Shared-subscription group: agents in one group split the inferences between them.
+    /// Shared-subscription group: agents in one group split the inferences between them
+    /// (an id: 1..=64 of A-Z a-z 0-9 . _ : -).
     pub group: String,
-    /// First level of the edge topics (`<prefix>/<device>/<camera>/inference`).
+    /// First level of the edge topics (`<prefix>/<device>/<camera>/inference`); an id.
     pub edge_prefix: String,
-    /// Results go to `<cockpit_prefix>/<device>/<camera>`.
+    /// Results go to `<cockpit_prefix>/<device>/<camera>`; an id, not `edge_prefix`.
     pub cockpit_prefix: String,
-    /// Anything refused is reported here with the reason (never with decrypted data).
+    /// Anything refused is reported here with the reason (never with decrypted data). A
+    /// plain topic of 1..=1024 bytes: no wildcard, no NUL, no `$` topic, outside the edge
+    /// and cockpit prefixes.
     pub dead_letter_topic: String,
+    /// MQTT keep-alive, 5..=65535 s (sent as a 16-bit number).
     pub keep_alive_s: u64,
+    /// First reconnect delay; doubled per failure, ±25 % jitter. 0.01..=3600 s, at most
+    /// `reconnect_backoff_max_s`.
     pub reconnect_backoff_initial_s: f64,
+    /// Largest reconnect delay (0.01..=3600 s).
     pub reconnect_backoff_max_s: f64,
+    /// Broker user name (1..=65535 bytes, no NUL).
     pub username: Option<String>,
-    /// Prefer the FHECAM_MQTT__PASSWORD environment variable.
+    /// Prefer the FHECAM_MQTT__PASSWORD environment variable. At most 65535 bytes, no NUL.
     pub password: Option<String>,
-    /// TLS (rustls) when set.
+    /// `[mqtt.tls]`: TLS (rustls) to the broker when set; the files are read and checked by
+    /// `--check`. Build the transport with `crate::mqtt::tls_transport`.
     pub tls: Option<crate::mqtt::TlsConfig>,
 }
 
@@ -102,6 +116,73 @@ impl Default for Limits {
             burst: 10.0,
         }
     }
+}
+
+/// Largest rate and burst per device: beyond, the limiter limits nothing.
+pub const MAX_RATE: f64 = 1e6;
+/// Entries of `logits_for`.
+pub const MAX_LOGITS_FOR: usize = 10_000;
+/// Longest dead-letter topic.
+pub const MAX_DEAD_LETTER_TOPIC: usize = 1024;
+/// `fhecam-agent-` and the `-` before the group.
+const DEFAULT_ID_FIXED: usize = "fhecam-agent--".len();
+
+/// This machine's host name (`/proc/sys/kernel/hostname`), or `localhost`.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `fhecam-agent-<host>-<group>` with the host name sanitized to A-Z a-z 0-9 . _ : - and
+/// shortened so the id is at most 64 characters.
+fn default_client_id(host: &str, group: &str) -> String {
+    let room = crate::mqtt::MAX_CLIENT_ID.saturating_sub(DEFAULT_ID_FIXED + group.len());
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._:-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(room)
+        .collect();
+    let host = if host.is_empty() && room > 0 {
+        "localhost".chars().take(room).collect()
+    } else {
+        host
+    };
+    let mut id = format!("fhecam-agent-{host}-{group}");
+    // a group too long for any host name (refused by check) still gives a valid length
+    id.truncate(crate::mqtt::MAX_CLIENT_ID);
+    id
+}
+
+/// A plain topic outside every subscription of the system: a `$` topic would be a shared
+/// subscription or a broker topic, an edge topic would be read back by the agents, a cockpit
+/// topic would look like a result.
+fn check_dead_letter_topic(m: &AgentMqtt) -> Result<(), String> {
+    let t = &m.dead_letter_topic;
+    let under = |prefix: &str| t == prefix || t.starts_with(&format!("{prefix}/"));
+    let why = if t.is_empty() || t.len() > MAX_DEAD_LETTER_TOPIC {
+        format!("must be 1..={MAX_DEAD_LETTER_TOPIC} bytes, got {}", t.len())
+    } else if t.contains(['+', '#', '\0']) {
+        "must not contain +, # or NUL".into()
+    } else if t.starts_with('$') {
+        "must not start with $ (shared subscriptions, broker topics)".into()
+    } else if under(&m.edge_prefix) {
+        format!("must be outside the edge prefix {:?}", m.edge_prefix)
+    } else if under(&m.cockpit_prefix) {
+        format!("must be outside the cockpit prefix {:?}", m.cockpit_prefix)
+    } else {
+        return Ok(());
+    };
+    let shown: String = t.chars().take(80).collect();
+    Err(format!("mqtt.dead_letter_topic {shown:?} {why}"))
 }
 
 const FIELDS: &[&str] = &[
@@ -150,61 +231,91 @@ impl AgentConfig {
         Ok(cfg)
     }
 
+    /// Bounds every field (the message names it): no value that passes can panic or
+    /// misbehave where it is used.
     pub fn check(&self) -> Result<(), AgentConfigError> {
-        let bad = |m: String| Err(AgentConfigError::Invalid(m));
+        self.check_fields().map_err(AgentConfigError::Invalid)
+    }
+
+    fn check_fields(&self) -> Result<(), String> {
+        use crate::mqtt::check_path;
+        check_path("db", &self.db)?;
+        if let Some(p) = &self.passphrase_file {
+            check_path("passphrase_file", p)?;
+        }
+        check_path("state_db", &self.state_db)?;
+
         let l = &self.limits;
-        if !(l.per_device_per_minute.is_finite() && l.per_device_per_minute > 0.0) {
-            return bad("limits.per_device_per_minute must be positive".into());
+        let max = crate::envelope::MAX_ENVELOPE_BYTES;
+        if !(1..=max).contains(&l.max_payload_bytes) {
+            return Err(format!(
+                "limits.max_payload_bytes must be 1..={max}, got {}",
+                l.max_payload_bytes
+            ));
         }
-        if !(l.burst.is_finite() && l.burst >= 1.0) {
-            return bad("limits.burst must be at least 1".into());
+        if !(l.per_device_per_minute.is_finite()
+            && l.per_device_per_minute > 0.0
+            && l.per_device_per_minute <= MAX_RATE)
+        {
+            return Err(format!(
+                "limits.per_device_per_minute must be > 0 and ≤ {MAX_RATE}, got {}",
+                l.per_device_per_minute
+            ));
         }
-        if l.max_payload_bytes == 0 || l.max_payload_bytes > crate::envelope::MAX_ENVELOPE_BYTES {
-            return bad(format!(
-                "limits.max_payload_bytes must be 1..={}",
-                crate::envelope::MAX_ENVELOPE_BYTES
+        crate::mqtt::check_range("limits.burst", l.burst, 1.0..=MAX_RATE)?;
+
+        if self.logits_for.len() > MAX_LOGITS_FOR {
+            return Err(format!(
+                "logits_for has {} entries, at most {MAX_LOGITS_FOR}",
+                self.logits_for.len()
             ));
         }
         for id in &self.logits_for {
             id.parse::<crate::ids::ModelId>()
-                .map_err(|e| AgentConfigError::Invalid(format!("logits_for: {e}")))?;
+                .map_err(|e| format!("logits_for: {e}"))?;
         }
+
         let m = &self.mqtt;
+        crate::mqtt::check_connection(
+            "mqtt",
+            &crate::mqtt::ConnectionView {
+                host: &m.host,
+                port: m.port,
+                client_id: m.client_id.as_deref(),
+                keep_alive_s: m.keep_alive_s,
+                reconnect_backoff_initial_s: m.reconnect_backoff_initial_s,
+                reconnect_backoff_max_s: m.reconnect_backoff_max_s,
+                username: m.username.as_deref(),
+                password: m.password.as_deref(),
+                tls: m.tls.as_ref(),
+            },
+        )?;
         for (name, v) in [
             ("mqtt.group", &m.group),
             ("mqtt.edge_prefix", &m.edge_prefix),
             ("mqtt.cockpit_prefix", &m.cockpit_prefix),
         ] {
-            crate::envelope::check_id(name, v)
-                .map_err(|e| AgentConfigError::Invalid(e.to_string()))?;
-        }
-        if m.dead_letter_topic.is_empty()
-            || m.dead_letter_topic.contains(['+', '#'])
-            || m.dead_letter_topic
-                .starts_with(&format!("{}/", m.edge_prefix))
-        {
-            return bad(format!(
-                "mqtt.dead_letter_topic {:?} must be a plain topic outside the edge prefix {:?}",
-                m.dead_letter_topic, m.edge_prefix
-            ));
+            crate::envelope::check_id(name, v).map_err(|e| e.to_string())?;
         }
         if m.cockpit_prefix == m.edge_prefix {
-            return bad("mqtt.cockpit_prefix must differ from mqtt.edge_prefix: results never go to edge topics".into());
+            return Err("mqtt.cockpit_prefix must differ from mqtt.edge_prefix: results never go to edge topics".into());
         }
-        if m.keep_alive_s < 5 {
-            return bad("mqtt.keep_alive_s must be at least 5".into());
+        if m.client_id.is_none() && DEFAULT_ID_FIXED + m.group.len() >= crate::mqtt::MAX_CLIENT_ID {
+            return Err(format!(
+                "mqtt.client_id: the default fhecam-agent-<hostname>-{} leaves no room for the host name; set mqtt.client_id or a shorter mqtt.group",
+                m.group
+            ));
         }
-        if !(m.reconnect_backoff_initial_s > 0.0 && m.reconnect_backoff_max_s > 0.0) {
-            return bad("mqtt reconnect backoffs must be positive".into());
-        }
-        Ok(())
+        check_dead_letter_topic(m)
     }
 
+    /// The configured client id, else `fhecam-agent-<hostname>-<group>`: stable across
+    /// restarts, distinct per host and group, at most 64 characters.
     pub fn client_id(&self) -> String {
-        self.mqtt
-            .client_id
-            .clone()
-            .unwrap_or_else(|| format!("fhecam-agent-{}", self.mqtt.group))
+        match &self.mqtt.client_id {
+            Some(id) => id.clone(),
+            None => default_client_id(&hostname(), &self.mqtt.group),
+        }
     }
 
     /// `$share/<group>/<prefix>/+/+/inference`
@@ -213,5 +324,46 @@ impl AgentConfig {
             "$share/{}/{}/+/+/inference",
             self.mqtt.group, self.mqtt.edge_prefix
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_client_id_is_sanitized_and_bounded() {
+        assert_eq!(
+            default_client_id("build host", "fhecam-agents"),
+            "fhecam-agent-build-host-fhecam-agents"
+        );
+        let id = default_client_id(&"h".repeat(300), "g");
+        assert_eq!(id.len(), 64);
+        assert!(crate::mqtt::valid_client_id(&id));
+        assert_eq!(default_client_id("", "g"), "fhecam-agent-localhost-g");
+        let cfg = AgentConfig::new("db".into(), "state".into());
+        assert_eq!(cfg.client_id(), cfg.client_id());
+        assert!(crate::mqtt::valid_client_id(&cfg.client_id()));
+    }
+
+    #[test]
+    fn dead_letter_topic_is_plain_and_apart() {
+        let mut cfg = AgentConfig::new("db".into(), "state".into());
+        assert!(cfg.check().is_ok());
+        for t in [
+            "",
+            "$share/g/x",
+            "cockpit/x",
+            "fhecam/x",
+            "a/+/b",
+            "a/#",
+            "a\0b",
+        ] {
+            cfg.mqtt.dead_letter_topic = t.into();
+            let e = cfg.check().unwrap_err().to_string();
+            assert!(e.contains("mqtt.dead_letter_topic"), "{t:?}: {e}");
+        }
+        cfg.mqtt.dead_letter_topic = "x".repeat(2000);
+        assert!(cfg.check().is_err());
     }
 }

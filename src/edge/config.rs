@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
 
+/// Moved to `crate::mqtt` (shared with the agent); re-exported for existing users.
+pub use crate::mqtt::TlsConfig;
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("configuration {path}: {msg}")]
@@ -19,12 +22,12 @@ pub enum ConfigError {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeConfig {
-    /// This device's id: the second level of every topic (A-Z a-z 0-9 . _ : -).
+    /// This device's id: the second level of every topic (1..=64 of A-Z a-z 0-9 . _ : -).
     pub device_id: String,
     /// This camera's id on the device: the third level of every topic.
     #[serde(default = "default_camera_id")]
     pub camera_id: String,
-    /// The signed deployment bundle (`fhecam deploy`).
+    /// The signed deployment bundle (`fhecam deploy`). Paths: 1..=4096 bytes, no NUL.
     pub bundle: PathBuf,
     /// The owner's public key (`owner.pub`): bundles signed by anyone else are refused.
     pub owner_key: PathBuf,
@@ -46,16 +49,18 @@ pub struct EdgeConfig {
 pub struct SourceConfig {
     /// A gst-launch pipeline ending in an `appsink` (any name). fhecam sets the appsink to
     /// keep only the newest frame and to accept GRAY8 or BGR; put a `videoconvert` before it.
+    /// At most 64 KiB, no NUL.
     pub pipeline: String,
     /// Process every frame, pausing the pipeline while inference is busy (for recorded
     /// files). Default false: a live camera keeps only its newest frame and the frames that
     /// arrive while busy are dropped and counted.
     pub every_frame: bool,
-    /// A camera that delivers no frame for this long is restarted.
+    /// A camera that delivers no frame for this long is restarted (0.1..=86400 s).
     pub stall_timeout_s: f64,
     /// First restart delay; doubled on each consecutive failure (with ±25 % jitter).
+    /// 0.01..=3600 s, at most `restart_backoff_max_s`.
     pub restart_backoff_initial_s: f64,
-    /// Largest restart delay.
+    /// Largest restart delay (0.01..=3600 s).
     pub restart_backoff_max_s: f64,
 }
 
@@ -75,10 +80,12 @@ impl Default for SourceConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PreprocessConfig {
-    /// Take at most one frame per interval (0 = every frame the pipeline delivers).
+    /// Take at most one frame per interval (0 = every frame the pipeline delivers);
+    /// 0..=86400 s.
     pub sample_interval_s: f64,
     /// Motion gate: skip a frame whose mean absolute difference from the last frame sent
-    /// to inference (both as model input intensities in [0, 1]) is below this. 0 = off.
+    /// to inference (both as model input intensities in [0, 1]) is below this. 0 = off;
+    /// 0..=1.
     pub motion_threshold: f64,
 }
 
@@ -96,12 +103,13 @@ impl Default for PreprocessConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct InferConfig {
     /// Frames evaluated at the same time; frames arriving while all are busy are dropped
-    /// and counted (`frames_dropped_busy`).
+    /// and counted (`frames_dropped_busy`). 1..=64.
     pub max_in_flight: usize,
-    /// FHE worker threads (0 = one per core). They are fhecam's own, never tokio's.
+    /// FHE worker threads (0 = one per core; at most 1024). They are fhecam's own, never
+    /// tokio's.
     pub threads: usize,
     /// On shutdown, how long in-flight inferences may still run before they are abandoned
-    /// (nothing published is lost: finished results are already in the outbox).
+    /// (nothing published is lost: finished results are already in the outbox). 0..=86400 s.
     pub drain_timeout_s: f64,
 }
 
@@ -119,23 +127,31 @@ impl Default for InferConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
+    /// Broker host name or address (1..=253 bytes, no whitespace).
     pub host: String,
+    /// Broker port (1..=65535; 0 is refused).
     pub port: u16,
     /// Client id; must be stable across restarts for the persistent session
-    /// (default `fhecam-<device_id>-<camera_id>`).
+    /// (default `fhecam-<device_id>-<camera_id>`). 1..=64 of A-Z a-z 0-9 . _ : -
     pub client_id: Option<String>,
-    /// First topic level.
+    /// First topic level (an id: 1..=64 of A-Z a-z 0-9 . _ : -).
     pub topic_prefix: String,
+    /// MQTT keep-alive, 5..=65535 s (sent as a 16-bit number).
     pub keep_alive_s: u64,
     /// First reconnect delay after a lost connection; doubled per failure, ±25 % jitter.
+    /// 0.01..=3600 s, at most `reconnect_backoff_max_s`.
     pub reconnect_backoff_initial_s: f64,
+    /// Largest reconnect delay (0.01..=3600 s).
     pub reconnect_backoff_max_s: f64,
-    /// How often counters are published on `<prefix>/<device>/<camera>/stats`.
+    /// How often counters are published on `<prefix>/<device>/<camera>/stats`
+    /// (0.1..=86400 s).
     pub stats_interval_s: f64,
+    /// Broker user name (1..=65535 bytes, no NUL).
     pub username: Option<String>,
     /// Password; prefer the `FHECAM_MQTT__PASSWORD` environment variable to the file.
+    /// At most 65535 bytes, no NUL.
     pub password: Option<String>,
-    /// TLS (rustls) when set.
+    /// TLS (rustls) when set; the files are read and checked by `validate`.
     pub tls: Option<TlsConfig>,
 }
 
@@ -157,23 +173,14 @@ impl Default for MqttConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM file of the CA that signed the broker's certificate.
-    pub ca: PathBuf,
-    /// PEM client certificate and key, for brokers that authenticate devices by certificate.
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
-}
-
 /// The on-disk queue of encrypted inferences not yet acknowledged by the broker.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxConfig {
-    /// Directory (systemd: the service's StateDirectory).
+    /// Directory (systemd: the service's StateDirectory); 1..=4096 bytes.
     pub dir: PathBuf,
     /// When full, the oldest entries are dropped and counted (`outbox_dropped`).
+    /// 1..=1000000.
     pub max_entries: usize,
 }
 
@@ -242,80 +249,113 @@ impl EdgeConfig {
         Ok(cfg)
     }
 
-    /// Value checks serde cannot express.
+    /// Value checks serde cannot express: every field is bounded (the message names it),
+    /// so no value that passes can panic or misbehave where it is used.
     pub fn check(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
-        crate::envelope::check_id("device_id", &self.device_id)
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        crate::envelope::check_id("camera_id", &self.camera_id)
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        let positive = [
-            ("source.stall_timeout_s", self.source.stall_timeout_s),
-            (
-                "source.restart_backoff_initial_s",
-                self.source.restart_backoff_initial_s,
-            ),
-            (
-                "source.restart_backoff_max_s",
-                self.source.restart_backoff_max_s,
-            ),
-            (
-                "mqtt.reconnect_backoff_initial_s",
-                self.mqtt.reconnect_backoff_initial_s,
-            ),
-            (
-                "mqtt.reconnect_backoff_max_s",
-                self.mqtt.reconnect_backoff_max_s,
-            ),
-            ("mqtt.stats_interval_s", self.mqtt.stats_interval_s),
-        ];
-        for (name, v) in positive {
-            if !(v.is_finite() && v > 0.0) {
-                return bad(format!(
-                    "{name} must be a positive number of seconds, got {v}"
-                ));
-            }
-        }
-        let non_negative = [
-            (
-                "preprocess.sample_interval_s",
-                self.preprocess.sample_interval_s,
-            ),
-            (
-                "preprocess.motion_threshold",
-                self.preprocess.motion_threshold,
-            ),
-            ("infer.drain_timeout_s", self.infer.drain_timeout_s),
-        ];
-        for (name, v) in non_negative {
-            if !(v.is_finite() && v >= 0.0) {
-                return bad(format!("{name} must be ≥ 0, got {v}"));
-            }
-        }
-        if self.infer.max_in_flight == 0 {
-            return bad("infer.max_in_flight must be at least 1".into());
-        }
-        if self.outbox.max_entries == 0 {
-            return bad("outbox.max_entries must be at least 1".into());
-        }
-        if self.mqtt.host.is_empty() {
-            return bad("mqtt.host is empty".into());
-        }
-        if self.mqtt.keep_alive_s < 5 {
-            return bad("mqtt.keep_alive_s must be at least 5".into());
-        }
-        if !self.source.pipeline.contains("appsink") {
-            return bad(format!(
-                "source.pipeline must end in an appsink, got {:?}",
-                self.source.pipeline
+        self.check_fields().map_err(ConfigError::Invalid)
+    }
+
+    fn check_fields(&self) -> Result<(), String> {
+        use crate::mqtt::{check_path, check_range, BACKOFF_S};
+        let id = |name: &'static str, v: &str| {
+            crate::envelope::check_id(name, v).map_err(|e| e.to_string())
+        };
+        id("device_id", &self.device_id)?;
+        id("camera_id", &self.camera_id)?;
+        check_path("bundle", &self.bundle)?;
+        check_path("owner_key", &self.owner_key)?;
+
+        let s = &self.source;
+        if s.pipeline.len() > MAX_PIPELINE || s.pipeline.contains('\0') {
+            return Err(format!(
+                "source.pipeline must be at most {MAX_PIPELINE} bytes without NUL, got {} bytes",
+                s.pipeline.len()
             ));
         }
-        crate::envelope::check_id("mqtt.topic_prefix", &self.mqtt.topic_prefix)
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        if let Some(t) = &self.mqtt.tls {
-            if t.client_cert.is_some() != t.client_key.is_some() {
-                return bad("mqtt.tls: client_cert and client_key go together".into());
-            }
+        if !s.pipeline.contains("appsink") {
+            return Err(format!(
+                "source.pipeline must end in an appsink, got {:?}",
+                s.pipeline
+            ));
+        }
+        check_range("source.stall_timeout_s", s.stall_timeout_s, STALL_TIMEOUT_S)?;
+        check_range(
+            "source.restart_backoff_initial_s",
+            s.restart_backoff_initial_s,
+            BACKOFF_S,
+        )?;
+        check_range(
+            "source.restart_backoff_max_s",
+            s.restart_backoff_max_s,
+            BACKOFF_S,
+        )?;
+        if s.restart_backoff_initial_s > s.restart_backoff_max_s {
+            return Err(format!(
+                "source.restart_backoff_initial_s ({}) must not exceed source.restart_backoff_max_s ({})",
+                s.restart_backoff_initial_s, s.restart_backoff_max_s
+            ));
+        }
+
+        let p = &self.preprocess;
+        check_range(
+            "preprocess.sample_interval_s",
+            p.sample_interval_s,
+            0.0..=MAX_S,
+        )?;
+        check_range("preprocess.motion_threshold", p.motion_threshold, 0.0..=1.0)?;
+
+        let i = &self.infer;
+        if !(1..=MAX_IN_FLIGHT).contains(&i.max_in_flight) {
+            return Err(format!(
+                "infer.max_in_flight must be 1..={MAX_IN_FLIGHT}, got {}",
+                i.max_in_flight
+            ));
+        }
+        if i.threads > MAX_THREADS {
+            return Err(format!(
+                "infer.threads must be 0..={MAX_THREADS} (0 = one per core), got {}",
+                i.threads
+            ));
+        }
+        check_range("infer.drain_timeout_s", i.drain_timeout_s, 0.0..=MAX_S)?;
+
+        let m = &self.mqtt;
+        crate::mqtt::check_connection(
+            "mqtt",
+            &crate::mqtt::ConnectionView {
+                host: &m.host,
+                port: m.port,
+                client_id: m.client_id.as_deref(),
+                keep_alive_s: m.keep_alive_s,
+                reconnect_backoff_initial_s: m.reconnect_backoff_initial_s,
+                reconnect_backoff_max_s: m.reconnect_backoff_max_s,
+                username: m.username.as_deref(),
+                password: m.password.as_deref(),
+                tls: m.tls.as_ref(),
+            },
+        )?;
+        if !crate::mqtt::valid_client_id(&self.client_id()) {
+            // the default id is built from two 64-character ids
+            return Err(format!(
+                "mqtt.client_id: the default {:?} is over {} characters; set mqtt.client_id",
+                self.client_id(),
+                crate::mqtt::MAX_CLIENT_ID
+            ));
+        }
+        id("mqtt.topic_prefix", &m.topic_prefix)?;
+        check_range(
+            "mqtt.stats_interval_s",
+            m.stats_interval_s,
+            STATS_INTERVAL_S,
+        )?;
+
+        let o = &self.outbox;
+        check_path("outbox.dir", &o.dir)?;
+        if !(1..=MAX_OUTBOX_ENTRIES).contains(&o.max_entries) {
+            return Err(format!(
+                "outbox.max_entries must be 1..={MAX_OUTBOX_ENTRIES}, got {}",
+                o.max_entries
+            ));
         }
         Ok(())
     }
@@ -335,8 +375,26 @@ impl EdgeConfig {
     }
 }
 
+/// Longest duration setting (one day): `Duration` and `Instant` arithmetic on it cannot
+/// overflow.
+pub const MAX_S: f64 = 86400.0;
+/// Stall timeout bounds: under 0.1 s a working camera would be restarted between frames.
+pub const STALL_TIMEOUT_S: std::ops::RangeInclusive<f64> = 0.1..=MAX_S;
+/// Stats period bounds: tokio's interval panics on a zero period.
+pub const STATS_INTERVAL_S: std::ops::RangeInclusive<f64> = 0.1..=MAX_S;
+/// Frames evaluated at once: each holds a ciphertext set of ~1 MB plus FHE scratch.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// FHE worker threads.
+pub const MAX_THREADS: usize = 1024;
+/// Outbox entries (~1 MB each).
+pub const MAX_OUTBOX_ENTRIES: usize = 1_000_000;
+/// Longest GStreamer pipeline description.
+pub const MAX_PIPELINE: usize = 64 << 10;
+
+/// Seconds from a checked configuration value (finite, ≥ 0, ≤ `MAX_S`).
 pub fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s)
+    // saturating: a configuration built in code without `check` must not panic either
+    Duration::try_from_secs_f64(s.clamp(0.0, MAX_S)).unwrap_or(Duration::ZERO)
 }
 
 #[cfg(test)]

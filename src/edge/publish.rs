@@ -12,7 +12,6 @@ use super::stats::Stats;
 use crate::envelope::{self, Envelope};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
-    TlsConfiguration, Transport,
 };
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -28,11 +27,8 @@ pub enum PublishError {
     Outbox(#[from] OutboxError),
     #[error("envelope: {0}")]
     Envelope(#[from] crate::envelope::EnvelopeError),
-    #[error("MQTT TLS file {path}: {source}")]
-    TlsFile {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("MQTT: {0}")]
+    Setup(#[from] crate::mqtt::MqttSetupError),
 }
 
 /// Publishes handed to rumqttc (in request order) and the packet ids they got.
@@ -131,23 +127,7 @@ pub fn mqtt_options(cfg: &EdgeConfig) -> Result<MqttOptions, PublishError> {
         o.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
     }
     if let Some(t) = &m.tls {
-        // rustls needs one process-wide crypto provider; a second install is a no-op
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|source| PublishError::TlsFile {
-                path: p.display().to_string(),
-                source,
-            })
-        };
-        let client_auth = match (&t.client_cert, &t.client_key) {
-            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
-            _ => None,
-        };
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-            ca: read(&t.ca)?,
-            alpn: None,
-            client_auth,
-        }));
+        o.set_transport(crate::mqtt::tls_transport(t)?);
     }
     Ok(o)
 }
@@ -320,7 +300,10 @@ pub async fn run(
     let mut retry_at: Option<Instant> = None;
     let mut input_open = true;
     let mut closing_deadline: Option<Instant> = None;
-    let mut stats_tick = tokio::time::interval(secs(cfg.mqtt.stats_interval_s));
+    // tokio's interval panics on a zero period (check() keeps it ≥ 0.1 s; this is for
+    // configurations built in code)
+    let mut stats_tick =
+        tokio::time::interval(secs(cfg.mqtt.stats_interval_s).max(Duration::from_millis(100)));
     stats_tick.tick().await;
     loop {
         if !input_open {
