@@ -11,8 +11,6 @@ use fhecam::fhe::eval::OutputLayout;
 use fhecam::fhe::{EdgeRuntime, EncryptedOutput};
 use fhecam::reference;
 use rumqttc::{Client, MqttOptions, QoS};
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod common;
@@ -105,7 +103,7 @@ fn shared_agents_decrypt_once_and_dead_letter_every_attack() {
         std::fs::write(
             &p,
             format!(
-                "db = \"{}\"\nstate_db = \"{}\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"agent-{n}\"\n\
+                "db = \"{}\"\nstate_db = \"{}\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"agent-{n}\"\nshared = true\n\
                  [limits]\nmax_payload_bytes = 2000000\nper_device_per_minute = 60.0\nburst = 5.0\n",
                 s(&db),
                 s(&d.join("agent-state.db"))
@@ -114,22 +112,10 @@ fn shared_agents_decrypt_once_and_dead_letter_every_attack() {
         .unwrap();
         p
     };
-    let spawn = |cfg: &Path| {
-        Killed(
-            Command::new(env!("CARGO_BIN_EXE_fhecam"))
-                .args(["agent", "--config", s(cfg)])
-                .env("FHECAM_OWNER_PASSPHRASE", PASS)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        )
-    };
     let (c1, c2) = (agent_cfg(1), agent_cfg(2));
     assert!(ok(&["agent", "--config", s(&c1), "--check"])
         .contains("$share/fhecam-agents/fhecam/+/+/inference"));
-    let mut agents = vec![spawn(&c1), spawn(&c2)];
+    let agents = vec![spawn_agent(&c1, &[]), spawn_agent(&c2, &[])];
     std::thread::sleep(Duration::from_secs(2)); // both subscribed
 
     let mut o = MqttOptions::new("edge-test", "127.0.0.1", port);
@@ -157,7 +143,7 @@ fn shared_agents_decrypt_once_and_dead_letter_every_attack() {
 
     // 2. attacks, each from dev2 or on a bad topic
     let mut tampered = env("dev2", 100, &ciphertext);
-    tampered[56] ^= 0x40; // the ciphertext container's format version
+    tampered[64] ^= 0x40; // the ciphertext container's format version
     publish("dev2", tampered);
     let full = env("dev2", 101, &ciphertext);
     publish("dev2", full[..full.len() / 2].to_vec());
@@ -187,9 +173,11 @@ fn shared_agents_decrypt_once_and_dead_letter_every_attack() {
         publish("dev3", env("dev3", seq, &ciphertext));
     }
 
-    wait_for("7 dead letters and 20 results", Duration::from_secs(90), || {
-        on(&msgs, "backend/deadletter").len() >= 7 && on(&msgs, "cockpit/").len() >= 20
-    });
+    wait_for(
+        "7 dead letters and 20 results",
+        Duration::from_secs(90),
+        || on(&msgs, "backend/deadletter").len() >= 7 && on(&msgs, "cockpit/").len() >= 20,
+    );
     std::thread::sleep(Duration::from_secs(2)); // nothing more should arrive
     let results = on(&msgs, "cockpit/");
     let dead = on(&msgs, "backend/deadletter");
@@ -237,25 +225,11 @@ fn shared_agents_decrypt_once_and_dead_letter_every_attack() {
     // both agents worked, the duplicate was counted, and SIGTERM stops them cleanly
     let mut total = (0, 0, 0);
     let mut each = Vec::new();
-    for a in agents.iter_mut() {
-        let pid = a.0.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
+    for a in &agents {
+        a.signal("-TERM");
     }
-    for a in agents.drain(..) {
-        let mut a = a;
-        let child = std::mem::replace(&mut a.0, Command::new("true").spawn().unwrap());
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let st: serde_json::Value =
-            serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    for a in agents {
+        let st = stop_agent(a, Duration::from_secs(10));
         eprintln!("agent stats: {st}");
         each.push(st["decrypted"].as_u64().unwrap());
         total.0 += st["decrypted"].as_u64().unwrap();

@@ -93,19 +93,27 @@ fn retained_burst_outage_and_restart_lose_nothing() {
     }
     std::thread::sleep(Duration::from_secs(1));
     let agent = spawn_agent(&cfg, &[]);
-    wait_for("the 50 retained inferences", Duration::from_secs(60), || {
-        on(&cockpit, "cockpit/").len() >= 50
-    });
-    wait_for("the 50 retained junk messages", Duration::from_secs(60), || {
-        on(&cockpit, "backend/deadletter").len() >= 50
-    });
+    wait_for(
+        "the 50 retained inferences",
+        Duration::from_secs(60),
+        || on(&cockpit, "cockpit/").len() >= 50,
+    );
+    wait_for(
+        "the 50 retained junk messages",
+        Duration::from_secs(60),
+        || on(&cockpit, "backend/deadletter").len() >= 50,
+    );
 
     // 2. a burst of 2,000: 500 valid from 5 cameras, 1,500 junk, all at once
     let t0 = Instant::now();
     for i in 0..2000u64 {
         if i % 4 == 0 {
             let cam = format!("b{}", i % 5);
-            cams.send(&topic("burst", &cam), o.envelope("burst", &cam, 9, i), false);
+            cams.send(
+                &topic("burst", &cam),
+                o.envelope("burst", &cam, 9, i),
+                false,
+            );
             want.push(key("burst", &cam, 9, i));
         } else {
             let (t, p) = junk(o, i);
@@ -116,17 +124,24 @@ fn retained_burst_outage_and_restart_lose_nothing() {
     wait_for("the burst's 500 results", Duration::from_secs(300), || {
         on(&cockpit, "cockpit/").len() >= 550
     });
-    wait_for("the burst's 1,500 dead letters", Duration::from_secs(120), || {
-        on(&cockpit, "backend/deadletter").len() >= junk_sent
-    });
-    eprintln!("burst of 2,000 handled in {:.1} s", t0.elapsed().as_secs_f64());
+    wait_for(
+        "the burst's 1,500 dead letters",
+        Duration::from_secs(120),
+        || on(&cockpit, "backend/deadletter").len() >= junk_sent,
+    );
+    eprintln!(
+        "burst of 2,000 handled in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
     // still responsive: one more is handled within seconds
     let t = Instant::now();
     cams.send(&topic("late", "c0"), o.envelope("late", "c0", 9, 1), false);
     want.push(key("late", "c0", 9, 1));
-    wait_for("the message after the burst", Duration::from_secs(10), || {
-        on(&cockpit, "cockpit/").len() >= 551
-    });
+    wait_for(
+        "the message after the burst",
+        Duration::from_secs(10),
+        || on(&cockpit, "cockpit/").len() >= 551,
+    );
     eprintln!("handled {:.2} s after the burst", t.elapsed().as_secs_f64());
 
     // 3. broker outage; 5 cameras replay a backlog of 200 when it is back
@@ -135,12 +150,18 @@ fn retained_burst_outage_and_restart_lose_nothing() {
     let broker = Broker::start(dir.path(), port);
     for i in 0..200u64 {
         let cam = format!("o{}", i % 5);
-        cams.send(&topic("outage", &cam), o.envelope("outage", &cam, 3, i), false);
+        cams.send(
+            &topic("outage", &cam),
+            o.envelope("outage", &cam, 3, i),
+            false,
+        );
         want.push(key("outage", &cam, 3, i));
     }
-    wait_for("the backlog's 200 results", Duration::from_secs(180), || {
-        on(&cockpit, "cockpit/").len() >= 751
-    });
+    wait_for(
+        "the backlog's 200 results",
+        Duration::from_secs(180),
+        || on(&cockpit, "cockpit/").len() >= 751,
+    );
 
     // 4. SIGTERM: out within 5 s
     let st = stop_agent(agent, Duration::from_secs(5));
@@ -152,9 +173,11 @@ fn retained_burst_outage_and_restart_lose_nothing() {
         want.push(key("down", "c0", 4, i));
     }
     let agent = spawn_agent(&cfg, &[]);
-    wait_for("the 10 sent while the agent was down", Duration::from_secs(60), || {
-        on(&cockpit, "cockpit/").len() >= 761
-    });
+    wait_for(
+        "the 10 sent while the agent was down",
+        Duration::from_secs(60),
+        || on(&cockpit, "cockpit/").len() >= 761,
+    );
     std::thread::sleep(Duration::from_secs(2)); // nothing more should arrive
     stop_agent(agent, Duration::from_secs(5));
     assert_exactly_once(&cockpit, &want);
@@ -186,7 +209,11 @@ fn rate_limit_crash_window_and_outbox_reset() {
     // a crash after decryption, before the result is handed to the broker
     let crashing = spawn_agent(&cfg, &[("FHECAM_FAILPOINT", "agent-after-decrypt")]);
     std::thread::sleep(Duration::from_secs(2));
-    cams.send(&topic("crash", "c0"), o.envelope("crash", "c0", 5, 0), false);
+    cams.send(
+        &topic("crash", "c0"),
+        o.envelope("crash", "c0", 5, 0),
+        false,
+    );
     want.push(key("crash", "c0", 5, 0));
     let mut crashing = crashing;
     let t = Instant::now();
@@ -194,42 +221,68 @@ fn rate_limit_crash_window_and_outbox_reset() {
         if let Some(s) = crashing.0.try_wait().unwrap() {
             break s;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "the failpoint never fired");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the failpoint never fired"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(!status.success(), "aborted");
     assert!(on(&cockpit, "cockpit/").is_empty());
     let agent = spawn_agent(&cfg, &[]);
-    wait_for("the crashed inference, redelivered", Duration::from_secs(30), || {
-        !on(&cockpit, "cockpit/").is_empty()
-    });
+    wait_for(
+        "the crashed inference, redelivered",
+        Duration::from_secs(30),
+        || !on(&cockpit, "cockpit/").is_empty(),
+    );
 
     // a camera over its rate limit (burst 3, then 1 a second): all 12 arrive, later
     let t = Instant::now();
     for seq in 0..12u64 {
-        cams.send(&topic("fast", "c0"), o.envelope("fast", "c0", 8, seq), false);
+        cams.send(
+            &topic("fast", "c0"),
+            o.envelope("fast", "c0", 8, seq),
+            false,
+        );
         want.push(key("fast", "c0", 8, seq));
     }
-    wait_for("the 12 rate-limited results", Duration::from_secs(60), || {
-        on(&cockpit, "cockpit/").len() >= 13
-    });
+    wait_for(
+        "the 12 rate-limited results",
+        Duration::from_secs(60),
+        || on(&cockpit, "cockpit/").len() >= 13,
+    );
     let took = t.elapsed();
-    assert!(took >= Duration::from_secs(7), "the limit held them back: {took:?}");
+    assert!(
+        took >= Duration::from_secs(7),
+        "the limit held them back: {took:?}"
+    );
 
     // an outbox reset: sequence numbers start again under a new epoch and are new results;
     // a replay of the old epoch is not
     for seq in 0..4u64 {
-        cams.send(&topic("reset", "c0"), o.envelope("reset", "c0", 100, seq), false);
+        cams.send(
+            &topic("reset", "c0"),
+            o.envelope("reset", "c0", 100, seq),
+            false,
+        );
         want.push(key("reset", "c0", 100, seq));
     }
     wait_for("epoch 100", Duration::from_secs(30), || {
         on(&cockpit, "cockpit/").len() >= 17
     });
     for seq in 0..4u64 {
-        cams.send(&topic("reset", "c0"), o.envelope("reset", "c0", 200, seq), false);
+        cams.send(
+            &topic("reset", "c0"),
+            o.envelope("reset", "c0", 200, seq),
+            false,
+        );
         want.push(key("reset", "c0", 200, seq));
     }
-    cams.send(&topic("reset", "c0"), o.envelope("reset", "c0", 100, 2), false);
+    cams.send(
+        &topic("reset", "c0"),
+        o.envelope("reset", "c0", 100, 2),
+        false,
+    );
     wait_for("epoch 200", Duration::from_secs(30), || {
         on(&cockpit, "cockpit/").len() >= 21
     });

@@ -244,7 +244,10 @@ impl Worker {
                 ready.extend(queue.pop_front());
             }
             if !queue.is_empty() {
-                let w = self.limiter.wait(device, now).max(Duration::from_millis(10));
+                let w = self
+                    .limiter
+                    .wait(device, now)
+                    .max(Duration::from_millis(10));
                 next = Some(next.map_or(w, |n| n.min(w)));
             }
         }
@@ -268,7 +271,9 @@ impl Worker {
         let mut wake: Option<Duration> = None;
         loop {
             let job = match wake {
-                None => jobs.recv().map_err(|_| std_mpsc::RecvTimeoutError::Disconnected),
+                None => jobs
+                    .recv()
+                    .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected),
                 Some(w) => jobs.recv_timeout(w),
             };
             let now = Instant::now();
@@ -302,7 +307,9 @@ fn mqtt_options(cfg: &AgentConfig) -> Result<MqttOptions, AgentError> {
         o.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
     }
     if let Some(t) = &m.tls {
-        o.set_transport(crate::mqtt::tls_transport(t).map_err(|e| AgentError::Mqtt(e.to_string()))?);
+        o.set_transport(
+            crate::mqtt::tls_transport(t).map_err(|e| AgentError::Mqtt(e.to_string()))?,
+        );
     }
     Ok(o)
 }
@@ -400,7 +407,10 @@ impl Io {
                     // rumqttc dropped what it held for the old session
                     self.outgoing.session_lost();
                 }
-                tracing::info!("agent connected (session present: {}); subscribing {subscription}", ack.session_present);
+                tracing::info!(
+                    "agent connected (session present: {}); subscribing {subscription}",
+                    ack.session_present
+                );
                 // a resumed session keeps its subscription; subscribing again would make
                 // the broker send every retained inference once more
                 if !ack.session_present {
@@ -468,7 +478,12 @@ pub async fn run(
         Duration::from_secs_f64(m.reconnect_backoff_initial_s),
         Duration::from_secs_f64(m.reconnect_backoff_max_s),
     );
-    let poller = tokio::spawn(poll(eventloop, ev_tx, backoff, format!("{}:{}", m.host, m.port)));
+    let poller = tokio::spawn(poll(
+        eventloop,
+        ev_tx,
+        backoff,
+        format!("{}:{}", m.host, m.port),
+    ));
 
     let (job_tx, job_rx) = std_mpsc::channel();
     let (dec_tx, mut dec_rx) = mpsc::unbounded_channel();
@@ -527,7 +542,10 @@ pub async fn run(
     let _ = client.try_disconnect();
     drop(ev_rx);
     let abort = poller.abort_handle();
-    if tokio::time::timeout(Duration::from_secs(2), poller).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), poller)
+        .await
+        .is_err()
+    {
         abort.abort();
     }
     drop(io);

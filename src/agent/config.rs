@@ -49,9 +49,15 @@ pub struct AgentMqtt {
     /// characters. Two agents on one host in one group must set distinct ids, or the broker
     /// disconnects one whenever the other connects.
     pub client_id: Option<String>,
-    /// Shared-subscription group: agents in one group split the inferences between them
-    /// (an id: 1..=64 of A-Z a-z 0-9 . _ : -).
+    /// The agents' group (an id: 1..=64 of A-Z a-z 0-9 . _ : -): part of the default client
+    /// id, and with `shared = true` the shared-subscription group.
     pub group: String,
+    /// false (default): one agent, a plain subscription `<edge_prefix>/+/+/inference`.
+    /// true: the agents of `group` split the inferences (`$share/<group>/...`); needed to
+    /// run more than one agent. mosquitto 2.0.11 (Debian 12) does not restore shared
+    /// subscriptions when it restarts: inferences published between a broker restart and
+    /// the agents' reconnection are dropped by the broker (docs/THREAT_MODEL.md).
+    pub shared: bool,
     /// First level of the edge topics (`<prefix>/<device>/<camera>/inference`); an id.
     pub edge_prefix: String,
     /// Results go to `<cockpit_prefix>/<device>/<camera>`; an id, not `edge_prefix`.
@@ -83,6 +89,7 @@ impl Default for AgentMqtt {
             port: 1883,
             client_id: None,
             group: "fhecam-agents".into(),
+            shared: false,
             edge_prefix: "fhecam".into(),
             cockpit_prefix: "cockpit".into(),
             dead_letter_topic: "backend/deadletter".into(),
@@ -318,12 +325,14 @@ impl AgentConfig {
         }
     }
 
-    /// `$share/<group>/<prefix>/+/+/inference`
+    /// `<prefix>/+/+/inference`, or `$share/<group>/<prefix>/+/+/inference` when shared.
     pub fn subscription(&self) -> String {
-        format!(
-            "$share/{}/{}/+/+/inference",
-            self.mqtt.group, self.mqtt.edge_prefix
-        )
+        let plain = format!("{}/+/+/inference", self.mqtt.edge_prefix);
+        if self.mqtt.shared {
+            format!("$share/{}/{plain}", self.mqtt.group)
+        } else {
+            plain
+        }
     }
 }
 

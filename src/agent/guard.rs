@@ -116,7 +116,10 @@ mod tests {
         assert!(r.allow("a", t + Duration::from_millis(1100)));
         assert!(!r.allow("a", t + Duration::from_millis(1200)));
         let w = r.wait("a", t + Duration::from_millis(1200));
-        assert!(w > Duration::from_millis(850) && w <= Duration::from_millis(900), "{w:?}");
+        assert!(
+            w > Duration::from_millis(850) && w <= Duration::from_millis(900),
+            "{w:?}"
+        );
         assert_eq!(r.wait("b", t), Duration::ZERO);
     }
 

@@ -9,5 +9,5 @@ pub mod processor;
 pub mod session;
 
 pub use agent::{run, AgentStats};
-pub use processor::{AgentError, Processor};
 pub use config::AgentConfig;
+pub use processor::{AgentError, Processor};

@@ -203,8 +203,9 @@ pub fn preflight(cfg: &AgentConfig) -> Result<Preflight, AgentError> {
     let p = &cfg.state_db;
     let state = if p.exists() {
         let err = state_err(p);
-        let c = rusqlite::Connection::open_with_flags(p, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(&err)?;
+        let c =
+            rusqlite::Connection::open_with_flags(p, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(&err)?;
         c.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
             r.get::<_, i64>(0)
         })

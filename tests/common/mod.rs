@@ -329,7 +329,10 @@ pub fn stop_agent(mut a: Killed, limit: Duration) -> serde_json::Value {
             assert!(st.success(), "agent exit status {st}");
             break;
         }
-        assert!(t.elapsed() < limit, "agent did not exit within {limit:?} of SIGTERM");
+        assert!(
+            t.elapsed() < limit,
+            "agent did not exit within {limit:?} of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut out = String::new();
