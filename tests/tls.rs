@@ -7,6 +7,8 @@
 //!
 //! The helpers (`Pki`, `Broker::start`) are meant for reuse by end-to-end tests.
 
+mod common;
+
 use fhecam::mqtt::{tls_transport, TlsConfig};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
@@ -433,4 +435,123 @@ fn agent_check_names_a_missing_ca() {
         err.contains("mqtt.tls.ca") && err.contains("missing-ca.pem"),
         "{err}"
     );
+}
+
+/// `[mqtt.tls]` of a daemon or agent configuration.
+fn tls_section(ca: &Path, who: &Issued) -> String {
+    format!(
+        "[mqtt.tls]\nca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+        ca.display(),
+        who.cert.display(),
+        who.key.display()
+    )
+}
+
+/// The whole path over TLS with client certificates and the shipped ACL: the edge daemon
+/// (GStreamer frames, encrypted inference) publishes as its device, the agent decrypts and
+/// publishes to the cockpit, the cockpit reads. An agent trusting another CA says why it
+/// cannot connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_and_agent_over_tls() {
+    let s = tokio::task::block_in_place(setup);
+    let port = s.broker.port;
+    let d = s._dir.path();
+    let o = tokio::task::block_in_place(|| common::owner(d));
+    let cockpit_cert = s.pki.client("cockpit", "cockpit");
+
+    // the cockpit, over TLS
+    let (cockpit, mut cockpit_ev) = client("cockpit", port, &s.pki.ca.cert, &cockpit_cert);
+    cockpit
+        .subscribe("cockpit/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    until(&mut cockpit_ev, Duration::from_secs(10), |e| {
+        matches!(e, Event::Incoming(Packet::SubAck(_)))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("cockpit: {e}\n{}", s.broker.log_text()));
+
+    // the agent, over TLS (CN fhecam-agent in the ACL)
+    let agent_cfg = o.agent_config(
+        "tls-agent",
+        port,
+        &format!(
+            "client_id = \"tls-agent\"\n{}",
+            tls_section(&s.pki.ca.cert, &s.agent)
+        ),
+        "",
+    );
+    let agent = common::spawn_agent(&agent_cfg, &[]);
+
+    // the daemon, over TLS, as device cam-a: two test-pattern frames, then end of stream
+    let edge_cfg = d.join("edge-tls.toml");
+    std::fs::write(
+        &edge_cfg,
+        format!(
+            "device_id = \"cam-a\"\ncamera_id = \"c0\"\nbundle = \"{}\"\nowner_key = \"{}\"\n\
+             [source]\npipeline = \"videotestsrc num-buffers=2 pattern=ball ! videoconvert ! appsink\"\n\
+             every_frame = true\n\
+             [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_backoff_initial_s = 0.2\n\
+             reconnect_backoff_max_s = 1.0\n{}\
+             [outbox]\ndir = \"{}\"\n",
+            o.bundle.display(),
+            d.join("keys/owner.pub").display(),
+            tls_section(&s.pki.ca.cert, &s.camera),
+            d.join("outbox-tls").display()
+        ),
+    )
+    .unwrap();
+    let daemon = Command::new(env!("CARGO_BIN_EXE_fhecam"))
+        .args(["run", "--config", edge_cfg.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(d.join("edge-tls.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let _daemon = common::Killed(daemon);
+
+    let mut results = Vec::new();
+    while results.len() < 2 {
+        let ev = until(&mut cockpit_ev, Duration::from_secs(240), |e| {
+            matches!(e, Event::Incoming(Packet::Publish(_)))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cockpit result: {e}\nedge: {}\nagent: {}",
+                std::fs::read_to_string(d.join("edge-tls.log")).unwrap_or_default(),
+                std::fs::read_to_string(agent_cfg.with_extension("log")).unwrap_or_default()
+            )
+        });
+        let Event::Incoming(Packet::Publish(p)) = ev else {
+            unreachable!()
+        };
+        assert_eq!(&p.topic[..], b"cockpit/cam-a/c0");
+        let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+        assert!(v["label"].as_u64().unwrap() < 10, "{v}");
+        results.push(v);
+    }
+    let st = tokio::task::block_in_place(|| common::stop_agent(agent, Duration::from_secs(5)));
+    assert_eq!(st["published"], 2, "{st}");
+
+    // an agent that trusts another CA: refused, and it says why
+    let wrong = o.agent_config(
+        "tls-agent-wrong-ca",
+        port,
+        &format!(
+            "client_id = \"tls-agent-2\"\n{}",
+            tls_section(&s.other.ca.cert, &s.agent)
+        ),
+        "",
+    );
+    let a = common::spawn_agent(&wrong, &[]);
+    let log = wrong.with_extension("log");
+    tokio::task::block_in_place(|| {
+        common::wait_for("the certificate error", Duration::from_secs(20), || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("invalid peer certificate")
+        })
+    });
+    tokio::task::block_in_place(|| common::stop_agent(a, Duration::from_secs(5)));
 }
