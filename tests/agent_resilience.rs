@@ -297,3 +297,86 @@ fn rate_limit_crash_window_and_outbox_reset() {
         on(&cockpit, "backend/deadletter")
     );
 }
+
+/// `fhecam agent --check` verifies what its help says and writes nothing.
+#[test]
+fn check_verifies_and_writes_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let o = shared_owner();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let db_bytes = std::fs::read(&o.db).unwrap();
+    let pass_file = |name: &str, text: &str, mode: u32| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    };
+    let config =
+        |name: &str, db: &std::path::Path, state: &std::path::Path, pass: &std::path::Path| {
+            let p = d.join(format!("{name}.toml"));
+            std::fs::write(
+                &p,
+                format!(
+                    "db = \"{}\"\nstate_db = \"{}\"\npassphrase_file = \"{}\"\n",
+                    s(db),
+                    s(state),
+                    s(pass)
+                ),
+            )
+            .unwrap();
+            p
+        };
+    let check = |cfg: &std::path::Path| {
+        let out = bin()
+            .args(["agent", "--config", s(cfg), "--check"])
+            .output()
+            .unwrap();
+        assert_ne!(out.status.code(), Some(101), "no panic");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let state = d.join("state.db");
+    let good = pass_file("good.pass", &format!("{PASS}\n"), 0o600);
+
+    let (ok, text) = check(&config("good", &o.db, &state, &good));
+    assert!(ok, "{text}");
+    assert!(text.contains("every key unseals"), "{text}");
+    assert!(
+        !state.exists(),
+        "the state database is not created by a check"
+    );
+
+    let wrong = pass_file("wrong.pass", "not the passphrase at all", 0o600);
+    let (ok, text) = check(&config("wrong", &o.db, &state, &wrong));
+    assert!(!ok && text.contains("cannot unseal"), "{text}");
+
+    let open = pass_file("open.pass", PASS, 0o644);
+    let (ok, text) = check(&config("open", &o.db, &state, &open));
+    assert!(
+        !ok && text.contains("0644") && text.contains("0600"),
+        "{text}"
+    );
+
+    let empty = d.join("empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (ok, text) = check(&config("empty", &empty, &state, &good));
+    assert!(!ok && text.contains("schema version 0"), "{text}");
+    assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0, "left empty");
+
+    let (ok, text) = check(&config("same", &o.db, &o.db, &good));
+    assert!(
+        !ok && text.contains("state_db is the owner database"),
+        "{text}"
+    );
+
+    assert_eq!(
+        std::fs::read(&o.db).unwrap(),
+        db_bytes,
+        "the owner database is untouched"
+    );
+}

@@ -177,6 +177,22 @@ fn open_state(path: &Path) -> Result<rusqlite::Connection, AgentError> {
     Ok(c)
 }
 
+/// The agent writes its state database; pointed at the owner's database it would write
+/// there.
+fn refuse_shared_file(cfg: &AgentConfig) -> Result<(), AgentError> {
+    let same = match (cfg.db.canonicalize(), cfg.state_db.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => cfg.db == cfg.state_db,
+    };
+    if same {
+        return Err(AgentError::State {
+            path: cfg.state_db.display().to_string(),
+            msg: "state_db is the owner database (db): give the agent a file of its own".into(),
+        });
+    }
+    Ok(())
+}
+
 /// What `fhecam agent --check` verified.
 pub struct Preflight {
     pub models: usize,
@@ -190,6 +206,7 @@ pub fn preflight(cfg: &AgentConfig) -> Result<Preflight, AgentError> {
         crate::mqtt::tls_transport(t).map_err(|e| AgentError::Mqtt(e.to_string()))?;
     }
     let store = Store::open_read_only(&cfg.db)?;
+    refuse_shared_file(cfg)?;
     let pass = read_passphrase(cfg)?;
     let list = store.list()?;
     for m in &list {
@@ -233,6 +250,7 @@ pub fn preflight(cfg: &AgentConfig) -> Result<Preflight, AgentError> {
 impl Processor {
     pub fn new(cfg: AgentConfig) -> Result<Self, AgentError> {
         let store = Store::open_read_only(&cfg.db)?;
+        refuse_shared_file(&cfg)?;
         let state = open_state(&cfg.state_db)?;
         let pass = read_passphrase(&cfg)?;
         let logits_for = cfg
