@@ -147,6 +147,9 @@ fn writable_dir(p: &Path) -> Result<()> {
 const LOADED: u8 = 1;
 const PLAYING: u8 = 2;
 const CONNECTED: u8 = 4;
+/// Added to the drain deadline in EXTEND_TIMEOUT_USEC: the publish linger (≤ 10 s) and
+/// disconnecting.
+const DRAIN_NOTIFY_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn run_daemon(path: &Path) -> Result<()> {
     let cfg = EdgeConfig::load(path)?;
@@ -169,6 +172,14 @@ fn run_daemon(path: &Path) -> Result<()> {
                     Milestone::BrokerConnected => CONNECTED,
                     Milestone::BrokerDisconnected => {
                         state.fetch_and(!CONNECTED, Ordering::SeqCst);
+                        return;
+                    }
+                    Milestone::Draining(left) => {
+                        // past TimeoutStopSec systemd would SIGKILL the frame being drained;
+                        // the margin covers publishing the outbox and `offline`
+                        let usec = (left + DRAIN_NOTIFY_MARGIN).as_micros();
+                        let usec = u32::try_from(usec).unwrap_or(u32::MAX);
+                        let _ = sd_notify::notify(&[NotifyState::ExtendTimeoutUsec(usec)]);
                         return;
                     }
                 };
