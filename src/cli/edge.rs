@@ -19,9 +19,10 @@ pub enum EdgeCmd {
         #[arg(long, default_value = "/etc/fhecam/edge.toml")]
         config: PathBuf,
     },
-    /// Check an edge configuration without starting anything: fields and values, the
-    /// bundle's signature and contents, the GStreamer pipeline's syntax, the outbox
-    /// directory.
+    /// Check an edge configuration without starting or writing anything: fields and values,
+    /// the owner key and the bundle's signature and contents, the GStreamer pipeline's
+    /// syntax, and that the outbox directory is writable (or, if missing, that its nearest
+    /// existing parent is, where `run` will create it).
     Validate {
         #[arg(long, default_value = "/etc/fhecam/edge.toml")]
         config: PathBuf,
@@ -52,12 +53,11 @@ fn validate(path: &Path) -> Result<()> {
     );
     edge::source::check_pipeline(&cfg.source.pipeline)?;
     println!("pipeline: parses, has an appsink");
-    edge::outbox::Outbox::open(
-        &cfg.outbox.dir,
-        cfg.outbox.max_entries,
-        fhecam::envelope::MAX_ENVELOPE_BYTES as u64,
-    )?;
-    println!("outbox {}: writable", cfg.outbox.dir.display());
+    println!(
+        "outbox {}: {}",
+        cfg.outbox.dir.display(),
+        check_outbox_dir(&cfg.outbox.dir)?
+    );
     println!(
         "broker {}:{} (not contacted by validate), topics {}",
         cfg.mqtt.host,
@@ -67,9 +67,89 @@ fn validate(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Checks, without creating or writing anything, that `run` can use `dir` as its outbox.
+fn check_outbox_dir(dir: &Path) -> Result<String> {
+    match std::fs::metadata(dir) {
+        Ok(_) => {
+            writable_dir(dir).with_context(|| format!("outbox {}", dir.display()))?;
+            Ok("exists, writable directory".into())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let parent = dir
+                .ancestors()
+                .skip(1)
+                .map(|p| {
+                    if p.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        p
+                    }
+                })
+                .find(|p| p.exists())
+                .context("no existing parent")?;
+            writable_dir(parent).with_context(|| {
+                format!(
+                    "outbox {} does not exist and cannot be created",
+                    dir.display()
+                )
+            })?;
+            Ok(format!(
+                "does not exist; `run` will create it in {} (writable directory)",
+                parent.display()
+            ))
+        }
+        Err(e) => Err(e).with_context(|| format!("outbox {}", dir.display())),
+    }
+}
+
+/// A directory this process may create files in, by access(2) (the daemon's own user and
+/// mounts), on a filesystem that stores files.
+fn writable_dir(p: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let m = std::fs::metadata(p)?;
+    anyhow::ensure!(m.is_dir(), "{} is not a directory", p.display());
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes())?;
+    // SAFETY: `c` is a NUL-terminated path; `st` is only read after statfs filled it.
+    #[allow(clippy::useless_conversion)] // f_type is i64 here, u32 or i32 on other targets
+    let fs_type = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        (libc::statfs(c.as_ptr(), &mut st) == 0).then(|| i64::from(st.f_type))
+    };
+    // SAFETY: as above.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        let e = std::io::Error::last_os_error();
+        anyhow::bail!("{} is not a writable directory: {e}", p.display());
+    }
+    // root passes access(2) everywhere: refuse kernel interfaces and write-protected dirs
+    let kernel = [
+        libc::PROC_SUPER_MAGIC,
+        libc::SYSFS_MAGIC,
+        libc::CGROUP_SUPER_MAGIC,
+        libc::CGROUP2_SUPER_MAGIC,
+        libc::DEBUGFS_MAGIC,
+    ]
+    .map(i64::from);
+    anyhow::ensure!(
+        !fs_type.is_some_and(|t| kernel.contains(&t)),
+        "{} is a kernel interface (proc, sysfs, cgroup), not a writable directory",
+        p.display()
+    );
+    anyhow::ensure!(
+        m.permissions().mode() & 0o222 != 0,
+        "{} is not a writable directory (mode {:o})",
+        p.display(),
+        m.permissions().mode() & 0o7777
+    );
+    Ok(())
+}
+
 const LOADED: u8 = 1;
 const PLAYING: u8 = 2;
 const CONNECTED: u8 = 4;
+/// Added to the drain deadline in EXTEND_TIMEOUT_USEC: the publish linger (≤ 10 s) and
+/// disconnecting.
+const DRAIN_NOTIFY_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn run_daemon(path: &Path) -> Result<()> {
     let cfg = EdgeConfig::load(path)?;
@@ -92,6 +172,14 @@ fn run_daemon(path: &Path) -> Result<()> {
                     Milestone::BrokerConnected => CONNECTED,
                     Milestone::BrokerDisconnected => {
                         state.fetch_and(!CONNECTED, Ordering::SeqCst);
+                        return;
+                    }
+                    Milestone::Draining(left) => {
+                        // past TimeoutStopSec systemd would SIGKILL the frame being drained;
+                        // the margin covers publishing the outbox and `offline`
+                        let usec = (left + DRAIN_NOTIFY_MARGIN).as_micros();
+                        let usec = u32::try_from(usec).unwrap_or(u32::MAX);
+                        let _ = sd_notify::notify(&[NotifyState::ExtendTimeoutUsec(usec)]);
                         return;
                     }
                 };

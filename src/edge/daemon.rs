@@ -9,8 +9,9 @@
 //!   publisher writes it to the on-disk outbox before anything else.
 //!
 //! One cancellation path: the token stops the source; each stage ends when its input
-//! closes, so in-flight inferences finish (up to `drain_timeout_s`) and reach the outbox;
-//! then the publisher announces `offline` and disconnects.
+//! closes, so in-flight inferences finish and reach the outbox; then the publisher
+//! announces `offline` and disconnects. The drain deadline follows the model (see
+//! [`drain_extension`]), with `drain_timeout_s` as its floor.
 
 use super::config::{secs, EdgeConfig};
 use super::gate::{Decision, Gate};
@@ -61,6 +62,40 @@ pub enum Milestone {
     PipelinePlaying,
     BrokerConnected,
     BrokerDisconnected,
+    /// Stopping: in-flight inferences may run this much longer (repeated while draining,
+    /// so systemd's stop timeout can be extended).
+    Draining(Duration),
+}
+
+/// Wall seconds per PBS on one FHE thread assumed before any frame has finished. Not
+/// measured: a conservative figure for a small ARM core, about 4× the 25–30 ms measured on
+/// x86-64 (docs/BENCHMARKS.md), so a first frame is not abandoned on a slow camera.
+pub const ASSUMED_PBS_S: f64 = 0.1;
+
+/// How long a frame takes: the last finished frame's time, or before any finished, the
+/// model's planned PBS at [`ASSUMED_PBS_S`] spread over the FHE threads and shared by the
+/// frames in flight.
+pub fn frame_estimate(
+    last: Option<Duration>,
+    planned_pbs: u64,
+    threads: usize,
+    in_flight: usize,
+) -> Duration {
+    last.unwrap_or_else(|| {
+        Duration::from_secs_f64(
+            planned_pbs as f64 * ASSUMED_PBS_S * in_flight.max(1) as f64 / threads.max(1) as f64,
+        )
+    })
+}
+
+/// How much longer than now the drain must wait for frames that have been running for
+/// `elapsed`: their estimated remaining time × 1.25 (the margin for a noisy machine).
+pub fn drain_extension(estimate: Duration, elapsed: &[Duration]) -> Duration {
+    elapsed
+        .iter()
+        .map(|e| estimate.saturating_sub(*e).mul_f64(1.25))
+        .max()
+        .unwrap_or_default()
 }
 
 /// How the run ended, with the final counters.
@@ -141,10 +176,36 @@ struct InferCtx {
     camera_id: String,
     model_id: crate::ids::ModelId,
     model_version: u32,
+    progress: Progress,
+}
+
+/// What the drain deadline is estimated from.
+struct Progress {
+    /// Per worker: when its current frame started.
+    started: Vec<Mutex<Option<Instant>>>,
+    /// How long the last finished frame took.
+    last: Mutex<Option<Duration>>,
+}
+
+impl Progress {
+    fn set_started(&self, worker: usize, at: Option<Instant>) {
+        if let Ok(mut s) = self.started[worker].lock() {
+            *s = at;
+        }
+    }
+
+    /// Time already spent by each frame in flight.
+    fn elapsed(&self) -> Vec<Duration> {
+        self.started
+            .iter()
+            .filter_map(|s| s.lock().ok().and_then(|s| s.map(|t| t.elapsed())))
+            .collect()
+    }
 }
 
 fn infer_worker(
     ctx: Arc<InferCtx>,
+    worker: usize,
     input: JobQueue,
     out: mpsc::Sender<Finished>,
     stats: Arc<Stats>,
@@ -157,12 +218,17 @@ fn infer_worker(
             _ => return,
         };
         let t = Instant::now();
+        ctx.progress.set_started(worker, Some(t));
         let result = ctx
             .rt
             .infer(&ctx.rt.encrypt(&x))
             .and_then(|(o, s)| Ok((o.to_bytes()?, s)));
+        ctx.progress.set_started(worker, None);
         match result {
             Ok((ciphertext, s)) => {
+                if let Ok(mut last) = ctx.progress.last.lock() {
+                    *last = Some(t.elapsed());
+                }
                 tracing::info!(
                     "inference done: {} PBS in {:.1} s",
                     s.pbs,
@@ -186,6 +252,62 @@ fn infer_worker(
                 stats.infer_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("inference failed: {e}");
             }
+        }
+    }
+}
+
+/// Joins the infer workers. With a stop request (`floor` set) the deadline is the later of
+/// `floor` from now and the in-flight frames' estimated end, re-estimated as frames start,
+/// and announced through [`Milestone::Draining`]; past it a frame is abandoned (its raw
+/// frame is never persisted, so it cannot be resumed).
+fn drain(
+    workers: Vec<std::thread::JoinHandle<()>>,
+    floor: Option<Duration>,
+    ctx: &InferCtx,
+    milestone: &(dyn Fn(Milestone) + Send + Sync),
+) {
+    let pbs = ctx.rt.planned_pbs().iter().sum::<u64>();
+    let threads = ctx.rt.threads();
+    let mut deadline = floor.map(|f| Instant::now() + f);
+    let mut announced: Option<(Instant, Instant)> = None; // (deadline, when)
+    for w in workers {
+        loop {
+            if w.is_finished() {
+                let _ = w.join();
+                break;
+            }
+            if let Some(d) = deadline.as_mut() {
+                let now = Instant::now();
+                let elapsed = ctx.progress.elapsed();
+                let last = ctx.progress.last.lock().ok().and_then(|l| *l);
+                let est = frame_estimate(last, pbs, threads, elapsed.len());
+                *d = (*d).max(now + drain_extension(est, &elapsed));
+                if now >= *d {
+                    // detached: the process exits without it
+                    tracing::warn!(
+                        "an inference still running after the drain deadline is abandoned"
+                    );
+                    break;
+                }
+                // announce a new deadline at once, the same one every 10 s
+                let stale = announced.is_none_or(|(ad, at)| {
+                    ad != *d || now.duration_since(at) >= Duration::from_secs(10)
+                });
+                if stale {
+                    if announced.is_none_or(|(ad, _)| ad != *d) {
+                        tracing::info!(
+                            "draining: {} in flight, deadline in {:.0} s (frame estimate {:.0} s{})",
+                            elapsed.len(),
+                            (*d - now).as_secs_f64(),
+                            est.as_secs_f64(),
+                            if last.is_some() { ", measured" } else { ", from the planned PBS" }
+                        );
+                    }
+                    milestone(Milestone::Draining(*d - now));
+                    announced = Some((*d, now));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
@@ -260,6 +382,12 @@ pub async fn run(
         camera_id: cfg.camera_id.clone(),
         model_id: header.model_id,
         model_version: header.version,
+        progress: Progress {
+            started: (0..cfg.infer.max_in_flight)
+                .map(|_| Mutex::new(None))
+                .collect(),
+            last: Mutex::new(None),
+        },
     });
     let (inf_tx, inf_rx) = std_mpsc::sync_channel::<Job>(0);
     let inf_rx = Arc::new(Mutex::new(inf_rx));
@@ -268,7 +396,7 @@ pub async fn run(
             let (ctx, rx, tx, stats) = (ctx.clone(), inf_rx.clone(), fin_tx.clone(), stats.clone());
             std::thread::Builder::new()
                 .name(format!("infer-{i}"))
-                .spawn(move || infer_worker(ctx, rx, tx, stats))
+                .spawn(move || infer_worker(ctx, i, rx, tx, stats))
                 .map_err(|e| EdgeError::Thread(e.to_string()))
         })
         .collect::<Result<_, _>>()?;
@@ -325,23 +453,13 @@ pub async fn run(
     // the source's sender is gone: the stages end in order as their inputs close
     // A stop request bounds the drain; a source that simply ended (a file played out)
     // has every frame it delivered finished, however long the queue.
-    let drain = match &end {
+    let floor = match &end {
         Ok(SourceEnd::Eos) => None,
         _ => Some(secs(cfg.infer.drain_timeout_s)),
     };
     let joined = tokio::task::spawn_blocking(move || {
         let _ = pre.join();
-        let deadline = drain.map(|d| Instant::now() + d);
-        for w in workers {
-            while !w.is_finished() && deadline.is_none_or(|d| Instant::now() < d) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if w.is_finished() {
-                let _ = w.join();
-            } else {
-                tracing::warn!("an inference still running after the drain timeout is abandoned");
-            }
-        }
+        drain(workers, floor, &ctx, &*milestone);
     });
     let _ = joined.await;
     pub_stop.cancel();
