@@ -316,7 +316,7 @@ fn mqtt_options(cfg: &AgentConfig) -> Result<MqttOptions, AgentError> {
 
 /// What the poller forwards.
 enum Polled {
-    Event(Event),
+    Event(Box<Event>),
     /// The connection failed; rumqttc reconnects on the next poll.
     Lost,
 }
@@ -337,7 +337,7 @@ async fn poll(
                     failures = 0;
                 }
                 let bye = matches!(ev, Event::Outgoing(Out::Disconnect));
-                if events.send(Polled::Event(ev)).is_err() || bye {
+                if events.send(Polled::Event(Box::new(ev))).is_err() || bye {
                     return;
                 }
             }
@@ -519,7 +519,7 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             ev = ev_rx.recv() => match ev {
                 Some(Polled::Event(ev)) => {
-                    if !io.event(ev, &subscription, &mut ready) {
+                    if !io.event(*ev, &subscription, &mut ready) {
                         break;
                     }
                 }
