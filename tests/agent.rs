@@ -226,7 +226,7 @@ fn shared_agents_decrypt_once_and_dead_letter_every_attack() {
     let mut total = (0, 0, 0);
     let mut each = Vec::new();
     for a in &agents {
-        a.signal("-TERM");
+        a.proc.signal("-TERM");
     }
     for a in agents {
         let st = stop_agent(a, Duration::from_secs(10));

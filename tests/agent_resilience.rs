@@ -218,7 +218,7 @@ fn rate_limit_crash_window_and_outbox_reset() {
     let mut crashing = crashing;
     let t = Instant::now();
     let status = loop {
-        if let Some(s) = crashing.0.try_wait().unwrap() {
+        if let Some(s) = crashing.proc.0.try_wait().unwrap() {
             break s;
         }
         assert!(

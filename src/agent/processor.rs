@@ -140,39 +140,51 @@ fn state_err(path: &Path) -> impl Fn(rusqlite::Error) -> AgentError + '_ {
 fn open_state(path: &Path) -> Result<rusqlite::Connection, AgentError> {
     let err = state_err(path);
     if !path.exists() {
-        // created 0600 before SQLite touches it: it records which devices sent what
+        // created 0600 before SQLite touches it: it records which devices sent what. Agents
+        // sharing the file may start together: whoever creates it, it exists.
         use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
+        match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(path)
-            .map_err(|e| AgentError::State {
-                path: path.display().to_string(),
-                msg: e.to_string(),
-            })?;
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(AgentError::State {
+                    path: path.display().to_string(),
+                    msg: e.to_string(),
+                })
+            }
+        }
     }
     let c = rusqlite::Connection::open(path).map_err(&err)?;
     // several agents may share the file
     c.busy_timeout(Duration::from_secs(5)).map_err(&err)?;
     c.execute_batch(STATE_SCHEMA).map_err(&err)?;
-    // state written before camera epochs: those inferences were schema-1 envelopes (epoch 0)
-    let old: i64 = c
-        .query_row(
+    // state written before camera epochs: those inferences were schema-1 envelopes (epoch 0).
+    // IMMEDIATE: agents sharing the file may start together; one migrates, the other sees it
+    // done.
+    let migrate = |c: &rusqlite::Connection| -> rusqlite::Result<()> {
+        c.execute_batch("BEGIN IMMEDIATE")?;
+        let old: i64 = c.query_row(
             "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'seen'",
             [],
             |r| r.get(0),
-        )
-        .map_err(&err)?;
-    if old > 0 {
-        c.execute_batch(
-            "BEGIN;
-             INSERT OR IGNORE INTO results
-                 SELECT device, camera, 0, sequence, model_id, decrypted_unix FROM seen;
-             DROP TABLE seen;
-             COMMIT;",
-        )
-        .map_err(&err)?;
+        )?;
+        if old > 0 {
+            c.execute_batch(
+                "INSERT OR IGNORE INTO results
+                     SELECT device, camera, 0, sequence, model_id, decrypted_unix FROM seen;
+                 DROP TABLE seen;",
+            )?;
+        }
+        c.execute_batch("COMMIT")
+    };
+    if let Err(e) = migrate(&c) {
+        let _ = c.execute_batch("ROLLBACK");
+        return Err(err(e));
     }
     Ok(c)
 }
@@ -437,5 +449,37 @@ impl Processor {
             )
             .map(|_| ())
             .map_err(state_err(&self.cfg.state_db))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_before_epochs_is_kept_as_epoch_0() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state.db");
+        let c = rusqlite::Connection::open(&p).unwrap();
+        c.execute_batch(
+            "CREATE TABLE seen (device TEXT NOT NULL, camera TEXT NOT NULL,
+                 sequence INTEGER NOT NULL, model_id TEXT NOT NULL,
+                 decrypted_unix INTEGER NOT NULL, PRIMARY KEY (device, camera, sequence));
+             INSERT INTO seen VALUES ('d', 'c', 7, 'm', 1);",
+        )
+        .unwrap();
+        drop(c);
+        for _ in 0..2 {
+            let c = open_state(&p).unwrap();
+            let n: i64 = c
+                .query_row(
+                    "SELECT count(*) FROM results
+                     WHERE device = 'd' AND camera = 'c' AND epoch = 0 AND sequence = 7",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(n, 1);
+        }
     }
 }

@@ -306,37 +306,59 @@ impl Owner {
     }
 }
 
+/// A running `fhecam agent` and its log file.
+pub struct Agent {
+    pub proc: Killed,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
 /// `fhecam agent --config cfg`, logs to a file beside the config.
-pub fn spawn_agent(cfg: &Path, envs: &[(&str, &str)]) -> Killed {
-    let log = std::fs::File::create(cfg.with_extension("log")).unwrap();
+pub fn spawn_agent(cfg: &Path, envs: &[(&str, &str)]) -> Agent {
+    let log = cfg.with_extension("log");
     let mut c = bin();
     c.args(["agent", "--config", s(cfg)])
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
-        .stderr(log);
+        .stderr(std::fs::File::create(&log).unwrap());
     for (k, v) in envs {
         c.env(k, v);
     }
-    Killed(c.spawn().unwrap())
+    Agent {
+        proc: Killed(c.spawn().unwrap()),
+        log,
+    }
 }
 
 /// SIGTERM, then the agent's closing stats line; asserts it exits 0 within `limit`.
-pub fn stop_agent(mut a: Killed, limit: Duration) -> serde_json::Value {
-    a.signal("-TERM");
+pub fn stop_agent(mut a: Agent, limit: Duration) -> serde_json::Value {
+    a.proc.signal("-TERM");
     let t = Instant::now();
     loop {
-        if let Some(st) = a.0.try_wait().unwrap() {
-            assert!(st.success(), "agent exit status {st}");
+        if let Some(st) = a.proc.0.try_wait().unwrap() {
+            assert!(st.success(), "agent exit status {st}\n{}", a.log_text());
             break;
         }
         assert!(
             t.elapsed() < limit,
-            "agent did not exit within {limit:?} of SIGTERM"
+            "agent did not exit within {limit:?} of SIGTERM\n{}",
+            a.log_text()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut out = String::new();
     use std::io::Read;
-    a.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    a.proc
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     serde_json::from_str(out.trim().lines().last().unwrap_or("null")).unwrap()
 }
