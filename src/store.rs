@@ -169,33 +169,36 @@ fn check_mode(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Creates `path` empty with mode 0600 unless it exists (before SQLite touches it, so the
+/// file and its journal are never readable by others); safe when two processes race.
+pub fn create_private(path: &Path) -> std::io::Result<()> {
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 const SUMMARY_COLS: &str = "id, name, version, created_unix, tfhe_params, arch_json, \
      length(encrypted_model), length(public_key), length(server_key), length(key_sealed)";
 
 impl Store {
     /// Opens the database, creating it (mode 0600, before SQLite touches it) if needed.
     pub fn create_or_open(path: &Path) -> Result<Store, StoreError> {
-        match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-        {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(source) => {
-                return Err(StoreError::Io {
-                    path: path.into(),
-                    source,
-                })
-            }
-        }
+        create_private(path).map_err(|source| StoreError::Io {
+            path: path.into(),
+            source,
+        })?;
         Self::open(path)
     }
 
-    /// Opens an existing, initialised database read-only: the backend agent and checks
-    /// never write the owner's database, and an empty file is refused, not initialised.
-    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+    /// An existing 0600 file opened with `flags`, and its schema version.
+    fn connect(path: &Path, flags: OpenFlags) -> Result<(Connection, i64), StoreError> {
         if !path.exists() {
             return Err(StoreError::Missing(path.into()));
         }
@@ -204,16 +207,22 @@ impl Store {
             path: path.into(),
             source,
         };
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(sql)?;
+        // No SQLITE_OPEN_CREATE: the file was created with the right mode before. SQLite
+        // gives its journal the database file's permissions.
+        let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(sql)?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(sql)?;
+        Ok((conn, version))
+    }
+
+    /// Opens an existing, initialised database read-only: the backend agent and checks
+    /// never write the owner's database, and an empty file is refused, not initialised.
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        let (conn, version) = Self::connect(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         if version != SCHEMA_VERSION {
             return Err(StoreError::Schema {
                 path: path.into(),
@@ -228,26 +237,11 @@ impl Store {
 
     /// Opens an existing database.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        if !path.exists() {
-            return Err(StoreError::Missing(path.into()));
-        }
-        check_mode(path)?;
+        let (conn, version) = Self::connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
         let sql = |source| StoreError::Sqlite {
             path: path.into(),
             source,
         };
-        // No SQLITE_OPEN_CREATE: the file was created above with the right mode. SQLite gives
-        // its journal the database file's permissions.
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(sql)?;
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(sql)?;
         match version {
             0 => {
                 let tables: i64 = conn

@@ -5,11 +5,9 @@
 //! gets all its results, later; and the agents keep running.
 
 use fhecam::bundle;
-use fhecam::data::{load_digits, stratified_split};
 use fhecam::envelope::{self, Envelope};
 use fhecam::fhe::eval::OutputLayout;
-use fhecam::fhe::{EdgeRuntime, EncryptedOutput};
-use fhecam::reference;
+use fhecam::fhe::EncryptedOutput;
 use rumqttc::{Client, MqttOptions, QoS};
 use std::time::Duration;
 
@@ -21,47 +19,13 @@ fn shared_agents_decrypt_once_and_dead_letter_every_attack() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
 
-    // owner: a tiny trained model, protected and deployed
-    let ds = load_digits().unwrap_or_else(|e| panic!("{e}"));
-    let (tr, te) = stratified_split(&ds, 0.25, 42);
-    let cfg = fhecam::train::TrainConfig {
-        conv_channels: 1,
-        epochs: 5,
-        weight_levels: [-1, 1],
-        ..Default::default()
-    };
-    let model = fhecam::train::train(&cfg, &tr, &te, &|_, _| {})
-        .unwrap()
-        .model;
-    let model_path = d.join("tiny.json");
-    std::fs::write(&model_path, serde_json::to_string(&model).unwrap()).unwrap();
-    ok(&["owner-key", "init", "--out", s(&d.join("keys"))]);
-    let db = d.join("owner.db");
-    let id = ok(&["protect", s(&model_path), "--db", s(&db), "--name", "tiny"]);
-    let id = id.trim().lines().last().unwrap().to_string();
-    let bundle_path = d.join("m.bundle");
-    ok(&[
-        "deploy",
-        "--db",
-        s(&db),
-        "--model",
-        &id,
-        "--signing-key",
-        s(&d.join("keys/owner.key")),
-        "--out",
-        s(&bundle_path),
-    ]);
-
-    // the edge side, in the library: one real encrypted inference, reused below
-    let owner = bundle::read_owner_key(&d.join("keys/owner.pub")).unwrap();
-    let b = bundle::load_file(&bundle_path, &owner).unwrap();
-    let header = b.header.clone();
-    let rt = EdgeRuntime::new(&b.model, b.public, 0).unwrap();
-    let x = model.input.quantize(&te.images[0]);
-    let want = reference::evaluate(&model, &x).unwrap();
-    let label = reference::argmax(&want);
-    let (out, _) = rt.infer(&rt.encrypt(&x)).unwrap();
-    let ciphertext = out.to_bytes().unwrap();
+    // owner: a tiny trained model, protected and deployed, and one real encrypted
+    // inference of it, reused below
+    let o = owner(d);
+    let (db, id, label, ciphertext) = (o.db.clone(), o.id.clone(), o.label, o.ciphertext.clone());
+    let header = o.header.clone();
+    let key = bundle::read_owner_key(&d.join("keys/owner.pub")).unwrap();
+    let b = bundle::load_file(&o.bundle, &key).unwrap();
     // an encrypted weight whose value differs from the label's high digit (the owner can
     // tell; the attacker would just try)
     let store = fhecam::store::Store::open(&db).unwrap();

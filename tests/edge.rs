@@ -7,140 +7,20 @@
 use fhecam::data::{load_digits, stratified_split};
 use fhecam::envelope;
 use fhecam::{preprocess, reference};
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const PASS: &str = "edge test passphrase";
+mod common;
+use common::{bin, free_port, ok, s, wait_for, Broker, Messages};
+
+/// Records every message under `fhecam/` (QoS 1, persistent session).
+fn subscribe(port: u16, id: &str) -> Messages {
+    common::subscribe(port, id, &["fhecam/#"])
+}
+
 /// Digits played as PNG frames (each ~800 PBS encrypted).
 const FRAMES: usize = 3;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fhecam"));
-    c.env("FHECAM_OWNER_PASSPHRASE", PASS);
-    c
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = bin().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "fhecam {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A mosquitto broker for one test, killed on drop.
-struct Broker {
-    child: Child,
-}
-
-impl Broker {
-    fn start(dir: &Path, port: u16) -> Broker {
-        let conf = dir.join(format!("mosquitto-{port}.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
-                dir.display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed by scripts/setup.sh");
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "mosquitto did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Broker { child }
-    }
-}
-
-impl Broker {
-    /// SIGTERM: mosquitto saves its sessions and exits.
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-type Messages = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
-
-/// Subscribes to `fhecam/#` (QoS 1) and records every message.
-fn subscribe(port: u16, id: &str) -> Messages {
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    o.set_max_packet_size(4 << 20, 4 << 20);
-    // a persistent session: what is published while we reconnect is kept for us
-    o.set_clean_session(false);
-    let (client, mut conn) = Client::new(o, 16);
-    let msgs: Messages = Arc::default();
-    let m = msgs.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for ev in conn.iter() {
-            match ev {
-                Ok(Event::Incoming(Packet::ConnAck(a))) if !a.session_present => {
-                    let _ = client.try_subscribe("fhecam/#", QoS::AtLeastOnce);
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = tx.send(());
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    m.lock()
-                        .unwrap()
-                        .push((p.topic.clone(), p.payload.to_vec()));
-                }
-                Ok(_) => {}
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(10))
-        .expect("subscribed");
-    msgs
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Owner side, done once per test: a tiny trained model protected and deployed.
 struct Owner {
@@ -152,36 +32,9 @@ struct Owner {
 }
 
 fn owner(dir: &Path) -> Owner {
+    let o = common::owner(dir);
     let ds = load_digits().unwrap_or_else(|e| panic!("{e}"));
-    let (tr, te) = stratified_split(&ds, 0.25, 42);
-    let cfg = fhecam::train::TrainConfig {
-        conv_channels: 1,
-        epochs: 5,
-        weight_levels: [-1, 1],
-        ..Default::default()
-    };
-    let model = fhecam::train::train(&cfg, &tr, &te, &|_, _| {})
-        .unwrap()
-        .model;
-    let model_path = dir.join("tiny.json");
-    std::fs::write(&model_path, serde_json::to_string(&model).unwrap()).unwrap();
-    let keys = dir.join("keys");
-    ok(&["owner-key", "init", "--out", s(&keys)]);
-    let db = dir.join("owner.db");
-    let id = ok(&["protect", s(&model_path), "--db", s(&db), "--name", "tiny"]);
-    let id = id.trim().lines().last().unwrap().to_string();
-    let bundle = dir.join("m.bundle");
-    ok(&[
-        "deploy",
-        "--db",
-        s(&db),
-        "--model",
-        &id,
-        "--signing-key",
-        s(&keys.join("owner.key")),
-        "--out",
-        s(&bundle),
-    ]);
+    let (_, te) = stratified_split(&ds, 0.25, 42);
     // digits as PNG files for multifilesrc
     for i in 0..FRAMES {
         let px: Vec<u8> = te.images[i]
@@ -196,10 +49,10 @@ fn owner(dir: &Path) -> Owner {
     }
     Owner {
         dir: dir.into(),
-        db,
-        bundle,
-        owner_pub: keys.join("owner.pub"),
-        model,
+        db: o.db,
+        bundle: o.bundle,
+        owner_pub: dir.join("keys/owner.pub"),
+        model: o.model,
     }
 }
 

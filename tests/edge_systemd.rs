@@ -3,104 +3,28 @@
 //! (EXTEND_TIMEOUT_USEC, STOPPING=1, exit 0), the last will after SIGKILL, a read-only
 //! `validate`, and the agent's unit.
 
-use fhecam::data::{load_digits, stratified_split};
+mod common;
+
+use common::{bin, free_port, s, wait_for, Broker};
 use fhecam::edge::daemon::{drain_extension, frame_estimate, ASSUMED_PBS_S};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
-use std::net::TcpListener;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-const PASS: &str = "edge systemd test passphrase";
 const LIVE: &str = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=32,height=32,framerate=5/1 ! videoconvert ! appsink";
 /// Keep-alive of the daemon's MQTT session in these tests: the last will comes quickly.
 const KEEP_ALIVE_S: u64 = 5;
 
-/// The binary under test; FHECAM_TEST_BIN overrides it because a shared CARGO_TARGET_DIR's
-/// `release/fhecam` can be replaced by a concurrent build of another checkout.
-fn exe() -> PathBuf {
-    std::env::var_os("FHECAM_TEST_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_fhecam").into())
-}
-
-fn bin() -> Command {
-    let mut c = Command::new(exe());
-    c.env("FHECAM_OWNER_PASSPHRASE", PASS);
-    c
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = bin().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "fhecam {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A mosquitto broker for one test, killed on drop.
-struct Broker(Child);
-
-impl Broker {
-    fn start(dir: &Path, port: u16) -> Broker {
-        let conf = dir.join(format!("mosquitto-{port}.conf"));
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
-        )
-        .unwrap();
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed by scripts/setup.sh");
-        wait_for("mosquitto", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        Broker(child)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-type Messages = Arc<Mutex<Vec<(Instant, String, Vec<u8>)>>>;
+type Timed = Arc<Mutex<Vec<(Instant, String, Vec<u8>)>>>;
 
 /// Subscribes to `topic` and records every message with its arrival time.
-fn subscribe(port: u16, id: &str, topic: &str) -> Messages {
+fn subscribe(port: u16, id: &str, topic: &str) -> Timed {
     let (client, mut conn) = Client::new(MqttOptions::new(id, "127.0.0.1", port), 16);
     client.subscribe(topic, QoS::AtLeastOnce).unwrap();
-    let msgs: Messages = Arc::default();
+    let msgs: Timed = Arc::default();
     let m = msgs.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -126,51 +50,19 @@ fn subscribe(port: u16, id: &str, topic: &str) -> Messages {
 }
 
 /// The owner side, once for all tests: the tiniest trained model, protected and deployed.
-struct Owner {
+struct Shared {
     bundle: PathBuf,
     owner_pub: PathBuf,
 }
 
-fn owner() -> &'static Owner {
-    static OWNER: OnceLock<Owner> = OnceLock::new();
+fn owner() -> &'static Shared {
+    static OWNER: OnceLock<Shared> = OnceLock::new();
     OWNER.get_or_init(|| {
-        // one fixed directory, replaced by every run: a static is never dropped
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("edge_systemd_owner");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let ds = load_digits().unwrap_or_else(|e| panic!("{e}"));
-        let (tr, te) = stratified_split(&ds, 0.25, 42);
-        let cfg = fhecam::train::TrainConfig {
-            conv_channels: 1,
-            epochs: 2,
-            weight_levels: [-1, 1],
-            ..Default::default()
-        };
-        let model = fhecam::train::train(&cfg, &tr, &te, &|_, _| {})
-            .unwrap()
-            .model;
-        let model_path = dir.join("tiny.json");
-        std::fs::write(&model_path, serde_json::to_string(&model).unwrap()).unwrap();
-        let keys = dir.join("keys");
-        ok(&["owner-key", "init", "--out", s(&keys)]);
-        let db = dir.join("owner.db");
-        let id = ok(&["protect", s(&model_path), "--db", s(&db), "--name", "tiny"]);
-        let id = id.trim().lines().last().unwrap().to_string();
-        let bundle = dir.join("m.bundle");
-        ok(&[
-            "deploy",
-            "--db",
-            s(&db),
-            "--model",
-            &id,
-            "--signing-key",
-            s(&keys.join("owner.key")),
-            "--out",
-            s(&bundle),
-        ]);
-        Owner {
-            bundle,
-            owner_pub: keys.join("owner.pub"),
+        let dir = Box::leak(Box::new(tempfile::tempdir().unwrap()));
+        let o = common::owner(dir.path());
+        Shared {
+            owner_pub: o.dir.join("keys/owner.pub"),
+            bundle: o.bundle,
         }
     })
 }
@@ -269,7 +161,7 @@ fn ready_watchdog_drain_and_stopping_reach_systemd() {
         .args([
             "-c",
             "WATCHDOG_PID=$$ exec \"$0\" run --config \"$1\"",
-            s(&exe()),
+            env!("CARGO_BIN_EXE_fhecam"),
             s(&cfg),
         ])
         .env("NOTIFY_SOCKET", &sock_path)
@@ -333,7 +225,7 @@ fn sigkill_leaves_the_last_will_offline() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let last = |m: &Messages| m.lock().unwrap().last().map(|(_, _, p)| p.clone());
+    let last = |m: &Timed| m.lock().unwrap().last().map(|(_, _, p)| p.clone());
     wait_for("online", Duration::from_secs(180), || {
         last(&msgs).as_deref() == Some(b"online")
     });
@@ -433,7 +325,7 @@ fn the_agent_unit_verifies() {
         "/systemd/fhecam-agent.service"
     ))
     .unwrap()
-    .replace("/usr/bin/fhecam", s(&exe()));
+    .replace("/usr/bin/fhecam", env!("CARGO_BIN_EXE_fhecam"));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fhecam-agent.service");
     std::fs::write(&path, unit).unwrap();

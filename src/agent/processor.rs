@@ -139,26 +139,11 @@ fn state_err(path: &Path) -> impl Fn(rusqlite::Error) -> AgentError + '_ {
 
 fn open_state(path: &Path) -> Result<rusqlite::Connection, AgentError> {
     let err = state_err(path);
-    if !path.exists() {
-        // created 0600 before SQLite touches it: it records which devices sent what. Agents
-        // sharing the file may start together: whoever creates it, it exists.
-        use std::os::unix::fs::OpenOptionsExt;
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-        {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                return Err(AgentError::State {
-                    path: path.display().to_string(),
-                    msg: e.to_string(),
-                })
-            }
-        }
-    }
+    // it records which devices sent what; agents sharing the file may start together
+    crate::store::create_private(path).map_err(|e| AgentError::State {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    })?;
     let c = rusqlite::Connection::open(path).map_err(&err)?;
     // several agents may share the file
     c.busy_timeout(Duration::from_secs(5)).map_err(&err)?;

@@ -224,6 +224,7 @@ pub struct Owner {
     pub header: fhecam::bundle::BundleHeader,
     pub ciphertext: Vec<u8>,
     pub label: usize,
+    pub model: fhecam::model::Model,
 }
 
 pub fn owner(dir: &Path) -> Owner {
@@ -271,6 +272,7 @@ pub fn owner(dir: &Path) -> Owner {
         header: b.header.clone(),
         ciphertext: out.to_bytes().unwrap(),
         label,
+        model,
     }
 }
 
