@@ -409,25 +409,31 @@ fn bad_configs_bundles_and_cameras_are_named() {
 }
 
 #[test]
-fn the_systemd_unit_verifies() {
-    // as installed the unit runs /usr/bin/fhecam; verify it against the binary under test
-    let unit = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/systemd/fhecam.service"
-    ))
-    .unwrap()
-    .replace("/usr/bin/fhecam", env!("CARGO_BIN_EXE_fhecam"));
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fhecam.service");
-    std::fs::write(&path, unit).unwrap();
-    let out = Command::new("systemd-analyze")
-        .args(["verify", s(&path)])
-        .output()
-        .expect("systemd-analyze (Debian's systemd package)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success() && text.trim().is_empty(), "{text}");
+fn the_systemd_units_verify() {
+    for unit in ["fhecam.service", "fhecam-agent.service"] {
+        // as installed a unit runs /usr/bin/fhecam; verify it against the binary under test
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("systemd")
+                .join(unit),
+        )
+        .unwrap()
+        .replace("/usr/bin/fhecam", env!("CARGO_BIN_EXE_fhecam"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(unit);
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new("systemd-analyze")
+            .args(["verify", s(&path)])
+            .output()
+            .expect("systemd-analyze (Debian's systemd package)");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "{unit}: {said}"
+        );
+    }
 }
