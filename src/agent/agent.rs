@@ -434,7 +434,7 @@ impl Io {
                     PubAckReason::Success | PubAckReason::NoMatchingSubscribers
                 );
                 if !ok {
-                    if self.outgoing.refused(ack.pkid) {
+                    if self.outgoing.refused(ack.pkid, Instant::now()) {
                         tracing::error!(
                             "the broker refused a result or dead letter ({:?}); check its ACL: the publish is retried and its inference stays unacknowledged",
                             ack.reason
@@ -533,7 +533,7 @@ pub async fn run(
                 Some(Decision::Fatal(e)) => { fatal = Some(e); break; }
                 None => break,
             },
-            _ = tick.tick() => {}
+            _ = tick.tick() => io.outgoing.retry_due(Instant::now()),
         }
         io.flush();
     }

@@ -5,6 +5,10 @@
 //! then is the inference that produced it acknowledged in turn.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// How long a publish the broker refused waits before it is tried again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// One publish of ours and what to do once the broker has it.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,6 +28,8 @@ pub struct Outgoing<T> {
     requested: VecDeque<u64>,
     /// Went out under this packet id; awaiting its PUBACK.
     sent: HashMap<u16, u64>,
+    /// Refused by the broker, to be tried again from this time on.
+    retry: Vec<(Instant, u64)>,
 }
 
 impl<T> Default for Outgoing<T> {
@@ -34,6 +40,7 @@ impl<T> Default for Outgoing<T> {
             waiting: VecDeque::new(),
             requested: VecDeque::new(),
             sent: HashMap::new(),
+            retry: Vec::new(),
         }
     }
 }
@@ -79,15 +86,23 @@ impl<T> Outgoing<T> {
         self.items.remove(&id)
     }
 
-    /// The broker refused `pkid` (e.g. an ACL): keep the item and try again later.
-    pub fn refused(&mut self, pkid: u16) -> bool {
+    /// The broker refused `pkid` (e.g. an ACL): keep the item and try again after
+    /// `RETRY_AFTER`, so a refusal does not become a busy loop.
+    pub fn refused(&mut self, pkid: u16, now: Instant) -> bool {
         match self.sent.remove(&pkid) {
             Some(id) => {
-                self.waiting.push_back(id);
+                self.retry.push((now + RETRY_AFTER, id));
                 true
             }
             None => false,
         }
+    }
+
+    /// Refused items whose wait is over go back to waiting.
+    pub fn retry_due(&mut self, now: Instant) {
+        let (due, later): (Vec<_>, Vec<_>) = self.retry.drain(..).partition(|(t, _)| *t <= now);
+        self.retry = later;
+        self.waiting.extend(due.into_iter().map(|(_, id)| id));
     }
 
     /// The broker answered a reconnect without our session: rumqttc dropped every publish it
@@ -98,6 +113,7 @@ impl<T> Outgoing<T> {
             .drain(..)
             .chain(self.sent.drain().map(|(_, id)| id))
             .chain(self.waiting.drain(..))
+            .chain(self.retry.drain(..).map(|(_, id)| id))
             .collect();
         ids.sort_unstable();
         self.waiting = ids.into();
@@ -178,8 +194,13 @@ mod tests {
         o.push(item(5));
         hand_all(&mut o);
         o.went_out(3);
-        assert!(o.refused(3));
-        assert!(!o.refused(3));
+        let t = Instant::now();
+        assert!(o.refused(3, t));
+        assert!(!o.refused(3, t));
+        assert!(hand_all(&mut o).is_empty(), "not at once");
+        o.retry_due(t + RETRY_AFTER / 2);
+        assert!(hand_all(&mut o).is_empty());
+        o.retry_due(t + RETRY_AFTER);
         assert_eq!(hand_all(&mut o), vec![5]);
         o.went_out(4);
         assert_eq!(o.acked(4).unwrap().then, 5);
