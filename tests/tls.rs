@@ -554,4 +554,58 @@ async fn daemon_and_agent_over_tls() {
         })
     });
     tokio::task::block_in_place(|| common::stop_agent(a, Duration::from_secs(5)));
+
+    // results the ACL refuses (a cockpit prefix the agent may not write): retried, the
+    // inference stays unacknowledged, and a corrected agent publishes it — nothing lost
+    let denied = o.agent_config(
+        "tls-agent-denied",
+        port,
+        &format!(
+            "client_id = \"tls-agent\"\ncockpit_prefix = \"elsewhere\"\n{}",
+            tls_section(&s.pki.ca.cert, &s.agent)
+        ),
+        "",
+    );
+    let a = common::spawn_agent(&denied, &[]);
+    let (camera, mut camera_ev) = client("cam-a-direct", port, &s.pki.ca.cert, &s.camera);
+    camera
+        .publish(
+            "fhecam/cam-a/c0/inference",
+            QoS::AtLeastOnce,
+            false,
+            o.envelope("cam-a", "c0", 77, 0),
+        )
+        .await
+        .unwrap();
+    until(&mut camera_ev, Duration::from_secs(10), |e| {
+        matches!(e, Event::Incoming(Packet::PubAck(_)))
+    })
+    .await
+    .unwrap();
+    let log = denied.with_extension("log");
+    tokio::task::block_in_place(|| {
+        common::wait_for("the refusal", Duration::from_secs(20), || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("the broker refused a result")
+        })
+    });
+    let st = tokio::task::block_in_place(|| common::stop_agent(a, Duration::from_secs(5)));
+    assert_eq!(st["published"], 0, "{st}");
+    let a = common::spawn_agent(&agent_cfg, &[]);
+    let ev = until(&mut cockpit_ev, Duration::from_secs(30), |e| {
+        matches!(e, Event::Incoming(Packet::Publish(_)))
+    })
+    .await
+    .unwrap();
+    let Event::Incoming(Packet::Publish(p)) = ev else {
+        unreachable!()
+    };
+    let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+    assert_eq!(
+        (v["epoch"].as_u64(), v["sequence"].as_u64()),
+        (Some(77), Some(0)),
+        "{v}"
+    );
+    tokio::task::block_in_place(|| common::stop_agent(a, Duration::from_secs(5)));
 }
