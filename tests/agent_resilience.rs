@@ -380,3 +380,48 @@ fn check_verifies_and_writes_nothing() {
         "the owner database is untouched"
     );
 }
+
+/// mosquitto 2.0.11 forgets shared subscriptions when it restarts: agents with
+/// `shared = true` renew theirs at every connection, so what is published after the
+/// broker is back reaches them.
+#[test]
+fn a_shared_subscription_is_renewed_after_a_broker_restart() {
+    let o = shared_owner();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let broker = Broker::start(dir.path(), port);
+    let cfg = o.agent_config(
+        "agent-c",
+        port,
+        "client_id = \"agent-c\"\nshared = true",
+        "",
+    );
+    let agent = spawn_agent(&cfg, &[]);
+    wait_for("the agent's subscription", Duration::from_secs(20), || {
+        agent.log_text().matches("subscribing").count() >= 1
+    });
+    broker.stop();
+    let _broker = Broker::start(dir.path(), port);
+    wait_for("the renewed subscription", Duration::from_secs(30), || {
+        agent.log_text().matches("subscribing").count() >= 2
+    });
+    std::thread::sleep(Duration::from_secs(1)); // the SUBACK
+    let cockpit = subscribe(port, "cockpit-c", &["cockpit/#"]);
+    let cams = Publisher::new(port, "cameras-c");
+    let mut want = Vec::new();
+    for seq in 0..3u64 {
+        cams.send(
+            &topic("shared", "c0"),
+            o.envelope("shared", "c0", 6, seq),
+            false,
+        );
+        want.push(key("shared", "c0", 6, seq));
+    }
+    wait_for(
+        "3 results after the restart",
+        Duration::from_secs(30),
+        || on(&cockpit, "cockpit/").len() >= 3,
+    );
+    stop_agent(agent, Duration::from_secs(5));
+    assert_exactly_once(&cockpit, &want);
+}

@@ -364,6 +364,8 @@ struct Io {
     outgoing: Outgoing<Then>,
     acks: VecDeque<Publish>,
     jobs: std_mpsc::Sender<Job>,
+    /// A shared subscription (renewed at every connection).
+    shared: bool,
 }
 
 impl Io {
@@ -407,16 +409,20 @@ impl Io {
                     // rumqttc dropped what it held for the old session
                     self.outgoing.session_lost();
                 }
-                tracing::info!(
-                    "agent connected (session present: {}); subscribing {subscription}",
-                    ack.session_present
-                );
-                // a resumed session keeps its subscription; subscribing again would make
-                // the broker send every retained inference once more
-                if !ack.session_present {
+                // A resumed session keeps a plain subscription, and subscribing again would
+                // make the broker send every retained inference once more. mosquitto 2.0.11
+                // forgets shared subscriptions when it restarts, so those are renewed always.
+                if !ack.session_present || self.shared {
+                    tracing::info!(
+                        "agent connected (session present: {}); subscribing {subscription}",
+                        ack.session_present
+                    );
                     let _ = self.client.try_subscribe(subscription, QoS::AtLeastOnce);
-                } else if let Some(r) = ready.take() {
-                    let _ = r.send(());
+                } else {
+                    tracing::info!("agent connected; session and subscription resumed");
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
                 }
             }
             Event::Incoming(Packet::SubAck(_)) => {
@@ -509,6 +515,7 @@ pub async fn run(
         outgoing: Outgoing::default(),
         acks: VecDeque::new(),
         jobs: job_tx,
+        shared: m.shared,
     };
     let mut ready = ready;
     let mut fatal = None;
