@@ -153,6 +153,24 @@ pub struct ConnectionView<'a> {
     pub tls: Option<&'a TlsConfig>,
 }
 
+/// The view of an `[mqtt]` section: the edge's and the agent's name these fields alike.
+macro_rules! connection_view {
+    ($m:expr) => {
+        $crate::mqtt::ConnectionView {
+            host: &$m.host,
+            port: $m.port,
+            client_id: $m.client_id.as_deref(),
+            keep_alive_s: $m.keep_alive_s,
+            reconnect_backoff_initial_s: $m.reconnect_backoff_initial_s,
+            reconnect_backoff_max_s: $m.reconnect_backoff_max_s,
+            username: $m.username.as_deref(),
+            password: $m.password.as_deref(),
+            tls: $m.tls.as_ref(),
+        }
+    };
+}
+pub(crate) use connection_view;
+
 /// Longest host name (DNS limit).
 pub const MAX_HOST: usize = 253;
 /// Longest client id: MQTT 3.1.1 promises 23, mosquitto takes far more; 64 leaves room for

@@ -8,11 +8,11 @@ use fhecam::data::{load_digits, stratified_split};
 use fhecam::envelope;
 use fhecam::{preprocess, reference};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 mod common;
-use common::{bin, free_port, ok, s, wait_for, Broker, Messages};
+use common::{bin, finish, free_port, ok, s, wait_for, Broker, Messages};
 
 /// Records every message under `fhecam/` (QoS 1, persistent session).
 fn subscribe(port: u16, id: &str) -> Messages {
@@ -121,28 +121,6 @@ fn run_daemon(config: &Path) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-/// Waits for the daemon to exit; returns its output (stderr printed for the test log).
-fn finish(child: Child, limit: Duration) -> Output {
-    let t = Instant::now();
-    let mut child = child;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if t.elapsed() > limit {
-            let _ = child.kill();
-            panic!("daemon did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    eprintln!(
-        "--- daemon stderr ---\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn topic_payloads(msgs: &Messages, leaf: &str) -> Vec<Vec<u8>> {

@@ -5,12 +5,12 @@
 
 mod common;
 
-use common::{bin, free_port, s, wait_for, Broker};
+use common::{bin, finish, free_port, s, wait_for, Broker};
 use fhecam::edge::daemon::{drain_extension, frame_estimate, ASSUMED_PBS_S};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -94,24 +94,6 @@ fn kill(child: &Child, signal: &str) {
         .status()
         .unwrap()
         .success());
-}
-
-/// Waits for the daemon to exit; returns its output (stderr printed for the test log).
-fn finish(mut child: Child, limit: Duration) -> Output {
-    let t = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t.elapsed() > limit {
-            let _ = child.kill();
-            panic!("daemon did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    eprintln!(
-        "--- daemon stderr ---\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 type Datagrams = Arc<Mutex<Vec<(Instant, String)>>>;

@@ -283,20 +283,7 @@ impl AgentConfig {
         }
 
         let m = &self.mqtt;
-        crate::mqtt::check_connection(
-            "mqtt",
-            &crate::mqtt::ConnectionView {
-                host: &m.host,
-                port: m.port,
-                client_id: m.client_id.as_deref(),
-                keep_alive_s: m.keep_alive_s,
-                reconnect_backoff_initial_s: m.reconnect_backoff_initial_s,
-                reconnect_backoff_max_s: m.reconnect_backoff_max_s,
-                username: m.username.as_deref(),
-                password: m.password.as_deref(),
-                tls: m.tls.as_ref(),
-            },
-        )?;
+        crate::mqtt::check_connection("mqtt", &crate::mqtt::connection_view!(m))?;
         for (name, v) in [
             ("mqtt.group", &m.group),
             ("mqtt.edge_prefix", &m.edge_prefix),

@@ -320,20 +320,7 @@ impl EdgeConfig {
         check_range("infer.drain_timeout_s", i.drain_timeout_s, 0.0..=MAX_S)?;
 
         let m = &self.mqtt;
-        crate::mqtt::check_connection(
-            "mqtt",
-            &crate::mqtt::ConnectionView {
-                host: &m.host,
-                port: m.port,
-                client_id: m.client_id.as_deref(),
-                keep_alive_s: m.keep_alive_s,
-                reconnect_backoff_initial_s: m.reconnect_backoff_initial_s,
-                reconnect_backoff_max_s: m.reconnect_backoff_max_s,
-                username: m.username.as_deref(),
-                password: m.password.as_deref(),
-                tls: m.tls.as_ref(),
-            },
-        )?;
+        crate::mqtt::check_connection("mqtt", &crate::mqtt::connection_view!(m))?;
         if !crate::mqtt::valid_client_id(&self.client_id()) {
             // the default id is built from two 64-character ids
             return Err(format!(

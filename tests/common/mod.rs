@@ -364,3 +364,21 @@ pub fn stop_agent(mut a: Agent, limit: Duration) -> serde_json::Value {
         .unwrap();
     serde_json::from_str(out.trim().lines().last().unwrap_or("null")).unwrap()
 }
+
+/// Waits for a daemon to exit (killed after `limit`); prints its stderr for the test log.
+pub fn finish(mut child: Child, limit: Duration) -> std::process::Output {
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            panic!("daemon did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    eprintln!(
+        "--- daemon stderr ---\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
