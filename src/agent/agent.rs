@@ -307,9 +307,7 @@ fn mqtt_options(cfg: &AgentConfig) -> Result<MqttOptions, AgentError> {
         o.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
     }
     if let Some(t) = &m.tls {
-        o.set_transport(
-            crate::mqtt::tls_transport(t).map_err(|e| AgentError::Mqtt(e.to_string()))?,
-        );
+        o.set_transport(crate::mqtt::tls_transport(t)?);
     }
     Ok(o)
 }
@@ -507,7 +505,7 @@ pub async fn run(
     let worker = std::thread::Builder::new()
         .name("fhecam-agent-worker".into())
         .spawn(move || worker.run(job_rx))
-        .map_err(|e| AgentError::Mqtt(format!("cannot start the worker thread: {e}")))?;
+        .map_err(AgentError::Worker)?;
 
     let mut io = Io {
         client: client.clone(),

@@ -25,8 +25,10 @@ pub enum AgentError {
     State { path: String, msg: String },
     #[error("passphrase: {0}")]
     Passphrase(String),
-    #[error("MQTT: {0}")]
-    Mqtt(String),
+    #[error(transparent)]
+    Mqtt(#[from] crate::mqtt::MqttSetupError),
+    #[error("cannot start the agent's worker thread: {0}")]
+    Worker(std::io::Error),
 }
 
 /// One inference as the agent deduplicates it: a reset outbox starts a new epoch.
@@ -200,7 +202,7 @@ pub struct Preflight {
 /// passphrase unseals every model's key, the state database is usable or can be created.
 pub fn preflight(cfg: &AgentConfig) -> Result<Preflight, AgentError> {
     if let Some(t) = &cfg.mqtt.tls {
-        crate::mqtt::tls_transport(t).map_err(|e| AgentError::Mqtt(e.to_string()))?;
+        crate::mqtt::tls_transport(t)?;
     }
     let store = Store::open_read_only(&cfg.db)?;
     refuse_shared_file(cfg)?;
