@@ -1,6 +1,6 @@
-//! The decryption agent's run loop: an MQTT v5 shared subscription to every camera's
-//! inferences, each one checked, decrypted with the owner's key for its model and published
-//! for the cockpit — or refused to the dead-letter topic with the reason.
+//! The decryption agent's run loop: an MQTT v5 subscription (plain, or shared among agents)
+//! to every camera's inferences, each one checked, decrypted with the owner's key for its
+//! model and published for the cockpit — or refused to the dead-letter topic with the reason.
 //!
 //! Three parts, so that no one waits on another in a cycle:
 //! - the **poller** task only polls rumqttc's event loop and forwards its events; it never
@@ -463,7 +463,7 @@ impl Io {
     }
 }
 
-/// Runs until `shutdown`. `ready` is told once the shared subscription is acknowledged.
+/// Runs until `shutdown`. `ready` is told once the subscription is acknowledged or resumed.
 pub async fn run(
     cfg: AgentConfig,
     shutdown: CancellationToken,

@@ -242,7 +242,7 @@ fn run_in(
             .await
             .context("the backend agent did not subscribe in time")?
             .context("the backend agent stopped")?;
-        println!("[backend] agent subscribed (MQTT v5 shared subscription); results go to cockpit/<device>/<camera>");
+        println!("[backend] agent subscribed (MQTT v5, persistent session); results go to cockpit/<device>/<camera>");
 
         // ---- edge daemon ----
         let started = Instant::now();
