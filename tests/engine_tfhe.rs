@@ -52,8 +52,8 @@ fn output_under_another_key_is_refused() {
     let rt = EdgeRuntime::new(&enc, keys.public_material(), 0).unwrap();
     let (out, _) = rt.infer(&rt.encrypt(&random_input(&mut rng, &m))).unwrap();
     let other = OwnerKeys::generate();
-    // a different secret key decrypts to noise: some digit lands outside 0..=3
-    // (probability of all digits landing in range by chance: (1/4)^digits)
+    // a different secret key decrypts to noise: some digit has its padding bit set
+    // (probability that none has, by chance: (1/2)^digits)
     let mut outs = vec![out];
     for _ in 0..3 {
         let (o, _) = rt.infer(&rt.encrypt(&random_input(&mut rng, &m))).unwrap();

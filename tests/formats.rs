@@ -72,3 +72,62 @@ fn invalid_models_are_refused_with_a_reason() {
     m.num_classes = 7;
     assert!(m.infer().unwrap_err().to_string().contains("num_classes"));
 }
+
+#[test]
+fn packed_output_round_trips_small_and_refuses_damage_and_old_formats() {
+    use fhecam::fhe::eval::OutputLayout;
+    let keys = OwnerKeys::generate();
+    // ten logits of four digits: the reference model's shape
+    let layout = OutputLayout {
+        offsets: (0..10).map(|i| -100 * i).collect(),
+        digits: vec![4; 10],
+    };
+    let values: Vec<u64> = (0..40u64).map(|i| (i * 7 + i / 5) % 4).collect();
+    let out = EncryptedOutput::encrypt_digits(&keys, layout.clone(), &values).unwrap();
+    let bytes = out.to_bytes().unwrap();
+    assert!(bytes.len() < 2048, "{} bytes", bytes.len());
+    let back = EncryptedOutput::from_bytes(&bytes).unwrap();
+    let d = back.decrypt(&keys).unwrap();
+    let want = layout.logits(&values);
+    assert_eq!(d.logits, want);
+    assert_eq!(d.label, fhecam::reference::argmax(&want));
+
+    // every truncation and a flipped byte anywhere in the layout or the GLWE header is a
+    // clear error, never a panic
+    for cut in 0..bytes.len().min(300) {
+        assert!(
+            EncryptedOutput::from_bytes(&bytes[..cut]).is_err(),
+            "cut {cut}"
+        );
+    }
+    for at in 0..bytes.len().min(400) {
+        let mut b = bytes.clone();
+        b[at] ^= 0x5a;
+        if let Ok(o) = EncryptedOutput::from_bytes(&b) {
+            // a flipped coefficient parses; decryption tells the owner or yields values
+            let _ = o.decrypt(&keys);
+        }
+    }
+    // the outputs of cameras before compressed outputs say what to do
+    let mut old = bytes.clone();
+    old[..4].copy_from_slice(&1u32.to_le_bytes());
+    let err = EncryptedOutput::from_bytes(&old).err().unwrap().to_string();
+    assert!(err.contains("update the camera"), "{err}");
+
+    // another owner's key: some digit decrypts with its padding bit set
+    let other = OwnerKeys::generate();
+    assert!(matches!(back.decrypt(&other), Err(FheError::WrongKey(_))));
+
+    // owner keys serialized before the compression key existed are refused with the fix
+    let mut legacy = Vec::new();
+    tfhe::safe_serialization::safe_serialize(
+        &tfhe::ClientKey::generate(fhecam::fhe::config()),
+        &mut legacy,
+        limits::PUBLIC_KEY,
+    )
+    .unwrap();
+    let err = OwnerKeys::from_bytes(&legacy).err().unwrap().to_string();
+    assert!(err.contains("protect the model again"), "{err}");
+    let again = OwnerKeys::from_bytes(&keys.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.decrypt(&again).unwrap(), d);
+}

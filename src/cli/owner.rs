@@ -310,7 +310,8 @@ pub(crate) fn protect(
     let pass = passphrase(pass_file)?;
     let mut store = Store::create_or_open(db)?;
 
-    let pb = spinner("generating FHE keys (client, compact public, compressed server)");
+    let pb =
+        spinner("generating FHE keys (client, compact public, compressed server, compression)");
     let t = Instant::now();
     let keys = OwnerKeys::generate();
     let public = keys.public_material();
@@ -399,6 +400,8 @@ fn models(db: &Path, json: bool) -> Result<()> {
 pub(crate) fn deploy(db: &Path, id: &ModelId, key_path: &Path, out: &Path) -> Result<()> {
     let store = Store::open(db)?;
     let rec = store.public_record(id)?;
+    fhecam::fhe::check_evaluation_key_format(&rec.server_key)
+        .with_context(|| format!("model {id} cannot be deployed as it is stored"))?;
     let key = bundle::read_signing_key(key_path)?;
     let s = &rec.summary;
     let bytes = bundle::build(
@@ -419,7 +422,7 @@ pub(crate) fn deploy(db: &Path, id: &ModelId, key_path: &Path, out: &Path) -> Re
     bundle::verify(&bytes, &key.verifying_key())?;
     write_atomic(out, &bytes)?;
     println!(
-        "wrote {}: {} bytes ({}) for {} version {} ({}); encrypted model {} B, public key {} B, server key {} B; signed by owner key {}",
+        "wrote {}: {} bytes ({}) for {} version {} ({}); encrypted model {} B, public key {} B, evaluation key {} B (server key and compression key); signed by owner key {}",
         out.display(),
         bytes.len(),
         mb(bytes.len() as u64),

@@ -18,7 +18,6 @@
 //! - max is one bivariate PBS per pair.
 
 use super::backend::{Backend, BLOCK};
-use rayon::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
 
@@ -282,6 +281,18 @@ impl<B: Backend> Engine<B> {
     /// `T = Σ 4^j d_j`.
     pub fn normalize(&self, acc: Acc<B::Ct>) -> Digits<B::Ct> {
         self.normalize_from(acc, 0)
+    }
+
+    /// [`Self::normalize`] for digits that leave the circuit: each is a fresh PBS output
+    /// (variance 1) or a constant, what list compression's failure bound assumes.
+    pub fn normalize_fresh(&self, acc: Acc<B::Ct>) -> Digits<B::Ct> {
+        let mut d = self.normalize(acc);
+        for v in &mut d.d {
+            if v.var > 1 {
+                *v = self.refresh(v);
+            }
+        }
+        d
     }
 
     /// [`Self::normalize`] for a caller that only reads digits `from..`: the lower digits
@@ -638,49 +649,6 @@ impl<B: Backend> Engine<B> {
                 }
             })
             .collect()
-    }
-
-    /// Encrypted argmax of logits that share one offset and digit count (a Dense layer's):
-    /// a tournament in which the lower index wins ties, as `reference::argmax` does.
-    /// Returns the index as base-4 digits, least significant first.
-    pub fn argmax(&self, logits: &[Digits<B::Ct>]) -> Option<Vec<Val<B::Ct>>> {
-        let first = logits.first()?;
-        if logits
-            .iter()
-            .any(|l| l.offset != first.offset || l.d.len() != first.d.len())
-        {
-            return None;
-        }
-        let nidx = digits_for(logits.len() as u64 - 1);
-        // (value digits, index digits) of each contender
-        type Contender<C> = (Vec<Val<C>>, Vec<Val<C>>);
-        let mut round: Vec<Contender<B::Ct>> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let idx = (0..nidx)
-                    .map(|j| self.constant(((i >> (2 * j)) & 3) as i64))
-                    .collect();
-                (l.d.clone(), idx)
-            })
-            .collect();
-        while round.len() > 1 {
-            let pairs: Vec<_> = round.chunks(2).map(|c| c.to_vec()).collect();
-            round = pairs
-                .into_par_iter()
-                .map(|c| {
-                    if c.len() == 1 {
-                        return c.into_iter().next().unwrap();
-                    }
-                    let bit = self.greater(&c[0].0, &c[1].0);
-                    (
-                        self.select(&bit, &c[0].0, &c[1].0),
-                        self.select(&bit, &c[0].1, &c[1].1),
-                    )
-                })
-                .collect();
-        }
-        Some(round.pop().unwrap().1)
     }
 }
 

@@ -122,33 +122,19 @@ pub fn check_params<C>(model: &Model, params: &[Option<LayerParams<C>>]) -> Resu
     Ok(())
 }
 
-/// Layout of the output: logit `i` is `offset[i] + Σ_j 4^j digit[i][j]`; then the argmax
-/// label's base-4 digits (none when the logits do not share one offset).
+/// Layout of the output: logit `i` is `offset[i] + Σ_j 4^j digit[i][j]`, `digits[i]` digits
+/// each, logit by logit, least significant digit first.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OutputLayout {
     pub offsets: Vec<i64>,
     pub digits: Vec<usize>,
-    pub label_digits: usize,
 }
 
 impl OutputLayout {
     pub fn ciphertexts(&self) -> usize {
-        self.digits.iter().sum::<usize>() + self.label_digits
+        self.digits.iter().sum::<usize>()
     }
-    /// The label from its decrypted digits (the tail of the output).
-    pub fn label(&self, digits: &[u64]) -> Option<usize> {
-        if self.label_digits == 0 {
-            return None;
-        }
-        let tail = &digits[digits.len() - self.label_digits..];
-        Some(
-            tail.iter()
-                .enumerate()
-                .map(|(j, &d)| ((d & 3) as usize) << (2 * j))
-                .sum(),
-        )
-    }
-    /// Reassembles logits from decrypted digits (in the order `Output::flatten` gives).
+    /// Reassembles logits from decrypted digits (in the order `RunOutput::flatten` gives).
     pub fn logits(&self, digits: &[u64]) -> Vec<i64> {
         let mut it = digits.iter();
         self.offsets
@@ -186,10 +172,9 @@ fn to_accs<C: Clone>(t: &Tensor<C>) -> Vec<Acc<C>> {
 }
 
 /// What one run produced, with the PBS spent per node; the last entry of `pbs_per_node`
-/// is the output stage (carrying the logits into digits, encrypted argmax).
+/// is the output stage (carrying the logits into fresh digits the owner can decrypt).
 pub struct RunOutput<C> {
     pub logits: Vec<Digits<C>>,
-    pub label: Option<Vec<Val<C>>>,
     pub pbs_per_node: Vec<u64>,
 }
 
@@ -198,15 +183,13 @@ impl<C: Clone> RunOutput<C> {
         OutputLayout {
             offsets: self.logits.iter().map(|d| d.offset).collect(),
             digits: self.logits.iter().map(|d| d.d.len()).collect(),
-            label_digits: self.label.as_ref().map_or(0, |l| l.len()),
         }
     }
-    /// All output ciphertexts: logit by logit, least significant digit first, then the label.
+    /// All output ciphertexts: logit by logit, least significant digit first.
     pub fn flatten(self) -> Vec<C> {
         self.logits
             .into_iter()
             .flat_map(|d| d.d.into_iter().map(|v| v.ct))
-            .chain(self.label.into_iter().flatten().map(|v| v.ct))
             .collect()
     }
 }
@@ -386,15 +369,15 @@ pub fn run<B: Backend>(
         vals.push(out);
     }
     let before = e.pbs_count();
+    // The owner decrypts the logits and takes the argmax: the camera only carries them
+    // into digits that list compression can pack.
     let logits: Vec<Digits<B::Ct>> = to_accs(vals.last().unwrap())
         .into_par_iter()
-        .map(|a| e.normalize(a))
+        .map(|a| e.normalize_fresh(a))
         .collect();
-    let label = e.argmax(&logits);
     pbs_per_node.push(e.pbs_count() - before);
     Ok(RunOutput {
         logits,
-        label,
         pbs_per_node,
     })
 }

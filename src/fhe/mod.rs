@@ -15,13 +15,16 @@ use circuit::Engine;
 use eval::{LayerParams, OutputLayout};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
+use tfhe::core_crypto::prelude::compressed_modulus_switched_glwe_ciphertext::CompressedModulusSwitchedGlweCiphertext;
 use tfhe::named::Named;
 #[allow(unused_imports)]
 use tfhe::prelude::*;
-use tfhe::safe_serialization::{safe_deserialize_conformant, safe_serialize};
+use tfhe::safe_serialization::safe_serialize;
 use tfhe::shortint::ciphertext::{CompactCiphertextList, CompressedCiphertext};
+use tfhe::shortint::list_compression::{CompressionKey, CompressionPrivateKeys};
 use tfhe::shortint::parameters::{
-    CiphertextConformanceParams, ClassicPBSParameters, ShortintCompactCiphertextListCastingMode,
+    CiphertextConformanceParams, ClassicPBSParameters, CompressionParameters,
+    ShortintCompactCiphertextListCastingMode, COMP_PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128,
     PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128,
 };
 use tfhe::shortint::{Ciphertext, ClientKey, CompactPublicKey, ServerKey};
@@ -33,8 +36,19 @@ use thiserror::Error;
 pub const PARAMS: ClassicPBSParameters = PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128;
 pub const PARAMS_NAME: &str = "PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128";
 
-/// Version of the encrypted model and encrypted output layouts.
-pub const ENCRYPTED_FORMAT_VERSION: u32 = 1;
+/// tfhe's list-compression parameters that go with [`PARAMS`]: up to 256 output blocks
+/// packed into one GLWE (k = 4, N = 256) stored on 12 bits (p-fail 2^-129.3).
+pub const COMPRESSION_PARAMS: CompressionParameters =
+    COMP_PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128;
+pub const COMPRESSION_PARAMS_NAME: &str = "COMP_PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128";
+
+/// Version of the encrypted model layout.
+pub const ENCRYPTED_MODEL_FORMAT_VERSION: u32 = 1;
+/// Version of the encrypted output layout: 2 is the logits' digits packed by list
+/// compression (1 was one 16 KiB ciphertext per digit plus an encrypted label).
+pub const OUTPUT_FORMAT_VERSION: u32 = 2;
+/// Version of fhecam's key containers (owner keys, evaluation key).
+pub const KEY_FORMAT_VERSION: u32 = 1;
 
 /// Size limits for untrusted bytes (checked before anything is allocated).
 pub mod limits {
@@ -44,12 +58,15 @@ pub mod limits {
     pub const MODEL: u64 = 256 << 20;
     /// An encrypted input list.
     pub const INPUT: u64 = 16 << 20;
-    /// An encrypted output.
-    pub const OUTPUT: u64 = 16 << 20;
+    /// An encrypted output: at most `MAX_OUTPUT_DIGITS` digits, 16 packed GLWEs of about
+    /// 2 KB.
+    pub const OUTPUT: u64 = 64 << 10;
     /// The compact public key.
     pub const PUBLIC_KEY: u64 = 16 << 20;
-    /// The compressed server key.
+    /// The compressed server key (and the evaluation key holding it).
     pub const SERVER_KEY: u64 = 1 << 30;
+    /// The compressed (seeded) compression key: 12.6 MB.
+    pub const COMPRESSION_KEY: u64 = 64 << 20;
 }
 
 #[derive(Debug, Error)]
@@ -130,12 +147,12 @@ fn decode_container<T: serde::de::DeserializeOwned>(
         })
 }
 
-fn check_version(what: &'static str, found: u32) -> Result<(), FheError> {
-    if found != ENCRYPTED_FORMAT_VERSION {
+fn check_version(what: &'static str, found: u32, expected: u32) -> Result<(), FheError> {
+    if found != expected {
         return Err(FheError::Version {
             what,
             found,
-            expected: ENCRYPTED_FORMAT_VERSION,
+            expected,
         });
     }
     Ok(())
@@ -153,50 +170,146 @@ pub fn config() -> tfhe::Config {
         .build()
 }
 
-/// The owner's keys: the secret `ClientKey` never leaves the owner's side.
+/// The owner's keys: the secret `ClientKey` and the compression private key never leave
+/// the owner's side.
 pub struct OwnerKeys {
     hl: tfhe::ClientKey,
     /// The shortint key inside `hl`, which the circuits' blocks are encrypted under.
     pub client: ClientKey,
+    /// The GLWE key the encrypted outputs are packed under; the owner decrypts them with it
+    /// directly, with no bootstrapping and no decompression key.
+    pub compression: CompressionPrivateKeys,
 }
 
-/// What an edge device receives: encrypts with the public key, evaluates with the server key.
+/// What an edge device receives: encrypts with the public key, evaluates with the server
+/// key, packs its outputs with the compression key.
 pub struct PublicMaterial {
     pub public_key: tfhe::CompactPublicKey,
     pub server_key: tfhe::CompressedServerKey,
+    pub compression_key: tfhe::integer::compression_keys::CompressedCompressionKey,
+}
+
+/// Leading bytes of fhecam's key containers (owner keys, evaluation key), then a u32 version.
+const OWNER_KEYS_MAGIC: &[u8; 8] = b"FHECAMOK";
+const EVAL_KEY_MAGIC: &[u8; 8] = b"FHECAMEK";
+
+#[derive(Serialize, Deserialize)]
+struct KeyPair {
+    /// tfhe safe serialization of the main key.
+    main: Vec<u8>,
+    /// tfhe safe serialization of the compression key that goes with it.
+    compression: Vec<u8>,
+}
+
+fn encode_pair(magic: &[u8; 8], pair: &KeyPair, limit: u64) -> Result<Vec<u8>, FheError> {
+    use bincode::Options;
+    let mut out = magic.to_vec();
+    out.extend_from_slice(&KEY_FORMAT_VERSION.to_le_bytes());
+    bincode_opts(limit)
+        .serialize_into(&mut out, pair)
+        .map_err(|e| FheError::Decode {
+            what: "key container",
+            msg: e.to_string(),
+        })?;
+    Ok(out)
+}
+
+/// Checks only the leading magic and version of stored evaluation-key bytes (cheap: the
+/// owner runs it before deploying a model protected by an older fhecam).
+pub fn check_evaluation_key_format(bytes: &[u8]) -> Result<(), FheError> {
+    check_pair_prefix("server key", EVAL_KEY_MAGIC, bytes).map(|_| ())
+}
+
+fn check_pair_prefix<'a>(
+    what: &'static str,
+    magic: &[u8; 8],
+    bytes: &'a [u8],
+) -> Result<&'a [u8], FheError> {
+    let Some(rest) = bytes.strip_prefix(magic.as_slice()) else {
+        return Err(FheError::Decode {
+            what,
+            msg: "written before fhecam's compressed encrypted outputs (or not a key at all): \
+                  protect the model again (`fhecam protect`) and deploy the new version"
+                .into(),
+        });
+    };
+    if rest.len() < 4 {
+        return Err(FheError::Decode {
+            what,
+            msg: "truncated".into(),
+        });
+    }
+    check_version(what, u32_le(rest), KEY_FORMAT_VERSION)?;
+    Ok(&rest[4..])
+}
+
+fn decode_pair(
+    what: &'static str,
+    magic: &[u8; 8],
+    bytes: &[u8],
+    limit: u64,
+) -> Result<KeyPair, FheError> {
+    check_len(what, bytes, limit)?;
+    let body = check_pair_prefix(what, magic, bytes)?;
+    decode_container(what, body, limit)
+}
+
+fn u32_le(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
 impl OwnerKeys {
     pub fn generate() -> Self {
-        Self::from_hl(tfhe::ClientKey::generate(config()))
-    }
-
-    fn from_hl(hl: tfhe::ClientKey) -> Self {
+        let hl = tfhe::ClientKey::generate(config());
         let (integer, ..) = hl.clone().into_raw_parts();
+        let client: ClientKey = integer.into();
+        let compression = client.new_compression_private_key(COMPRESSION_PARAMS);
         OwnerKeys {
             hl,
-            client: integer.into(),
+            client,
+            compression,
         }
     }
 
     pub fn public_material(&self) -> PublicMaterial {
+        let compression_key =
+            tfhe::integer::compression_keys::CompressedCompressionKey::from_raw_parts(
+                self.client
+                    .atomic_pattern
+                    .new_compressed_compression_key(&self.compression),
+            );
         PublicMaterial {
             public_key: tfhe::CompactPublicKey::new(&self.hl),
             server_key: tfhe::CompressedServerKey::new(&self.hl),
+            compression_key,
         }
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>, FheError> {
-        to_safe_bytes(&self.hl, limits::PUBLIC_KEY)
+        let compression = tfhe::integer::compression_keys::CompressionPrivateKeys::from_raw_parts(
+            self.compression.clone(),
+        );
+        let pair = KeyPair {
+            main: to_safe_bytes(&self.hl, limits::PUBLIC_KEY)?,
+            compression: to_safe_bytes(&compression, limits::PUBLIC_KEY)?,
+        };
+        encode_pair(OWNER_KEYS_MAGIC, &pair, limits::PUBLIC_KEY)
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, FheError> {
-        check_len("client key", bytes, limits::PUBLIC_KEY)?;
+        let pair = decode_pair("client key", OWNER_KEYS_MAGIC, bytes, limits::PUBLIC_KEY)?;
         let hl: tfhe::ClientKey =
-            tfhe::safe_serialization::safe_deserialize(bytes, limits::PUBLIC_KEY)
+            tfhe::safe_serialization::safe_deserialize(pair.main.as_slice(), limits::PUBLIC_KEY)
                 .map_err(decode_err("client key"))?;
-        let keys = Self::from_hl(hl);
-        let p = keys.client.parameters();
+        let compression: tfhe::integer::compression_keys::CompressionPrivateKeys =
+            tfhe::safe_serialization::safe_deserialize(
+                pair.compression.as_slice(),
+                limits::PUBLIC_KEY,
+            )
+            .map_err(decode_err("compression private key"))?;
+        let (integer, ..) = hl.clone().into_raw_parts();
+        let client: ClientKey = integer.into();
+        let p = client.parameters();
         if p.message_modulus() != PARAMS.message_modulus
             || p.carry_modulus() != PARAMS.carry_modulus
             || p.lwe_dimension() != PARAMS.lwe_dimension
@@ -207,7 +320,18 @@ impl OwnerKeys {
                 msg: format!("not a key for {PARAMS_NAME}"),
             });
         }
-        Ok(keys)
+        let compression = compression.into_raw_parts();
+        if compression.params != COMPRESSION_PARAMS {
+            return Err(FheError::Decode {
+                what: "compression private key",
+                msg: format!("not a key for {COMPRESSION_PARAMS_NAME}"),
+            });
+        }
+        Ok(OwnerKeys {
+            hl,
+            client,
+            compression,
+        })
     }
 }
 
@@ -215,21 +339,33 @@ impl PublicMaterial {
     pub fn public_key_bytes(&self) -> Result<Vec<u8>, FheError> {
         to_safe_bytes(&self.public_key, limits::PUBLIC_KEY)
     }
+    /// The evaluation key: the compressed server key and the compressed compression key.
     pub fn server_key_bytes(&self) -> Result<Vec<u8>, FheError> {
-        to_safe_bytes(&self.server_key, limits::SERVER_KEY)
+        let pair = KeyPair {
+            main: to_safe_bytes(&self.server_key, limits::SERVER_KEY)?,
+            compression: to_safe_bytes(&self.compression_key, limits::COMPRESSION_KEY)?,
+        };
+        encode_pair(EVAL_KEY_MAGIC, &pair, limits::SERVER_KEY)
     }
     /// Parses untrusted key material: size-limited, versioned (tfhe safe serialization);
     /// the parameters are checked when the runtime is built from it.
     pub fn from_bytes(public_key: &[u8], server_key: &[u8]) -> Result<Self, FheError> {
         check_len("public key", public_key, limits::PUBLIC_KEY)?;
-        check_len("server key", server_key, limits::SERVER_KEY)?;
         let public_key = tfhe::safe_serialization::safe_deserialize(public_key, limits::PUBLIC_KEY)
             .map_err(decode_err("public key"))?;
-        let server_key = tfhe::safe_serialization::safe_deserialize(server_key, limits::SERVER_KEY)
-            .map_err(decode_err("server key"))?;
+        let pair = decode_pair("server key", EVAL_KEY_MAGIC, server_key, limits::SERVER_KEY)?;
+        let server_key =
+            tfhe::safe_serialization::safe_deserialize(pair.main.as_slice(), limits::SERVER_KEY)
+                .map_err(decode_err("server key"))?;
+        let compression_key = tfhe::safe_serialization::safe_deserialize(
+            pair.compression.as_slice(),
+            limits::COMPRESSION_KEY,
+        )
+        .map_err(decode_err("compression key"))?;
         Ok(PublicMaterial {
             public_key,
             server_key,
+            compression_key,
         })
     }
 }
@@ -318,7 +454,7 @@ impl EncryptedModel {
             })
             .collect::<Result<_, _>>()?;
         let file = EncryptedModelFile {
-            format_version: ENCRYPTED_FORMAT_VERSION,
+            format_version: ENCRYPTED_MODEL_FORMAT_VERSION,
             arch: serde_json::to_string(&self.arch).map_err(|e| FheError::Decode {
                 what: "encrypted model",
                 msg: e.to_string(),
@@ -338,7 +474,11 @@ impl EncryptedModel {
     /// conformance with the default parameters, shapes checked against the architecture.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, FheError> {
         let file: EncryptedModelFile = decode_container("encrypted model", bytes, limits::MODEL)?;
-        check_version("encrypted model", file.format_version)?;
+        check_version(
+            "encrypted model",
+            file.format_version,
+            ENCRYPTED_MODEL_FORMAT_VERSION,
+        )?;
         let arch: Model = serde_json::from_str(&file.arch).map_err(|e| FheError::Decode {
             what: "encrypted model architecture",
             msg: e.to_string(),
@@ -421,37 +561,77 @@ impl EncryptedInput {
     }
 }
 
-/// The encrypted logits as base-4 digits plus their public layout.
+/// The encrypted logits' base-4 digits, packed by list compression, plus their public layout.
 #[derive(Serialize, Deserialize)]
 struct EncryptedOutputFile {
     format_version: u32,
     layout: OutputLayout,
-    digits: Vec<Vec<u8>>,
+    packed: Vec<CompressedModulusSwitchedGlweCiphertext<u64>>,
 }
 
-/// A decrypted inference.
+/// A decrypted inference: the logits, and the label the owner computes from them.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Decrypted {
     pub label: usize,
     pub logits: Vec<i64>,
 }
 
+/// The camera's output: every digit of every logit, coefficient `i` of packed GLWE `i / 256`.
 pub struct EncryptedOutput {
     pub layout: OutputLayout,
-    pub digits: Vec<Ciphertext>,
+    pub packed: Vec<CompressedModulusSwitchedGlweCiphertext<u64>>,
+}
+
+/// Where a digit sits once packed: list compression multiplies each block by the message
+/// modulus, so a digit `m` in 0..=3 is read at `m · 2^61` (the top two bits under the
+/// padding bit).
+const PACKED_SHIFT: u32 = 61;
+
+/// Packs output digits as tfhe's `compress_ciphertexts_into_list` does, with its
+/// preconditions made ours: each digit holds 0..=3 and is a fresh PBS output or a constant
+/// (the engine refreshes any other, see `eval::run`). Done with the public core_crypto
+/// steps so the owner can decrypt the packed GLWEs directly.
+pub fn pack_digits(
+    key: &CompressionKey,
+    digits: &[Ciphertext],
+) -> Vec<CompressedModulusSwitchedGlweCiphertext<u64>> {
+    use rayon::prelude::*;
+    use tfhe::core_crypto::prelude::*;
+    let pksk = &key.packing_key_switching_key;
+    let lwe_size = pksk.input_key_lwe_dimension().to_lwe_size();
+    digits
+        .par_chunks(key.lwe_per_glwe.0)
+        .map(|chunk| {
+            let mut flat = Vec::with_capacity(chunk.len() * lwe_size.0);
+            for c in chunk {
+                let mut lwe = c.ct.clone();
+                lwe_ciphertext_cleartext_mul_assign(&mut lwe, Cleartext(PARAMS.message_modulus.0));
+                flat.extend_from_slice(lwe.as_ref());
+            }
+            let list = LweCiphertextList::from_container(flat, lwe_size, pksk.ciphertext_modulus());
+            let mut glwe = GlweCiphertext::new(
+                0u64,
+                pksk.output_glwe_size(),
+                pksk.output_polynomial_size(),
+                pksk.ciphertext_modulus(),
+            );
+            par_keyswitch_lwe_ciphertext_list_and_pack_in_glwe_ciphertext(pksk, &list, &mut glwe);
+            CompressedModulusSwitchedGlweCiphertext::compress(
+                &glwe,
+                key.storage_log_modulus,
+                LweCiphertextCount(chunk.len()),
+            )
+        })
+        .collect()
 }
 
 impl EncryptedOutput {
     pub fn to_bytes(&self) -> Result<Vec<u8>, FheError> {
         use bincode::Options;
         let file = EncryptedOutputFile {
-            format_version: ENCRYPTED_FORMAT_VERSION,
+            format_version: OUTPUT_FORMAT_VERSION,
             layout: self.layout.clone(),
-            digits: self
-                .digits
-                .iter()
-                .map(|c| to_safe_bytes(c, limits::CIPHERTEXT))
-                .collect::<Result<_, _>>()?,
+            packed: self.packed.clone(),
         };
         bincode_opts(limits::OUTPUT)
             .serialize(&file)
@@ -461,60 +641,126 @@ impl EncryptedOutput {
             })
     }
 
+    /// Parses an untrusted output: size-limited, versioned, every packed GLWE checked
+    /// against the compression parameters and the layout before anything is unpacked.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, FheError> {
+        check_len("encrypted output", bytes, limits::OUTPUT)?;
+        // The version leads the file: read it first, so an old output gets that reason and
+        // not a parse error.
+        if bytes.len() >= 4 {
+            let v = u32_le(bytes);
+            if v == 1 {
+                return Err(FheError::Decode {
+                    what: "encrypted output",
+                    msg: "format 1 (one ciphertext per digit and an encrypted label) is from a camera running fhecam before compressed outputs: update the camera and deploy the model again".into(),
+                });
+            }
+            check_version("encrypted output", v, OUTPUT_FORMAT_VERSION)?;
+        }
         let file: EncryptedOutputFile =
             decode_container("encrypted output", bytes, limits::OUTPUT)?;
-        check_version("encrypted output", file.format_version)?;
-        if file.layout.offsets.len() != file.layout.digits.len()
-            || file.layout.ciphertexts() != file.digits.len()
-            || file.layout.digits.iter().any(|&d| d == 0 || d > 32)
-            || file.layout.label_digits > 8
+        let bad = |msg: String| FheError::Decode {
+            what: "encrypted output",
+            msg,
+        };
+        let l = &file.layout;
+        if l.offsets.len() != l.digits.len()
+            || l.offsets.is_empty()
+            || l.digits.iter().any(|&d| d == 0 || d > 32)
+            || l.ciphertexts() > MAX_OUTPUT_DIGITS
         {
-            return Err(FheError::Decode {
-                what: "encrypted output",
-                msg: "layout does not match the ciphertexts".into(),
-            });
+            return Err(bad("the layout is not one an fhecam model produces".into()));
         }
-        let conf = ct_conformance();
-        let digits = file
-            .digits
-            .iter()
-            .map(|b| {
-                safe_deserialize_conformant(b.as_slice(), limits::CIPHERTEXT, &conf)
-                    .map_err(decode_err("output ciphertext"))
-            })
-            .collect::<Result<_, _>>()?;
+        let per = COMPRESSION_PARAMS.lwe_per_glwe().0;
+        let want = l.ciphertexts().div_ceil(per);
+        if file.packed.len() != want {
+            return Err(bad(format!(
+                "{} packed ciphertexts for {} digits (expected {want})",
+                file.packed.len(),
+                l.ciphertexts()
+            )));
+        }
+        let conf = packed_conformance();
+        for (i, g) in file.packed.iter().enumerate() {
+            use tfhe::conformance::ParameterSetConformant;
+            let bodies = per.min(l.ciphertexts() - i * per);
+            if !g.is_conformant(&conf)
+                || g.bodies_count().0 != bodies
+                || g.packed_integers().log_modulus() != COMPRESSION_PARAMS.storage_log_modulus()
+            {
+                return Err(bad(format!(
+                    "packed ciphertext {i} is not a {COMPRESSION_PARAMS_NAME} list of {bodies} digits"
+                )));
+            }
+        }
         Ok(EncryptedOutput {
             layout: file.layout,
-            digits,
+            packed: file.packed,
         })
     }
 
-    /// Decrypts the logits and the label. Every digit must decrypt to 0..=3 and the
-    /// encrypted label must be the argmax of the logits: anything else means the
-    /// ciphertexts were not produced under this key for this model, or were tampered with.
+    /// Decrypts the digits with the compression private key (no bootstrapping) and
+    /// reassembles the logits; the label is their argmax, ties to the lowest index, as the
+    /// plaintext reference decides. A digit whose padding bit decrypts set cannot come from
+    /// this key's camera: that is a wrong key or tampering (half of such digits show it, so
+    /// an output of n digits slips through with probability about 2^-n).
     pub fn decrypt(&self, keys: &OwnerKeys) -> Result<Decrypted, FheError> {
-        let vals: Vec<u64> = self
-            .digits
-            .iter()
-            .map(|c| keys.client.decrypt_message_and_carry(c))
-            .collect();
-        if let Some(v) = vals.iter().find(|&&v| v > 3) {
-            return Err(FheError::WrongKey(format!("a digit decrypted to {v}")));
+        use tfhe::core_crypto::prelude::*;
+        let key = &keys.compression.post_packing_ks_key;
+        let mut vals = Vec::with_capacity(self.layout.ciphertexts());
+        for g in &self.packed {
+            let glwe = g.extract();
+            let mut pt = PlaintextList::new(0u64, PlaintextCount(glwe.polynomial_size().0));
+            decrypt_glwe_ciphertext(key, &glwe, &mut pt);
+            for &v in &pt.as_ref()[..g.bodies_count().0] {
+                let r = v.wrapping_add(1 << (PACKED_SHIFT - 1)) >> PACKED_SHIFT;
+                if r > 3 {
+                    return Err(FheError::WrongKey(format!(
+                        "a digit decrypted to {r}, outside 0..=3"
+                    )));
+                }
+                vals.push(r);
+            }
         }
         let logits = self.layout.logits(&vals);
-        let label = self.layout.label(&vals);
-        let expected = crate::reference::argmax(&logits);
-        if label.is_some_and(|l| l != expected) {
-            return Err(FheError::WrongKey(format!(
-                "encrypted label {} is not the argmax {expected} of the logits",
-                label.unwrap()
-            )));
-        }
         Ok(Decrypted {
-            label: label.unwrap_or(expected),
+            label: crate::reference::argmax(&logits),
             logits,
         })
+    }
+
+    /// The owner side of a camera: packs the given digit values, each freshly encrypted
+    /// under the owner's key, as a camera would publish them. For tests and tools that
+    /// need an output with chosen values (a camera computes its digits, never chooses them).
+    pub fn encrypt_digits(
+        keys: &OwnerKeys,
+        layout: OutputLayout,
+        values: &[u64],
+    ) -> Result<Self, FheError> {
+        if values.len() != layout.ciphertexts() || values.iter().any(|&v| v > 3) {
+            return Err(FheError::Decode {
+                what: "output digits",
+                msg: format!("{} digits in 0..=3 expected", layout.ciphertexts()),
+            });
+        }
+        let key = keys.client.new_compression_key(&keys.compression);
+        let cts: Vec<Ciphertext> = values.iter().map(|&v| keys.client.encrypt(v)).collect();
+        Ok(EncryptedOutput {
+            layout,
+            packed: pack_digits(&key, &cts),
+        })
+    }
+}
+
+/// Most digits an output may declare (an fhecam model has at most a few hundred).
+pub const MAX_OUTPUT_DIGITS: usize = 4096;
+
+fn packed_conformance() -> tfhe::core_crypto::prelude::GlweCiphertextConformanceParams<u64> {
+    use tfhe::core_crypto::prelude::*;
+    GlweCiphertextConformanceParams {
+        glwe_dim: COMPRESSION_PARAMS.packing_ks_glwe_dimension(),
+        polynomial_size: COMPRESSION_PARAMS.packing_ks_polynomial_size(),
+        ct_modulus: CiphertextModulus::new_native(),
     }
 }
 
@@ -525,6 +771,8 @@ pub struct InferStats {
     pub pbs_per_node: Vec<u64>,
     pub expand_s: f64,
     pub eval_s: f64,
+    /// Packing the output digits (keyswitch into one GLWE per 256 digits, no PBS).
+    pub pack_s: f64,
 }
 
 /// The edge runtime: the encrypted model, the public material and a dedicated FHE thread
@@ -534,6 +782,7 @@ pub struct EdgeRuntime {
     params: Vec<Option<LayerParams<Ciphertext>>>,
     engine: Engine<TfheBackend>,
     public_key: CompactPublicKey,
+    compression: CompressionKey,
     pool: rayon::ThreadPool,
     planned: Vec<u64>,
 }
@@ -552,11 +801,14 @@ impl EdgeRuntime {
             .build()
             .map_err(|e| FheError::Pool(e.to_string()))?;
         let (planned, _) = eval::plan(&model.arch)?;
-        let (server_key, params) = pool.install(|| {
+        let ((server_key, compression), params) = pool.install(|| {
             rayon::join(
                 || {
                     let (integer, ..) = public.server_key.decompress().into_raw_parts();
-                    ServerKey::from(integer)
+                    (
+                        ServerKey::from(integer),
+                        public.compression_key.decompress().into_raw_parts(),
+                    )
                 },
                 || model.decompress(),
             )
@@ -573,12 +825,30 @@ impl EdgeRuntime {
                 msg: format!("not a key for {PARAMS_NAME}"),
             });
         }
+        let pksk = &compression.packing_key_switching_key;
+        if pksk.input_key_lwe_dimension() != server_key.ciphertext_lwe_dimension()
+            || pksk.output_glwe_size()
+                != COMPRESSION_PARAMS
+                    .packing_ks_glwe_dimension()
+                    .to_glwe_size()
+            || pksk.output_polynomial_size() != COMPRESSION_PARAMS.packing_ks_polynomial_size()
+            || pksk.decomposition_level_count() != COMPRESSION_PARAMS.packing_ks_level()
+            || pksk.decomposition_base_log() != COMPRESSION_PARAMS.packing_ks_base_log()
+            || compression.lwe_per_glwe != COMPRESSION_PARAMS.lwe_per_glwe()
+            || compression.storage_log_modulus != COMPRESSION_PARAMS.storage_log_modulus()
+        {
+            return Err(FheError::Decode {
+                what: "compression key",
+                msg: format!("not a key for {COMPRESSION_PARAMS_NAME}"),
+            });
+        }
         let public_key = public.public_key.into_raw_parts().0.into_raw_parts();
         Ok(EdgeRuntime {
             arch: model.arch.clone(),
             params,
             engine: Engine::new(TfheBackend::new(server_key)),
             public_key,
+            compression,
             pool,
             planned,
         })
@@ -620,21 +890,21 @@ impl EdgeRuntime {
             .pool
             .install(|| eval::run(&self.engine, &self.arch, &self.params, cts))?;
         let eval_s = t1.elapsed().as_secs_f64();
+        let layout = out.layout();
+        let pbs_per_node = out.pbs_per_node.clone();
+        let digits = out.flatten();
+        let t2 = Instant::now();
+        let packed = self
+            .pool
+            .install(|| pack_digits(&self.compression, &digits));
         let stats = InferStats {
             pbs: self.engine.pbs_count() - before,
-            pbs_per_node: out.pbs_per_node.clone(),
+            pbs_per_node,
             expand_s,
             eval_s,
+            pack_s: t2.elapsed().as_secs_f64(),
         };
-        let layout = out.layout();
-        let mut digits = out.flatten();
-        for d in &mut digits {
-            // Leveled sums bypass shortint's bookkeeping; the circuits proved every output
-            // digit is in 0..=3 within the noise budget, so record that for conformance.
-            d.degree = tfhe::shortint::ciphertext::Degree::new(3);
-            d.set_noise_level_to_nominal();
-        }
-        Ok((EncryptedOutput { layout, digits }, stats))
+        Ok((EncryptedOutput { layout, packed }, stats))
     }
 
     /// Runs `f` on the FHE pool (for benchmarks of single PBS on the same threads).
