@@ -30,7 +30,7 @@ use thiserror::Error;
 pub const MAGIC: &[u8; 8] = b"FHECAMBD";
 /// 2: the evaluation key section carries the compression key for packed outputs.
 pub const FORMAT_VERSION: u32 = 2;
-/// Largest bundle accepted; checked before reading (a 2_2 bundle is ~30 MB).
+/// Largest bundle accepted; checked before reading (a 2_2 bundle is ~43 MB).
 pub const MAX_BUNDLE_BYTES: u64 = 256 << 20;
 pub const MAX_HEADER_BYTES: usize = 64 << 10;
 /// Largest key file read (a hex key is 65 bytes).

@@ -96,7 +96,7 @@ pub fn evaluate(model: &Model, input: &[u8]) -> Result<Vec<i64>, ModelError> {
     Ok(evaluate_all(model, input)?.pop().unwrap())
 }
 
-/// Index of the largest logit; ties go to the lowest index (the encrypted argmax agrees).
+/// Index of the largest logit; ties go to the lowest index (the owner's agent decides the same way).
 pub fn argmax(logits: &[i64]) -> usize {
     let mut best = 0;
     for (i, &v) in logits.iter().enumerate() {

@@ -82,7 +82,7 @@ fn agent_base(d: &Path) -> Fields {
         ("mqtt", "reconnect_backoff_max_s", "30.0".into()),
         ("mqtt", "username", q("user")),
         ("mqtt", "password", q("pass")),
-        ("limits", "max_payload_bytes", "100000".into()),
+        ("limits", "max_payload_bytes", "60000".into()),
         ("limits", "per_device_per_minute", "60.0".into()),
         ("limits", "burst", "10.0".into()),
     ]

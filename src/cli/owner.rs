@@ -350,7 +350,7 @@ pub(crate) fn protect(
     pb.finish_and_clear();
 
     eprintln!(
-        "protected {name} version {version} in {}: {ciphertexts} encrypted parameters ({}), public key {}, server key {} compressed, secret key sealed ({} B)",
+        "protected {name} version {version} in {}: {ciphertexts} encrypted parameters ({}), public key {}, evaluation key {} (compressed server key and compression key), secret keys sealed ({} B)",
         db.display(),
         mb(enc_bytes.len() as u64),
         mb(pk_bytes.len() as u64),

@@ -27,7 +27,7 @@ pub struct QuantConfig {
     /// One weight scale per output channel (else one per layer).
     pub per_channel: bool,
     /// Signed weight bits of the output layer (2..=8), whose one scale is shared by all
-    /// classes so that the encrypted argmax compares like with like.
+    /// classes so that the argmax compares like with like.
     pub output_weight_bits: u8,
 }
 
