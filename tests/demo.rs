@@ -1,7 +1,8 @@
 //! End to end through the real binary: `fhecam demo --frames 1` trains the fast model,
 //! protects and deploys it, starts mosquitto, runs the edge daemon on a GStreamer
 //! multifilesrc of a real test digit, runs the backend agent, and its cockpit subscriber
-//! checks the decrypted label against the plaintext model's; the command fails otherwise.
+//! checks the decrypted label and logits against the plaintext model's; the command fails
+//! otherwise.
 
 use std::process::Command;
 
@@ -22,7 +23,9 @@ fn frames_daemon_broker_agent_cockpit() {
     eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "demo failed");
     assert!(
-        stdout.contains("1 decrypted by the backend, agreement with the plaintext model 1/1"),
+        stdout.contains(
+            "1 decrypted by the backend, agreement with the plaintext model (label and logits) 1/1"
+        ),
         "{stdout}"
     );
 }

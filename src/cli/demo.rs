@@ -75,6 +75,9 @@ fn parse_broker(s: &str) -> Result<(String, u16)> {
 #[derive(Debug, serde::Deserialize)]
 struct CockpitResult {
     label: usize,
+    /// Released because the demo's agent lists its model in `logits_for`.
+    #[serde(default)]
+    logits: Option<Vec<i64>>,
     sequence: u64,
     #[serde(default)]
     frame_timestamp_ms: Option<u64>,
@@ -160,7 +163,8 @@ fn run_in(
         std::fs::write(&png, preprocess::encode_grey_png(&px, 8)?)?;
         // the plaintext model on exactly what the daemon will see
         let x = preprocess::preprocess_file(&png, &model.input)?;
-        plain.push(reference::argmax(&reference::evaluate(model, &x)?));
+        let logits = reference::evaluate(model, &x)?;
+        plain.push((reference::argmax(&logits), logits));
     }
     let pipeline = format!(
         "multifilesrc location={} index=0 stop-index={} caps=image/png,framerate=1/1 ! pngdec ! videoconvert ! appsink",
@@ -236,6 +240,8 @@ fn run_in(
         acfg.mqtt.host = host.clone();
         acfg.mqtt.port = port;
         acfg.mqtt.client_id = Some(format!("demo-agent-{}", std::process::id()));
+        // the demo checks the logits too, not only the label
+        acfg.logits_for = vec![id.to_string()];
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let agent = tokio::spawn(fhecam::agent::run(acfg, shutdown.clone(), Some(ready_tx)));
         tokio::time::timeout(Duration::from_secs(30), ready_rx)
@@ -294,31 +300,33 @@ fn run_in(
         for (i, g) in got.iter().enumerate() {
             match g {
                 Some((r, l)) => {
-                    agree += (r.label == plain[i]) as usize;
+                    let (label, logits) = &plain[i];
+                    let same = r.label == *label && r.logits.as_ref() == Some(logits);
+                    agree += same as usize;
                     correct += (r.label == te.labels[i] as usize) as usize;
                     lat.push(*l);
                     println!(
                         "{i:>5}  {:>4}  {:>9}  {:>19}  {:>6.1} s{}",
                         te.labels[i],
-                        plain[i],
+                        label,
                         r.label,
                         l,
-                        if r.label == plain[i] { "" } else { "  MISMATCH" }
+                        if same { "" } else { "  MISMATCH (label or logits)" }
                     );
                 }
-                None => println!("{i:>5}  {:>4}  {:>9}  {:>19}", te.labels[i], plain[i], "missing"),
+                None => println!("{i:>5}  {:>4}  {:>9}  {:>19}", te.labels[i], plain[i].0, "missing"),
             }
         }
         let n = args.frames;
         let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
         println!();
         println!(
-            "summary: {n} frames, {} decrypted by the backend, agreement with the plaintext model {agree}/{n}, accuracy {correct}/{n}; {:.1} s of encrypted inference per frame, mean latency capture -> cockpit {mean:.1} s (frames queue behind each other)",
+            "summary: {n} frames, {} decrypted by the backend, agreement with the plaintext model (label and logits) {agree}/{n}, accuracy {correct}/{n}; {:.1} s of encrypted inference per frame, mean latency capture -> cockpit {mean:.1} s (frames queue behind each other)",
             lat.len(),
             edge_s / n as f64
         );
         if agree != n {
-            bail!("the backend's labels differ from the plaintext model's (or some are missing)");
+            bail!("the backend's labels or logits differ from the plaintext model's (or some are missing)");
         }
         Ok(())
     })
