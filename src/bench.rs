@@ -1,7 +1,7 @@
 //! `fhecam bench`: encrypted inference on real test images, against the plaintext reference.
 
 use crate::data::Dataset;
-use crate::fhe::{EdgeRuntime, EncryptedModel, OwnerKeys, PARAMS_NAME};
+use crate::fhe::{eval, EdgeRuntime, EncryptedModel, OwnerKeys, PARAMS_NAME};
 use crate::model::Model;
 use crate::reference;
 use anyhow::{Context, Result};
@@ -43,6 +43,10 @@ pub struct BenchReport {
     pub output_stage_pbs: u64,
     /// Packing the output digits on the camera, median.
     pub pack_ms_median: f64,
+    /// The alternative measured for comparison: tfhe's per-ciphertext
+    /// `switch_modulus_and_compress` (no extra key), its bytes and time for as many digits.
+    pub modswitch_alternative_bytes: u64,
+    pub modswitch_alternative_ms: f64,
     pub encrypted_model_bytes: usize,
     /// The evaluation key a bundle carries: compressed server key and compression key.
     pub server_key_bytes: usize,
@@ -199,6 +203,15 @@ pub fn run(
     }
     pb.finish_and_clear();
     let pbs_planned: u64 = rt.planned_pbs().iter().sum();
+    let digits = eval::plan(model)?.1.ciphertexts();
+    let (modswitch_alternative_bytes, modswitch_alternative_ms) = rt.install(|| {
+        let ct = keys.client.encrypt(1);
+        let t = Instant::now();
+        let c = rt.server_key().switch_modulus_and_compress(&ct);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let bytes = bincode::serialized_size(&c).unwrap_or(0);
+        (bytes * digits as u64, ms * digits as f64)
+    });
     let latency_s_median = median(&mut lat.clone());
     let pbs_bound_s = pbs as f64 * pbs_ms_median / threads as f64 / 1000.0;
     Ok(BenchReport {
@@ -228,6 +241,8 @@ pub fn run(
         output_payload_bytes: payload_bytes,
         output_stage_pbs: pbs_per_layer.last().copied().unwrap_or(0),
         pack_ms_median: median(&mut pack_ms),
+        modswitch_alternative_bytes,
+        modswitch_alternative_ms,
         encrypted_model_bytes: bytes.len(),
         server_key_bytes,
         compression_key_bytes,

@@ -131,3 +131,37 @@ fn packed_output_round_trips_small_and_refuses_damage_and_old_formats() {
     let again = OwnerKeys::from_bytes(&keys.to_bytes().unwrap()).unwrap();
     assert_eq!(back.decrypt(&again).unwrap(), d);
 }
+
+#[test]
+fn ten_logits_of_up_to_256_digits_publish_in_at_most_4_kb() {
+    use fhecam::envelope::{encode, Envelope, MAX_ID_LEN};
+    use fhecam::fhe::eval::OutputLayout;
+    let keys = OwnerKeys::generate();
+    // one GLWE holds 256 digits: its mask is fixed, each digit adds 12 bits
+    for digits in [10usize, 60, 90, 256] {
+        let mut per = vec![digits / 10; 10];
+        per[9] += digits % 10;
+        let layout = OutputLayout {
+            offsets: vec![i64::MIN / 2; 10],
+            digits: per,
+        };
+        let out = EncryptedOutput::encrypt_digits(&keys, layout, &vec![2; digits]).unwrap();
+        let payload = encode(&Envelope {
+            device_id: "d".repeat(MAX_ID_LEN),
+            camera_id: "c".repeat(MAX_ID_LEN),
+            model_id: fhecam::ids::ModelId([7; 16]),
+            model_version: u32::MAX,
+            sequence: u64::MAX,
+            epoch: u64::MAX,
+            frame_timestamp_ms: u64::MAX,
+            ciphertext: out.to_bytes().unwrap(),
+        })
+        .unwrap();
+        eprintln!("{digits} digits: {} B published", payload.len());
+        assert!(
+            payload.len() <= 4096,
+            "{digits} digits: {} B",
+            payload.len()
+        );
+    }
+}
