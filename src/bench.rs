@@ -176,7 +176,10 @@ pub fn run(
         in_bytes = input.to_bytes()?.len();
         let t = Instant::now();
         let tfhe_before = tfhe::shortint::server_key::get_pbs_count();
-        let (out, stats) = rt.infer(&input)?;
+        let (out, stats) =
+            rt.infer_watched(&input, std::time::Duration::from_millis(500), &|d, p| {
+                pb.set_message(format!("image {}: {d}/{p} PBS", i + 1))
+            })?;
         pbs_tfhe = tfhe::shortint::server_key::get_pbs_count() - tfhe_before;
         lat.push(t.elapsed().as_secs_f64());
         let out_file = out.to_bytes()?;

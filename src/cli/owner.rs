@@ -192,6 +192,20 @@ fn spinner(msg: &str) -> indicatif::ProgressBar {
     pb
 }
 
+/// A progress bar over the PBS of one encrypted inference (hidden when stderr is not a
+/// terminal, as indicatif does).
+pub(crate) fn pbs_bar(planned: u64, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(planned);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} PBS {msg} ({elapsed}, about {eta} left)",
+        )
+        .expect("static template"),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
 fn mb(bytes: u64) -> String {
     format!("{:.2} MB", bytes as f64 / 1e6)
 }
@@ -528,7 +542,12 @@ fn infer(
         let t = Instant::now();
         let frame_ms = now_ms();
         let x = preprocess::preprocess_file(img, &h.input)?;
-        let (res, stats) = rt.infer(&rt.encrypt(&x))?;
+        let pb = pbs_bar(planned, &img.display().to_string());
+        let (res, stats) =
+            rt.infer_watched(&rt.encrypt(&x), Duration::from_millis(250), &|d, _| {
+                pb.set_position(d)
+            })?;
+        pb.finish_and_clear();
         let env = Envelope {
             device_id: device_id.into(),
             camera_id: camera_id.into(),

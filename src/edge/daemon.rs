@@ -165,6 +165,9 @@ fn preprocess_stage(
     }
 }
 
+/// How often a running inference logs its progress.
+const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(30);
+
 /// A quantized frame and its capture time (unix ms).
 type Job = (Vec<u8>, u64);
 /// The infer stage's shared input: idle workers take turns waiting on it.
@@ -219,9 +222,17 @@ fn infer_worker(
         };
         let t = Instant::now();
         ctx.progress.set_started(worker, Some(t));
+        // a frame takes minutes: say how far it is (PBS done / planned) every half minute
         let result = ctx
             .rt
-            .infer(&ctx.rt.encrypt(&x))
+            .infer_watched(&ctx.rt.encrypt(&x), PROGRESS_LOG_EVERY, &|done, planned| {
+                if done < planned {
+                    tracing::info!(
+                        "inference in progress: {done}/{planned} PBS after {:.0} s",
+                        t.elapsed().as_secs_f64()
+                    );
+                }
+            })
             .and_then(|(o, s)| Ok((o.to_bytes()?, s)));
         ctx.progress.set_started(worker, None);
         match result {

@@ -907,6 +907,45 @@ impl EdgeRuntime {
         Ok((EncryptedOutput { layout, packed }, stats))
     }
 
+    /// [`Self::infer`], calling `tick(done, planned)` every `every` while it runs (and once
+    /// at the end): PBS done since the call (frames running at the same time on this
+    /// runtime count into it too) and PBS planned for one frame.
+    pub fn infer_watched(
+        &self,
+        input: &EncryptedInput,
+        every: std::time::Duration,
+        tick: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<(EncryptedOutput, InferStats), FheError> {
+        let planned: u64 = self.planned.iter().sum();
+        let base = self.engine.pbs_count();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (lock, cv) = (std::sync::Mutex::new(()), std::sync::Condvar::new());
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    guard = cv
+                        .wait_timeout(guard, every)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    if !done.load(std::sync::atomic::Ordering::Acquire) {
+                        tick(self.engine.pbs_count() - base, planned);
+                    }
+                }
+            });
+            let r = self.infer(input);
+            {
+                let _g = lock.lock().unwrap_or_else(|e| e.into_inner());
+                done.store(true, std::sync::atomic::Ordering::Release);
+            }
+            cv.notify_all();
+            if r.is_ok() {
+                tick(self.engine.pbs_count() - base, planned);
+            }
+            r
+        })
+    }
+
     /// Runs `f` on the FHE pool (for benchmarks of single PBS on the same threads).
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
