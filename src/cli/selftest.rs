@@ -128,7 +128,7 @@ pub fn run(args: SelftestArgs) -> Result<()> {
     let public = step("server key", || {
         let p = keys.public_material();
         let detail = format!(
-            "compact public key + compressed server key, {} bytes as shipped in a bundle",
+            "evaluation key (compressed server key and compression key) {} bytes as shipped in a bundle, and the compact public key",
             p.server_key_bytes()?.len()
         );
         Ok((p, detail))
