@@ -1,7 +1,8 @@
 //! `fhecam bench`: encrypted inference on real test images, against the plaintext reference.
 
 use crate::data::Dataset;
-use crate::fhe::{eval, EdgeRuntime, EncryptedModel, OwnerKeys, PARAMS_NAME};
+use crate::fhe::eval::InputMode;
+use crate::fhe::{eval, EdgeRuntime, EncryptedModel, FrameInput, OwnerKeys, PARAMS_NAME};
 use crate::model::Model;
 use crate::reference;
 use anyhow::{Context, Result};
@@ -17,6 +18,10 @@ pub struct BenchReport {
     pub samples: usize,
     pub pbs_per_inference: u64,
     pub pbs_planned: u64,
+    /// How the frame was fed: `encrypted` (public key) or `device-clear`.
+    pub input_mode: &'static str,
+    /// PBS per ciphertext × ciphertext multiply-accumulate, all layers included.
+    pub pbs_per_mac: f64,
     /// The same count as tfhe's own PBS counter saw it (feature `pbs-stats`).
     pub pbs_counted_by_tfhe: u64,
     pub pbs_per_layer: Vec<u64>,
@@ -94,6 +99,7 @@ pub fn run(
     threads: usize,
     accuracy_float: Option<f64>,
     quiet: bool,
+    mode: InputMode,
 ) -> Result<BenchReport> {
     model.infer().context("model failed validation")?;
     let inputs: Vec<Vec<u8>> = test
@@ -171,15 +177,19 @@ pub fn run(
     let mut pack_ms = Vec::new();
     for i in 0..n {
         let t = Instant::now();
-        let input = rt.encrypt(&inputs[i]);
+        let input = rt.frame_input(mode, &inputs[i]);
         enc_ms.push(t.elapsed().as_secs_f64() * 1e3);
-        in_bytes = input.to_bytes()?.len();
+        in_bytes = match &input {
+            FrameInput::Encrypted(e) => e.to_bytes()?.len(),
+            FrameInput::Clear(_) => 0,
+        };
         let t = Instant::now();
         let tfhe_before = tfhe::shortint::server_key::get_pbs_count();
-        let (out, stats) =
-            rt.infer_watched(&input, std::time::Duration::from_millis(500), &|d, p| {
-                pb.set_message(format!("image {}: {d}/{p} PBS", i + 1))
-            })?;
+        let (out, stats) = rt.infer_watched(
+            input.as_frame(),
+            std::time::Duration::from_millis(500),
+            &|d, p| pb.set_message(format!("image {}: {d}/{p} PBS", i + 1)),
+        )?;
         pbs_tfhe = tfhe::shortint::server_key::get_pbs_count() - tfhe_before;
         lat.push(t.elapsed().as_secs_f64());
         let out_file = out.to_bytes()?;
@@ -205,7 +215,7 @@ pub fn run(
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let pbs_planned: u64 = rt.planned_pbs().iter().sum();
+    let pbs_planned: u64 = rt.planned_pbs_in(mode)?.iter().sum();
     let digits = eval::plan(model)?.1.ciphertexts();
     let (modswitch_alternative_bytes, modswitch_alternative_ms) = rt.install(|| {
         let ct = keys.client.encrypt(1);
@@ -224,6 +234,8 @@ pub fn run(
         samples: n,
         pbs_per_inference: pbs,
         pbs_planned,
+        input_mode: mode.name(),
+        pbs_per_mac: pbs as f64 / model.macs()?.max(1) as f64,
         pbs_counted_by_tfhe: pbs_tfhe,
         pbs_per_layer: pbs_per_layer.clone(),
         macs_ct_ct: model.macs()?,

@@ -79,6 +79,9 @@ enum Cmd {
     Plan {
         /// Integer model (JSON).
         model: PathBuf,
+        /// Plan for this input mode.
+        #[arg(long, value_enum, default_value_t)]
+        input_mode: cli::InputModeArg,
     },
     /// Encrypted inference benchmark on test images, checked against the plaintext model.
     Bench {
@@ -100,6 +103,9 @@ enum Cmd {
         /// Print the report as JSON (its last line is one JSON object).
         #[arg(long)]
         json: bool,
+        /// How each test image enters the encrypted network.
+        #[arg(long, value_enum, default_value_t)]
+        input_mode: cli::InputModeArg,
     },
     #[command(flatten)]
     Owner(cli::owner::OwnerCmd),
@@ -199,9 +205,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Import(args) => cli::import::import(args)?,
         Cmd::Eval(args) => cli::import::eval_cmd(args)?,
-        Cmd::Plan { model } => {
+        Cmd::Plan { model, input_mode } => {
             let m = load_model(&model)?;
-            print_plan(&m)?;
+            print_plan_mode(&m, input_mode.into())?;
         }
         Cmd::Bench {
             model,
@@ -210,6 +216,7 @@ fn run(cli: Cli) -> Result<()> {
             samples,
             threads,
             json,
+            input_mode,
         } => {
             let (m, acc_float) = match (model, reference) {
                 (Some(p), _) => (load_model(&p)?, read_float_accuracy(&p)),
@@ -225,7 +232,15 @@ fn run(cli: Cli) -> Result<()> {
                     m.input.width
                 );
             }
-            let r = bench::run(&m, &te, samples, threads, acc_float, json)?;
+            let r = bench::run(
+                &m,
+                &te,
+                samples,
+                threads,
+                acc_float,
+                json,
+                input_mode.into(),
+            )?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -370,7 +385,11 @@ fn cache_dir() -> PathBuf {
 }
 
 pub(crate) fn print_plan(m: &Model) -> Result<()> {
-    let (pbs, layout) = eval::plan(m)?;
+    print_plan_mode(m, eval::InputMode::Encrypted)
+}
+
+fn print_plan_mode(m: &Model, mode: eval::InputMode) -> Result<()> {
+    let (pbs, layout) = eval::plan_mode(m, mode)?;
     let infos = m.infer()?;
     println!("{:<4} {:<12} {:>14} {:>10}", "node", "op", "output", "PBS");
     for (k, (n, p)) in m.nodes.iter().zip(&pbs).enumerate() {
@@ -393,8 +412,9 @@ pub(crate) fn print_plan(m: &Model) -> Result<()> {
     let total: u64 = pbs.iter().sum();
     let macs = m.macs()?;
     println!(
-        "total {total} PBS for {macs} ciphertext x ciphertext MACs ({:.2} PBS/MAC all-in; the circuit's floor is one PBS per MAC); output {} digits packed for the owner, who takes the argmax",
+        "total {total} PBS for {macs} multiply-accumulates ({:.2} PBS per MAC all-in), {} input; output {} digits packed for the owner, who takes the argmax",
         total as f64 / macs.max(1) as f64,
+        mode.name(),
         layout.ciphertexts()
     );
     Ok(())
@@ -404,8 +424,8 @@ fn print_bench(r: &bench::BenchReport) {
     println!("model               {}", r.model);
     println!("parameters          {} ({} threads)", r.params, r.threads);
     println!(
-        "PBS / inference     {} (planned {}), {} ct x ct MACs",
-        r.pbs_per_inference, r.pbs_planned, r.macs_ct_ct
+        "PBS / inference     {} (planned {}), {} ct x ct MACs, {:.2} PBS per MAC, {} input",
+        r.pbs_per_inference, r.pbs_planned, r.macs_ct_ct, r.pbs_per_mac, r.input_mode
     );
     println!("one PBS (1 thread)  {:.1} ms median", r.pbs_ms_median);
     println!(

@@ -136,6 +136,11 @@ pub enum Op {
 }
 
 impl Op {
+    /// Conv2d or Dense: the layers with (encrypted) weights.
+    pub fn is_linear(&self) -> bool {
+        matches!(self, Op::Conv2d { .. } | Op::Dense { .. })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Op::Conv2d { .. } => "conv2d",

@@ -269,7 +269,13 @@ fn sigterm_drains_the_running_inference_and_says_offline() {
     let _broker = Broker::start(dir.path(), port);
     let msgs = subscribe(port, "test-sub-3");
     let live = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=32,height=32,framerate=5/1 ! videoconvert ! appsink";
-    let cfg = o.config("live", port, live, "");
+    // this camera keeps its frames in the clear (device-clear input)
+    let cfg = o.config(
+        "live",
+        port,
+        live,
+        "[infer]\ninput_mode = \"device-clear\"\n",
+    );
     let child = run_daemon(&cfg);
     // ready (bundle, pipeline, broker) shows as the retained `online`
     wait_for("online", Duration::from_secs(60), || {
@@ -288,6 +294,7 @@ fn sigterm_drains_the_running_inference_and_says_offline() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("SIGTERM"), "{err}");
+    assert!(err.contains("(device-clear input)"), "{err}");
     let stats: fhecam::edge::stats::Snapshot =
         serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
     assert!(

@@ -85,3 +85,110 @@ fn a_wrong_weight_changes_the_result() {
     }
     assert!(differs > 0);
 }
+
+/// Device-clear input: the same networks, the frame held in the clear, the layers that read
+/// it picking products from their clear tables. Equal to the reference, the plan equal to
+/// the run, and never more PBS than with the frame encrypted.
+fn check_device_clear(seed: u64, shape: Shape) -> bool {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let m = random_model(&mut rng, shape);
+    if eval::check_device_clear(&m).is_err() {
+        return false;
+    }
+    let params = eval::map_params(&m, &mut |v| v).unwrap();
+    let (planned, layout) = eval::plan_mode(&m, eval::InputMode::DeviceClear).unwrap();
+    let (planned_enc, _) = eval::plan(&m).unwrap();
+    assert!(
+        planned.iter().sum::<u64>() <= planned_enc.iter().sum::<u64>(),
+        "seed {seed}: device-clear plans more PBS"
+    );
+    for _ in 0..3 {
+        let x = random_input(&mut rng, &m);
+        let e = Engine::new(ClearBackend);
+        let out = eval::run_device_clear(&e, &m, &params, &x).unwrap();
+        assert_eq!(
+            out.pbs_per_node, planned,
+            "seed {seed}: plan differs from run"
+        );
+        assert_eq!(out.layout(), layout);
+        assert!(out.logits.iter().flat_map(|l| &l.d).all(|v| v.var <= 1));
+        let got = layout.logits(&out.flatten());
+        assert_eq!(got, reference::evaluate(&m, &x).unwrap(), "seed {seed}");
+    }
+    true
+}
+
+#[test]
+fn device_clear_input_matches_reference() {
+    let mut ran = 0;
+    for seed in 0..200 {
+        ran += check_device_clear(seed, Shape::small()) as usize;
+    }
+    for seed in 2000..2200 {
+        ran += check_device_clear(seed, Shape::tiny_wide()) as usize;
+    }
+    assert!(
+        ran >= 200,
+        "only {ran} of 400 random networks read their input directly"
+    );
+    // the others (pooling or adding the frame first) are refused with the reason
+    let mut refused = random_model(&mut ChaCha8Rng::seed_from_u64(1), Shape::small());
+    for n in &mut refused.nodes {
+        for i in &mut n.inputs {
+            *i += 1;
+        }
+    }
+    refused.nodes.insert(
+        0,
+        fhecam::model::Node {
+            op: fhecam::model::Op::MaxPool {
+                kernel: [1, 1],
+                stride: [1, 1],
+            },
+            inputs: vec![0],
+        },
+    );
+    refused
+        .infer()
+        .expect("a 1x1 max pool in front keeps the shapes");
+    let params = eval::map_params(&refused, &mut |v| v).unwrap();
+    let x = vec![0; refused.input.len()];
+    let err = eval::run_device_clear(&Engine::new(ClearBackend), &refused, &params, &x)
+        .err()
+        .unwrap();
+    assert_eq!(err, eval::EvalError::DeviceClearUnsupported);
+    assert!(
+        err.to_string().contains("input_mode = \"encrypted\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn device_clear_reads_the_clear_tables() {
+    // a wrong table entry must change some result: the tables are what the frame meets
+    let mut differs = 0;
+    for seed in 0..40 {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let m = random_model(&mut rng, Shape::small());
+        if eval::check_device_clear(&m).is_err() {
+            continue;
+        }
+        let x = random_input(&mut rng, &m);
+        let mut params = eval::map_params(&m, &mut |v| v).unwrap();
+        // the tables of two weights swapped: every entry stays within its public bound
+        let wr = match &m.nodes[0].op {
+            fhecam::model::Op::Conv2d { weight_range, .. }
+            | fhecam::model::Op::Dense { weight_range, .. } => *weight_range,
+            _ => continue,
+        };
+        let per_weight = eval::weight_digits(wr) * 4;
+        let first = params[0].as_mut().unwrap();
+        let (a, b) = first.clear_tables.split_at_mut(per_weight);
+        a.swap_with_slice(&mut b[..per_weight]);
+        let e = Engine::new(ClearBackend);
+        let out = eval::run_device_clear(&e, &m, &params, &x).unwrap();
+        let got = out.layout().logits(&out.flatten());
+        differs += (got != reference::evaluate(&m, &x).unwrap()) as usize;
+    }
+    assert!(differs > 0);
+}

@@ -2,7 +2,8 @@
 //! encrypted with the compact public key, decrypted logits equal the plaintext reference
 //! exactly. Tiny shapes keep the PBS count CI-sized.
 
-use fhecam::fhe::{EdgeRuntime, EncryptedModel, EncryptedOutput, FheError, OwnerKeys};
+use fhecam::fhe::eval::InputMode;
+use fhecam::fhe::{EdgeRuntime, EncryptedModel, EncryptedOutput, FheError, Frame, OwnerKeys};
 use fhecam::reference;
 use fhecam::testnet::{random_input, random_model, Shape};
 use rand::SeedableRng;
@@ -88,5 +89,38 @@ fn trained_model_on_real_digits_images_matches_reference() {
         let want = reference::evaluate(&m, &x).unwrap();
         assert_eq!(got.logits, want, "test image {i}");
         assert_eq!(got.label, reference::argmax(&want));
+        // the same image held in the clear by the device: same logits, fewer PBS
+        let (out, stats) = rt.infer_frame(Frame::Clear(&x)).unwrap();
+        let planned = rt.planned_pbs_in(InputMode::DeviceClear).unwrap();
+        assert_eq!(stats.pbs, planned.iter().sum::<u64>());
+        assert!(stats.pbs < rt.planned_pbs().iter().sum::<u64>());
+        assert_eq!(
+            out.decrypt(keys).unwrap().logits,
+            want,
+            "test image {i}, device-clear"
+        );
+    }
+}
+
+#[test]
+fn device_clear_input_on_a_multi_digit_network_matches_reference() {
+    let keys = keys();
+    let mut rng = ChaCha8Rng::seed_from_u64(100);
+    let m = random_model(&mut rng, Shape::tiny_wide());
+    fhecam::fhe::eval::check_device_clear(&m).expect("seed 100 reads its input directly");
+    let enc = EncryptedModel::encrypt(&m, keys).unwrap();
+    // the clear tables through the wire format, as a camera receives them
+    let enc = EncryptedModel::from_bytes(&enc.to_bytes().unwrap()).unwrap();
+    let rt = EdgeRuntime::new(&enc, keys.public_material(), 0).unwrap();
+    for _ in 0..2 {
+        let x = random_input(&mut rng, &m);
+        let (out, stats) = rt.infer_frame(Frame::Clear(&x)).unwrap();
+        let want = reference::evaluate(&m, &x).unwrap();
+        assert_eq!(out.decrypt(keys).unwrap().logits, want);
+        eprintln!(
+            "device-clear: {} PBS (encrypted input: {})",
+            stats.pbs,
+            rt.planned_pbs().iter().sum::<u64>()
+        );
     }
 }

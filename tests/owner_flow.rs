@@ -229,6 +229,37 @@ fn protect_deploy_infer_decrypt_and_refusals() {
     let text = ok(&["decrypt", "--db", s(&db), s(&result_files[0])]);
     assert!(text.contains("label"), "{text}");
 
+    // the same image with the frame held in the clear by the device: same logits
+    let clear_dir = d.join("results-clear");
+    let out = ok(&[
+        "infer",
+        "--bundle",
+        s(&bundle_path),
+        "--owner-key",
+        s(&owner_pub),
+        "--out",
+        s(&clear_dir),
+        "--input-mode",
+        "device-clear",
+        s(&images[0]),
+    ]);
+    assert!(out.contains("PBS"), "{out}");
+    let clear_file = clear_dir.join("digit0.fhe");
+    let v: serde_json::Value = serde_json::from_str(
+        ok(&[
+            "decrypt",
+            "--db",
+            s(&db),
+            "--json",
+            "--logits",
+            s(&clear_file),
+        ])
+        .trim(),
+    )
+    .unwrap();
+    let logits: Vec<i64> = serde_json::from_value(v["logits"].clone()).unwrap();
+    assert_eq!(logits, reference::evaluate(&model, &inputs[0]).unwrap());
+
     // --- refusals ---
     // one flipped byte, deep in the server key section
     let tampered = d.join("tampered.bundle");

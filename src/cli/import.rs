@@ -85,6 +85,9 @@ pub struct EvalArgs {
     /// FHE worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// How --fhe feeds each sample to the encrypted network.
+    #[arg(long, value_enum, default_value_t)]
+    pub input_mode: super::InputModeArg,
     /// Print the result as one JSON object on the last line.
     #[arg(long)]
     pub json: bool,
@@ -359,7 +362,7 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
             width: w,
         };
         eprintln!("encrypting {n} samples end to end (fresh keys)...");
-        let r = fhecam::bench::run(&model, &ds, n, a.threads, None, a.json)?;
+        let r = fhecam::bench::run(&model, &ds, n, a.threads, None, a.json, a.input_mode.into())?;
         println!(
             "FHE: {n} samples, decrypted = plaintext integer model on {:.0}%, {} PBS each, median {:.1} s per inference",
             100.0 * r.agreement,

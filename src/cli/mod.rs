@@ -6,3 +6,23 @@ pub mod edge;
 pub mod import;
 pub mod owner;
 pub mod selftest;
+
+/// `--input-mode` on the command line.
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub enum InputModeArg {
+    /// Encrypt the frame with the owner's public key (the default).
+    #[default]
+    Encrypted,
+    /// Keep the frame in the clear on this machine: the first layer's products need no
+    /// PBS; everything computed from the frame stays encrypted.
+    DeviceClear,
+}
+
+impl From<InputModeArg> for fhecam::fhe::eval::InputMode {
+    fn from(a: InputModeArg) -> Self {
+        match a {
+            InputModeArg::Encrypted => Self::Encrypted,
+            InputModeArg::DeviceClear => Self::DeviceClear,
+        }
+    }
+}

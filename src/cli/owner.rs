@@ -106,6 +106,9 @@ pub enum OwnerCmd {
         /// FHE worker threads (0 = one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// How the image enters the encrypted network.
+        #[arg(long, value_enum, default_value_t)]
+        input_mode: super::InputModeArg,
     },
     /// Decrypt result envelopes with the secret key from the owner database and print the
     /// label (argmax of the logits).
@@ -167,8 +170,15 @@ pub fn run(cmd: OwnerCmd) -> Result<()> {
             device_id,
             camera_id,
             threads,
+            input_mode,
         } => infer(
-            &bundle, &owner_key, &images, &out, &device_id, &camera_id, threads,
+            &bundle,
+            &owner_key,
+            &images,
+            &out,
+            (&device_id, &camera_id),
+            threads,
+            input_mode.into(),
         ),
         OwnerCmd::Decrypt {
             db,
@@ -494,9 +504,9 @@ fn infer(
     owner_key: &Path,
     images: &[PathBuf],
     out_dir: &Path,
-    device_id: &str,
-    camera_id: &str,
+    (device_id, camera_id): (&str, &str),
     threads: usize,
+    mode: fhecam::fhe::eval::InputMode,
 ) -> Result<()> {
     envelope::check_id("device id", device_id)?;
     envelope::check_id("camera id", camera_id)?;
@@ -530,10 +540,11 @@ fn infer(
     let pb = spinner("decompressing the server key and the encrypted parameters");
     let rt = EdgeRuntime::new(&b.model, b.public, threads)?;
     pb.finish_and_clear();
-    let planned: u64 = rt.planned_pbs().iter().sum();
+    let planned: u64 = rt.planned_pbs_in(mode)?.iter().sum();
     eprintln!(
-        "runtime ready: {} FHE threads, {planned} PBS per image",
-        rt.threads()
+        "runtime ready: {} FHE threads, {planned} PBS per image ({} input)",
+        rt.threads(),
+        mode.name()
     );
 
     // each run numbers its results from 0: its own epoch keeps them apart from other runs'
@@ -543,8 +554,9 @@ fn infer(
         let frame_ms = now_ms();
         let x = preprocess::preprocess_file(img, &h.input)?;
         let pb = pbs_bar(planned, &img.display().to_string());
+        let input = rt.frame_input(mode, &x);
         let (res, stats) =
-            rt.infer_watched(&rt.encrypt(&x), Duration::from_millis(250), &|d, _| {
+            rt.infer_watched(input.as_frame(), Duration::from_millis(250), &|d, _| {
                 pb.set_position(d)
             })?;
         pb.finish_and_clear();

@@ -111,6 +111,11 @@ pub struct InferConfig {
     /// On shutdown, how long in-flight inferences may still run before they are abandoned
     /// (nothing published is lost: finished results are already in the outbox). 0..=86400 s.
     pub drain_timeout_s: f64,
+    /// How the frame enters the encrypted network: `encrypted` (with the owner's public
+    /// key, the default) or `device-clear` (the frame stays in the clear on this device,
+    /// which captured it anyway: the first layer's products need no PBS; every value
+    /// computed from it and everything published stays encrypted under the owner's key).
+    pub input_mode: crate::fhe::eval::InputMode,
 }
 
 impl Default for InferConfig {
@@ -119,6 +124,7 @@ impl Default for InferConfig {
             max_in_flight: 1,
             threads: 0,
             drain_timeout_s: 120.0,
+            input_mode: crate::fhe::eval::InputMode::Encrypted,
         }
     }
 }

@@ -175,6 +175,7 @@ type JobQueue = Arc<Mutex<std_mpsc::Receiver<Job>>>;
 
 struct InferCtx {
     rt: EdgeRuntime,
+    input_mode: crate::fhe::eval::InputMode,
     device_id: String,
     camera_id: String,
     model_id: crate::ids::ModelId,
@@ -225,14 +226,18 @@ fn infer_worker(
         // a frame takes minutes: say how far it is (PBS done / planned) every half minute
         let result = ctx
             .rt
-            .infer_watched(&ctx.rt.encrypt(&x), PROGRESS_LOG_EVERY, &|done, planned| {
-                if done < planned {
-                    tracing::info!(
-                        "inference in progress: {done}/{planned} PBS after {:.0} s",
-                        t.elapsed().as_secs_f64()
-                    );
-                }
-            })
+            .infer_watched(
+                ctx.rt.frame_input(ctx.input_mode, &x).as_frame(),
+                PROGRESS_LOG_EVERY,
+                &|done, planned| {
+                    if done < planned {
+                        tracing::info!(
+                            "inference in progress: {done}/{planned} PBS after {:.0} s",
+                            t.elapsed().as_secs_f64()
+                        );
+                    }
+                },
+            )
             .and_then(|(o, s)| Ok((o.to_bytes()?, s)));
         ctx.progress.set_started(worker, None);
         match result {
@@ -277,7 +282,12 @@ fn drain(
     ctx: &InferCtx,
     milestone: &(dyn Fn(Milestone) + Send + Sync),
 ) {
-    let pbs = ctx.rt.planned_pbs().iter().sum::<u64>();
+    let pbs = ctx
+        .rt
+        .planned_pbs_in(ctx.input_mode)
+        .unwrap_or(ctx.rt.planned_pbs())
+        .iter()
+        .sum::<u64>();
     let threads = ctx.rt.threads();
     let mut deadline = floor.map(|f| Instant::now() + f);
     let mut announced: Option<(Instant, Instant)> = None; // (deadline, when)
@@ -350,15 +360,18 @@ pub async fn run(
     let rt = tokio::task::spawn_blocking(move || EdgeRuntime::new(&b.model, b.public, threads))
         .await
         .map_err(|e| EdgeError::Thread(e.to_string()))??;
+    // a model that cannot take its frame in the clear is refused before any frame
+    let planned: u64 = rt.planned_pbs_in(cfg.infer.input_mode)?.iter().sum();
     tracing::info!(
-        "bundle {} version {} ({}) loaded: input {}x{}x{}, {} PBS per frame, {} FHE threads",
+        "bundle {} version {} ({}) loaded: input {}x{}x{} ({} input), {} PBS per frame, {} FHE threads",
         header.name,
         header.version,
         header.model_id,
         header.input.channels,
         header.input.height,
         header.input.width,
-        rt.planned_pbs().iter().sum::<u64>(),
+        cfg.infer.input_mode.name(),
+        planned,
         rt.threads()
     );
     milestone(Milestone::BundleLoaded);
@@ -388,6 +401,7 @@ pub async fn run(
 
     // infer stage: our own threads around the runtime's FHE pool
     let ctx = Arc::new(InferCtx {
+        input_mode: cfg.infer.input_mode,
         rt,
         device_id: cfg.device_id.clone(),
         camera_id: cfg.camera_id.clone(),

@@ -18,6 +18,8 @@ pub enum EvalError {
     Params(String),
     #[error("expected {expected} input ciphertexts, got {got}")]
     InputLen { expected: usize, got: usize },
+    #[error("device-clear input needs the frame to feed Conv2d or Dense layers directly (or through Flatten); this model pools or adds it first: use input_mode = \"encrypted\"")]
+    DeviceClearUnsupported,
 }
 
 /// Encrypted parameters of one linear layer: `weights[i * D + j]` holds base-4 digit `j`
@@ -25,10 +27,71 @@ pub enum EvalError {
 /// `D = weight_digits(weight_range)`, and `bias[o]` the base-4 digits of `b_o - bmin`.
 /// Digit `j` stands for `u_j + c_j` with the clear `c_j` = minus digit `j` of `-base`, so
 /// every digit product `(u_j + c_j)·x_k` spans at most 10 values and fits one PBS.
+///
+/// A layer that reads the frame itself also has `clear_tables`, for cameras that keep the
+/// frame in the clear ([`InputMode::DeviceClear`]): `clear_tables[(i * D + j) * 4 + v]`
+/// encrypts `(u_j + c_j)·v − 3·c_j` (in 0..=9) for each clear input digit `v`, so the
+/// device picks the product of weight digit `j` and its own pixel digit without any PBS.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LayerParams<C> {
     pub weights: Vec<C>,
     pub bias: Vec<Vec<C>>,
+    pub clear_tables: Vec<C>,
+}
+
+/// How the camera feeds its frame to the encrypted network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InputMode {
+    /// The frame is encrypted with the owner's public key (the design's default).
+    #[default]
+    Encrypted,
+    /// The frame stays in the clear on the device, which holds it anyway: clear pixel ×
+    /// encrypted weight costs no PBS. Every value computed from it is still encrypted.
+    DeviceClear,
+}
+
+impl InputMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            InputMode::Encrypted => "encrypted",
+            InputMode::DeviceClear => "device-clear",
+        }
+    }
+}
+
+/// Which values are clear when the frame is: the input, and flattenings of it. `None` when
+/// a clear value would reach anything but a Conv2d or Dense layer (or a Flatten).
+fn clear_values(model: &Model) -> Option<Vec<bool>> {
+    let mut clear = vec![false; model.nodes.len() + 1];
+    clear[0] = true;
+    for (k, n) in model.nodes.iter().enumerate() {
+        if n.inputs.iter().skip(1).any(|&i| clear[i]) {
+            return None;
+        }
+        if clear[n.inputs[0]] {
+            match n.op {
+                Op::Flatten => clear[k + 1] = true,
+                Op::Conv2d { .. } | Op::Dense { .. } => {}
+                _ => return None,
+            }
+        }
+    }
+    Some(clear)
+}
+
+/// Whether the model can run on a frame held in the clear, and why not.
+pub fn check_device_clear(model: &Model) -> Result<(), EvalError> {
+    clear_values(model)
+        .map(|_| ())
+        .ok_or(EvalError::DeviceClearUnsupported)
+}
+
+/// Whether node `k` reads the clear frame in device-clear mode (then it has clear tables).
+fn reads_clear(model: &Model, clear: &Option<Vec<bool>>, k: usize) -> bool {
+    clear
+        .as_ref()
+        .is_some_and(|c| c[model.nodes[k].inputs[0]] && model.nodes[k].op.is_linear())
 }
 
 /// How many base-4 digits encode a weight of a layer with this public range.
@@ -83,7 +146,15 @@ pub fn check_params<C>(model: &Model, params: &[Option<LayerParams<C>>]) -> Resu
             model.nodes.len()
         )));
     }
+    let clear = clear_values(model);
     for (k, (node, p)) in model.nodes.iter().zip(params).enumerate() {
+        let nt = |weights: usize, wr: [i8; 2]| {
+            if reads_clear(model, &clear, k) {
+                weights * weight_digits(wr) * 4
+            } else {
+                0
+            }
+        };
         let want = match &node.op {
             Op::Conv2d {
                 weights,
@@ -102,15 +173,17 @@ pub fn check_params<C>(model: &Model, params: &[Option<LayerParams<C>>]) -> Resu
                 weights.len() * weight_digits(*weight_range),
                 bias.len(),
                 bias_digits(*bias_range),
+                nt(weights.len(), *weight_range),
             )),
             _ => None,
         };
         match (want, p) {
             (None, None) => {}
-            (Some((nw, nb, nd)), Some(p))
+            (Some((nw, nb, nd, ntab)), Some(p))
                 if p.weights.len() == nw
                     && p.bias.len() == nb
-                    && p.bias.iter().all(|d| d.len() == nd) => {}
+                    && p.bias.iter().all(|d| d.len() == nd)
+                    && p.clear_tables.len() == ntab => {}
             _ => {
                 return Err(EvalError::Params(format!(
                     "node {k} ({}) parameters have the wrong shape",
@@ -153,11 +226,14 @@ enum Tensor<C> {
     /// Each element as its base-4 digits, least significant first.
     Act(Vec<Vec<Val<C>>>),
     Acc(Vec<Acc<C>>),
+    /// The frame as the device holds it: each value's base-4 digits, in the clear.
+    Clear(Vec<Vec<u8>>),
 }
 
 fn to_accs<C: Clone>(t: &Tensor<C>) -> Vec<Acc<C>> {
     match t {
         Tensor::Acc(a) => a.clone(),
+        Tensor::Clear(_) => unreachable!("clear values only reach linear layers (clear_values)"),
         Tensor::Act(v) => v
             .iter()
             .map(|x| {
@@ -202,8 +278,7 @@ pub fn run<B: Backend>(
     params: &[Option<LayerParams<B::Ct>>],
     input: Vec<B::Ct>,
 ) -> Result<RunOutput<B::Ct>, EvalError> {
-    let infos = model.infer()?;
-    check_params(model, params)?;
+    model.infer()?;
     if input.len() != input_ciphertexts(model) {
         return Err(EvalError::InputLen {
             expected: input_ciphertexts(model),
@@ -213,7 +288,7 @@ pub fn run<B: Backend>(
     let xmax = (1i64 << model.input.bits) - 1;
     let nd = input_value_digits(model);
     let mut it = input.into_iter();
-    let mut vals: Vec<Tensor<B::Ct>> = vec![Tensor::Act(
+    let first = Tensor::Act(
         (0..model.input.len())
             .map(|_| {
                 (0..nd)
@@ -221,7 +296,46 @@ pub fn run<B: Backend>(
                     .collect()
             })
             .collect(),
-    )];
+    );
+    run_from(e, model, params, first)
+}
+
+/// Runs the model on a frame the device holds in the clear ([`InputMode::DeviceClear`]):
+/// the layers that read it pick encrypted products from their clear tables, with no PBS.
+pub fn run_device_clear<B: Backend>(
+    e: &Engine<B>,
+    model: &Model,
+    params: &[Option<LayerParams<B::Ct>>],
+    input: &[u8],
+) -> Result<RunOutput<B::Ct>, EvalError> {
+    model.infer()?;
+    check_device_clear(model)?;
+    if input.len() != model.input.len() {
+        return Err(EvalError::InputLen {
+            expected: model.input.len(),
+            got: input.len(),
+        });
+    }
+    let max = ((1u16 << model.input.bits) - 1) as u8;
+    let nd = input_value_digits(model);
+    let first = Tensor::Clear(
+        input
+            .iter()
+            .map(|&v| (0..nd).map(|k| (v.min(max) >> (2 * k)) & 3).collect())
+            .collect(),
+    );
+    run_from(e, model, params, first)
+}
+
+fn run_from<B: Backend>(
+    e: &Engine<B>,
+    model: &Model,
+    params: &[Option<LayerParams<B::Ct>>],
+    first: Tensor<B::Ct>,
+) -> Result<RunOutput<B::Ct>, EvalError> {
+    let infos = model.infer()?;
+    check_params(model, params)?;
+    let mut vals: Vec<Tensor<B::Ct>> = vec![first];
     let mut pbs_per_node = Vec::with_capacity(model.nodes.len());
     for (k, node) in model.nodes.iter().enumerate() {
         let before = e.pbs_count();
@@ -237,7 +351,7 @@ pub fn run<B: Backend>(
                     bias_range,
                     ..
                 },
-                Tensor::Act(x),
+                t @ (Tensor::Act(_) | Tensor::Clear(_)),
             ) => {
                 let p = params[k].as_ref().unwrap();
                 let [c, h, w] = ai.shape;
@@ -261,7 +375,7 @@ pub fn run<B: Backend>(
                                 taps.push((((oc * c + ic) * kernel[0] + ky) * kernel[1] + kx, i));
                             },
                         );
-                        neuron(e, &taps, x, ai, p, oc, *weight_range, *bias_range)
+                        linear(e, &taps, t, ai, p, oc, *weight_range, *bias_range)
                     })
                     .collect();
                 Tensor::Acc(accs)
@@ -273,15 +387,15 @@ pub fn run<B: Backend>(
                     bias_range,
                     ..
                 },
-                Tensor::Act(x),
+                t @ (Tensor::Act(_) | Tensor::Clear(_)),
             ) => {
                 let p = params[k].as_ref().unwrap();
-                let n = x.len();
+                let n = ai.len();
                 let accs = (0..*out_features)
                     .into_par_iter()
                     .map(|o| {
                         let taps: Vec<_> = (0..n).map(|i| (o * n + i, i)).collect();
-                        neuron(e, &taps, x, ai, p, o, *weight_range, *bias_range)
+                        linear(e, &taps, t, ai, p, o, *weight_range, *bias_range)
                     })
                     .collect();
                 Tensor::Acc(accs)
@@ -361,6 +475,7 @@ pub fn run<B: Backend>(
                 )
             }
             (Op::Flatten, Tensor::Act(x)) => Tensor::Act(x.clone()),
+            (Op::Flatten, Tensor::Clear(x)) => Tensor::Clear(x.clone()),
             (Op::Flatten, Tensor::Acc(x)) => Tensor::Acc(x.clone()),
             // infer() guarantees linear layers and max pooling read activations
             _ => unreachable!("node kinds checked by Model::infer"),
@@ -383,10 +498,10 @@ pub fn run<B: Backend>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn neuron<B: Backend>(
+fn linear<B: Backend>(
     e: &Engine<B>,
     taps: &[(usize, usize)],
-    x: &[Vec<Val<B::Ct>>],
+    t: &Tensor<B::Ct>,
     ai: &ValueInfo,
     p: &LayerParams<B::Ct>,
     o: usize,
@@ -413,31 +528,75 @@ fn neuron<B: Backend>(
     let mut acc = Acc::zero();
     for &(wi, xi) in taps {
         for (j, &c) in cs.iter().enumerate() {
-            let u = e.fresh(p.weights[wi * wd + j].clone(), 0, (vmax >> (2 * j)).min(3));
-            for (k, xk) in x[xi].iter().enumerate() {
-                acc.push(j + k, e.product(&u, xk, c, pmin(j, k)));
+            let uhi = (vmax >> (2 * j)).min(3);
+            match t {
+                Tensor::Act(x) => {
+                    let u = e.fresh(p.weights[wi * wd + j].clone(), 0, uhi);
+                    for (k, xk) in x[xi].iter().enumerate() {
+                        acc.push(j + k, e.product(&u, xk, c, pmin(j, k)));
+                    }
+                }
+                // The device's own pixel digit v picks Enc((u_j + c_j)·v − 3·c_j) from the
+                // clear tables: no PBS, a fresh encryption. A clear constant moves it to the
+                // same shifted product `(u_j + c_j)·v − pmin` the encrypted path computes,
+                // with the same public bound, so the circuit is the same for every frame.
+                Tensor::Clear(x) => {
+                    for (k, &v) in x[xi].iter().enumerate() {
+                        let ct = p.clear_tables[(wi * wd + j) * 4 + v as usize].clone();
+                        let hi = (0..=xd_hi[k])
+                            .flat_map(|v| (0..=uhi).map(move |u| (u + c) * v))
+                            .max()
+                            .unwrap_or(0)
+                            - pmin(j, k);
+                        let term = e.add_const(e.fresh(ct, 0, 0), 3 * c - pmin(j, k));
+                        acc.push(j + k, Val { lo: 0, hi, ..term });
+                    }
+                }
+                Tensor::Acc(_) => unreachable!("infer() guarantees linear layers read activations"),
             }
         }
     }
-    acc.offset += shift * taps.len() as i64 + br[0] as i64;
+    acc.offset += shift * taps.len() as i64;
+    let per_tap = (-shift + (wmax * xmax).max(0)) as u64;
+    add_bias(e, acc, p, o, br, per_tap * taps.len() as u64)
+}
+
+/// Adds neuron `o`'s encrypted bias digits; `bound` is what the products can sum to.
+fn add_bias<B: Backend>(
+    e: &Engine<B>,
+    mut acc: Acc<B::Ct>,
+    p: &LayerParams<B::Ct>,
+    o: usize,
+    br: [i32; 2],
+    bound: u64,
+) -> Acc<B::Ct> {
+    acc.offset += br[0] as i64;
     let brange = (br[1] as i64 - br[0] as i64) as u64;
     for (j, d) in p.bias[o].iter().enumerate() {
         let hi = ((brange >> (2 * j)) as i64).min(3);
         acc.push(j, e.fresh(d.clone(), 0, hi));
     }
     // the bias digits can never exceed the bias range as a whole
-    acc.range = acc
-        .range
-        .min(((-shift + (wmax * xmax).max(0)) as u64) * taps.len() as u64 + brange);
+    acc.range = acc.range.min(bound + brange);
     acc
 }
 
-/// Plans a run without keys: PBS per node, ciphertext x ciphertext MACs and output layout.
+/// Plans a run without keys: PBS per node and output layout, for encrypted input.
 pub fn plan(model: &Model) -> Result<(Vec<u64>, OutputLayout), EvalError> {
+    plan_mode(model, InputMode::Encrypted)
+}
+
+/// [`plan`] for either input mode (the circuit never depends on the frame's values).
+pub fn plan_mode(model: &Model, mode: InputMode) -> Result<(Vec<u64>, OutputLayout), EvalError> {
     use super::backend::PlanBackend;
     let e = Engine::new(PlanBackend);
     let params = unit_params(model, &|| ())?;
-    let out = run(&e, model, &params, vec![(); input_ciphertexts(model)])?;
+    let out = match mode {
+        InputMode::Encrypted => run(&e, model, &params, vec![(); input_ciphertexts(model)])?,
+        InputMode::DeviceClear => {
+            run_device_clear(&e, model, &params, &vec![0; model.input.len()])?
+        }
+    };
     Ok((out.pbs_per_node.clone(), out.layout()))
 }
 
@@ -446,11 +605,25 @@ pub fn map_params<C>(
     model: &Model,
     f: &mut dyn FnMut(u64) -> C,
 ) -> Result<Vec<Option<LayerParams<C>>>, EvalError> {
+    let f = std::cell::RefCell::new(f);
+    map_params_with(model, &mut |v| (f.borrow_mut())(v), &mut |v| {
+        (f.borrow_mut())(v)
+    })
+}
+
+/// [`map_params`] with `g` for the clear-table entries (values 0..=9, not base-4 digits).
+pub fn map_params_with<C>(
+    model: &Model,
+    f: &mut dyn FnMut(u64) -> C,
+    g: &mut dyn FnMut(u64) -> C,
+) -> Result<Vec<Option<LayerParams<C>>>, EvalError> {
     model.infer()?;
+    let clear = clear_values(model);
     Ok(model
         .nodes
         .iter()
-        .map(|n| match &n.op {
+        .enumerate()
+        .map(|(k, n)| match &n.op {
             Op::Conv2d {
                 weights,
                 bias,
@@ -468,6 +641,23 @@ pub fn map_params<C>(
                 let nd = bias_digits(*bias_range);
                 let wd = weight_digits(*weight_range);
                 let base = (weight_range[0] as i64).min(0);
+                let cs = weight_digit_offsets(*weight_range);
+                let clear_tables = if reads_clear(model, &clear, k) {
+                    weights
+                        .iter()
+                        .flat_map(|&w| {
+                            let v = (w as i64 - base) as u64;
+                            let cs = cs.clone();
+                            (0..wd).flat_map(move |j| {
+                                let (u, c) = (((v >> (2 * j)) & 3) as i64, cs[j]);
+                                (0..4).map(move |x| ((u + c) * x - 3 * c) as u64)
+                            })
+                        })
+                        .map(&mut *g)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 Some(LayerParams {
                     weights: weights
                         .iter()
@@ -484,6 +674,7 @@ pub fn map_params<C>(
                             (0..nd).map(|j| f((v >> (2 * j)) & 3)).collect()
                         })
                         .collect(),
+                    clear_tables,
                 })
             }
             _ => None,

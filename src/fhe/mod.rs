@@ -43,7 +43,8 @@ pub const COMPRESSION_PARAMS: CompressionParameters =
 pub const COMPRESSION_PARAMS_NAME: &str = "COMP_PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128";
 
 /// Version of the encrypted model layout.
-pub const ENCRYPTED_MODEL_FORMAT_VERSION: u32 = 1;
+/// 2 adds the clear tables of the layers that read the frame (device-clear input).
+pub const ENCRYPTED_MODEL_FORMAT_VERSION: u32 = 2;
 /// Version of the encrypted output layout: 2 is the logits' digits packed by list
 /// compression (1 was one 16 KiB ciphertext per digit plus an encrypted label).
 pub const OUTPUT_FORMAT_VERSION: u32 = 2;
@@ -160,6 +161,18 @@ fn check_version(what: &'static str, found: u32, expected: u32) -> Result<(), Fh
 
 fn ct_conformance() -> CiphertextConformanceParams {
     PARAMS.to_shortint_conformance_param()
+}
+
+/// Clear-table entries hold 0..=9: encrypted with all 4 bits as message (same encoding
+/// as a block of the compute parameters, whose carry space it uses).
+const TABLE_MESSAGE_MODULUS: tfhe::shortint::MessageModulus = tfhe::shortint::MessageModulus(16);
+
+fn table_conformance() -> CiphertextConformanceParams {
+    let mut c = ct_conformance();
+    c.message_modulus = TABLE_MESSAGE_MODULUS;
+    c.carry_modulus = tfhe::shortint::CarryModulus(1);
+    c.degree = tfhe::shortint::ciphertext::Degree::new(TABLE_MESSAGE_MODULUS.0 - 1);
+    c
 }
 
 /// tfhe's default configuration, without the dedicated OPRF key (fhecam draws no encrypted
@@ -416,9 +429,17 @@ pub fn strip_parameters(model: &Model) -> Model {
 
 impl EncryptedModel {
     /// Encrypts every weight and bias digit with the secret key (seeded, compressed
-    /// ciphertexts: a few dozen bytes each instead of 16 KiB).
+    /// ciphertexts: a few dozen bytes each instead of 16 KiB), and the clear tables of the
+    /// layers that read the frame (values 0..=9, one block each).
     pub fn encrypt(model: &Model, keys: &OwnerKeys) -> Result<Self, FheError> {
-        let params = eval::map_params(model, &mut |v| keys.client.encrypt_compressed(v))?;
+        let params = eval::map_params_with(
+            model,
+            &mut |v| keys.client.encrypt_compressed(v),
+            &mut |v| {
+                keys.client
+                    .encrypt_with_message_modulus_compressed(v, TABLE_MESSAGE_MODULUS)
+            },
+        )?;
         Ok(EncryptedModel {
             arch: strip_parameters(model),
             params,
@@ -447,6 +468,11 @@ impl EncryptedModel {
                                 .bias
                                 .iter()
                                 .map(|d| d.iter().map(ser).collect::<Result<_, _>>())
+                                .collect::<Result<_, _>>()?,
+                            clear_tables: p
+                                .clear_tables
+                                .iter()
+                                .map(ser)
                                 .collect::<Result<_, _>>()?,
                         })
                     })
@@ -484,10 +510,13 @@ impl EncryptedModel {
             msg: e.to_string(),
         })?;
         arch.infer()?;
-        let conf = ct_conformance();
+        let digit_conf = ct_conformance();
+        let table_conf = table_conformance();
         // Seeded ciphertexts have no safe-serialization name in shortint: bincode with a
         // size limit, then tfhe's conformance check against the default parameters.
-        let de = |b: &Vec<u8>| -> Result<CompressedCiphertext, FheError> {
+        let de = |b: &Vec<u8>,
+                  conf: &CiphertextConformanceParams|
+         -> Result<CompressedCiphertext, FheError> {
             use bincode::Options;
             use tfhe::conformance::ParameterSetConformant;
             let c: CompressedCiphertext =
@@ -497,7 +526,7 @@ impl EncryptedModel {
                         what: "encrypted parameter",
                         msg: e.to_string(),
                     })?;
-            if !c.is_conformant(&conf) {
+            if !c.is_conformant(conf) {
                 return Err(FheError::Decode {
                     what: "encrypted parameter",
                     msg: format!("not a ciphertext of {PARAMS_NAME}"),
@@ -511,12 +540,18 @@ impl EncryptedModel {
             .map(|p| {
                 p.as_ref()
                     .map(|p| -> Result<_, FheError> {
+                        let digit = |b: &Vec<u8>| de(b, &digit_conf);
                         Ok(LayerParams {
-                            weights: p.weights.iter().map(de).collect::<Result<_, _>>()?,
+                            weights: p.weights.iter().map(digit).collect::<Result<_, _>>()?,
                             bias: p
                                 .bias
                                 .iter()
-                                .map(|d| d.iter().map(de).collect::<Result<_, _>>())
+                                .map(|d| d.iter().map(digit).collect::<Result<_, _>>())
+                                .collect::<Result<_, _>>()?,
+                            clear_tables: p
+                                .clear_tables
+                                .iter()
+                                .map(|b| de(b, &table_conf))
                                 .collect::<Result<_, _>>()?,
                         })
                     })
@@ -539,9 +574,39 @@ impl EncryptedModel {
                         .iter()
                         .map(|d| d.iter().map(|c| c.decompress()).collect())
                         .collect(),
+                    // tables were encrypted with a 16-value message space: give them the
+                    // compute parameters' moduli so they sum with the other blocks
+                    clear_tables: p
+                        .clear_tables
+                        .par_iter()
+                        .map(|c| {
+                            let mut c = c.decompress();
+                            c.message_modulus = PARAMS.message_modulus;
+                            c.carry_modulus = PARAMS.carry_modulus;
+                            c.degree = tfhe::shortint::ciphertext::Degree::new(
+                                TABLE_MESSAGE_MODULUS.0 - 1,
+                            );
+                            c
+                        })
+                        .collect(),
                 })
             })
             .collect()
+    }
+}
+
+/// A frame prepared for one input mode (owned; see [`Frame`] for the borrowed view).
+pub enum FrameInput {
+    Encrypted(EncryptedInput),
+    Clear(Vec<u8>),
+}
+
+impl FrameInput {
+    pub fn as_frame(&self) -> Frame<'_> {
+        match self {
+            FrameInput::Encrypted(e) => Frame::Encrypted(e),
+            FrameInput::Clear(x) => Frame::Clear(x),
+        }
     }
 }
 
@@ -785,6 +850,16 @@ pub struct EdgeRuntime {
     compression: CompressionKey,
     pool: rayon::ThreadPool,
     planned: Vec<u64>,
+    /// The plan with the frame held in the clear; `None` when the model cannot run so.
+    planned_clear: Option<Vec<u64>>,
+}
+
+/// A frame as the runtime takes it: encrypted with the public key, or held in the clear by
+/// the device ([`eval::InputMode::DeviceClear`]).
+#[derive(Clone, Copy)]
+pub enum Frame<'a> {
+    Encrypted(&'a EncryptedInput),
+    Clear(&'a [u8]),
 }
 
 impl EdgeRuntime {
@@ -801,6 +876,11 @@ impl EdgeRuntime {
             .build()
             .map_err(|e| FheError::Pool(e.to_string()))?;
         let (planned, _) = eval::plan(&model.arch)?;
+        let planned_clear = eval::check_device_clear(&model.arch)
+            .ok()
+            .map(|_| eval::plan_mode(&model.arch, eval::InputMode::DeviceClear))
+            .transpose()?
+            .map(|(p, _)| p);
         let ((server_key, compression), params) = pool.install(|| {
             rayon::join(
                 || {
@@ -851,6 +931,7 @@ impl EdgeRuntime {
             compression,
             pool,
             planned,
+            planned_clear,
         })
     }
 
@@ -858,9 +939,28 @@ impl EdgeRuntime {
         self.pool.current_num_threads()
     }
 
-    /// PBS per node, planned from the architecture alone.
+    /// PBS per node with encrypted input, planned from the architecture alone.
     pub fn planned_pbs(&self) -> &[u64] {
         &self.planned
+    }
+
+    /// PBS per node in an input mode; an error says why a model cannot run device-clear.
+    pub fn planned_pbs_in(&self, mode: eval::InputMode) -> Result<&[u64], FheError> {
+        match mode {
+            eval::InputMode::Encrypted => Ok(&self.planned),
+            eval::InputMode::DeviceClear => match &self.planned_clear {
+                Some(p) => Ok(p),
+                None => Err(eval::check_device_clear(&self.arch).unwrap_err().into()),
+            },
+        }
+    }
+
+    /// The frame as `mode` feeds it: encrypted with the public key, or kept in the clear.
+    pub fn frame_input(&self, mode: eval::InputMode, x: &[u8]) -> FrameInput {
+        match mode {
+            eval::InputMode::Encrypted => FrameInput::Encrypted(self.encrypt(x)),
+            eval::InputMode::DeviceClear => FrameInput::Clear(x.to_vec()),
+        }
     }
 
     pub fn server_key(&self) -> &ServerKey {
@@ -875,20 +975,37 @@ impl EdgeRuntime {
 
     /// Runs the encrypted model on an encrypted frame.
     pub fn infer(&self, input: &EncryptedInput) -> Result<(EncryptedOutput, InferStats), FheError> {
+        self.infer_frame(Frame::Encrypted(input))
+    }
+
+    /// Runs the encrypted model on a frame, encrypted or held in the clear.
+    pub fn infer_frame(&self, frame: Frame<'_>) -> Result<(EncryptedOutput, InferStats), FheError> {
         let t0 = Instant::now();
-        let cts = input
-            .0
-            .expand(ShortintCompactCiphertextListCastingMode::NoCasting)
-            .map_err(|e| FheError::Decode {
-                what: "encrypted input",
-                msg: e.to_string(),
-            })?;
+        let cts = match frame {
+            Frame::Encrypted(input) => Some(
+                input
+                    .0
+                    .expand(ShortintCompactCiphertextListCastingMode::NoCasting)
+                    .map_err(|e| FheError::Decode {
+                        what: "encrypted input",
+                        msg: e.to_string(),
+                    })?,
+            ),
+            Frame::Clear(_) => {
+                self.planned_pbs_in(eval::InputMode::DeviceClear)?;
+                None
+            }
+        };
         let expand_s = t0.elapsed().as_secs_f64();
         let before = self.engine.pbs_count();
         let t1 = Instant::now();
-        let out = self
-            .pool
-            .install(|| eval::run(&self.engine, &self.arch, &self.params, cts))?;
+        let out = self.pool.install(|| match (cts, frame) {
+            (Some(cts), _) => eval::run(&self.engine, &self.arch, &self.params, cts),
+            (None, Frame::Clear(x)) => {
+                eval::run_device_clear(&self.engine, &self.arch, &self.params, x)
+            }
+            (None, Frame::Encrypted(_)) => unreachable!("expanded above"),
+        })?;
         let eval_s = t1.elapsed().as_secs_f64();
         let layout = out.layout();
         let pbs_per_node = out.pbs_per_node.clone();
@@ -912,11 +1029,17 @@ impl EdgeRuntime {
     /// runtime count into it too) and PBS planned for one frame.
     pub fn infer_watched(
         &self,
-        input: &EncryptedInput,
+        frame: Frame<'_>,
         every: std::time::Duration,
         tick: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<(EncryptedOutput, InferStats), FheError> {
-        let planned: u64 = self.planned.iter().sum();
+        let planned: u64 = match frame {
+            Frame::Encrypted(_) => self.planned.iter().sum(),
+            Frame::Clear(_) => self
+                .planned_pbs_in(eval::InputMode::DeviceClear)?
+                .iter()
+                .sum(),
+        };
         let base = self.engine.pbs_count();
         let done = std::sync::atomic::AtomicBool::new(false);
         let (lock, cv) = (std::sync::Mutex::new(()), std::sync::Condvar::new());
@@ -933,7 +1056,7 @@ impl EdgeRuntime {
                     }
                 }
             });
-            let r = self.infer(input);
+            let r = self.infer_frame(frame);
             {
                 let _g = lock.lock().unwrap_or_else(|e| e.into_inner());
                 done.store(true, std::sync::atomic::Ordering::Release);
