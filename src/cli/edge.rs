@@ -51,6 +51,10 @@ fn validate(path: &Path) -> Result<()> {
         h.input.height,
         h.input.width
     );
+    if cfg.infer.input_mode == fhecam::fhe::eval::InputMode::DeviceClear {
+        fhecam::fhe::eval::check_device_clear(&b.model.arch)?;
+    }
+    println!("input: {}", cfg.infer.input_mode.name());
     edge::source::check_pipeline(&cfg.source.pipeline)?;
     println!("pipeline: parses, has an appsink");
     println!(
