@@ -143,6 +143,19 @@ pub fn seal_owner_keys(
         .map_err(|source| StoreError::Secret { id: *id, source })
 }
 
+/// Seals raw key bytes as `seal_owner_keys` would: for tests of keys written by older
+/// versions.
+#[cfg(test)]
+pub(crate) fn seal_raw_key(
+    bytes: &[u8],
+    id: &ModelId,
+    pass: &Passphrase,
+    kdf: KdfParams,
+) -> Result<Sealed, StoreError> {
+    secret::seal(bytes, pass, &key_context(id), kdf)
+        .map_err(|source| StoreError::Secret { id: *id, source })
+}
+
 pub fn validate_name(name: &str) -> Result<(), StoreError> {
     if name.is_empty() || name.chars().count() > MAX_NAME_LEN || name.chars().any(char::is_control)
     {

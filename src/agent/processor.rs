@@ -10,7 +10,7 @@ use crate::fhe::{EncryptedOutput, OwnerKeys};
 use crate::ids::{rfc3339, ModelId};
 use crate::model::Kind;
 use crate::secret::Passphrase;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -196,6 +196,9 @@ fn refuse_shared_file(cfg: &AgentConfig) -> Result<(), AgentError> {
 pub struct Preflight {
     pub models: usize,
     pub state: String,
+    /// Model versions whose key unseals but cannot serve (protected by an older fhecam):
+    /// their inferences are refused; the agent runs for the others.
+    pub unusable: Vec<String>,
 }
 
 /// Checks what the agent needs, writing nothing: the owner database opens read-only, the
@@ -208,13 +211,22 @@ pub fn preflight(cfg: &AgentConfig) -> Result<Preflight, AgentError> {
     refuse_shared_file(cfg)?;
     let pass = read_passphrase(cfg)?;
     let list = store.list()?;
+    let mut unusable = Vec::new();
     for m in &list {
-        store.owner_keys(&m.id, &pass).map_err(|e| {
-            AgentError::Passphrase(format!(
-                "cannot unseal the key of model {} ({} version {}): {e}",
+        match store.owner_keys(&m.id, &pass) {
+            Ok(_) => {}
+            // unsealed, so the passphrase is right; the key itself cannot serve
+            Err(StoreError::Key { source, .. }) => unusable.push(format!(
+                "model {} ({} version {}): {source}",
                 m.id, m.name, m.version
-            ))
-        })?;
+            )),
+            Err(e) => {
+                return Err(AgentError::Passphrase(format!(
+                    "cannot unseal the key of model {} ({} version {}): {e}",
+                    m.id, m.name, m.version
+                )))
+            }
+        }
     }
     let p = &cfg.state_db;
     let state = if p.exists() {
@@ -243,6 +255,7 @@ pub fn preflight(cfg: &AgentConfig) -> Result<Preflight, AgentError> {
     Ok(Preflight {
         models: list.len(),
         state,
+        unusable,
     })
 }
 
@@ -281,9 +294,15 @@ impl Processor {
                 Some(Kind::Act { max }) => (0, max as i64),
                 None => return Err(format!("model {id} has no output")),
             };
-            let keys = self.store.owner_keys(id, &self.pass).map_err(|e| {
-                tracing::error!("cannot unseal the key of model {id}: {e}");
-                format!("the key of model {id} cannot be unsealed")
+            let keys = self.store.owner_keys(id, &self.pass).map_err(|e| match e {
+                StoreError::Key { source, .. } => {
+                    tracing::error!("the key of model {id} cannot serve: {source}");
+                    format!("the key of model {id} cannot serve: {source}")
+                }
+                e => {
+                    tracing::error!("cannot unseal the key of model {id}: {e}");
+                    format!("the key of model {id} cannot be unsealed")
+                }
             })?;
             self.models.insert(
                 *id,
@@ -442,6 +461,59 @@ impl Processor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_from_before_compressed_outputs_is_reported_not_fatal() {
+        use crate::secret::{KdfParams, Passphrase};
+        use crate::store::{seal_raw_key, NewModel};
+        use rand::SeedableRng;
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("owner.db");
+        let pass = Passphrase::new("a long test passphrase".into()).unwrap();
+        let kdf = KdfParams {
+            m_cost_kib: 8 * 1024,
+            t_cost: 1,
+            p_cost: 1,
+        };
+        // an owner key as fhecam wrote it before: tfhe's client key alone
+        let mut legacy = Vec::new();
+        tfhe::safe_serialization::safe_serialize(
+            &tfhe::ClientKey::generate(crate::fhe::config()),
+            &mut legacy,
+            crate::fhe::limits::PUBLIC_KEY,
+        )
+        .unwrap();
+        let model = crate::testnet::random_model(
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(1),
+            crate::testnet::Shape::tiny(),
+        );
+        let id = crate::ids::ModelId::random();
+        let mut store = Store::create_or_open(&db).unwrap();
+        store
+            .insert(&NewModel {
+                id,
+                name: "old",
+                arch: &model,
+                encrypted_model: b"x",
+                public_key: b"x",
+                server_key: b"x",
+                sealed_key: &seal_raw_key(&legacy, &id, &pass, kdf).unwrap(),
+            })
+            .unwrap();
+        drop(store);
+        let pf = d.path().join("pass");
+        crate::store::create_private(&pf).unwrap();
+        std::fs::write(&pf, "a long test passphrase").unwrap();
+        let mut cfg = AgentConfig::new(db, d.path().join("state.db"));
+        cfg.passphrase_file = Some(pf);
+        let p = preflight(&cfg).unwrap();
+        assert_eq!(p.unusable.len(), 1, "{:?}", p.unusable);
+        assert!(
+            p.unusable[0].contains("protect the model again"),
+            "{:?}",
+            p.unusable
+        );
+    }
 
     #[test]
     fn state_before_epochs_is_kept_as_epoch_0() {

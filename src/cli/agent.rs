@@ -27,12 +27,16 @@ pub fn run(args: AgentArgs) -> Result<()> {
     if args.check {
         // reads only: the owner database read-only, the state database if present
         let p = agent::processor::preflight(&cfg)?;
+        for u in &p.unusable {
+            println!("warning: {u}; its inferences will be refused");
+        }
         println!(
             "config {}: ok; owner database {} read-only: {} model version(s), every key unseals \
-             with the passphrase; state {}; client id {}; subscription {}",
+             with the passphrase ({} of them unusable, above); state {}; client id {}; subscription {}",
             args.config.display(),
             cfg.db.display(),
             p.models,
+            p.unusable.len(),
             p.state,
             cfg.client_id(),
             cfg.subscription()
