@@ -183,21 +183,23 @@ fn protect_deploy_infer_decrypt_and_refusals() {
 
     // infer (the camera side) on the PNG files, decrypt (the owner)
     let results = d.join("results");
-    let mut args = vec![
-        "infer",
-        "--bundle",
-        s(&bundle_path),
-        "--owner-key",
-        s(&owner_pub),
-        "--out",
-        s(&results),
-        "--device-id",
-        "dev-1",
-        "--camera-id",
-        "cam:7",
-    ];
-    args.extend(images.iter().map(|p| s(p)));
-    let out = ok(&args);
+    // `fhecam infer` with this bundle into `out`, then `rest`
+    let infer = |out: &Path, rest: &[&str]| {
+        let mut args = vec![
+            "infer",
+            "--bundle",
+            s(&bundle_path),
+            "--owner-key",
+            s(&owner_pub),
+            "--out",
+            s(out),
+        ];
+        args.extend_from_slice(rest);
+        ok(&args)
+    };
+    let mut rest = vec!["--device-id", "dev-1", "--camera-id", "cam:7"];
+    rest.extend(images.iter().map(|p| s(p)));
+    let out = infer(&results, &rest);
     assert_eq!(out.lines().filter(|l| l.contains("PBS")).count(), IMAGES);
     let result_files: Vec<PathBuf> = (0..IMAGES)
         .map(|i| results.join(format!("digit{i}.fhe")))
@@ -231,18 +233,7 @@ fn protect_deploy_infer_decrypt_and_refusals() {
 
     // the same image with the frame held in the clear by the device: same logits
     let clear_dir = d.join("results-clear");
-    let out = ok(&[
-        "infer",
-        "--bundle",
-        s(&bundle_path),
-        "--owner-key",
-        s(&owner_pub),
-        "--out",
-        s(&clear_dir),
-        "--input-mode",
-        "device-clear",
-        s(&images[0]),
-    ]);
+    let out = infer(&clear_dir, &["--input-mode", "device-clear", s(&images[0])]);
     assert!(out.contains("PBS"), "{out}");
     let clear_file = clear_dir.join("digit0.fhe");
     let v: serde_json::Value = serde_json::from_str(
