@@ -427,4 +427,30 @@ fn store_versions_and_sealed_keys() {
     drop(store);
     // reopened, the rows are there
     assert_eq!(Store::open(&db).unwrap().list().unwrap().len(), 4);
+
+    // a record whose evaluation key predates packed outputs (no compression key) is not
+    // deployed: the owner is told to protect the model again
+    let keys = dir.path().join("keys");
+    ok(&["owner-key", "init", "--out", s(&keys)]);
+    let id = ids[0].0.to_string();
+    let err = refused(
+        &[
+            "deploy",
+            "--db",
+            s(&db),
+            "--model",
+            &id,
+            "--signing-key",
+            s(&keys.join("owner.key")),
+            "--out",
+            s(&dir.path().join("old.bundle")),
+        ],
+        None,
+    );
+    assert!(
+        err.contains("cannot be deployed as it is stored")
+            && err.contains("protect the model again"),
+        "{err}"
+    );
+    assert!(!dir.path().join("old.bundle").exists());
 }
