@@ -2,7 +2,7 @@
 
 use crate::data::Dataset;
 use crate::fhe::eval::InputMode;
-use crate::fhe::{eval, EdgeRuntime, EncryptedModel, FrameInput, OwnerKeys, PARAMS_NAME};
+use crate::fhe::{EdgeRuntime, EncryptedModel, FrameInput, OwnerKeys, PARAMS_NAME};
 use crate::model::Model;
 use crate::reference;
 use anyhow::{Context, Result};
@@ -174,7 +174,7 @@ pub fn run(
     let (mut pbs, mut pbs_tfhe) = (0, 0);
     let mut pbs_per_layer = vec![];
     let (mut in_bytes, mut out_bytes, mut payload_bytes) = (0, 0, 0);
-    let mut pack_ms = Vec::new();
+    let (mut pack_ms, mut digits) = (Vec::new(), 0);
     for i in 0..n {
         let t = Instant::now();
         let input = rt.frame_input(mode, &inputs[i]);
@@ -194,6 +194,7 @@ pub fn run(
         lat.push(t.elapsed().as_secs_f64());
         let out_file = out.to_bytes()?;
         out_bytes = out_file.len();
+        digits = out.layout.ciphertexts();
         payload_bytes = crate::envelope::encode(&crate::envelope::Envelope {
             device_id: "d".repeat(crate::envelope::MAX_ID_LEN),
             camera_id: "c".repeat(crate::envelope::MAX_ID_LEN),
@@ -216,7 +217,6 @@ pub fn run(
     }
     pb.finish_and_clear();
     let pbs_planned: u64 = rt.planned_pbs_in(mode)?.iter().sum();
-    let digits = eval::plan(model)?.1.ciphertexts();
     let (modswitch_alternative_bytes, modswitch_alternative_ms) = rt.install(|| {
         let ct = keys.client.encrypt(1);
         let t = Instant::now();

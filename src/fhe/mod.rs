@@ -267,6 +267,12 @@ fn decode_pair(
     decode_container(what, body, limit)
 }
 
+/// The shortint key inside a high-level client key.
+fn shortint_key(hl: &tfhe::ClientKey) -> ClientKey {
+    let (integer, ..) = hl.clone().into_raw_parts();
+    integer.into()
+}
+
 fn u32_le(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
@@ -274,8 +280,7 @@ fn u32_le(b: &[u8]) -> u32 {
 impl OwnerKeys {
     pub fn generate() -> Self {
         let hl = tfhe::ClientKey::generate(config());
-        let (integer, ..) = hl.clone().into_raw_parts();
-        let client: ClientKey = integer.into();
+        let client = shortint_key(&hl);
         let compression = client.new_compression_private_key(COMPRESSION_PARAMS);
         OwnerKeys {
             hl,
@@ -320,8 +325,7 @@ impl OwnerKeys {
                 limits::PUBLIC_KEY,
             )
             .map_err(decode_err("compression private key"))?;
-        let (integer, ..) = hl.clone().into_raw_parts();
-        let client: ClientKey = integer.into();
+        let client = shortint_key(&hl);
         let p = client.parameters();
         if p.message_modulus() != PARAMS.message_modulus
             || p.carry_modulus() != PARAMS.carry_modulus
