@@ -70,7 +70,8 @@ fn linear_params(
     (w, b, wr, br)
 }
 
-/// A random activation table over `lo..=hi`: a requantizing ReLU (monotone, ≤ 3 steps), or
+/// A random activation table over `lo..=hi`: a quantizer on a power-of-four step, a
+/// requantizing ReLU (monotone, ≤ 3 steps), or
 /// an arbitrary table with a handful of level changes; sometimes narrower than the range,
 /// so that clamping at the ends is exercised too.
 fn table(rng: &mut (impl Rng + ?Sized), lo: i64, hi: i64, bits: u8) -> ActTable {
@@ -83,7 +84,14 @@ fn table(rng: &mut (impl Rng + ?Sized), lo: i64, hi: i64, bits: u8) -> ActTable 
     } else {
         (lo, hi)
     };
-    if rng.gen_bool(0.6) {
+    if rng.gen_bool(0.2) {
+        // a quantizer on a power-of-four step, as `import` builds them
+        let step = 1i64 << (2 * rng.gen_range(0..=2));
+        let c = rng.gen_range(lo..=hi);
+        ActTable::from_fn(tlo, thi, |s| {
+            ((s - c).div_euclid(step) + 1).clamp(0, top) as u8
+        })
+    } else if rng.gen_bool(0.6) {
         let scale = rng.gen_range(0.05..1.5);
         let shift = rng.gen_range(-3.0..3.0);
         ActTable::from_fn(tlo, thi, |s| {

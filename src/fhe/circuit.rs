@@ -405,8 +405,41 @@ impl<B: Backend> Engine<B> {
             }
         }
         let q = 1i64 << (2 * m);
-        let sh = (q - first.rem_euclid(q)) % q;
-        for j in 0..m {
+        let mut sh = (q - first.rem_euclid(q)) % q;
+        // In units of U = floor(T'/4^m), g changes only on U_a..=U_b. When the window
+        // U_a - 1..=U_b is at most 16 values, a further shift puts it inside one block of
+        // 16 (two digits of U), so the higher digits only say below / in / above the block.
+        let last = *changes.last().unwrap();
+        let (ua, ub) = ((first + sh) / q, (last + sh) / q);
+        let window = (ub - ua + 2 <= 16).then(|| {
+            let len = ub - ua + 2;
+            // the block offset at which g on the block is the identity, if any: then the
+            // output digits are U's own two low digits
+            let at = |o: i64| {
+                let s2 = (o - (ua - 1)).rem_euclid(16);
+                let base = (ua - 1 + s2) - o;
+                (s2, base)
+            };
+            let ident = (nd == 2)
+                .then(|| {
+                    (0..=16 - len).find(|&o| {
+                        let (s2, base) = at(o);
+                        (0..16).all(|v| {
+                            g(((base + v) * q - s2 * q - sh).clamp(0, range) + offset) == v
+                        })
+                    })
+                })
+                .flatten();
+            // otherwise the offset that needs the least extra shift
+            let fit = (ua - 1).rem_euclid(16);
+            let o = ident.unwrap_or(if fit <= 16 - len { fit } else { 0 });
+            let (s2, base) = at(o);
+            (s2, base, ident.is_some())
+        });
+        if let Some((s2, _, _)) = window {
+            sh += s2 * q;
+        }
+        for j in 0..digits_for(sh as u64) {
             let d = (sh >> (2 * j)) & 3;
             if d > 0 {
                 acc.push(j, self.constant(d));
@@ -418,6 +451,9 @@ impl<B: Backend> Engine<B> {
         // g on U = floor(T'/4^m), T' = T + sh: constant within each block of 4^m
         let gu = move |u: i64| g((u * q).clamp(sh, top) - sh + offset);
         let range_u = top >> (2 * m);
+        if let (Some((_, base, ident)), true) = (window, du.len() >= 2) {
+            return Ok(self.table_in_block(du, base, ident, nd, &|u| gu(u)));
+        }
         if du.len() == 1 {
             let fs: Vec<_> = (0..nd).map(|k| move |u: i64| digit_of(gu(u), k)).collect();
             let refs: Vec<&dyn Fn(i64) -> i64> =
@@ -428,6 +464,79 @@ impl<B: Backend> Engine<B> {
         (0..nd)
             .map(|k| self.table_on_digits(du, range_u, &|u| digit_of(gu(u), k), ufrom, uto))
             .collect()
+    }
+
+    /// `g(U)` for `U = Σ 4^j d[j]` (≥ 2 digits) when g is constant below the block of 16
+    /// starting at `base` (a multiple of 16) and constant above it. The digits above the
+    /// two lowest say where U lies (below / in / above the block: a lexicographic
+    /// comparison, one PBS per digit); each output digit is then one bivariate PBS of that
+    /// state and the table of the two low digits (itself one PBS, or none when g is the
+    /// identity on the block, `ident`).
+    fn table_in_block(
+        &self,
+        d: &[Val<B::Ct>],
+        base: i64,
+        ident: bool,
+        nd: usize,
+        g: &dyn Fn(i64) -> i64,
+    ) -> Vec<Val<B::Ct>> {
+        let digit_of = |y: i64, k: usize| if nd == 1 { y } else { (y >> (2 * k)) & 3 };
+        let inner = |k: usize| -> Val<B::Ct> {
+            if ident {
+                d[k].clone()
+            } else {
+                let p = self.pack(&self.quiet(&d[1]), &d[0]);
+                self.lut(&p, |v| digit_of(g(base + v), k))
+            }
+        };
+        if d.len() == 2 {
+            debug_assert_eq!(base, 0);
+            return (0..nd).map(inner).collect();
+        }
+        let state = self.compare_const(&d[2..], base >> 4);
+        let (lo, hi) = (g(base - 1), g(base + 16));
+        (0..nd)
+            .map(|k| {
+                let z = inner(k);
+                let p = self.pack(&state, &z);
+                let (l, h) = (digit_of(lo, k), digit_of(hi, k));
+                // clamped to z's bounds: packing makes unreachable low parts look possible
+                let (zl, zh) = (z.lo, z.hi);
+                self.lut(&p, |v| match v >> 2 {
+                    0 => l,
+                    1 => (v & 3).clamp(zl, zh),
+                    _ => h,
+                })
+            })
+            .collect()
+    }
+
+    /// 0, 1 or 2 as `Σ 4^j d[j]` is below, equal to or above the clear `k` (one PBS per
+    /// digit, from the top).
+    fn compare_const(&self, d: &[Val<B::Ct>], k: i64) -> Val<B::Ct> {
+        let top = d.len() - 1;
+        let kd = |j: usize| {
+            if j == top {
+                k >> (2 * j)
+            } else {
+                (k >> (2 * j)) & 3
+            }
+        };
+        let kt = kd(top);
+        let mut r = self.lut(&d[top], |v| (v.cmp(&kt) as i64) + 1);
+        for j in (0..top).rev() {
+            let kj = kd(j);
+            let p = self.pack(&r, &d[j]);
+            r = self.lut(&p, |v| {
+                let (s, x) = (v >> 2, v & 3);
+                if s == 1 {
+                    (x.cmp(&kj) as i64) + 1
+                } else {
+                    s
+                }
+            });
+        }
+        r
     }
 
     /// `gt(T)` for a normalized accumulator `T = Σ 4^j d[j]` in `0..=range` (≥ 2 digits);
@@ -753,4 +862,60 @@ pub struct Digits<C> {
     pub d: Vec<Val<C>>,
     pub offset: i64,
     pub range: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhe::backend::ClearBackend;
+
+    /// Runs `g` on every value of a 4-digit accumulator (`T = Σ 4^j d_j`, offset `off`) and
+    /// returns the most PBS one evaluation spent.
+    fn exhaustive(g: &dyn Fn(i64) -> i64, nd: usize, off: i64) -> u64 {
+        let mut most = 0;
+        for t in 0..256i64 {
+            let e = Engine::new(ClearBackend);
+            let mut acc = Acc::zero();
+            for j in 0..4 {
+                acc.push(j, e.fresh(((t >> (2 * j)) & 3) as u64, 0, 3));
+            }
+            acc.offset = off;
+            let out = e.apply_table_digits(acc, g, nd, None).unwrap();
+            let got: i64 = out
+                .iter()
+                .enumerate()
+                .map(|(k, v)| (v.ct as i64) << (2 * k))
+                .sum();
+            assert_eq!(got, g(t + off), "T = {t}");
+            most = most.max(e.pbs_count());
+        }
+        most
+    }
+
+    #[test]
+    fn a_power_of_four_quantizer_reads_two_digits_and_compares_the_rest() {
+        // 16 levels on steps of 4: T is shifted by 11 so the levels are digits 1 and 2 of
+        // T + 11 (carrying the shift: 4 PBS), digits 3 and 4 say below / in / above (2),
+        // and each output digit is one selection (2)
+        let q = |s: i64| ((s - 37).div_euclid(4) + 1).clamp(0, 15);
+        assert_eq!(exhaustive(&q, 2, -20), 4 + 2 + 2);
+    }
+
+    #[test]
+    fn a_table_changing_within_sixteen_values_is_one_block() {
+        let g = |s: i64| match s {
+            ..=99 => 0,
+            100..=102 => 2,
+            103 => 1,
+            _ => 3,
+        };
+        // compare the two high digits, table the two low ones, select
+        assert_eq!(exhaustive(&g, 1, 0), 2 + 2);
+    }
+
+    #[test]
+    fn a_wide_table_falls_back_to_steps() {
+        let g = |s: i64| [0, 3, 1][((s > 40) as usize) + ((s > 200) as usize)];
+        assert!(exhaustive(&g, 1, 0) > 4);
+    }
 }
