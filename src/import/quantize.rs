@@ -29,6 +29,11 @@ pub struct QuantConfig {
     /// Signed weight bits of the output layer (2..=8), whose one scale is shared by all
     /// classes so that the argmax compares like with like.
     pub output_weight_bits: u8,
+    /// Put each ReLU or requantization on a step of 4^k accumulator units per level where
+    /// its scale is near one (within [`POW4_TOLERANCE`]; the next layer absorbs the change):
+    /// the engine then reads the level from two digits of the accumulator instead of
+    /// comparing it with 15 thresholds.
+    pub pow4_steps: bool,
 }
 
 impl Default for QuantConfig {
@@ -39,6 +44,7 @@ impl Default for QuantConfig {
             input_bits: DEFAULT_ACT_BITS,
             per_channel: true,
             output_weight_bits: DEFAULT_OUTPUT_WEIGHT_BITS,
+            pow4_steps: true,
         }
     }
 }
@@ -73,6 +79,12 @@ impl QuantConfig {
         Ok(())
     }
 }
+
+/// How far (in log4) an activation's scale may move to a power-of-four step: factors
+/// 0.62..1.62. Measured on the fixtures (docs/IMPORT.md): moving every scale to the nearest
+/// power (factors 0.5..2) cost digits_res 1.6 points; within this bound all four stay
+/// within a point of float.
+const POW4_TOLERANCE: f32 = 0.35;
 
 /// Per value, per channel: the (min, max) the calibration data reached.
 pub type Ranges = Vec<Vec<(f32, f32)>>;
@@ -165,6 +177,7 @@ impl Builder<'_> {
 
     /// Applies `f` to a value and requantizes it to an activation with per-channel
     /// (z, s): one table per channel.
+    /// `free_scale`: keep `s` as given (both sides of a residual Add share it).
     fn requantize(
         &mut self,
         rep: &Rep,
@@ -172,6 +185,7 @@ impl Builder<'_> {
         z: &[f32],
         s: &[f32],
         origin: &str,
+        free_scale: bool,
     ) -> Result<Rep, ImportError> {
         let bits = self.cfg.act_bits;
         let top = (1i64 << bits) - 1;
@@ -179,6 +193,27 @@ impl Builder<'_> {
         let (tlo, thi) = info.range();
         let (a, b) = rep.affine();
         let chans = info.shape[0];
+        // Levels of a ReLU or a requantization are s/a accumulator units apart: on a power
+        // of four, the engine extracts them from the accumulator's digits.
+        let steps: Vec<Option<i64>> = (0..chans)
+            .map(|c| {
+                let uniform = matches!(f, ActFn::Relu | ActFn::Identity);
+                let r = s[c] / a[c];
+                // the nearest power of four in log scale, when it is near enough
+                let l = r.log(4.0);
+                (self.cfg.pow4_steps
+                    && !free_scale
+                    && uniform
+                    && a[c] > 0.0
+                    && r.is_finite()
+                    && (l - l.round()).abs() <= POW4_TOLERANCE)
+                    .then(|| 1i64 << (2 * (l.round().clamp(0.0, 14.0) as u32)))
+            })
+            .collect();
+        let s: Vec<f32> = (0..chans)
+            .map(|c| steps[c].map_or(s[c], |k| a[c] * k as f32))
+            .collect();
+        let s = &s[..];
         let mut tables = Vec::with_capacity(chans);
         for c in 0..chans {
             let (ac, bc, zc, sc) = (a[c], b[c], z[c], s[c]);
@@ -199,6 +234,13 @@ impl Builder<'_> {
                 let mut th: Vec<i64> = ((q_lo + 1)..=q_hi)
                     .map(|l| partition(tlo, thi, |t| q(t) < l))
                     .collect();
+                if let Some(k) = steps[c] {
+                    // exactly k apart, whatever float rounding did near the ties
+                    let t0 = th[0];
+                    for (i, t) in th.iter_mut().enumerate() {
+                        *t = t0 + i as i64 * k;
+                    }
+                }
                 // Snap the thresholds to multiples of 4^m, moving none by more than 1/16 of
                 // the narrowest level: the engine then compares only the digits above m.
                 let gap = th.windows(2).map(|w| w[1] - w[0]).min().unwrap_or(0);
@@ -239,7 +281,7 @@ impl Builder<'_> {
             Rep::Act { .. } => Ok(rep),
             Rep::Acc { .. } => {
                 let (z, s) = self.act_params(&self.ranges[fv], self.cfg.act_bits);
-                self.requantize(&rep, ActFn::Identity, &z, &s, origin)
+                self.requantize(&rep, ActFn::Identity, &z, &s, origin, false)
             }
         }
     }
@@ -532,7 +574,7 @@ pub fn quantize(
             }
             FOp::Act(f) => {
                 let (z, s) = b.act_params(&ranges[fv], cfg.act_bits);
-                b.requantize(&x, *f, &z, &s, origin)?
+                b.requantize(&x, *f, &z, &s, origin, false)?
             }
             FOp::MaxPool { kernel, stride } => {
                 let x = b.ensure_act(x, node.inputs[0], origin)?;
@@ -594,7 +636,7 @@ pub fn quantize(
                     sides.push(if same {
                         r
                     } else {
-                        b.requantize(&r, ActFn::Identity, &z, &s, origin)?
+                        b.requantize(&r, ActFn::Identity, &z, &s, origin, true)?
                     });
                 }
                 let v = b.push(Op::Add { mul: vec![] }, vec![sides[0].v(), sides[1].v()]);
