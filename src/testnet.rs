@@ -113,7 +113,12 @@ fn table(rng: &mut (impl Rng + ?Sized), lo: i64, hi: i64, bits: u8) -> ActTable 
 /// A random network: conv → act → conv(same) → add(residual) → act → maxpool → sumpool →
 /// act → flatten → dense.
 pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
-    let in_bits = bits(rng, shape.wide);
+    // camera frames may keep up to 8 bits (device-clear tables read them in 4-bit chunks)
+    let in_bits = if shape.wide && rng.gen_bool(0.3) {
+        rng.gen_range(5..=8)
+    } else {
+        bits(rng, shape.wide)
+    };
     let c = shape.channels;
     let mut m = Model {
         format_version: MODEL_FORMAT_VERSION,

@@ -181,7 +181,7 @@ fn device_clear_reads_the_clear_tables() {
             | fhecam::model::Op::Dense { weight_range, .. } => *weight_range,
             _ => continue,
         };
-        let per_weight = eval::weight_digits(wr) * 4;
+        let per_weight = eval::ClearTables::of(m.input.bits, wr).per_weight();
         let first = params[0].as_mut().unwrap();
         let (a, b) = first.clear_tables.split_at_mut(per_weight);
         a.swap_with_slice(&mut b[..per_weight]);

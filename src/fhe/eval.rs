@@ -29,9 +29,11 @@ pub enum EvalError {
 /// every digit product `(u_j + c_j)·x_k` spans at most 10 values and fits one PBS.
 ///
 /// A layer that reads the frame itself also has `clear_tables`, for cameras that keep the
-/// frame in the clear ([`InputMode::DeviceClear`]): `clear_tables[(i * D + j) * 4 + v]`
-/// encrypts `(u_j + c_j)·v − 3·c_j` (in 0..=9) for each clear input digit `v`, so the
-/// device picks the product of weight digit `j` and its own pixel digit without any PBS.
+/// frame in the clear ([`InputMode::DeviceClear`]): for weight `i`, chunk `c` of the input
+/// value and its value `v`, `clear_tables[i * per_weight + start_c + v * digits_c + k]`
+/// encrypts base-4 digit `k` of `w_i·v − pmin_c` (see [`ClearTables`]). The device picks
+/// the digits of a whole product of weight and pixel without any PBS, and they carry as
+/// cheaply as any digit.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LayerParams<C> {
     pub weights: Vec<C>,
@@ -94,6 +96,55 @@ fn reads_clear(model: &Model, clear: &Option<Vec<bool>>, k: usize) -> bool {
         .is_some_and(|c| c[model.nodes[k].inputs[0]] && model.nodes[k].op.is_linear())
 }
 
+/// Shape of a layer's clear tables. The frame's values are read in chunks of up to 4 bits,
+/// least significant first (chunk `c` weighs 16^c); for a chunk value `v ∈ 0..=vmax`, a
+/// product `w·v` is stored as the `digits` base-4 digits of `w·v − pmin ∈ 0..=range`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClearTables {
+    pub chunks: Vec<Chunk>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Chunk {
+    pub vmax: i64,
+    pub pmin: i64,
+    pub range: i64,
+    pub digits: usize,
+    /// Index of this chunk's first entry among one weight's entries.
+    pub start: usize,
+}
+
+impl ClearTables {
+    /// For input values of `bits` bits and weights in `wr`.
+    pub fn of(bits: u8, wr: [i8; 2]) -> Self {
+        let (wlo, whi) = ((wr[0] as i64).min(0), (wr[1] as i64).max(0));
+        let mut start = 0;
+        let chunks = (0..bits.div_ceil(4))
+            .map(|c| {
+                let vmax = (1i64 << (bits - 4 * c).min(4)) - 1;
+                let range = vmax * (whi - wlo);
+                let ch = Chunk {
+                    vmax,
+                    pmin: vmax * wlo,
+                    range,
+                    digits: digits_for(range as u64),
+                    start,
+                };
+                start += (vmax as usize + 1) * ch.digits;
+                ch
+            })
+            .collect();
+        ClearTables { chunks }
+    }
+    /// Entries per weight.
+    pub fn per_weight(&self) -> usize {
+        self.chunks
+            .iter()
+            .map(|c| (c.vmax as usize + 1) * c.digits)
+            .sum()
+    }
+}
+
 /// How many base-4 digits encode a weight of a layer with this public range.
 pub fn weight_digits(wr: [i8; 2]) -> usize {
     let base = (wr[0] as i64).min(0);
@@ -150,7 +201,7 @@ pub fn check_params<C>(model: &Model, params: &[Option<LayerParams<C>>]) -> Resu
     for (k, (node, p)) in model.nodes.iter().zip(params).enumerate() {
         let nt = |weights: usize, wr: [i8; 2]| {
             if reads_clear(model, &clear, k) {
-                weights * weight_digits(wr) * 4
+                weights * ClearTables::of(model.input.bits, wr).per_weight()
             } else {
                 0
             }
@@ -226,14 +277,14 @@ enum Tensor<C> {
     /// Each element as its base-4 digits, least significant first.
     Act(Vec<Vec<Val<C>>>),
     Acc(Vec<Acc<C>>),
-    /// The frame as the device holds it: each value's base-4 digits, in the clear.
-    Clear(Vec<Vec<u8>>),
+    /// The frame as the device holds it, in the clear, and its bits per value.
+    Clear(Vec<u8>, u8),
 }
 
 fn to_accs<C: Clone>(t: &Tensor<C>) -> Vec<Acc<C>> {
     match t {
         Tensor::Acc(a) => a.clone(),
-        Tensor::Clear(_) => unreachable!("clear values only reach linear layers (clear_values)"),
+        Tensor::Clear(..) => unreachable!("clear values only reach linear layers (clear_values)"),
         Tensor::Act(v) => v
             .iter()
             .map(|x| {
@@ -317,12 +368,9 @@ pub fn run_device_clear<B: Backend>(
         });
     }
     let max = ((1u16 << model.input.bits) - 1) as u8;
-    let nd = input_value_digits(model);
     let first = Tensor::Clear(
-        input
-            .iter()
-            .map(|&v| (0..nd).map(|k| (v.min(max) >> (2 * k)) & 3).collect())
-            .collect(),
+        input.iter().map(|&v| v.min(max)).collect(),
+        model.input.bits,
     );
     run_from(e, model, params, first)
 }
@@ -351,7 +399,7 @@ fn run_from<B: Backend>(
                     bias_range,
                     ..
                 },
-                t @ (Tensor::Act(_) | Tensor::Clear(_)),
+                t @ (Tensor::Act(_) | Tensor::Clear(..)),
             ) => {
                 let p = params[k].as_ref().unwrap();
                 let [c, h, w] = ai.shape;
@@ -387,7 +435,7 @@ fn run_from<B: Backend>(
                     bias_range,
                     ..
                 },
-                t @ (Tensor::Act(_) | Tensor::Clear(_)),
+                t @ (Tensor::Act(_) | Tensor::Clear(..)),
             ) => {
                 let p = params[k].as_ref().unwrap();
                 let n = ai.len();
@@ -475,7 +523,7 @@ fn run_from<B: Backend>(
                 )
             }
             (Op::Flatten, Tensor::Act(x)) => Tensor::Act(x.clone()),
-            (Op::Flatten, Tensor::Clear(x)) => Tensor::Clear(x.clone()),
+            (Op::Flatten, Tensor::Clear(x, b)) => Tensor::Clear(x.clone(), *b),
             (Op::Flatten, Tensor::Acc(x)) => Tensor::Acc(x.clone()),
             // infer() guarantees linear layers and max pooling read activations
             _ => unreachable!("node kinds checked by Model::infer"),
@@ -536,21 +584,8 @@ fn linear<B: Backend>(
                         acc.push(j + k, e.product(&u, xk, c, pmin(j, k)));
                     }
                 }
-                // The device's own pixel digit v picks Enc((u_j + c_j)·v − 3·c_j) from the
-                // clear tables: no PBS, a fresh encryption. A clear constant moves it to the
-                // same shifted product `(u_j + c_j)·v − pmin` the encrypted path computes,
-                // with the same public bound, so the circuit is the same for every frame.
-                Tensor::Clear(x) => {
-                    for (k, &v) in x[xi].iter().enumerate() {
-                        let ct = p.clear_tables[(wi * wd + j) * 4 + v as usize].clone();
-                        let hi = (0..=xd_hi[k])
-                            .flat_map(|v| (0..=uhi).map(move |u| (u + c) * v))
-                            .max()
-                            .unwrap_or(0)
-                            - pmin(j, k);
-                        let term = e.add_const(e.fresh(ct, 0, 0), 3 * c - pmin(j, k));
-                        acc.push(j + k, Val { lo: 0, hi, ..term });
-                    }
+                Tensor::Clear(x, bits) => {
+                    return linear_clear(e, taps, x, *bits, p, o, wr, br);
                 }
                 Tensor::Acc(_) => unreachable!("infer() guarantees linear layers read activations"),
             }
@@ -559,6 +594,40 @@ fn linear<B: Backend>(
     acc.offset += shift * taps.len() as i64;
     let per_tap = (-shift + (wmax * xmax).max(0)) as u64;
     add_bias(e, acc, p, o, br, per_tap * taps.len() as u64)
+}
+
+/// [`linear`] on the frame the device holds in the clear: each chunk value `v` of its own
+/// pixel picks the digits of `w·v − pmin` from the clear tables, fresh encryptions, with no
+/// PBS. Their bounds are public, so the circuit is the same for every frame.
+#[allow(clippy::too_many_arguments)]
+fn linear_clear<B: Backend>(
+    e: &Engine<B>,
+    taps: &[(usize, usize)],
+    x: &[u8],
+    bits: u8,
+    p: &LayerParams<B::Ct>,
+    o: usize,
+    wr: [i8; 2],
+    br: [i32; 2],
+) -> Acc<B::Ct> {
+    let t = ClearTables::of(bits, wr);
+    let per = t.per_weight();
+    let mut acc = Acc::zero();
+    for &(wi, xi) in taps {
+        for (c, ch) in t.chunks.iter().enumerate() {
+            let v = (x[xi] as usize >> (4 * c)) & ch.vmax as usize;
+            for k in 0..ch.digits {
+                let ct = p.clear_tables[wi * per + ch.start + v * ch.digits + k].clone();
+                acc.push(2 * c + k, e.fresh(ct, 0, (ch.range >> (2 * k)).min(3)));
+            }
+        }
+    }
+    // chunk c weighs 16^c
+    let (pmin, bound) = t.chunks.iter().enumerate().fold((0, 0), |(p, b), (c, ch)| {
+        (p + (ch.pmin << (4 * c)), b + (ch.range << (4 * c)))
+    });
+    acc.offset += pmin * taps.len() as i64;
+    add_bias(e, acc, p, o, br, bound as u64 * taps.len() as u64)
 }
 
 /// Adds neuron `o`'s encrypted bias digits; `bound` is what the products can sum to.
@@ -600,22 +669,11 @@ pub fn plan_mode(model: &Model, mode: InputMode) -> Result<(Vec<u64>, OutputLayo
     Ok((out.pbs_per_node.clone(), out.layout()))
 }
 
-/// Parameters built by calling `f(value)` on every stored digit (for planning and tests).
+/// Parameters built by calling `f(value)` on every stored digit: weight, bias and
+/// clear-table digits (for encryption, planning and tests).
 pub fn map_params<C>(
     model: &Model,
     f: &mut dyn FnMut(u64) -> C,
-) -> Result<Vec<Option<LayerParams<C>>>, EvalError> {
-    let f = std::cell::RefCell::new(f);
-    map_params_with(model, &mut |v| (f.borrow_mut())(v), &mut |v| {
-        (f.borrow_mut())(v)
-    })
-}
-
-/// [`map_params`] with `g` for the clear-table entries (values 0..=9, not base-4 digits).
-pub fn map_params_with<C>(
-    model: &Model,
-    f: &mut dyn FnMut(u64) -> C,
-    g: &mut dyn FnMut(u64) -> C,
 ) -> Result<Vec<Option<LayerParams<C>>>, EvalError> {
     model.infer()?;
     let clear = clear_values(model);
@@ -641,19 +699,19 @@ pub fn map_params_with<C>(
                 let nd = bias_digits(*bias_range);
                 let wd = weight_digits(*weight_range);
                 let base = (weight_range[0] as i64).min(0);
-                let cs = weight_digit_offsets(*weight_range);
                 let clear_tables = if reads_clear(model, &clear, k) {
+                    let t = ClearTables::of(model.input.bits, *weight_range);
                     weights
                         .iter()
                         .flat_map(|&w| {
-                            let v = (w as i64 - base) as u64;
-                            let cs = cs.clone();
-                            (0..wd).flat_map(move |j| {
-                                let (u, c) = (((v >> (2 * j)) & 3) as i64, cs[j]);
-                                (0..4).map(move |x| ((u + c) * x - 3 * c) as u64)
+                            t.chunks.clone().into_iter().flat_map(move |ch| {
+                                (0..=ch.vmax).flat_map(move |v| {
+                                    let e = w as i64 * v - ch.pmin;
+                                    (0..ch.digits).map(move |k| ((e >> (2 * k)) & 3) as u64)
+                                })
                             })
                         })
-                        .map(&mut *g)
+                        .map(&mut *f)
                         .collect()
                 } else {
                     Vec::new()

@@ -43,8 +43,10 @@ pub const COMPRESSION_PARAMS: CompressionParameters =
 pub const COMPRESSION_PARAMS_NAME: &str = "COMP_PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128";
 
 /// Version of the encrypted model layout.
-/// 2 adds the clear tables of the layers that read the frame (device-clear input).
-pub const ENCRYPTED_MODEL_FORMAT_VERSION: u32 = 2;
+/// 2 adds the clear tables of the layers that read the frame (device-clear input); 3 makes
+/// their entries the base-4 digits of whole products (2 held one value 0..=9 per weight
+/// digit and pixel digit).
+pub const ENCRYPTED_MODEL_FORMAT_VERSION: u32 = 3;
 /// Version of the encrypted output layout: 2 is the logits' digits packed by list
 /// compression (1 was one 16 KiB ciphertext per digit plus an encrypted label).
 pub const OUTPUT_FORMAT_VERSION: u32 = 2;
@@ -161,18 +163,6 @@ fn check_version(what: &'static str, found: u32, expected: u32) -> Result<(), Fh
 
 fn ct_conformance() -> CiphertextConformanceParams {
     PARAMS.to_shortint_conformance_param()
-}
-
-/// Clear-table entries hold 0..=9: encrypted with all 4 bits as message (same encoding
-/// as a block of the compute parameters, whose carry space it uses).
-const TABLE_MESSAGE_MODULUS: tfhe::shortint::MessageModulus = tfhe::shortint::MessageModulus(16);
-
-fn table_conformance() -> CiphertextConformanceParams {
-    let mut c = ct_conformance();
-    c.message_modulus = TABLE_MESSAGE_MODULUS;
-    c.carry_modulus = tfhe::shortint::CarryModulus(1);
-    c.degree = tfhe::shortint::ciphertext::Degree::new(TABLE_MESSAGE_MODULUS.0 - 1);
-    c
 }
 
 /// tfhe's default configuration, without the dedicated OPRF key (fhecam draws no encrypted
@@ -434,16 +424,9 @@ pub fn strip_parameters(model: &Model) -> Model {
 impl EncryptedModel {
     /// Encrypts every weight and bias digit with the secret key (seeded, compressed
     /// ciphertexts: a few dozen bytes each instead of 16 KiB), and the clear tables of the
-    /// layers that read the frame (values 0..=9, one block each).
+    /// layers that read the frame (base-4 digits of products, like every other digit).
     pub fn encrypt(model: &Model, keys: &OwnerKeys) -> Result<Self, FheError> {
-        let params = eval::map_params_with(
-            model,
-            &mut |v| keys.client.encrypt_compressed(v),
-            &mut |v| {
-                keys.client
-                    .encrypt_with_message_modulus_compressed(v, TABLE_MESSAGE_MODULUS)
-            },
-        )?;
+        let params = eval::map_params(model, &mut |v| keys.client.encrypt_compressed(v))?;
         Ok(EncryptedModel {
             arch: strip_parameters(model),
             params,
@@ -515,7 +498,6 @@ impl EncryptedModel {
         })?;
         arch.infer()?;
         let digit_conf = ct_conformance();
-        let table_conf = table_conformance();
         // Seeded ciphertexts have no safe-serialization name in shortint: bincode with a
         // size limit, then tfhe's conformance check against the default parameters.
         let de = |b: &Vec<u8>,
@@ -555,7 +537,7 @@ impl EncryptedModel {
                             clear_tables: p
                                 .clear_tables
                                 .iter()
-                                .map(|b| de(b, &table_conf))
+                                .map(digit)
                                 .collect::<Result<_, _>>()?,
                         })
                     })
@@ -578,21 +560,7 @@ impl EncryptedModel {
                         .iter()
                         .map(|d| d.iter().map(|c| c.decompress()).collect())
                         .collect(),
-                    // tables were encrypted with a 16-value message space: give them the
-                    // compute parameters' moduli so they sum with the other blocks
-                    clear_tables: p
-                        .clear_tables
-                        .par_iter()
-                        .map(|c| {
-                            let mut c = c.decompress();
-                            c.message_modulus = PARAMS.message_modulus;
-                            c.carry_modulus = PARAMS.carry_modulus;
-                            c.degree = tfhe::shortint::ciphertext::Degree::new(
-                                TABLE_MESSAGE_MODULUS.0 - 1,
-                            );
-                            c
-                        })
-                        .collect(),
+                    clear_tables: p.clear_tables.par_iter().map(|c| c.decompress()).collect(),
                 })
             })
             .collect()
