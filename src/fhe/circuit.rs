@@ -634,44 +634,53 @@ impl<B: Backend> Engine<B> {
     fn steps(&self, d: &[Val<B::Ct>], steps: &[(i64, i64)]) -> Vec<Val<B::Ct>> {
         let top = d.len() - 1;
         let dig = |t: i64, j: usize| (t >> (2 * j)) & 3;
-        let top_of = |t: i64| t >> (2 * top);
-        let cmps: Vec<Box<dyn Fn(i64) -> i64>> = steps
+        // The state after digits top..=j depends only on the threshold's digits there:
+        // thresholds sharing a prefix share its comparisons.
+        let mut tops: Vec<i64> = steps.iter().map(|&(t, _)| t >> (2 * top)).collect();
+        tops.sort_unstable();
+        tops.dedup();
+        let cmps: Vec<Box<dyn Fn(i64) -> i64>> = tops
             .iter()
-            .map(|&(t, _)| {
-                let tt = top_of(t);
-                Box::new(move |v: i64| (v.cmp(&tt) as i64) + 1) as Box<dyn Fn(i64) -> i64>
-            })
+            .map(|&tt| Box::new(move |v: i64| (v.cmp(&tt) as i64) + 1) as Box<dyn Fn(i64) -> i64>)
             .collect();
         let refs: Vec<&dyn Fn(i64) -> i64> = cmps.iter().map(|b| b.as_ref()).collect();
-        let states = self.luts(&d[top], &refs);
+        let mut memo: std::collections::HashMap<(usize, i64), Val<B::Ct>> = tops
+            .iter()
+            .zip(self.luts(&d[top], &refs))
+            .map(|(&tt, r)| ((top, tt), r))
+            .collect();
         steps
             .iter()
-            .zip(states)
-            .map(|(&(t, delta), mut r)| {
-                for j in (0..top).rev() {
+            .map(|&(t, delta)| {
+                let mut r = memo[&(top, t >> (2 * top))].clone();
+                for j in (1..top).rev() {
+                    let key = (j, t >> (2 * j));
+                    if let Some(v) = memo.get(&key) {
+                        r = v.clone();
+                        continue;
+                    }
                     let tj = dig(t, j);
                     let p = self.pack(&r, &d[j]);
-                    r = if j == 0 {
-                        self.lut(&p, |v| {
-                            let (s, x) = (v >> 2, v & 3);
-                            if s == 2 || (s == 1 && x >= tj) {
-                                delta
-                            } else {
-                                0
-                            }
-                        })
-                    } else {
-                        self.lut(&p, |v| {
-                            let (s, x) = (v >> 2, v & 3);
-                            if s == 1 {
-                                (x.cmp(&tj) as i64) + 1
-                            } else {
-                                s
-                            }
-                        })
-                    };
+                    r = self.lut(&p, |v| {
+                        let (s, x) = (v >> 2, v & 3);
+                        if s == 1 {
+                            (x.cmp(&tj) as i64) + 1
+                        } else {
+                            s
+                        }
+                    });
+                    memo.insert(key, r.clone());
                 }
-                r
+                let t0 = dig(t, 0);
+                let p = self.pack(&r, &d[0]);
+                self.lut(&p, |v| {
+                    let (s, x) = (v >> 2, v & 3);
+                    if s == 2 || (s == 1 && x >= t0) {
+                        delta
+                    } else {
+                        0
+                    }
+                })
             })
             .collect()
     }
