@@ -63,7 +63,7 @@ enum Cmd {
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
         weight_bits: Option<u8>,
         /// Starting point the other flags modify: `reference` (16 channels, ≥ 0.95 accurate,
-        /// ~14,300 PBS per frame) or `fast` (4 channels, ~0.93, ~3,500 PBS).
+        /// ~12,900 PBS per frame) or `fast` (4 channels, ~0.93, ~3,200 PBS).
         #[arg(long, value_enum, default_value = "reference")]
         preset: train::Preset,
 

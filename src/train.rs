@@ -57,9 +57,9 @@ pub struct TrainConfig {
 /// The built-in digits CNNs: one 3x3 stride-2 convolution, 2-bit ReLU, dense to 10.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Preset {
-    /// 16 channels: 0.956 test accuracy (0.949–0.971 over seeds), ~14,300 PBS per frame.
+    /// 16 channels: 0.956 test accuracy (0.949–0.971 over seeds), ~12,900 PBS per frame (9,822 with device-clear input).
     Reference,
-    /// 4 channels: 0.93 (0.92–0.93 over seeds), ~3,500 PBS per frame: demos and tests.
+    /// 4 channels: 0.93 (0.92–0.93 over seeds), ~3,200 PBS per frame (2,414 device-clear): demos and tests.
     Fast,
 }
 
