@@ -107,6 +107,9 @@ pub fn argmax(logits: &[i64]) -> usize {
     best
 }
 
+/// Convolution over an explicitly zero-padded copy of the input: the geometry is written
+/// independently of the engine's (`fhe::geometry`), which skips padding taps instead, so
+/// the property tests compare two implementations.
 #[allow(clippy::too_many_arguments)]
 fn conv(
     a: &[i64],
@@ -119,72 +122,28 @@ fn conv(
     bias: &[i32],
 ) -> Vec<i64> {
     let [c, h, w] = ai.shape;
-    let oh = (h + 2 * p[0] - k[0]) / s[0] + 1;
-    let ow = (w + 2 * p[1] - k[1]) / s[1] + 1;
-    let mut out = Vec::with_capacity(oc * oh * ow);
-    for o in 0..oc {
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let mut acc = bias[o] as i64;
-                for_each_tap(c, h, w, k, s, p, oy, ox, |ic, ky, kx, idx| {
-                    acc += weights[((o * c + ic) * k[0] + ky) * k[1] + kx] as i64 * a[idx];
-                });
-                out.push(acc);
-            }
-        }
-    }
-    out
-}
-
-/// Calls `f(in_channel, ky, kx, input_index)` for every tap of output (oy, ox) that falls
-/// inside the input (padding taps are skipped: they multiply zero).
-#[allow(clippy::too_many_arguments)]
-pub fn for_each_tap(
-    c: usize,
-    h: usize,
-    w: usize,
-    k: [usize; 2],
-    s: [usize; 2],
-    p: [usize; 2],
-    oy: usize,
-    ox: usize,
-    mut f: impl FnMut(usize, usize, usize, usize),
-) {
+    let (hp, wp) = (h + 2 * p[0], w + 2 * p[1]);
+    let mut padded = vec![0i64; c * hp * wp];
     for ic in 0..c {
-        for ky in 0..k[0] {
-            let iy = (oy * s[0] + ky) as i64 - p[0] as i64;
-            if iy < 0 || iy >= h as i64 {
-                continue;
-            }
-            for kx in 0..k[1] {
-                let ix = (ox * s[1] + kx) as i64 - p[1] as i64;
-                if ix < 0 || ix >= w as i64 {
-                    continue;
-                }
-                f(ic, ky, kx, (ic * h + iy as usize) * w + ix as usize);
-            }
+        for y in 0..h {
+            let row = (ic * hp + y + p[0]) * wp + p[1];
+            padded[row..row + w].copy_from_slice(&a[(ic * h + y) * w..(ic * h + y + 1) * w]);
         }
     }
-}
-
-/// Input indices of each pooling window, in output order.
-pub fn pool_windows(ai: &ValueInfo, k: [usize; 2], s: [usize; 2]) -> Vec<Vec<usize>> {
-    let [c, h, w] = ai.shape;
-    let oh = (h - k[0]) / s[0] + 1;
-    let ow = (w - k[1]) / s[1] + 1;
-    let mut out = Vec::with_capacity(c * oh * ow);
-    for ch in 0..c {
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let mut win = Vec::with_capacity(k[0] * k[1]);
-                for ky in 0..k[0] {
-                    for kx in 0..k[1] {
-                        win.push((ch * h + oy * s[0] + ky) * w + ox * s[1] + kx);
-                    }
-                }
-                out.push(win);
-            }
+    let oh = (hp - k[0]) / s[0] + 1;
+    let ow = (wp - k[1]) / s[1] + 1;
+    let mut out = vec![0i64; oc * oh * ow];
+    for (n, v) in out.iter_mut().enumerate() {
+        let (o, oy, ox) = (n / (oh * ow), (n / ow) % oh, n % ow);
+        let mut acc = bias[o] as i64;
+        for (t, &wt) in weights[o * c * k[0] * k[1]..(o + 1) * c * k[0] * k[1]]
+            .iter()
+            .enumerate()
+        {
+            let (ic, ky, kx) = (t / (k[0] * k[1]), (t / k[1]) % k[0], t % k[1]);
+            acc += wt as i64 * padded[(ic * hp + oy * s[0] + ky) * wp + ox * s[1] + kx];
         }
+        *v = acc;
     }
     out
 }
@@ -196,9 +155,19 @@ fn pool(
     s: [usize; 2],
     f: impl Fn(&[i64]) -> i64,
 ) -> Vec<i64> {
-    pool_windows(ai, k, s)
-        .iter()
-        .map(|win| f(&win.iter().map(|&i| a[i]).collect::<Vec<_>>()))
+    let [c, h, w] = ai.shape;
+    let (oh, ow) = ((h - k[0]) / s[0] + 1, (w - k[1]) / s[1] + 1);
+    let mut win = Vec::with_capacity(k[0] * k[1]);
+    (0..c * oh * ow)
+        .map(|n| {
+            let (ch, oy, ox) = (n / (oh * ow), (n / ow) % oh, n % ow);
+            win.clear();
+            for y in oy * s[0]..oy * s[0] + k[0] {
+                let row = (ch * h + y) * w;
+                win.extend_from_slice(&a[row + ox * s[1]..row + ox * s[1] + k[1]]);
+            }
+            f(&win)
+        })
         .collect()
 }
 

@@ -2,8 +2,9 @@
 
 use super::backend::Backend;
 use super::circuit::{digits_for, Acc, CircuitError, Digits, Engine, Val};
+use super::geometry::{for_each_tap, pool_windows};
 use crate::model::{Kind, Model, ModelError, Op, ValueInfo};
-use crate::reference::{add_mul, for_each_tap, pool_windows};
+use crate::reference::add_mul;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;

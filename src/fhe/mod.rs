@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod circuit;
 pub mod eval;
+pub mod geometry;
 pub mod tfhe_backend;
 
 use crate::model::{Model, Op};

@@ -1,8 +1,8 @@
 //! The float network an ONNX file describes, reduced to the layers the engine has (BN
 //! already folded, Identity/Dropout gone), with a plain float forward pass for calibration.
 
+use crate::fhe::geometry::{for_each_tap, pool_windows};
 use crate::model::{out_dim, Kind, ValueInfo};
-use crate::reference::{for_each_tap, pool_windows};
 
 /// Element-wise activation functions (all monotone non-decreasing: quantized, they become
 /// monotone tables, so max pooling commutes with them).
