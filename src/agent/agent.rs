@@ -15,7 +15,7 @@
 
 use super::config::AgentConfig;
 use super::guard::RateLimiter;
-use super::processor::{AgentError, Checked, Key, Processor, Step};
+use super::processor::{AgentError, Checked, Key, Processor, Refusal, RefusalCode, Step};
 use super::session::{Item, Outgoing};
 use crate::ids::{rfc3339, ModelId};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, Publish};
@@ -105,6 +105,7 @@ enum Decision {
 
 #[derive(Serialize)]
 struct DeadLetter<'a> {
+    code: RefusalCode,
     reason: &'a str,
     topic: &'a str,
     payload_bytes: usize,
@@ -138,12 +139,13 @@ impl Worker {
         self.out.send(d).is_ok()
     }
 
-    fn dead(&self, p: Publish, reason: String) {
+    fn dead(&self, p: Publish, r: Refusal) {
         Counters::add(&self.counters.dead_lettered);
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
-        tracing::warn!("{topic}: refused: {reason}");
+        tracing::warn!("{topic}: refused: {}", r.reason);
         let json = serde_json::to_vec(&DeadLetter {
-            reason: &reason,
+            code: r.code,
+            reason: &r.reason,
             topic: &topic,
             payload_bytes: p.payload.len(),
             time: rfc3339(crate::ids::unix_now()),

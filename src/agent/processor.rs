@@ -48,10 +48,57 @@ pub struct Checked {
     out: EncryptedOutput,
 }
 
+/// Why an inference was refused: a stable code for programs (the dead-letter message's
+/// `code`) and the text for people.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalCode {
+    /// Larger than `limits.max_payload_bytes`.
+    Oversized,
+    /// The topic is not `<edge_prefix>/<device>/<camera>/inference`.
+    NotInferenceTopic,
+    /// The envelope does not parse (bad magic, old schema, truncated, bad fields).
+    MalformedEnvelope,
+    /// The envelope names another device or camera than its topic.
+    WrongSender,
+    /// The model id is not in the database.
+    UnknownModel,
+    /// The model is in the database but cannot serve (its key is unusable or sealed).
+    ModelUnusable,
+    /// The envelope's model version is not the database's.
+    WrongVersion,
+    /// The encrypted output does not parse or conform.
+    MalformedCiphertext,
+    /// The encrypted output's layout is not the model's own.
+    WrongLayout,
+    /// A decrypted digit failed its padding check (another key, or forged).
+    DecryptionCheck,
+    /// Decrypted logits or label outside what the model can produce.
+    ImpossibleValues,
+    /// The agent could not encode its own result.
+    Internal,
+}
+
+/// A refused inference.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub reason: String,
+}
+
+impl Refusal {
+    pub fn new(code: RefusalCode, reason: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// The verdict of the cheap checks.
 pub enum Step {
     /// Refused; nothing decrypted.
-    Dead(String),
+    Dead(Refusal),
     /// Its result already reached the cockpit (QoS 1 redelivery or a replay).
     Duplicate,
     Ready(Box<Checked>),
@@ -280,28 +327,34 @@ impl Processor {
         })
     }
 
-    fn known(&mut self, id: &ModelId) -> Result<&Known, String> {
+    fn known(&mut self, id: &ModelId) -> Result<&Known, Refusal> {
+        let unusable = |reason: String| Refusal::new(RefusalCode::ModelUnusable, reason);
         if !self.models.contains_key(id) {
-            let rec = self
-                .store
-                .public_record(id)
-                .map_err(|_| format!("model id {id} is not in the database"))?;
-            let (_, layout) =
-                crate::fhe::eval::plan(&rec.arch).map_err(|e| format!("model {id}: {e}"))?;
-            let infos = rec.arch.infer().map_err(|e| format!("model {id}: {e}"))?;
+            let rec = self.store.public_record(id).map_err(|_| {
+                Refusal::new(
+                    RefusalCode::UnknownModel,
+                    format!("model id {id} is not in the database"),
+                )
+            })?;
+            let (_, layout) = crate::fhe::eval::plan(&rec.arch)
+                .map_err(|e| unusable(format!("model {id}: {e}")))?;
+            let infos = rec
+                .arch
+                .infer()
+                .map_err(|e| unusable(format!("model {id}: {e}")))?;
             let (lo, hi) = match infos.last().map(|i| i.kind) {
                 Some(Kind::Acc { lo, hi }) => (lo, hi),
                 Some(Kind::Act { max }) => (0, max as i64),
-                None => return Err(format!("model {id} has no output")),
+                None => return Err(unusable(format!("model {id} has no output"))),
             };
             let keys = self.store.owner_keys(id, &self.pass).map_err(|e| match e {
                 StoreError::Key { source, .. } => {
                     tracing::error!("the key of model {id} cannot serve: {source}");
-                    format!("the key of model {id} cannot serve: {source}")
+                    unusable(format!("the key of model {id} cannot serve: {source}"))
                 }
                 e => {
                     tracing::error!("cannot unseal the key of model {id}: {e}");
-                    format!("the key of model {id} cannot be unsealed")
+                    unusable(format!("the key of model {id} cannot be unsealed"))
                 }
             })?;
             self.models.insert(
@@ -343,26 +396,33 @@ impl Processor {
     /// version, ciphertext format and layout. No rate-limit token is taken here, so junk on
     /// a camera's topic cannot use up that camera's decryptions.
     pub fn check(&mut self, topic: &str, payload: &[u8]) -> Step {
-        let dead = |reason: String| Step::Dead(reason);
+        use RefusalCode as C;
+        let dead = |code: RefusalCode, reason: String| Step::Dead(Refusal::new(code, reason));
         if payload.len() > self.cfg.limits.max_payload_bytes {
-            return dead(format!(
-                "oversized: {} bytes, over the {}-byte limit",
-                payload.len(),
-                self.cfg.limits.max_payload_bytes
-            ));
+            return dead(
+                C::Oversized,
+                format!(
+                    "oversized: {} bytes, over the {}-byte limit",
+                    payload.len(),
+                    self.cfg.limits.max_payload_bytes
+                ),
+            );
         }
         let Some((device, camera)) = parse_topic(&self.cfg.mqtt.edge_prefix, topic) else {
-            return dead("not an inference topic".into());
+            return dead(C::NotInferenceTopic, "not an inference topic".into());
         };
         let env = match envelope::decode(payload) {
             Ok(e) => e,
-            Err(e) => return dead(format!("malformed envelope: {e}")),
+            Err(e) => return dead(C::MalformedEnvelope, format!("malformed envelope: {e}")),
         };
         if env.device_id != device || env.camera_id != camera {
-            return dead(format!(
-                "envelope of {}/{} published on the topic of {device}/{camera}",
-                env.device_id, env.camera_id
-            ));
+            return dead(
+                C::WrongSender,
+                format!(
+                    "envelope of {}/{} published on the topic of {device}/{camera}",
+                    env.device_id, env.camera_id
+                ),
+            );
         }
         let key = Key {
             device: env.device_id.clone(),
@@ -378,22 +438,25 @@ impl Processor {
         let id = env.model_id;
         let known = match self.known(&id) {
             Ok(k) => k,
-            Err(reason) => return dead(reason),
+            Err(r) => return Step::Dead(r),
         };
         if env.model_version != known.version {
-            return dead(format!(
-                "model {id} version {} is not the database's version {}",
-                env.model_version, known.version
-            ));
+            return dead(
+                C::WrongVersion,
+                format!(
+                    "model {id} version {} is not the database's version {}",
+                    env.model_version, known.version
+                ),
+            );
         }
         let out = match EncryptedOutput::from_bytes(&env.ciphertext) {
             Ok(o) => o,
-            Err(e) => return dead(format!("malformed ciphertext: {e}")),
+            Err(e) => return dead(C::MalformedCiphertext, format!("malformed ciphertext: {e}")),
         };
         // The layout comes from the sender; only the model's own is decrypted, so an edge
         // cannot ask for arbitrary ciphertexts (an encrypted weight, say) to be opened.
         if out.layout != known.layout {
-            return dead("output layout is not the model's".into());
+            return dead(C::WrongLayout, "output layout is not the model's".into());
         }
         Step::Ready(Box::new(Checked {
             key,
@@ -404,16 +467,22 @@ impl Processor {
     }
 
     /// Decrypts a checked inference: the cockpit topic and JSON, or the refusal.
-    pub fn decrypt(&mut self, c: &Checked) -> Result<(String, Vec<u8>), String> {
+    pub fn decrypt(&mut self, c: &Checked) -> Result<(String, Vec<u8>), Refusal> {
         let logits_allowed = self.logits_for.contains(&c.model);
         let known = self.known(&c.model)?;
         let t = Instant::now();
-        let d = c
-            .out
-            .decrypt(&known.keys)
-            .map_err(|e| format!("decryption check failed: {e}"))?;
-        check_range(&d.logits, d.label, known.lo, known.hi, known.classes)
-            .map_err(|e| format!("decrypted values impossible for this model: {e}"))?;
+        let d = c.out.decrypt(&known.keys).map_err(|e| {
+            Refusal::new(
+                RefusalCode::DecryptionCheck,
+                format!("decryption check failed: {e}"),
+            )
+        })?;
+        check_range(&d.logits, d.label, known.lo, known.hi, known.classes).map_err(|e| {
+            Refusal::new(
+                RefusalCode::ImpossibleValues,
+                format!("decrypted values impossible for this model: {e}"),
+            )
+        })?;
         let env = &c.env;
         let r = CockpitResult {
             device_id: &env.device_id,
@@ -428,7 +497,12 @@ impl Processor {
             decrypt_ms: t.elapsed().as_secs_f64() * 1e3,
             logits: logits_allowed.then_some(d.logits),
         };
-        let json = serde_json::to_vec(&r).map_err(|e| format!("cannot encode the result: {e}"))?;
+        let json = serde_json::to_vec(&r).map_err(|e| {
+            Refusal::new(
+                RefusalCode::Internal,
+                format!("cannot encode the result: {e}"),
+            )
+        })?;
         Ok((
             format!(
                 "{}/{}/{}",
