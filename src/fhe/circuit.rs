@@ -525,18 +525,23 @@ impl<B: Backend> Engine<B> {
         let kt = kd(top);
         let mut r = self.lut(&d[top], |v| (v.cmp(&kt) as i64) + 1);
         for j in (0..top).rev() {
-            let kj = kd(j);
-            let p = self.pack(&r, &d[j]);
-            r = self.lut(&p, |v| {
-                let (s, x) = (v >> 2, v & 3);
-                if s == 1 {
-                    (x.cmp(&kj) as i64) + 1
-                } else {
-                    s
-                }
-            });
+            r = self.refine(&r, &d[j], kd(j));
         }
         r
+    }
+
+    /// One step of a lexicographic comparison from the top digit: the state so far (0, 1,
+    /// 2 for lt, eq, gt) refined by the next digit `x` against the clear digit `t`.
+    fn refine(&self, state: &Val<B::Ct>, x: &Val<B::Ct>, t: i64) -> Val<B::Ct> {
+        let p = self.pack(state, x);
+        self.lut(&p, |v| {
+            let (s, x) = (v >> 2, v & 3);
+            if s == 1 {
+                (x.cmp(&t) as i64) + 1
+            } else {
+                s
+            }
+        })
     }
 
     /// `gt(T)` for a normalized accumulator `T = Σ 4^j d[j]` in `0..=range` (≥ 2 digits);
@@ -659,16 +664,7 @@ impl<B: Backend> Engine<B> {
                         r = v.clone();
                         continue;
                     }
-                    let tj = dig(t, j);
-                    let p = self.pack(&r, &d[j]);
-                    r = self.lut(&p, |v| {
-                        let (s, x) = (v >> 2, v & 3);
-                        if s == 1 {
-                            (x.cmp(&tj) as i64) + 1
-                        } else {
-                            s
-                        }
-                    });
+                    r = self.refine(&r, &d[j], dig(t, j));
                     memo.insert(key, r.clone());
                 }
                 let t0 = dig(t, 0);
