@@ -19,11 +19,11 @@
 //! the header and section bounds, and only then lets tfhe parse anything.
 
 use crate::fhe::{self, EncryptedModel, PublicMaterial};
+use crate::files::{read_limited, ReadError};
 use crate::ids::ModelId;
 use crate::model::InputSpec;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey, SIGNATURE_LENGTH};
 use serde::{Deserialize, Serialize};
-use std::io::Read;
 use std::path::Path;
 use thiserror::Error;
 
@@ -352,33 +352,6 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>, BundleError> {
 /// Reads and loads a bundle file.
 pub fn load_file(path: &Path, owner: &VerifyingKey) -> Result<LoadedBundle, BundleError> {
     load(&read_file(path)?, owner)
-}
-
-#[derive(Debug, Error)]
-pub enum ReadError {
-    #[error("{size} bytes, over the {limit}-byte limit")]
-    TooLarge { size: u64, limit: u64 },
-    #[error(transparent)]
-    Io(std::io::Error),
-}
-
-/// Reads a file of at most `limit` bytes: the size is checked before reading, and the read
-/// itself is capped in case the file grows meanwhile.
-pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
-    let f = std::fs::File::open(path).map_err(ReadError::Io)?;
-    let len = f.metadata().map_err(ReadError::Io)?.len();
-    let too_large = |size| ReadError::TooLarge { size, limit };
-    if len > limit {
-        return Err(too_large(len));
-    }
-    let mut buf = Vec::with_capacity(len as usize);
-    f.take(limit + 1)
-        .read_to_end(&mut buf)
-        .map_err(ReadError::Io)?;
-    if buf.len() as u64 > limit {
-        return Err(too_large(buf.len() as u64));
-    }
-    Ok(buf)
 }
 
 /// Parses a 32-byte key: 64 hex digits (surrounding whitespace ignored) or the raw bytes.

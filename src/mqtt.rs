@@ -48,11 +48,11 @@ pub enum MqttSetupError {
 const MAX_TLS_FILE: u64 = 1 << 20;
 
 fn read_tls_file(field: &str, path: &Path) -> Result<Vec<u8>, MqttSetupError> {
-    crate::bundle::read_limited(path, MAX_TLS_FILE).map_err(|e| MqttSetupError::TlsFile {
+    crate::files::read_limited(path, MAX_TLS_FILE).map_err(|e| MqttSetupError::TlsFile {
         field: field.into(),
         path: path.display().to_string(),
         source: match e {
-            crate::bundle::ReadError::Io(io) => io,
+            crate::files::ReadError::Io(io) => io,
             other => std::io::Error::new(std::io::ErrorKind::InvalidData, other.to_string()),
         },
     })

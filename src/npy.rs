@@ -84,18 +84,16 @@ impl Array {
 }
 
 fn read_limited(path: &Path) -> Result<Vec<u8>, NpyError> {
-    let io = |source| NpyError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let len = std::fs::metadata(path).map_err(io)?.len();
-    if len > NPY_LIMIT {
-        return Err(NpyError::Format {
+    crate::files::read_limited(path, NPY_LIMIT).map_err(|e| match e {
+        crate::files::ReadError::TooLarge { size, .. } => NpyError::Format {
             path: path.display().to_string(),
-            msg: format!("{len} bytes is over the {NPY_LIMIT}-byte limit for data files"),
-        });
-    }
-    std::fs::read(path).map_err(io)
+            msg: format!("{size} bytes is over the {NPY_LIMIT}-byte limit for data files"),
+        },
+        crate::files::ReadError::Io(source) => NpyError::Io {
+            path: path.display().to_string(),
+            source,
+        },
+    })
 }
 
 /// Reads a `.npy` file of float32 (or float64, converted) values.

@@ -110,12 +110,12 @@ pub fn preprocess(img: &Mat, spec: &InputSpec) -> Result<Vec<u8>, PreprocessErro
 /// BGR or BGRA.
 pub fn read_image(path: &Path) -> Result<Mat, PreprocessError> {
     let p = path.display().to_string();
-    let bytes = crate::bundle::read_limited(path, MAX_IMAGE_FILE_BYTES).map_err(|e| match e {
-        crate::bundle::ReadError::TooLarge { size, .. } => PreprocessError::TooLarge {
+    let bytes = crate::files::read_limited(path, MAX_IMAGE_FILE_BYTES).map_err(|e| match e {
+        crate::files::ReadError::TooLarge { size, .. } => PreprocessError::TooLarge {
             path: p.clone(),
             size,
         },
-        crate::bundle::ReadError::Io(source) => PreprocessError::Io {
+        crate::files::ReadError::Io(source) => PreprocessError::Io {
             path: p.clone(),
             source,
         },

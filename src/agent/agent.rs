@@ -342,7 +342,7 @@ async fn poll(
                 }
             }
             Err(e) => {
-                let wait = crate::edge::source::backoff(backoff.0, backoff.1, failures);
+                let wait = crate::retry::backoff(backoff.0, backoff.1, failures);
                 failures = failures.saturating_add(1);
                 tracing::warn!(
                     "agent MQTT {endpoint}: {e}; retrying in {:.1} s",

@@ -225,7 +225,7 @@ impl AgentConfig {
                     .prefix_separator("_")
                     .separator("__")
                     .try_parsing(true)
-                    .source(Some(crate::edge::config::env_overrides(
+                    .source(Some(crate::settings::env_overrides(
                         std::env::vars(),
                         FIELDS,
                     ))),

@@ -158,7 +158,7 @@ pub fn read_passphrase(cfg: &AgentConfig) -> Result<Passphrase, AgentError> {
                     p.display()
                 )));
             }
-            let text = crate::bundle::read_limited(p, 4096)
+            let text = crate::files::read_limited(p, 4096)
                 .map_err(|e| AgentError::Passphrase(format!("{}: {e}", p.display())))?;
             String::from_utf8(text)
                 .map_err(|_| AgentError::Passphrase(format!("{} is not UTF-8", p.display())))?

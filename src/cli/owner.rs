@@ -613,7 +613,7 @@ fn decrypt(
     let mut failed = 0;
     for path in results {
         let mut one = || -> Result<()> {
-            let bytes = bundle::read_limited(path, envelope::MAX_ENVELOPE_BYTES as u64)?;
+            let bytes = fhecam::files::read_limited(path, envelope::MAX_ENVELOPE_BYTES as u64)?;
             let env = envelope::decode(&bytes)?;
             let summary = store.summary(&env.model_id)?;
             if summary.version != env.model_version {

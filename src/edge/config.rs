@@ -2,6 +2,7 @@
 //! overrides (`FHECAM_MQTT__HOST=broker` sets `mqtt.host`). Unknown fields are errors, so a
 //! typo never silently falls back to a default.
 
+use crate::settings::env_overrides;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -212,20 +213,6 @@ const FIELDS: &[&str] = &[
     "mqtt",
     "outbox",
 ];
-
-/// The `FHECAM_<FIELD>...` variables that address one of `fields`.
-pub fn env_overrides(
-    vars: impl Iterator<Item = (String, String)>,
-    fields: &[&str],
-) -> std::collections::HashMap<String, String> {
-    vars.filter(|(k, _)| {
-        k.strip_prefix("FHECAM_").is_some_and(|rest| {
-            let first = rest.split("__").next().unwrap_or("").to_ascii_lowercase();
-            fields.contains(&first.as_str())
-        })
-    })
-    .collect()
-}
 
 fn default_camera_id() -> String {
     "cam0".into()

@@ -7,9 +7,9 @@
 
 use super::config::{secs, EdgeConfig};
 use super::outbox::{Outbox, OutboxError};
-use super::source::backoff;
 use super::stats::Stats;
 use crate::envelope::{self, Envelope};
+use crate::retry::backoff;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
 };
