@@ -135,10 +135,44 @@ pub enum Op {
     Flatten,
 }
 
+/// The parameters a Conv2d or Dense layer has (what gets encrypted) and their public bounds.
+pub struct Linear<'a> {
+    pub weights: &'a [i8],
+    pub bias: &'a [i32],
+    pub weight_range: [i8; 2],
+    pub bias_range: [i32; 2],
+}
+
 impl Op {
     /// Conv2d or Dense: the layers with (encrypted) weights.
     pub fn is_linear(&self) -> bool {
         matches!(self, Op::Conv2d { .. } | Op::Dense { .. })
+    }
+
+    /// A Conv2d's or Dense's weights, bias and bounds.
+    pub fn linear(&self) -> Option<Linear<'_>> {
+        match self {
+            Op::Conv2d {
+                weights,
+                bias,
+                weight_range,
+                bias_range,
+                ..
+            }
+            | Op::Dense {
+                weights,
+                bias,
+                weight_range,
+                bias_range,
+                ..
+            } => Some(Linear {
+                weights,
+                bias,
+                weight_range: *weight_range,
+                bias_range: *bias_range,
+            }),
+            _ => None,
+        }
     }
 
     pub fn name(&self) -> &'static str {

@@ -207,28 +207,14 @@ pub fn check_params<C>(model: &Model, params: &[Option<LayerParams<C>>]) -> Resu
                 0
             }
         };
-        let want = match &node.op {
-            Op::Conv2d {
-                weights,
-                bias,
-                weight_range,
-                bias_range,
-                ..
-            }
-            | Op::Dense {
-                weights,
-                bias,
-                weight_range,
-                bias_range,
-                ..
-            } => Some((
-                weights.len() * weight_digits(*weight_range),
-                bias.len(),
-                bias_digits(*bias_range),
-                nt(weights.len(), *weight_range),
-            )),
-            _ => None,
-        };
+        let want = node.op.linear().map(|l| {
+            (
+                l.weights.len() * weight_digits(l.weight_range),
+                l.bias.len(),
+                bias_digits(l.bias_range),
+                nt(l.weights.len(), l.weight_range),
+            )
+        });
         match (want, p) {
             (None, None) => {}
             (Some((nw, nb, nd, ntab)), Some(p))
@@ -682,61 +668,48 @@ pub fn map_params<C>(
         .nodes
         .iter()
         .enumerate()
-        .map(|(k, n)| match &n.op {
-            Op::Conv2d {
-                weights,
-                bias,
-                weight_range,
-                bias_range,
-                ..
-            }
-            | Op::Dense {
-                weights,
-                bias,
-                weight_range,
-                bias_range,
-                ..
-            } => {
-                let nd = bias_digits(*bias_range);
-                let wd = weight_digits(*weight_range);
-                let base = (weight_range[0] as i64).min(0);
-                let clear_tables = if reads_clear(model, &clear, k) {
-                    let t = ClearTables::of(model.input.bits, *weight_range);
-                    weights
-                        .iter()
-                        .flat_map(|&w| {
-                            t.chunks.clone().into_iter().flat_map(move |ch| {
-                                (0..=ch.vmax).flat_map(move |v| {
-                                    let e = w as i64 * v - ch.pmin;
-                                    (0..ch.digits).map(move |k| ((e >> (2 * k)) & 3) as u64)
-                                })
+        .map(|(k, n)| {
+            let l = n.op.linear()?;
+            let nd = bias_digits(l.bias_range);
+            let wd = weight_digits(l.weight_range);
+            let base = (l.weight_range[0] as i64).min(0);
+            let clear_tables = if reads_clear(model, &clear, k) {
+                let t = ClearTables::of(model.input.bits, l.weight_range);
+                l.weights
+                    .iter()
+                    .flat_map(|&w| {
+                        t.chunks.clone().into_iter().flat_map(move |ch| {
+                            (0..=ch.vmax).flat_map(move |v| {
+                                let e = w as i64 * v - ch.pmin;
+                                (0..ch.digits).map(move |k| ((e >> (2 * k)) & 3) as u64)
                             })
                         })
-                        .map(&mut *f)
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                Some(LayerParams {
-                    weights: weights
-                        .iter()
-                        .flat_map(|&w| {
-                            let v = (w as i64 - base) as u64;
-                            (0..wd).map(move |j| (v >> (2 * j)) & 3)
-                        })
-                        .map(&mut *f)
-                        .collect(),
-                    bias: bias
-                        .iter()
-                        .map(|&b| {
-                            let v = (b as i64 - bias_range[0] as i64) as u64;
-                            (0..nd).map(|j| f((v >> (2 * j)) & 3)).collect()
-                        })
-                        .collect(),
-                    clear_tables,
-                })
-            }
-            _ => None,
+                    })
+                    .map(&mut *f)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            Some(LayerParams {
+                weights: l
+                    .weights
+                    .iter()
+                    .flat_map(|&w| {
+                        let v = (w as i64 - base) as u64;
+                        (0..wd).map(move |j| (v >> (2 * j)) & 3)
+                    })
+                    .map(&mut *f)
+                    .collect(),
+                bias: l
+                    .bias
+                    .iter()
+                    .map(|&b| {
+                        let v = (b as i64 - l.bias_range[0] as i64) as u64;
+                        (0..nd).map(|j| f((v >> (2 * j)) & 3)).collect()
+                    })
+                    .collect(),
+                clear_tables,
+            })
         })
         .collect())
 }

@@ -398,25 +398,12 @@ struct EncryptedModelFile {
 pub fn strip_parameters(model: &Model) -> Model {
     let mut arch = model.clone();
     for n in &mut arch.nodes {
-        match &mut n.op {
-            Op::Conv2d {
-                weights,
-                bias,
-                weight_range,
-                bias_range,
-                ..
-            }
-            | Op::Dense {
-                weights,
-                bias,
-                weight_range,
-                bias_range,
-                ..
-            } => {
-                weights.iter_mut().for_each(|w| *w = weight_range[0]);
-                bias.iter_mut().for_each(|b| *b = bias_range[0]);
-            }
-            _ => {}
+        let Some((w0, b0)) = n.op.linear().map(|l| (l.weight_range[0], l.bias_range[0])) else {
+            continue;
+        };
+        if let Op::Conv2d { weights, bias, .. } | Op::Dense { weights, bias, .. } = &mut n.op {
+            weights.fill(w0);
+            bias.fill(b0);
         }
     }
     arch
