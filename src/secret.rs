@@ -31,6 +31,46 @@ pub enum SecretError {
     BadParams(String),
     #[error("sealed secret is malformed: {0}")]
     Malformed(String),
+    #[error("passphrase: {0}")]
+    Source(String),
+}
+
+/// The environment variable that holds the owner's passphrase when no file is given.
+pub const PASSPHRASE_ENV: &str = "FHECAM_OWNER_PASSPHRASE";
+/// Largest passphrase file read.
+const PASSPHRASE_FILE_LIMIT: u64 = 4 << 10;
+
+/// The owner's passphrase from `file` (mode 0600 or stricter, at most 4 KiB) or else from
+/// [`PASSPHRASE_ENV`]: one rule for every command that unseals or seals a key, so a
+/// passphrase that protected a model always opens it again.
+pub fn load_passphrase(file: Option<&std::path::Path>) -> Result<Passphrase, SecretError> {
+    let src = |m: String| SecretError::Source(m);
+    let text = match file {
+        Some(p) => {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(p).map_err(|e| src(format!("{}: {e}", p.display())))?;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(src(format!(
+                    "{} has mode {mode:04o}: it holds a secret, make it 0600 (chmod 600)",
+                    p.display()
+                )));
+            }
+            let bytes = crate::files::read_limited(p, PASSPHRASE_FILE_LIMIT)
+                .map_err(|e| src(format!("{}: {e}", p.display())))?;
+            String::from_utf8(bytes).map_err(|_| src(format!("{} is not UTF-8", p.display())))?
+        }
+        None => match std::env::var(PASSPHRASE_ENV) {
+            Ok(s) => s,
+            Err(std::env::VarError::NotPresent) => {
+                return Err(src(format!(
+                    "none given: set {PASSPHRASE_ENV} or name a passphrase file"
+                )))
+            }
+            Err(e) => return Err(src(format!("{PASSPHRASE_ENV}: {e}"))),
+        },
+    };
+    Passphrase::new(text)
 }
 
 /// A passphrase held in zeroized memory.
@@ -228,5 +268,25 @@ mod tests {
             seal(b"x", &pass("short"), b"", FAST),
             Err(SecretError::WeakPassphrase)
         ));
+    }
+
+    #[test]
+    fn a_passphrase_file_is_read_one_way_and_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("pass");
+        // one trailing newline is not part of it; a second one is
+        std::fs::write(&f, "correct horse\n\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let p = load_passphrase(Some(&f)).unwrap();
+        assert_eq!(p.bytes(), b"correct horse\n");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = load_passphrase(Some(&f)).err().unwrap().to_string();
+        assert!(
+            err.contains("has mode 0640") && err.contains("chmod 600"),
+            "{err}"
+        );
+        let missing = load_passphrase(Some(&d.path().join("none"))).err().unwrap();
+        assert!(matches!(missing, SecretError::Source(_)));
     }
 }

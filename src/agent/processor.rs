@@ -143,35 +143,11 @@ pub struct Processor {
     logits_for: HashSet<ModelId>,
 }
 
-/// Reads the passphrase (file or FHECAM_OWNER_PASSPHRASE); a passphrase file readable by
-/// others is refused.
+/// Reads the passphrase (`passphrase_file` or FHECAM_OWNER_PASSPHRASE), as every owner
+/// command does ([`crate::secret::load_passphrase`]).
 pub fn read_passphrase(cfg: &AgentConfig) -> Result<Passphrase, AgentError> {
-    let raw = match &cfg.passphrase_file {
-        Some(p) => {
-            use std::os::unix::fs::PermissionsExt;
-            let meta = std::fs::metadata(p)
-                .map_err(|e| AgentError::Passphrase(format!("{}: {e}", p.display())))?;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(AgentError::Passphrase(format!(
-                    "{} has mode {mode:04o}: it holds a secret, make it 0600 (chmod 600)",
-                    p.display()
-                )));
-            }
-            let text = crate::files::read_limited(p, 4096)
-                .map_err(|e| AgentError::Passphrase(format!("{}: {e}", p.display())))?;
-            String::from_utf8(text)
-                .map_err(|_| AgentError::Passphrase(format!("{} is not UTF-8", p.display())))?
-                .trim_end_matches(['\n', '\r'])
-                .to_string()
-        }
-        None => std::env::var("FHECAM_OWNER_PASSPHRASE").map_err(|_| {
-            AgentError::Passphrase(
-                "set FHECAM_OWNER_PASSPHRASE or passphrase_file to unseal the model keys".into(),
-            )
-        })?,
-    };
-    Passphrase::new(raw).map_err(|e| AgentError::Passphrase(e.to_string()))
+    crate::secret::load_passphrase(cfg.passphrase_file.as_deref())
+        .map_err(|e| AgentError::Passphrase(e.to_string()))
 }
 
 const STATE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS results (

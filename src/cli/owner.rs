@@ -15,9 +15,6 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Environment variable holding the owner's passphrase (or use --passphrase-file).
-pub const PASSPHRASE_ENV: &str = "FHECAM_OWNER_PASSPHRASE";
-const PASSPHRASE_FILE_LIMIT: u64 = 4 << 10;
 const SIGNING_KEY_FILE: &str = "owner.key";
 const PUBLIC_KEY_FILE: &str = "owner.pub";
 
@@ -221,34 +218,7 @@ fn mb(bytes: u64) -> String {
 }
 
 fn passphrase(file: Option<&Path>) -> Result<Passphrase> {
-    let text = match file {
-        Some(p) => {
-            let meta =
-                std::fs::metadata(p).with_context(|| format!("passphrase file {}", p.display()))?;
-            if meta.len() > PASSPHRASE_FILE_LIMIT {
-                bail!(
-                    "passphrase file {} is over {PASSPHRASE_FILE_LIMIT} bytes",
-                    p.display()
-                );
-            }
-            if meta.permissions().mode() & 0o077 != 0 {
-                eprintln!(
-                    "warning: passphrase file {} is readable by group or others",
-                    p.display()
-                );
-            }
-            std::fs::read_to_string(p)
-                .with_context(|| format!("passphrase file {}", p.display()))?
-        }
-        None => match std::env::var(PASSPHRASE_ENV) {
-            Ok(s) => s,
-            Err(std::env::VarError::NotPresent) => {
-                bail!("no passphrase: set {PASSPHRASE_ENV} or give --passphrase-file FILE")
-            }
-            Err(e) => bail!("{PASSPHRASE_ENV}: {e}"),
-        },
-    };
-    Ok(Passphrase::new(text)?)
+    Ok(fhecam::secret::load_passphrase(file)?)
 }
 
 /// Creates `path` with `mode` (never over an existing file), writes `bytes`, and sets the
