@@ -153,9 +153,23 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_chain(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, joined by ": ", leaving out a cause the message before it
+/// already ends with (many error types print their source in their own message too).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.ends_with(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -461,4 +475,22 @@ fn print_bench(r: &bench::BenchReport) {
         r.server_key_uncompressed_bytes
     );
     println!("peak RSS            {:.0} MB", r.peak_rss_mb);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_printed_twice() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        // an error type that prints its source itself, as thiserror messages here do
+        #[derive(Debug, thiserror::Error)]
+        #[error("key.file: {source}")]
+        struct Io {
+            source: std::io::Error,
+        }
+        let e = anyhow::Error::new(Io { source: io }).context("deploy");
+        assert_eq!(error_chain(&e), "deploy: key.file: no such file");
+    }
 }
