@@ -70,7 +70,7 @@ fn linear_params(
     (w, b, wr, br)
 }
 
-/// A random activation table over `lo..=hi`: a quantizer on a power-of-four step, a
+/// A random activation table over `lo..=hi`: a quantizer on a power-of-two step, a
 /// requantizing ReLU (monotone, ≤ 3 steps), or
 /// an arbitrary table with a handful of level changes; sometimes narrower than the range,
 /// so that clamping at the ends is exercised too.
@@ -85,8 +85,8 @@ fn table(rng: &mut (impl Rng + ?Sized), lo: i64, hi: i64, bits: u8) -> ActTable 
         (lo, hi)
     };
     if rng.gen_bool(0.2) {
-        // a quantizer on a power-of-four step, as `import` builds them
-        let step = 1i64 << (2 * rng.gen_range(0..=2));
+        // a quantizer on a power-of-two step, as `import` builds them
+        let step = 1i64 << rng.gen_range(0..=5);
         let c = rng.gen_range(lo..=hi);
         ActTable::from_fn(tlo, thi, |s| {
             ((s - c).div_euclid(step) + 1).clamp(0, top) as u8

@@ -411,22 +411,23 @@ impl<B: Backend> Engine<B> {
         // 16 (two digits of U), so the higher digits only say below / in / above the block.
         let last = *changes.last().unwrap();
         let (ua, ub) = ((first + sh) / q, (last + sh) / q);
-        let window = (ub - ua + 2 <= 16).then(|| {
-            let len = ub - ua + 2;
+        let len = ub - ua + 2;
+        // the extra shift (in units of U) that puts the window's start at offset `o` of a
+        // block, and that block's start (in units of U, after the shift)
+        let at = |o: i64| {
+            let s2 = (o - (ua - 1)).rem_euclid(16);
+            (s2, (ua - 1 + s2) - o)
+        };
+        // g at U = base + v once shifted by s2
+        let g_at = |s2: i64, u: i64| g((u * q - s2 * q - sh).clamp(0, range) + offset);
+        let window = (len <= 16).then(|| {
             // the block offset at which g on the block is the identity, if any: then the
             // output digits are U's own two low digits
-            let at = |o: i64| {
-                let s2 = (o - (ua - 1)).rem_euclid(16);
-                let base = (ua - 1 + s2) - o;
-                (s2, base)
-            };
             let ident = (nd == 2)
                 .then(|| {
                     (0..=16 - len).find(|&o| {
                         let (s2, base) = at(o);
-                        (0..16).all(|v| {
-                            g(((base + v) * q - s2 * q - sh).clamp(0, range) + offset) == v
-                        })
+                        (0..16).all(|v| g_at(s2, base + v) == v)
                     })
                 })
                 .flatten();
@@ -436,7 +437,24 @@ impl<B: Backend> Engine<B> {
             let (s2, base) = at(o);
             (s2, base, ident.is_some())
         });
+        // A 16-level quantizer on a step of 2·4^m spans two blocks: positions i = 0..32 of
+        // blocks k, k+1 give level i/2 when aligned so (see `table_in_two_blocks`).
+        let two_blocks = (window.is_none() && nd == 2 && len <= 32)
+            .then(|| {
+                (0..=32 - len).find_map(|o| {
+                    let (s2, base) = at(o % 16);
+                    let base = base - 16 * (o / 16);
+                    let fits = base >= 0
+                        && digits_for(((range + sh + s2 * q) >> (2 * m)) as u64) >= 3
+                        && (0..32).all(|i| g_at(s2, base + i) == i >> 1);
+                    fits.then_some((s2, base))
+                })
+            })
+            .flatten();
         if let Some((s2, _, _)) = window {
+            sh += s2 * q;
+        }
+        if let Some((s2, _)) = two_blocks {
             sh += s2 * q;
         }
         for j in 0..digits_for(sh as u64) {
@@ -453,6 +471,9 @@ impl<B: Backend> Engine<B> {
         let range_u = top >> (2 * m);
         if let (Some((_, base, ident)), true) = (window, du.len() >= 2) {
             return Ok(self.table_in_block(du, base, ident, nd, &|u| gu(u)));
+        }
+        if let Some((_, base)) = two_blocks {
+            return Ok(self.table_in_two_blocks(du, base));
         }
         if du.len() == 1 {
             let fs: Vec<_> = (0..nd).map(|k| move |u: i64| digit_of(gu(u), k)).collect();
@@ -509,6 +530,59 @@ impl<B: Backend> Engine<B> {
                 })
             })
             .collect()
+    }
+
+    /// The two base-4 digits of `clamp(U − base, 0, 31) / 2` for `U = Σ 4^j d[j]` (≥ 3
+    /// digits) and `base` a multiple of 16: a 16-level quantizer on a step of two units of U.
+    /// The digits above the lowest two place U below, in block `base/16`, in the next block
+    /// or above (one PBS per digit); then three bivariate PBS give the level's digits.
+    fn table_in_two_blocks(&self, d: &[Val<B::Ct>], base: i64) -> Vec<Val<B::Ct>> {
+        let state = self.compare_const_2(&d[2..], base >> 4);
+        // level = 8·block + 2·d1 + d0/2: digit 0 is 2·(d1 mod 2) + d0/2, digit 1 is
+        // 2·block + d1/2
+        let z0 = self.lut(&self.pack(&self.quiet(&d[1]), &d[0]), |v| {
+            2 * ((v >> 2) & 1) + ((v & 3) >> 1)
+        });
+        let y0 = self.lut(&self.pack(&state, &z0), |v| match v >> 2 {
+            0 => 0,
+            3 => 3,
+            _ => v & 3,
+        });
+        let (h1,) = (d[1].hi,);
+        let y1 = self.lut(&self.pack(&state, &d[1]), |v| match v >> 2 {
+            0 => 0,
+            s @ (1 | 2) => 2 * (s - 1) + ((v & 3).min(h1) >> 1),
+            _ => 3,
+        });
+        vec![y0, y1]
+    }
+
+    /// 0, 1, 2 or 3 as `V = Σ 4^j d[j]` is below `k`, equal to it, equal to `k + 1`, or
+    /// above: the difference V − k clamped to −1..=2, refined from the top digit (one PBS
+    /// per digit; a difference of 0 or 1 is exact, the ends saturate).
+    fn compare_const_2(&self, d: &[Val<B::Ct>], k: i64) -> Val<B::Ct> {
+        let top = d.len() - 1;
+        let kd = |j: usize| {
+            if j == top {
+                k >> (2 * j)
+            } else {
+                (k >> (2 * j)) & 3
+            }
+        };
+        let kt = kd(top);
+        let mut r = self.lut(&d[top], |v| (v - kt).clamp(-1, 2) + 1);
+        for j in (0..top).rev() {
+            let kj = kd(j);
+            r = self.lut(&self.pack(&r, &d[j]), |v| {
+                let (s, x) = (v >> 2, v & 3);
+                match s {
+                    0 => 0,
+                    3 => 3,
+                    _ => (4 * (s - 1) + x - kj).clamp(-1, 2) + 1,
+                }
+            });
+        }
+        r
     }
 
     /// 0, 1 or 2 as `Σ 4^j d[j]` is below, equal to or above the clear `k` (one PBS per
@@ -904,6 +978,18 @@ mod tests {
         // and each output digit is one selection (2)
         let q = |s: i64| ((s - 37).div_euclid(4) + 1).clamp(0, 15);
         assert_eq!(exhaustive(&q, 2, -20), 4 + 2 + 2);
+    }
+
+    #[test]
+    fn a_quantizer_on_an_odd_power_of_two_step_spans_two_blocks() {
+        // 16 levels on steps of 2: T is shifted by 5 so the levels are positions 0..32 of
+        // two blocks of U = T + 5 (carrying the shift: 4 PBS, and U gets a fifth digit);
+        // digits 2..=4 place U (3 PBS), three more give the level's digits
+        let q = |s: i64| ((s - 41).div_euclid(2) + 1).clamp(0, 15);
+        assert_eq!(exhaustive(&q, 2, -20), 4 + 3 + 3);
+        // steps of 8 (2·4): the same on U = (T + shift) / 4
+        let q8 = |s: i64| ((s - 13).div_euclid(8) + 1).clamp(0, 15);
+        exhaustive(&q8, 2, 0);
     }
 
     #[test]
