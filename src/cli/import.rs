@@ -55,9 +55,9 @@ pub struct ImportArgs {
     #[arg(long)]
     pub per_tensor: bool,
     /// Keep each activation's scale where calibration puts it. By default a ReLU's (or a
-    /// requantization's) scale moves, by a factor within 0.62..1.62, to a power-of-four
-    /// number of accumulator units per level where one is that near: the encrypted engine
-    /// then reads the level from two digits of the sum instead of 15 comparisons.
+    /// requantization's) scale moves, by a factor within 0.71..1.41, to a power-of-two
+    /// number of accumulator units per level: the encrypted engine then reads the level
+    /// from digits of the sum instead of 15 comparisons.
     #[arg(long)]
     pub free_scales: bool,
     /// Use at most this many calibration samples.
@@ -219,7 +219,7 @@ pub fn import(a: ImportArgs) -> Result<()> {
             input_bits: a.input_bits.unwrap_or(act),
             per_channel: !a.per_tensor,
             output_weight_bits: a.output_weight_bits.max(w),
-            pow4_steps: !a.free_scales,
+            pow2_steps: !a.free_scales,
         };
         cfg.check()?;
         let model = parsed.quantize(&ranges, cfg, &name)?;

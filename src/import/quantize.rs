@@ -29,11 +29,11 @@ pub struct QuantConfig {
     /// Signed weight bits of the output layer (2..=8), whose one scale is shared by all
     /// classes so that the argmax compares like with like.
     pub output_weight_bits: u8,
-    /// Put each ReLU or requantization on a step of 4^k accumulator units per level where
-    /// its scale is near one (within [`POW4_TOLERANCE`]; the next layer absorbs the change):
-    /// the engine then reads the level from two digits of the accumulator instead of
+    /// Put each ReLU or requantization on a step of 2^k accumulator units per level (its
+    /// scale moves by a factor within 0.71..1.41; the next layer absorbs the change): the
+    /// engine then reads the level from two or three digits of the accumulator instead of
     /// comparing it with 15 thresholds.
-    pub pow4_steps: bool,
+    pub pow2_steps: bool,
 }
 
 impl Default for QuantConfig {
@@ -44,7 +44,7 @@ impl Default for QuantConfig {
             input_bits: DEFAULT_ACT_BITS,
             per_channel: true,
             output_weight_bits: DEFAULT_OUTPUT_WEIGHT_BITS,
-            pow4_steps: true,
+            pow2_steps: true,
         }
     }
 }
@@ -79,12 +79,6 @@ impl QuantConfig {
         Ok(())
     }
 }
-
-/// How far (in log4) an activation's scale may move to a power-of-four step: factors
-/// 0.62..1.62. Measured on the fixtures (docs/IMPORT.md): moving every scale to the nearest
-/// power (factors 0.5..2) cost digits_res 1.6 points; within this bound all four stay
-/// within a point of float.
-const POW4_TOLERANCE: f32 = 0.35;
 
 /// Per value, per channel: the (min, max) the calibration data reached.
 pub type Ranges = Vec<Vec<(f32, f32)>>;
@@ -194,20 +188,14 @@ impl Builder<'_> {
         let (a, b) = rep.affine();
         let chans = info.shape[0];
         // Levels of a ReLU or a requantization are s/a accumulator units apart: on a power
-        // of four, the engine extracts them from the accumulator's digits.
+        // of two, the engine reads them from the accumulator's digits.
         let steps: Vec<Option<i64>> = (0..chans)
             .map(|c| {
                 let uniform = matches!(f, ActFn::Relu | ActFn::Identity);
                 let r = s[c] / a[c];
-                // the nearest power of four in log scale, when it is near enough
-                let l = r.log(4.0);
-                (self.cfg.pow4_steps
-                    && !free_scale
-                    && uniform
-                    && a[c] > 0.0
-                    && r.is_finite()
-                    && (l - l.round()).abs() <= POW4_TOLERANCE)
-                    .then(|| 1i64 << (2 * (l.round().clamp(0.0, 14.0) as u32)))
+                // the nearest power of two in log scale: the scale moves by 0.71..1.41
+                (self.cfg.pow2_steps && !free_scale && uniform && a[c] > 0.0 && r.is_finite())
+                    .then(|| 1i64 << (r.log2().round().clamp(0.0, 30.0) as u32))
             })
             .collect();
         let s: Vec<f32> = (0..chans)
