@@ -562,13 +562,7 @@ impl<B: Backend> Engine<B> {
     /// per digit; a difference of 0 or 1 is exact, the ends saturate).
     fn compare_const_2(&self, d: &[Val<B::Ct>], k: i64) -> Val<B::Ct> {
         let top = d.len() - 1;
-        let kd = |j: usize| {
-            if j == top {
-                k >> (2 * j)
-            } else {
-                (k >> (2 * j)) & 3
-            }
-        };
+        let kd = |j: usize| const_digit(k, j, top);
         let kt = kd(top);
         let mut r = self.lut(&d[top], |v| (v - kt).clamp(-1, 2) + 1);
         for j in (0..top).rev() {
@@ -589,13 +583,7 @@ impl<B: Backend> Engine<B> {
     /// digit, from the top).
     fn compare_const(&self, d: &[Val<B::Ct>], k: i64) -> Val<B::Ct> {
         let top = d.len() - 1;
-        let kd = |j: usize| {
-            if j == top {
-                k >> (2 * j)
-            } else {
-                (k >> (2 * j)) & 3
-            }
-        };
+        let kd = |j: usize| const_digit(k, j, top);
         let kt = kd(top);
         let mut r = self.lut(&d[top], |v| (v.cmp(&kt) as i64) + 1);
         for j in (0..top).rev() {
@@ -837,6 +825,16 @@ impl<B: Backend> Engine<B> {
                 }
             })
             .collect()
+    }
+}
+
+/// Base-4 digit `j` of the clear `k` compared with a number of `top + 1` digits: the top
+/// one takes everything above it.
+fn const_digit(k: i64, j: usize, top: usize) -> i64 {
+    if j == top {
+        k >> (2 * j)
+    } else {
+        (k >> (2 * j)) & 3
     }
 }
 
