@@ -83,7 +83,7 @@ pub enum FheError {
         size: u64,
         limit: u64,
     },
-    #[error("{what}: format version {found}, this fhecam reads {expected}")]
+    #[error("{what}: format version {found}, this fhecam reads {expected}{}", if *.found < *.expected { ": it was made by an older fhecam; protect the model again with this one (`fhecam protect`, then `fhecam deploy`)" } else { ": update fhecam" })]
     Version {
         what: &'static str,
         found: u32,
