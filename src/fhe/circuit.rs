@@ -548,7 +548,7 @@ impl<B: Backend> Engine<B> {
             3 => 3,
             _ => v & 3,
         });
-        let (h1,) = (d[1].hi,);
+        let h1 = d[1].hi;
         let y1 = self.lut(&self.pack(&state, &d[1]), |v| match v >> 2 {
             0 => 0,
             s @ (1 | 2) => 2 * (s - 1) + ((v & 3).min(h1) >> 1),

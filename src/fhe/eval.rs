@@ -42,6 +42,21 @@ pub struct LayerParams<C> {
     pub clear_tables: Vec<C>,
 }
 
+impl<C> LayerParams<C> {
+    /// The same parameters with `f` applied to every ciphertext (stops at the first error).
+    pub fn try_map<D, E>(&self, f: impl Fn(&C) -> Result<D, E>) -> Result<LayerParams<D>, E> {
+        Ok(LayerParams {
+            weights: self.weights.iter().map(&f).collect::<Result<_, _>>()?,
+            bias: self
+                .bias
+                .iter()
+                .map(|d| d.iter().map(&f).collect())
+                .collect::<Result<_, _>>()?,
+            clear_tables: self.clear_tables.iter().map(&f).collect::<Result<_, _>>()?,
+        })
+    }
+}
+
 /// How the camera feeds its frame to the encrypted network.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

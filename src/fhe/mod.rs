@@ -434,25 +434,7 @@ impl EncryptedModel {
         let params = self
             .params
             .iter()
-            .map(|p| {
-                p.as_ref()
-                    .map(|p| -> Result<_, FheError> {
-                        Ok(LayerParams {
-                            weights: p.weights.iter().map(ser).collect::<Result<_, _>>()?,
-                            bias: p
-                                .bias
-                                .iter()
-                                .map(|d| d.iter().map(ser).collect::<Result<_, _>>())
-                                .collect::<Result<_, _>>()?,
-                            clear_tables: p
-                                .clear_tables
-                                .iter()
-                                .map(ser)
-                                .collect::<Result<_, _>>()?,
-                        })
-                    })
-                    .transpose()
-            })
+            .map(|p| p.as_ref().map(|p| p.try_map(ser)).transpose())
             .collect::<Result<_, _>>()?;
         let file = EncryptedModelFile {
             format_version: ENCRYPTED_MODEL_FORMAT_VERSION,
@@ -513,22 +495,7 @@ impl EncryptedModel {
             .iter()
             .map(|p| {
                 p.as_ref()
-                    .map(|p| -> Result<_, FheError> {
-                        let digit = |b: &Vec<u8>| de(b, &digit_conf);
-                        Ok(LayerParams {
-                            weights: p.weights.iter().map(digit).collect::<Result<_, _>>()?,
-                            bias: p
-                                .bias
-                                .iter()
-                                .map(|d| d.iter().map(digit).collect::<Result<_, _>>())
-                                .collect::<Result<_, _>>()?,
-                            clear_tables: p
-                                .clear_tables
-                                .iter()
-                                .map(digit)
-                                .collect::<Result<_, _>>()?,
-                        })
-                    })
+                    .map(|p| p.try_map(|b| de(b, &digit_conf)))
                     .transpose()
             })
             .collect::<Result<_, _>>()?;
