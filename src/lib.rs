@@ -10,6 +10,7 @@ pub mod edge;
 pub mod envelope;
 pub mod fhe;
 pub mod files;
+pub mod fleet;
 pub mod ids;
 pub mod import;
 pub mod model;

@@ -118,6 +118,10 @@ enum Cmd {
     /// v5 shared subscription), validates and decrypts them with the owner database, and
     /// publishes labels for the city cockpit; refusals go to a dead-letter topic.
     Agent(cli::agent::AgentArgs),
+    /// The cameras on a broker, from their retained reports: availability, the model
+    /// name and version each runs, frames, inferences, drops, outbox depth, and how long
+    /// ago the last inference finished.
+    Fleet(cli::fleet::FleetArgs),
     /// The whole product on this machine: the owner protects and deploys the digits model, a
     /// broker starts, the edge daemon plays real test digits through GStreamer and publishes
     /// encrypted inferences, the backend agent decrypts them; each label is printed next to
@@ -287,6 +291,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Selftest(args) => cli::selftest::run(args)?,
         Cmd::Agent(args) => cli::agent::run(args)?,
+        Cmd::Fleet(args) => cli::fleet::run(args)?,
         Cmd::Owner(cmd) => cli::owner::run(cmd)?,
         Cmd::Edge(cmd) => cli::edge::run(cmd)?,
     }

@@ -137,7 +137,13 @@ fn run_in(
     let db = work.join("owner.db");
     let id = super::owner::protect(&model_path, &db, Some("digits".into()), Some(&pass_file))?;
     let bundle_path = work.join("digits.bundle");
-    super::owner::deploy(&db, &id, &keys_dir.join("owner.key"), &bundle_path)?;
+    super::owner::deploy(
+        &db,
+        &id,
+        &keys_dir.join("owner.key"),
+        Some(&bundle_path),
+        None,
+    )?;
 
     // ---- broker ----
     let (_mosquitto, host, port) = match &args.broker {
@@ -196,6 +202,7 @@ fn run_in(
             dir: work.join("outbox"),
             ..OutboxConfig::default()
         },
+        deploy: None,
     };
     edge.check()?;
     println!("[edge] pipeline: {pipeline}");
@@ -253,7 +260,7 @@ fn run_in(
         // ---- edge daemon ----
         let started = Instant::now();
         let milestone: Arc<dyn Fn(fhecam::edge::Milestone) + Send + Sync> = Arc::new(|_| {});
-        let report = fhecam::edge::run(edge, shutdown.child_token(), milestone).await?;
+        let report = fhecam::edge::run(edge, shutdown.child_token(), Default::default(), milestone).await?;
         let edge_s = started.elapsed().as_secs_f64();
         println!(
             "[edge] done: {} inferences published in {:.1} s",

@@ -216,6 +216,21 @@ fn run_daemon(path: &Path) -> Result<()> {
                 cancel.cancel();
             });
         }
+        // SIGHUP (systemctl reload): offer the configured bundle file again
+        let reload = Arc::new(tokio::sync::Notify::new());
+        {
+            let reload = reload.clone();
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(mut hup) => {
+                    tokio::spawn(async move {
+                        while hup.recv().await.is_some() {
+                            reload.notify_one();
+                        }
+                    });
+                }
+                Err(e) => tracing::error!("cannot watch SIGHUP: {e}"),
+            }
+        }
         // The watchdog is fed from here, so a wedged runtime stops feeding it.
         if let Some(period) = sd_notify::watchdog_enabled() {
             tokio::spawn(async move {
@@ -226,7 +241,7 @@ fn run_daemon(path: &Path) -> Result<()> {
                 }
             });
         }
-        let report = edge::run(cfg, cancel, milestone).await?;
+        let report = edge::run(cfg, cancel, reload, milestone).await?;
         tracing::info!("stopped ({:?}): {:?}", report.end, report.stats);
         println!("{}", serde_json::to_string(&report.stats)?);
         Ok(())

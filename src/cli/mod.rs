@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod demo;
 pub mod edge;
+pub mod fleet;
 pub mod import;
 pub mod owner;
 pub mod selftest;

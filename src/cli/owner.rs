@@ -51,6 +51,10 @@ pub enum OwnerCmd {
         /// One JSON object per model version instead of a table.
         #[arg(long)]
         json: bool,
+        /// With --broker: also list which cameras report running each version (from
+        /// their retained status, see `fhecam fleet`).
+        #[command(flatten)]
+        fleet: super::fleet::BrokerArgs,
     },
     /// Write a signed deployment bundle of one model version: encrypted model, public key
     /// and compressed server key. Nothing secret is inside.
@@ -64,9 +68,25 @@ pub enum OwnerCmd {
         /// The owner's Ed25519 signing key (from `fhecam owner-key init`).
         #[arg(long)]
         signing_key: PathBuf,
-        /// Where to write the bundle.
-        #[arg(long)]
-        out: PathBuf,
+        /// Where to write the bundle (optional with --push).
+        #[arg(long, required_unless_present = "push")]
+        out: Option<PathBuf>,
+        /// Also publish the bundle to running cameras over MQTT (retained, QoS 1): they
+        /// check it and switch at a frame boundary without restarting (needs --broker and
+        /// --devices or --all).
+        #[arg(long, requires = "broker")]
+        push: bool,
+        /// With --push: the devices (device_id of their edge.toml) to push to.
+        #[arg(long, value_delimiter = ',', conflicts_with = "all", requires = "push")]
+        devices: Vec<String>,
+        /// With --push: every camera listening on the broker.
+        #[arg(long, requires = "push")]
+        all: bool,
+        /// With --push: how long to wait for the broker's acknowledgements (1–86400 s).
+        #[arg(long, default_value_t = 600.0)]
+        push_timeout_s: f64,
+        #[command(flatten)]
+        fleet: super::fleet::BrokerArgs,
     },
     /// Check a bundle as an edge device does: size, format, the owner's signature, then the
     /// conformance of every key and ciphertext with fhecam's TFHE parameters.
@@ -151,13 +171,23 @@ pub fn run(cmd: OwnerCmd) -> Result<()> {
             name,
             passphrase_file,
         } => protect(&model, &db, name, passphrase_file.as_deref()).map(|_| ()),
-        OwnerCmd::Models { db, json } => models(&db, json),
+        OwnerCmd::Models { db, json, fleet } => models(&db, json, &fleet),
         OwnerCmd::Deploy {
             db,
             model,
             signing_key,
             out,
-        } => deploy(&db, &model, &signing_key, &out),
+            push,
+            devices,
+            all,
+            push_timeout_s,
+            fleet,
+        } => {
+            let push = push
+                .then(|| push_target(&fleet, &devices, all, push_timeout_s))
+                .transpose()?;
+            deploy(&db, &model, &signing_key, out.as_deref(), push.as_ref())
+        }
         OwnerCmd::VerifyBundle { bundle, owner_key } => verify_bundle(&bundle, &owner_key),
         OwnerCmd::Infer {
             bundle,
@@ -358,12 +388,36 @@ pub(crate) fn protect(
     Ok(id)
 }
 
-fn models(db: &Path, json: bool) -> Result<()> {
+fn models(db: &Path, json: bool, fleet: &super::fleet::BrokerArgs) -> Result<()> {
     let store = Store::open(db)?;
     let list = store.list()?;
+    // model id -> "device/camera" of the cameras that report running it
+    let running: Option<std::collections::BTreeMap<String, Vec<String>>> = match &fleet.broker {
+        None => None,
+        Some(_) => {
+            let mut m = std::collections::BTreeMap::<String, Vec<String>>::new();
+            for c in super::fleet::collect(fleet, std::time::Duration::from_secs(2))? {
+                if let Some(id) = c.model_id {
+                    m.entry(id)
+                        .or_default()
+                        .push(format!("{}/{}", c.device_id, c.camera_id));
+                }
+            }
+            Some(m)
+        }
+    };
+    let cams = |id: &ModelId| {
+        running
+            .as_ref()
+            .map(|r| r.get(&id.to_string()).cloned().unwrap_or_default())
+    };
     if json {
         for m in &list {
-            println!("{}", serde_json::to_string(m)?);
+            let mut v = serde_json::to_value(m)?;
+            if let Some(c) = cams(&m.id) {
+                v["cameras"] = serde_json::json!(c);
+            }
+            println!("{v}");
         }
         return Ok(());
     }
@@ -372,12 +426,20 @@ fn models(db: &Path, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<32}  {:<20} {:>3}  {:<20}  {:>8} {:>10} {:>10} {:>10}",
-        "id", "name", "ver", "created", "input", "params", "pubkey", "serverkey"
+        "{:<32}  {:<20} {:>3}  {:<20}  {:>8} {:>10} {:>10} {:>10}{}",
+        "id",
+        "name",
+        "ver",
+        "created",
+        "input",
+        "params",
+        "pubkey",
+        "serverkey",
+        if running.is_some() { "  cameras" } else { "" }
     );
     for m in &list {
         println!(
-            "{:<32}  {:<20} {:>3}  {:<20}  {:>8} {:>10} {:>10} {:>10}",
+            "{:<32}  {:<20} {:>3}  {:<20}  {:>8} {:>10} {:>10} {:>10}{}",
             m.id,
             m.name,
             m.version,
@@ -385,13 +447,76 @@ fn models(db: &Path, json: bool) -> Result<()> {
             format!("{}x{}x{}", m.input.channels, m.input.height, m.input.width),
             m.encrypted_model_bytes,
             m.public_key_bytes,
-            m.server_key_bytes
+            m.server_key_bytes,
+            cams(&m.id)
+                .map(|c| format!("  {}", c.len()))
+                .unwrap_or_default()
         );
+    }
+    if let Some(r) = &running {
+        for (id, c) in r {
+            let known = list.iter().any(|m| m.id.to_string() == *id);
+            println!(
+                "{} running {}: {}",
+                if known {
+                    "  "
+                } else {
+                    "  (not in this database)"
+                },
+                id,
+                c.join(", ")
+            );
+        }
     }
     Ok(())
 }
 
-pub(crate) fn deploy(db: &Path, id: &ModelId, key_path: &Path, out: &Path) -> Result<()> {
+/// Where `deploy --push` publishes.
+pub(crate) struct PushTarget {
+    broker: super::fleet::BrokerArgs,
+    topics: Vec<String>,
+    timeout: std::time::Duration,
+}
+
+fn push_target(
+    b: &super::fleet::BrokerArgs,
+    devices: &[String],
+    all: bool,
+    timeout_s: f64,
+) -> Result<PushTarget> {
+    if !(1.0..=86400.0).contains(&timeout_s) {
+        bail!("--push-timeout-s must be 1..=86400, got {timeout_s}");
+    }
+    let topics = if all {
+        vec![fhecam::fleet::deploy_topic(&b.prefix, None)]
+    } else if devices.is_empty() {
+        bail!("--push needs the cameras: --devices a,b or --all");
+    } else {
+        devices
+            .iter()
+            .map(|d| {
+                fhecam::envelope::check_id("--devices", d)?;
+                if d == fhecam::edge::config::DEPLOY_LEVEL {
+                    bail!("--devices: {d:?} is reserved, not a device id");
+                }
+                Ok(fhecam::fleet::deploy_topic(&b.prefix, Some(d)))
+            })
+            .collect::<Result<_>>()?
+    };
+    Ok(PushTarget {
+        broker: b.clone(),
+        topics,
+        timeout: std::time::Duration::from_secs_f64(timeout_s),
+    })
+}
+
+pub(crate) fn deploy(
+    db: &Path,
+    id: &ModelId,
+    key_path: &Path,
+    out: Option<&Path>,
+    push: Option<&PushTarget>,
+) -> Result<()> {
     let store = Store::open(db)?;
     let rec = store.public_record(id)?;
     fhecam::fhe::check_evaluation_key_format(&rec.server_key)
@@ -414,10 +539,15 @@ pub(crate) fn deploy(db: &Path, id: &ModelId, key_path: &Path, out: &Path) -> Re
     )?;
     // Cheap self-check of the framing and signature before anything leaves the owner.
     bundle::verify(&bytes, &key.verifying_key())?;
-    write_atomic(out, &bytes)?;
+    let dest = match out {
+        Some(out) => {
+            write_atomic(out, &bytes)?;
+            format!("wrote {}", out.display())
+        }
+        None => "built".into(),
+    };
     println!(
-        "wrote {}: {} bytes ({}) for {} version {} ({}); encrypted model {} B, public key {} B, evaluation key {} B (server key and compression key); signed by owner key {}",
-        out.display(),
+        "{dest}: {} bytes ({}) for {} version {} ({}); encrypted model {} B, public key {} B, evaluation key {} B (server key and compression key); signed by owner key {}",
         bytes.len(),
         mb(bytes.len() as u64),
         s.name,
@@ -428,6 +558,9 @@ pub(crate) fn deploy(db: &Path, id: &ModelId, key_path: &Path, out: &Path) -> Re
         rec.server_key.len(),
         bundle::key_id(&key.verifying_key())
     );
+    if let Some(p) = push {
+        super::fleet::push(&p.broker, &p.topics, &bytes, p.timeout)?;
+    }
     Ok(())
 }
 

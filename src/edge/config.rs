@@ -42,6 +42,10 @@ pub struct EdgeConfig {
     pub mqtt: MqttConfig,
     #[serde(default)]
     pub outbox: OutboxConfig,
+    /// Fleet deployment: bundles pushed over MQTT or dropped into a directory replace the
+    /// running model at a frame boundary. Absent: the daemon runs the `bundle` file only
+    /// (SIGHUP still re-reads it).
+    pub deploy: Option<DeployConfig>,
 }
 
 /// Where frames come from.
@@ -200,6 +204,39 @@ impl Default for OutboxConfig {
     }
 }
 
+/// `[deploy]`: new model versions while the daemon runs.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployConfig {
+    /// Directory the daemon owns (created 0700): the bundle it runs (`current.bundle`) and
+    /// the newest version of every model it ever accepted (`deployed.json`), so a restart
+    /// keeps a pushed model and an older bundle is refused even after a restart.
+    pub state_dir: PathBuf,
+    /// Take bundles pushed to `<mqtt.topic_prefix>/_deploy/all` and
+    /// `<mqtt.topic_prefix>/_deploy/<device_id>` (retained, QoS 1). Default true.
+    #[serde(default = "default_true")]
+    pub push: bool,
+    /// A directory watched for `*.bundle` files (created 0700 if missing). A file is taken
+    /// once its size and modification time are unchanged over one scan; accepted files are
+    /// removed, refused ones renamed `*.bundle.refused`. Default: none.
+    pub drop_dir: Option<PathBuf>,
+    /// How often `drop_dir` is scanned: 0.1..=3600 s. Default 2.
+    #[serde(default = "default_scan_interval")]
+    pub scan_interval_s: f64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_scan_interval() -> f64 {
+    2.0
+}
+
+/// The device id under which deployment topics live (`<prefix>/_deploy/...`): no camera
+/// may use it.
+pub const DEPLOY_LEVEL: &str = "_deploy";
+
 /// Top-level fields, so that other `FHECAM_*` variables (the owner's passphrase, the
 /// data directory) are not mistaken for unknown configuration fields.
 const FIELDS: &[&str] = &[
@@ -212,6 +249,7 @@ const FIELDS: &[&str] = &[
     "infer",
     "mqtt",
     "outbox",
+    "deploy",
 ];
 
 fn default_camera_id() -> String {
@@ -254,6 +292,11 @@ impl EdgeConfig {
             crate::envelope::check_id(name, v).map_err(|e| e.to_string())
         };
         id("device_id", &self.device_id)?;
+        if self.device_id == DEPLOY_LEVEL {
+            return Err(format!(
+                "device_id {DEPLOY_LEVEL:?} is reserved for deployment topics; choose another"
+            ));
+        }
         id("camera_id", &self.camera_id)?;
         check_path("bundle", &self.bundle)?;
         check_path("owner_key", &self.owner_key)?;
@@ -337,7 +380,26 @@ impl EdgeConfig {
                 o.max_entries
             ));
         }
+        if let Some(d) = &self.deploy {
+            check_path("deploy.state_dir", &d.state_dir)?;
+            if let Some(p) = &d.drop_dir {
+                check_path("deploy.drop_dir", p)?;
+                if *p == d.state_dir {
+                    return Err("deploy.drop_dir must not be deploy.state_dir".into());
+                }
+            }
+            check_range("deploy.scan_interval_s", d.scan_interval_s, 0.1..=3600.0)?;
+        }
         Ok(())
+    }
+
+    /// The topics a camera takes pushed bundles from: the whole fleet's and its device's.
+    pub fn deploy_topics(&self) -> [String; 2] {
+        let p = &self.mqtt.topic_prefix;
+        [
+            format!("{p}/{DEPLOY_LEVEL}/all"),
+            format!("{p}/{DEPLOY_LEVEL}/{}", self.device_id),
+        ]
     }
 
     pub fn client_id(&self) -> String {

@@ -14,21 +14,22 @@
 //! [`drain_extension`]), with `drain_timeout_s` as its floor.
 
 use super::config::{secs, EdgeConfig};
+use super::deploy::{Current, DeployError, Deployed, Deployer};
 use super::gate::{Decision, Gate};
+use super::intake::{self, Links, Offer};
 use super::outbox::Outbox;
 use super::publish::{self, Finished, PublishEvent};
 use super::source::{self, Frame, SourceEnd, SourceOptions};
 use super::stats::{Snapshot, Stats};
 use crate::bundle;
 use crate::envelope::Envelope;
-use crate::fhe::{EdgeRuntime, FheError};
-use crate::model::InputSpec;
+use crate::fhe::FheError;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Error)]
@@ -45,6 +46,8 @@ pub enum EdgeError {
     },
     #[error("FHE runtime: {0}")]
     Runtime(#[from] FheError),
+    #[error(transparent)]
+    Deploy(#[from] DeployError),
     #[error(transparent)]
     Source(#[from] source::SourceError),
     #[error(transparent)]
@@ -121,12 +124,15 @@ fn preprocess_stage(
     frames: std_mpsc::Receiver<Frame>,
     to_infer: std_mpsc::SyncSender<Job>,
     every_frame: bool,
-    spec: InputSpec,
+    current: Arc<Current>,
     mut gate: Gate,
     stats: Arc<Stats>,
 ) {
     for frame in frames {
-        let x = match crate::preprocess::intensities(&frame.image, &spec) {
+        // the frame is bound here to the model it is preprocessed for, until it finishes
+        let model = current.get();
+        let spec = &model.header.input;
+        let x = match crate::preprocess::intensities(&frame.image, spec) {
             Ok(x) => x,
             Err(e) => {
                 stats.preprocess_errors.fetch_add(1, Ordering::Relaxed);
@@ -148,13 +154,18 @@ fn preprocess_stage(
             }
         }
         let q = spec.quantize(&x);
+        let job = Job {
+            model,
+            x: q,
+            timestamp_ms: frame.timestamp_ms,
+        };
         if every_frame {
-            if to_infer.send((q, frame.timestamp_ms)).is_err() {
+            if to_infer.send(job).is_err() {
                 return;
             }
             continue;
         }
-        match to_infer.try_send((q, frame.timestamp_ms)) {
+        match to_infer.try_send(job) {
             Ok(()) => {}
             Err(std_mpsc::TrySendError::Full(_)) => {
                 stats.frames_dropped_busy.fetch_add(1, Ordering::Relaxed);
@@ -168,18 +179,20 @@ fn preprocess_stage(
 /// How often a running inference logs its progress.
 const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(30);
 
-/// A quantized frame and its capture time (unix ms).
-type Job = (Vec<u8>, u64);
+/// A quantized frame, the model it is for, and its capture time (unix ms).
+struct Job {
+    model: Arc<Deployed>,
+    x: Vec<u8>,
+    timestamp_ms: u64,
+}
 /// The infer stage's shared input: idle workers take turns waiting on it.
 type JobQueue = Arc<Mutex<std_mpsc::Receiver<Job>>>;
 
 struct InferCtx {
-    rt: EdgeRuntime,
+    current: Arc<Current>,
     input_mode: crate::fhe::eval::InputMode,
     device_id: String,
     camera_id: String,
-    model_id: crate::ids::ModelId,
-    model_version: u32,
     progress: Progress,
 }
 
@@ -217,17 +230,21 @@ fn infer_worker(
     loop {
         // the lock is held only while waiting: the next idle worker queues behind it
         let next = input.lock().map(|rx| rx.recv());
-        let (x, ts) = match next {
+        let Job {
+            model,
+            x,
+            timestamp_ms: ts,
+        } = match next {
             Ok(Ok(v)) => v,
             _ => return,
         };
         let t = Instant::now();
         ctx.progress.set_started(worker, Some(t));
         // a frame takes minutes: say how far it is (PBS done / planned) every half minute
-        let result = ctx
+        let result = model
             .rt
             .infer_watched(
-                ctx.rt.frame_input(ctx.input_mode, &x).as_frame(),
+                model.rt.frame_input(ctx.input_mode, &x).as_frame(),
                 PROGRESS_LOG_EVERY,
                 &|done, planned| {
                     if done < planned {
@@ -253,8 +270,8 @@ fn infer_worker(
                 let envelope = Envelope {
                     device_id: ctx.device_id.clone(),
                     camera_id: ctx.camera_id.clone(),
-                    model_id: ctx.model_id,
-                    model_version: ctx.model_version,
+                    model_id: model.header.model_id,
+                    model_version: model.header.version,
                     sequence: 0, // given by the outbox
                     epoch: 0,    // likewise
                     frame_timestamp_ms: ts,
@@ -282,13 +299,10 @@ fn drain(
     ctx: &InferCtx,
     milestone: &(dyn Fn(Milestone) + Send + Sync),
 ) {
-    let pbs = ctx
-        .rt
-        .planned_pbs_in(ctx.input_mode)
-        .unwrap_or(ctx.rt.planned_pbs())
-        .iter()
-        .sum::<u64>();
-    let threads = ctx.rt.threads();
+    let (pbs, threads) = {
+        let m = ctx.current.get();
+        (m.planned_pbs, m.rt.threads())
+    };
     let mut deadline = floor.map(|f| Instant::now() + f);
     let mut announced: Option<(Instant, Instant)> = None; // (deadline, when)
     for w in workers {
@@ -334,34 +348,37 @@ fn drain(
 }
 
 /// Runs the daemon until the source ends (end of stream) or `cancel` fires. `milestone`
-/// is called from any thread as the daemon comes up.
+/// is called from any thread as the daemon comes up; `reload` (SIGHUP) offers the
+/// configured bundle file again and scans the drop directory.
 pub async fn run(
     cfg: EdgeConfig,
     cancel: CancellationToken,
+    reload: Arc<Notify>,
     milestone: Arc<dyn Fn(Milestone) + Send + Sync>,
 ) -> Result<RunReport, EdgeError> {
     let stats = Arc::new(Stats::default());
     let cfg = Arc::new(cfg);
 
     // Everything that can fail on bad files fails here, before any thread starts.
-    let b = {
+    let (deployer, first) = {
         let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || load_bundle(&cfg))
-            .await
-            .map_err(|e| EdgeError::Thread(e.to_string()))??
+        tokio::task::spawn_blocking(move || -> Result<_, EdgeError> {
+            let owner =
+                bundle::read_owner_key(&cfg.owner_key).map_err(|source| EdgeError::OwnerKey {
+                    path: cfg.owner_key.display().to_string(),
+                    source,
+                })?;
+            Ok(Deployer::start(&cfg, owner)?)
+        })
+        .await
+        .map_err(|e| EdgeError::Thread(e.to_string()))??
     };
-    let header = b.header.clone();
     let outbox = Outbox::open(
         &cfg.outbox.dir,
         cfg.outbox.max_entries,
         crate::envelope::MAX_ENVELOPE_BYTES as u64,
     )?;
-    let threads = cfg.infer.threads;
-    let rt = tokio::task::spawn_blocking(move || EdgeRuntime::new(&b.model, b.public, threads))
-        .await
-        .map_err(|e| EdgeError::Thread(e.to_string()))??;
-    // a model that cannot take its frame in the clear is refused before any frame
-    let planned: u64 = rt.planned_pbs_in(cfg.infer.input_mode)?.iter().sum();
+    let header = &first.header;
     tracing::info!(
         "bundle {} version {} ({}) loaded: input {}x{}x{} ({} input), {} PBS per frame, {} FHE threads",
         header.name,
@@ -371,10 +388,32 @@ pub async fn run(
         header.input.height,
         header.input.width,
         cfg.infer.input_mode.name(),
-        planned,
-        rt.threads()
+        first.planned_pbs,
+        first.rt.threads()
     );
+    let current = Arc::new(Current::new(first));
     milestone(Milestone::BundleLoaded);
+
+    // bundle intake: pushes (through the publisher), dropped files, SIGHUP
+    let push = cfg.deploy.as_ref().is_some_and(|d| d.push);
+    let (offer_tx, offer_rx) = mpsc::channel::<Offer>(intake::OFFER_QUEUE);
+    let changed = Arc::new(Notify::new());
+    let intake_stop = CancellationToken::new();
+    let intake = {
+        let links = Links {
+            current: current.clone(),
+            changed: changed.clone(),
+            stats: stats.clone(),
+        };
+        tokio::spawn(intake::run(
+            deployer,
+            cfg.clone(),
+            links,
+            offer_rx,
+            reload,
+            intake_stop.clone(),
+        ))
+    };
 
     // publish stage
     let (fin_tx, fin_rx) = mpsc::channel::<Finished>(cfg.infer.max_in_flight + 1);
@@ -382,9 +421,15 @@ pub async fn run(
     let linger = secs(cfg.mqtt.keep_alive_s as f64).min(Duration::from_secs(10));
     let pub_stop = CancellationToken::new();
     let publisher = {
-        let (cfg, stats, stop) = (cfg.clone(), stats.clone(), pub_stop.clone());
+        let (cfg, stop) = (cfg.clone(), pub_stop.clone());
+        let links = publish::Links {
+            stats: stats.clone(),
+            current: current.clone(),
+            changed,
+            offers: push.then_some(offer_tx),
+        };
         tokio::spawn(
-            async move { publish::run(&cfg, outbox, stats, fin_rx, ev_tx, linger, stop).await },
+            async move { publish::run(&cfg, outbox, links, fin_rx, ev_tx, linger, stop).await },
         )
     };
     {
@@ -402,11 +447,9 @@ pub async fn run(
     // infer stage: our own threads around the runtime's FHE pool
     let ctx = Arc::new(InferCtx {
         input_mode: cfg.infer.input_mode,
-        rt,
+        current: current.clone(),
         device_id: cfg.device_id.clone(),
         camera_id: cfg.camera_id.clone(),
-        model_id: header.model_id,
-        model_version: header.version,
         progress: Progress {
             started: (0..cfg.infer.max_in_flight)
                 .map(|_| Mutex::new(None))
@@ -434,11 +477,11 @@ pub async fn run(
         cfg.preprocess.motion_threshold,
     );
     let pre = {
-        let (spec, stats) = (header.input.clone(), stats.clone());
+        let (current, stats) = (current.clone(), stats.clone());
         let every_frame = cfg.source.every_frame;
         std::thread::Builder::new()
             .name("preprocess".into())
-            .spawn(move || preprocess_stage(frame_rx, inf_tx, every_frame, spec, gate, stats))
+            .spawn(move || preprocess_stage(frame_rx, inf_tx, every_frame, current, gate, stats))
             .map_err(|e| EdgeError::Thread(e.to_string()))?
     };
 
@@ -487,6 +530,8 @@ pub async fn run(
         drain(workers, floor, &ctx, &*milestone);
     });
     let _ = joined.await;
+    intake_stop.cancel();
+    let _ = intake.await;
     pub_stop.cancel();
     let published = publisher
         .await

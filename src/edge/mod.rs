@@ -3,7 +3,9 @@
 
 pub mod config;
 pub mod daemon;
+pub mod deploy;
 pub mod gate;
+pub mod intake;
 pub mod outbox;
 pub mod publish;
 pub mod source;

@@ -6,8 +6,10 @@
 //! old session, and has no reconnect backoff of its own: both are handled here.
 
 use super::config::{secs, EdgeConfig};
+use super::deploy::Current;
+use super::intake::{Offer, Origin};
 use super::outbox::{Outbox, OutboxError};
-use super::stats::Stats;
+use super::stats::{Snapshot, Stats};
 use crate::envelope::{self, Envelope};
 use crate::retry::backoff;
 use rumqttc::{
@@ -18,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 #[derive(Debug, Error)]
@@ -102,6 +104,34 @@ pub enum PublishEvent {
     Disconnected,
 }
 
+/// What the publisher shares with the rest of the daemon.
+pub struct Links {
+    pub stats: Arc<Stats>,
+    /// The model running now, reported with the counters.
+    pub current: Arc<Current>,
+    /// Fired when the model changed: report at once.
+    pub changed: Arc<Notify>,
+    /// Where pushed bundles go (`None`: pushes are not taken, no subscription).
+    pub offers: Option<mpsc::Sender<Offer>>,
+}
+
+/// The retained message on `<prefix>/<device>/<camera>/stats`: the counters and the model
+/// running now, what `fhecam fleet` shows.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Status {
+    #[serde(flatten)]
+    pub counters: Snapshot,
+    pub model_id: String,
+    pub model_name: String,
+    pub model_version: u32,
+    pub input_mode: String,
+    /// When this message was made (unix ms), for the age of the other times.
+    pub sent_unix_ms: u64,
+}
+
+/// Largest packet MQTT can carry (its remaining-length field): a pushed bundle must fit.
+pub const MQTT_MAX_PACKET: usize = 268_435_455;
+
 /// Entries handed to rumqttc at once at most (each is up to ~1 MB of ciphertext).
 const MAX_HANDED: usize = 16;
 /// Request channel between our loop and rumqttc's event loop.
@@ -115,7 +145,13 @@ pub fn mqtt_options(cfg: &EdgeConfig) -> Result<MqttOptions, PublishError> {
     // reconnect (with a clean session rumqttc lost a third of them in a partition).
     o.set_clean_session(false);
     let max = envelope::MAX_ENVELOPE_BYTES + 4096;
-    o.set_max_packet_size(64 << 10, max);
+    // incoming: only pushed bundles are large
+    let incoming = if cfg.deploy.as_ref().is_some_and(|d| d.push) {
+        MQTT_MAX_PACKET
+    } else {
+        64 << 10
+    };
+    o.set_max_packet_size(incoming, max);
     o.set_inflight(MAX_HANDED as u16 + 4);
     o.set_last_will(LastWill::new(
         cfg.topic("availability"),
@@ -138,6 +174,12 @@ struct Publisher<'a> {
     outbox: Outbox,
     flight: InFlight,
     stats: Arc<Stats>,
+    current: Arc<Current>,
+    offers: Option<mpsc::Sender<Offer>>,
+    deploy_topics: [String; 2],
+    /// Subscribed to the deployment topics in this process (a resumed session keeps the
+    /// subscription; a new process subscribes again to get the retained bundle).
+    subscribed: bool,
     topic: String,
     connected: bool,
 }
@@ -166,6 +208,9 @@ impl Publisher<'_> {
             tracing::warn!("outbox full: dropped the {dropped} oldest inference(s)");
         }
         self.stats.inferences.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .last_inference_unix_ms
+            .store(crate::ids::unix_now_ms(), Ordering::Relaxed);
         self.gauge();
         Ok(())
     }
@@ -216,14 +261,50 @@ impl Publisher<'_> {
         }
     }
 
+    fn status(&self) -> Status {
+        let m = self.current.get();
+        Status {
+            counters: self.stats.snapshot(),
+            model_id: m.header.model_id.to_string(),
+            model_name: m.header.name.clone(),
+            model_version: m.header.version,
+            input_mode: self.cfg.infer.input_mode.name().into(),
+            sent_unix_ms: crate::ids::unix_now_ms(),
+        }
+    }
+
+    /// Retained, so `fhecam fleet` sees every camera's last report at once.
     fn publish_stats(&mut self) {
-        let json = serde_json::to_vec(&self.stats.snapshot()).unwrap_or_default();
+        let json = serde_json::to_vec(&self.status()).unwrap_or_default();
         if self
             .client
-            .try_publish(self.cfg.topic("stats"), QoS::AtMostOnce, false, json)
+            .try_publish(self.cfg.topic("stats"), QoS::AtMostOnce, true, json)
             .is_ok()
         {
             self.flight.requested(None);
+        }
+    }
+
+    /// A message on a subscribed topic: a pushed bundle for the intake. A full queue
+    /// refuses it (the owner pushes again); the retained copy comes back with the next
+    /// process.
+    fn pushed(&mut self, p: rumqttc::Publish) {
+        let Some(offers) = &self.offers else { return };
+        if !self.deploy_topics.contains(&p.topic) {
+            return;
+        }
+        if p.payload.is_empty() {
+            // an empty retained message clears the topic: nothing to deploy
+            return;
+        }
+        let origin = Origin::Push(p.topic.clone());
+        let offer = Offer {
+            origin: origin.clone(),
+            bytes: p.payload.to_vec(),
+        };
+        if offers.try_send(offer).is_err() {
+            tracing::warn!("{origin} refused: {} bundles are already waiting to be checked; push it again later", super::intake::OFFER_QUEUE);
+            self.stats.refused(format!("{origin}: busy"));
         }
     }
 
@@ -252,10 +333,22 @@ impl Publisher<'_> {
                     }
                 );
                 self.announce("online");
+                self.publish_stats();
+                if self.offers.is_some() && (!self.subscribed || !ack.session_present) {
+                    let filters = self
+                        .deploy_topics
+                        .iter()
+                        .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                    match self.client.try_subscribe_many(filters) {
+                        Ok(()) => self.subscribed = true,
+                        Err(e) => tracing::warn!("cannot subscribe to pushed bundles: {e}"),
+                    }
+                }
                 self.send_waiting()?;
                 let _ = events.send(PublishEvent::Connected);
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => self.flight.sent(pkid),
+            Event::Incoming(Packet::Publish(p)) => self.pushed(p),
             Event::Incoming(Packet::PubAck(ack)) => {
                 if let Some(seq) = self.flight.acked(ack.pkid) {
                     if self.outbox.contains(seq) {
@@ -278,7 +371,7 @@ impl Publisher<'_> {
 pub async fn run(
     cfg: &EdgeConfig,
     outbox: Outbox,
-    stats: Arc<Stats>,
+    links: Links,
     mut input: mpsc::Receiver<Finished>,
     events: mpsc::UnboundedSender<PublishEvent>,
     linger: Duration,
@@ -286,12 +379,18 @@ pub async fn run(
 ) -> Result<(), PublishError> {
     let (client, mut eventloop): (AsyncClient, EventLoop) =
         AsyncClient::new(mqtt_options(cfg)?, CLIENT_CAPACITY);
+    let stats = links.stats.clone();
+    let changed = links.changed.clone();
     let mut p = Publisher {
         cfg,
         client,
         outbox,
         flight: InFlight::default(),
-        stats: stats.clone(),
+        stats: links.stats,
+        current: links.current,
+        offers: links.offers,
+        deploy_topics: cfg.deploy_topics(),
+        subscribed: false,
         topic: cfg.topic("inference"),
         connected: false,
     };
@@ -358,6 +457,11 @@ pub async fn run(
             _ = tokio::time::sleep_until(sleep_until), if retry_at.is_some() || closing_deadline.is_some() => {
                 if retry_at.is_some_and(|t| Instant::now() >= t) {
                     retry_at = None;
+                }
+            }
+            _ = changed.notified() => {
+                if p.connected {
+                    p.publish_stats();
                 }
             }
             _ = stats_tick.tick() => {

@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -36,6 +37,14 @@ pub struct Stats {
     pub mqtt_connections: AtomicU64,
     /// Lost connections and failed connection attempts.
     pub mqtt_errors: AtomicU64,
+    /// Bundles taken while running (pushed, dropped, reloaded) and swapped in.
+    pub bundles_accepted: AtomicU64,
+    /// Bundles refused while running (bad signature, rollback, unusable).
+    pub bundles_refused: AtomicU64,
+    /// Unix ms when the last inference finished (0: none yet).
+    pub last_inference_unix_ms: AtomicU64,
+    /// Why the last refused bundle was refused.
+    pub last_refusal: Mutex<Option<String>>,
 }
 
 /// A point-in-time copy of [`Stats`], as JSON on the stats topic.
@@ -56,6 +65,13 @@ pub struct Snapshot {
     pub source_restarts: u64,
     pub mqtt_connections: u64,
     pub mqtt_errors: u64,
+    pub bundles_accepted: u64,
+    pub bundles_refused: u64,
+    /// Unix ms when the last inference finished (absent: none yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_inference_unix_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refusal: Option<String>,
 }
 
 impl Stats {
@@ -77,6 +93,18 @@ impl Stats {
             source_restarts: g(&self.source_restarts),
             mqtt_connections: g(&self.mqtt_connections),
             mqtt_errors: g(&self.mqtt_errors),
+            bundles_accepted: g(&self.bundles_accepted),
+            bundles_refused: g(&self.bundles_refused),
+            last_inference_unix_ms: Some(g(&self.last_inference_unix_ms)).filter(|&t| t > 0),
+            last_refusal: self.last_refusal.lock().ok().and_then(|r| r.clone()),
+        }
+    }
+
+    /// Counts a refused bundle and keeps its reason for the stats topic.
+    pub fn refused(&self, reason: String) {
+        self.bundles_refused.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut r) = self.last_refusal.lock() {
+            *r = Some(reason);
         }
     }
 }
