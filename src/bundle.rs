@@ -11,7 +11,7 @@
 //! header length h      u32 (≤ MAX_HEADER_BYTES)
 //! header               h bytes of JSON (`BundleHeader`)
 //! sections             concatenated, in the header's order and sizes:
-//!                      encrypted_model, public_key, server_key
+//!                      encrypted_model, public_key, evaluation_key
 //! signature            64 bytes, Ed25519 over every preceding byte
 //! ```
 //!

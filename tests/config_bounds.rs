@@ -61,6 +61,10 @@ fn edge_base(d: &Path) -> Fields {
         ("mqtt", "password", q("pass")),
         ("outbox", "dir", p("outbox")),
         ("outbox", "max_entries", "10".into()),
+        ("deploy", "state_dir", p("state")),
+        ("deploy", "push", "true".into()),
+        ("deploy", "drop_dir", p("drop")),
+        ("deploy", "scan_interval_s", "2.0".into()),
     ]
 }
 
@@ -299,6 +303,9 @@ fn every_field_is_bounded_and_named() {
             ("mqtt.tls", "ca", Path),
             ("outbox", "dir", Path),
             ("outbox", "max_entries", Int),
+            ("deploy", "state_dir", Path),
+            ("deploy", "drop_dir", Path),
+            ("deploy", "scan_interval_s", Float),
         ],
         &[
             ("mqtt", "port", "70000"),
@@ -319,6 +326,9 @@ fn every_field_is_bounded_and_named() {
             ("preprocess", "motion_threshold", "1.5"),
             ("source", "pipeline", "\"videotestsrc ! fakesink\""),
             ("mqtt.tls", "ca", "\"/nonexistent/ca.pem\""),
+            ("", "device_id", "\"_deploy\""),
+            ("deploy", "scan_interval_s", "3601"),
+            ("deploy", "push", "\"maybe\""),
         ],
         &[
             ("preprocess.sample_interval_s", "0"),

@@ -182,7 +182,14 @@ fn cameras_take_pushed_dropped_and_reloaded_versions_and_refuse_old_ones() {
     let v3 = f.protect();
 
     // dev1 runs continuously; dev2 infers once and then idles (one frame an hour)
-    let (cam1, log1) = daemon(&f.config("dev1", port, &f.owner.bundle, ""));
+    let cfg1 = f.config("dev1", port, &f.owner.bundle, "");
+    let v = ok(&["validate", "--config", s(&cfg1)]);
+    assert!(v.contains("no model accepted yet"), "{v}");
+    assert!(
+        v.contains("pushed bundles: fhecam/_deploy/all, fhecam/_deploy/dev1"),
+        "{v}"
+    );
+    let (cam1, log1) = daemon(&cfg1);
     let (cam2, log2) = daemon(&f.config(
         "dev2",
         port,
@@ -342,7 +349,10 @@ fn cameras_take_pushed_dropped_and_reloaded_versions_and_refuse_old_ones() {
     // a restart keeps the deployed model: dev1's configured file (version 1) is older
     let s1 = stop(cam1, &log1);
     assert_eq!((s1.bundles_accepted, s1.bundles_refused), (2, 4), "{s1:?}");
-    let (cam1, log1) = daemon(&f.config("dev1", port, &v1_bundle, ""));
+    let cfg1 = f.config("dev1", port, &v1_bundle, "");
+    let v = ok(&["validate", "--config", s(&cfg1)]);
+    assert!(v.contains("tiny up to version 3"), "{v}");
+    let (cam1, log1) = daemon(&cfg1);
     let before = results_of(&msgs, "dev1", 3);
     wait_for("dev1 on version 3 after a restart", LONG, || {
         results_of(&msgs, "dev1", 3) > before

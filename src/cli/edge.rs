@@ -39,7 +39,27 @@ pub fn run(cmd: EdgeCmd) -> Result<()> {
 fn validate(path: &Path) -> Result<()> {
     let cfg = EdgeConfig::load(path)?;
     println!("config {}: fields ok", path.display());
-    let b = edge::daemon::load_bundle(&cfg)?;
+    let b = match edge::daemon::load_bundle(&cfg) {
+        Ok(b) => b,
+        // `run` starts on the bundle deployed since when the configured one is unusable
+        Err(e) => match cfg
+            .deploy
+            .as_ref()
+            .map(|d| d.state_dir.join(edge::deploy::CURRENT_FILE))
+        {
+            Some(saved) if saved.exists() => {
+                println!(
+                    "bundle {}: {e}; `run` starts on {}",
+                    cfg.bundle.display(),
+                    saved.display()
+                );
+                let owner = fhecam::bundle::read_owner_key(&cfg.owner_key)?;
+                fhecam::bundle::load_file(&saved, &owner)
+                    .with_context(|| format!("{} refused", saved.display()))?
+            }
+            _ => return Err(e.into()),
+        },
+    };
     let h = &b.header;
     println!(
         "bundle {}: signature ok, {} version {} ({}), input {}x{}x{}",
@@ -68,10 +88,29 @@ fn validate(path: &Path) -> Result<()> {
         cfg.mqtt.port,
         cfg.topic("*")
     );
+    match &cfg.deploy {
+        None => println!("deploy: off (runs the bundle file; SIGHUP re-reads it)"),
+        Some(d) => {
+            println!(
+                "deploy state {}: {}",
+                d.state_dir.display(),
+                check_outbox_dir(&d.state_dir)?
+            );
+            let s = edge::deploy::describe_state(&d.state_dir)?;
+            println!("deploy state: {s}");
+            if let Some(p) = &d.drop_dir {
+                println!("drop directory {}: {}", p.display(), check_outbox_dir(p)?);
+            }
+            if d.push {
+                println!("pushed bundles: {}", cfg.deploy_topics().join(", "));
+            }
+        }
+    }
     Ok(())
 }
 
-/// Checks, without creating or writing anything, that `run` can use `dir` as its outbox.
+/// Checks, without creating or writing anything, that `run` can use `dir` (the outbox,
+/// the deploy state or drop directory).
 fn check_outbox_dir(dir: &Path) -> Result<String> {
     match std::fs::metadata(dir) {
         Ok(_) => {

@@ -22,6 +22,13 @@ pub struct BrokerArgs {
     /// PEM file of the CA that signed the broker's certificate: connect with TLS.
     #[arg(long)]
     pub ca: Option<PathBuf>,
+    /// PEM client certificate, for brokers that authenticate by certificate (with --key
+    /// and --ca).
+    #[arg(long, requires_all = ["key", "ca"])]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
 }
 
 /// `fhecam fleet`.
@@ -64,8 +71,8 @@ impl BrokerArgs {
         if let Some(ca) = &self.ca {
             let t = fhecam::mqtt::TlsConfig {
                 ca: ca.clone(),
-                client_cert: None,
-                client_key: None,
+                client_cert: self.cert.clone(),
+                client_key: self.key.clone(),
             };
             o.set_transport(fhecam::mqtt::tls_transport(&t)?);
         }
@@ -94,9 +101,22 @@ pub fn push(b: &BrokerArgs, topics: &[String], bundle: &[u8], timeout: Duration)
     let t = Instant::now();
     let mut sent = 0;
     let mut acked = 0;
+    let mut connected = false;
     for ev in conn.iter() {
-        match ev.map_err(|e| connect_error(b, e))? {
+        let ev = ev.map_err(|e| {
+            if connected {
+                anyhow::anyhow!(
+                    "broker {}: connection lost while pushing {} bytes ({e}): the broker may refuse messages this large (mosquitto: max_packet_size / message_size_limit, see the README's \"Running a fleet\")",
+                    b.broker.as_deref().unwrap_or("?"),
+                    bundle.len()
+                )
+            } else {
+                connect_error(b, e)
+            }
+        })?;
+        match ev {
             Event::Incoming(Packet::ConnAck(_)) => {
+                connected = true;
                 for topic in topics {
                     println!("pushing {} bytes to {topic} (retained)", bundle.len());
                     client.try_publish(topic.clone(), QoS::AtLeastOnce, true, bundle.to_vec())?;

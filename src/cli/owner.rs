@@ -496,8 +496,8 @@ fn push_target(
             .iter()
             .map(|d| {
                 fhecam::envelope::check_id("--devices", d)?;
-                if d == fhecam::edge::config::DEPLOY_LEVEL {
-                    bail!("--devices: {d:?} is reserved, not a device id");
+                if d == fhecam::edge::config::DEPLOY_LEVEL || d == "all" {
+                    bail!("--devices: {d:?} is reserved, not a device id (--all pushes to every camera)");
                 }
                 Ok(fhecam::fleet::deploy_topic(&b.prefix, Some(d)))
             })

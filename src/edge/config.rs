@@ -292,9 +292,10 @@ impl EdgeConfig {
             crate::envelope::check_id(name, v).map_err(|e| e.to_string())
         };
         id("device_id", &self.device_id)?;
-        if self.device_id == DEPLOY_LEVEL {
+        if self.device_id == DEPLOY_LEVEL || self.device_id == "all" {
             return Err(format!(
-                "device_id {DEPLOY_LEVEL:?} is reserved for deployment topics; choose another"
+                "device_id {:?} is reserved for deployment topics; choose another",
+                self.device_id
             ));
         }
         id("camera_id", &self.camera_id)?;

@@ -88,7 +88,7 @@ pub struct Marks {
 
 const MARKS_FORMAT: u32 = 1;
 const MARKS_FILE: &str = "deployed.json";
-const CURRENT_FILE: &str = "current.bundle";
+pub const CURRENT_FILE: &str = "current.bundle";
 /// `deployed.json` holds one line per model name; far below this.
 const MAX_MARKS_BYTES: u64 = 4 << 20;
 
@@ -250,6 +250,30 @@ impl StateDir {
             serde_json::to_vec_pretty(marks).map_err(|e| DeployError::Runtime(e.to_string()))?;
         crate::files::write_atomic(&self.marks_path(), &json, 0o600).map_err(err)
     }
+}
+
+/// What `fhecam validate` says about `deploy.state_dir`, reading only: the marks and the
+/// bundle deployed since, if any.
+pub fn describe_state(dir: &Path) -> Result<String, DeployError> {
+    let s = StateDir { dir: dir.into() };
+    let marks = s.load_marks()?;
+    let mut out = if marks.models.is_empty() {
+        "no model accepted yet".to_string()
+    } else {
+        marks
+            .models
+            .iter()
+            .map(|(n, m)| format!("{n} up to version {}", m.version))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if s.current_path().exists() {
+        out += &format!(
+            "; runs {} at start unless the configured bundle is newer",
+            s.current_path().display()
+        );
+    }
+    Ok(out)
 }
 
 /// Creates `dir` (and parents) with mode 0700 if missing.

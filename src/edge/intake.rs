@@ -207,3 +207,25 @@ fn scan(dir: &Path, seen: &mut HashMap<PathBuf, (u64, SystemTime)>, all: bool) -
     ready.sort();
     ready
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_file_is_taken_once_it_stops_changing() {
+        let d = tempfile::tempdir().unwrap();
+        let mut seen = HashMap::new();
+        let p = d.path().join("a.bundle");
+        std::fs::write(&p, b"one").unwrap();
+        std::fs::write(d.path().join("b.part"), b"x").unwrap();
+        std::fs::create_dir(d.path().join("c.bundle")).unwrap();
+        assert!(scan(d.path(), &mut seen, false).is_empty(), "first sight");
+        std::fs::write(&p, b"one more").unwrap(); // still being written
+        assert!(scan(d.path(), &mut seen, false).is_empty(), "changed");
+        assert_eq!(scan(d.path(), &mut seen, false), vec![p.clone()]);
+        // a reload takes it at once
+        let mut fresh = HashMap::new();
+        assert_eq!(scan(d.path(), &mut fresh, true), vec![p]);
+    }
+}
