@@ -77,8 +77,9 @@ impl InputSpec {
         pixels
             .iter()
             .map(|p| {
+                // ties to even, as ONNX QuantizeLinear rounds
                 (((p - self.zero) / self.scale)
-                    .round()
+                    .round_ties_even()
                     .clamp(0.0, max as f32)) as u8
             })
             .collect()

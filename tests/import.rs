@@ -262,3 +262,109 @@ fn search_reports_each_bit_width_and_keeps_one() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.matches("agreement with float").count(), 9, "{err}");
 }
+
+/// `qat_accuracy.json` and `qat_predictions.json`: what ONNX Runtime computed on each
+/// quantized fixture (scripts/qat-fixtures.py).
+fn onnx_runtime(name: &str) -> (f64, Vec<usize>) {
+    let read = |f: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join(f)).unwrap()).unwrap()
+    };
+    let acc = read("qat_accuracy.json")["fixtures"][name]["accuracy"]
+        .as_f64()
+        .unwrap();
+    let pred = serde_json::from_value(read("qat_predictions.json")[name].clone()).unwrap();
+    (acc, pred)
+}
+
+/// The integer model's predictions on the 450 test images.
+fn integer_predictions(model: &str) -> Vec<usize> {
+    let m: fhecam::model::Model =
+        serde_json::from_str(&std::fs::read_to_string(model).unwrap()).unwrap();
+    let x = npy::read(Path::new(&fx("test_x.npy"))).unwrap();
+    fhecam::import::predict_int(&m, &x).unwrap()
+}
+
+fn same(a: &[usize], b: &[usize]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64
+}
+
+#[test]
+fn quantization_aware_models_import_as_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels: Vec<usize> = std::fs::read_to_string(fx("test_y.txt"))
+        .unwrap()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // Brevitas QAT (QCDQ): the model's own integers and quantizers, so the integer model
+    // predicts what ONNX Runtime predicts on the exported file
+    for name in ["qat_cnn_3bit", "qat_cnn_2bit", "qat_mlp_3bit"] {
+        let m = import(dir.path(), name, &[]);
+        let (acc, pred) = onnx_runtime(name);
+        let int = integer_predictions(&m);
+        let agree = same(&int, &pred);
+        let int_acc = same(&int, &labels);
+        eprintln!(
+            "{name}: same class as ONNX Runtime on {agree:.4}, accuracy {int_acc:.4} vs {acc:.4}"
+        );
+        assert!(agree >= 0.99, "{name}: agreement {agree}");
+        assert!((int_acc - acc).abs() <= 0.005, "{name}: {int_acc} vs {acc}");
+    }
+    // ONNX Runtime's int8 static quantization: 256-level activations are merged to the
+    // engine's 16, and the import says so
+    let out = fhecam(&[
+        "import",
+        &fx("ort_qdq_bn.onnx"),
+        "--calibration",
+        &fx("calib_x.npy"),
+        "--out",
+        dir.path().join("ort.json").to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("every 17 levels merged"), "{err}");
+    let (_, pred) = onnx_runtime("ort_qdq_bn");
+    let agree = same(
+        &integer_predictions(dir.path().join("ort.json").to_str().unwrap()),
+        &pred,
+    );
+    assert!(agree >= 0.98, "ort_qdq_bn: agreement {agree}");
+
+    // fewer PBS than the same architecture trained in float and imported at the defaults
+    let plan = |m: &str| -> u64 {
+        let model: fhecam::model::Model =
+            serde_json::from_str(&std::fs::read_to_string(m).unwrap()).unwrap();
+        fhecam::fhe::eval::plan_mode(&model, fhecam::fhe::eval::InputMode::DeviceClear)
+            .unwrap()
+            .0
+            .iter()
+            .sum()
+    };
+    let qat = plan(dir.path().join("qat_cnn_3bit.json").to_str().unwrap());
+    let float = plan(&import(dir.path(), "float_cnn", &[]));
+    eprintln!("device-clear PBS: 3-bit QAT {qat}, float imported {float}");
+    assert!(qat < float, "{qat} vs {float}");
+}
+
+#[test]
+fn broken_quantized_models_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.json");
+    for (fixture, says) in [
+        ("qdq_softsign.onnx", "operator Softsign"),
+        ("qdq_16bit.onnx", "a 16-bit quantizer"),
+        ("qdq_bad_zero_point.onnx", "holds 300, outside the 0..=255"),
+    ] {
+        let err = refused(&[
+            "import",
+            &fx(fixture),
+            "--calibration",
+            &fx("calib_x.npy"),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(err.contains(says), "{fixture}: {err}");
+        assert!(!out.exists(), "{fixture}: nothing written");
+    }
+}

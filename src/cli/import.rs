@@ -168,6 +168,8 @@ const AUTO_TOLERANCE: f64 = 0.005;
 struct Candidate {
     cfg: QuantConfig,
     model: Model,
+    /// Where the integer model departs from the ONNX model's own quantizers.
+    notes: Vec<String>,
     pbs: u64,
     /// Integer accuracy on the calibration labels, or agreement with the float model.
     score: f64,
@@ -222,12 +224,13 @@ pub fn import(a: ImportArgs) -> Result<()> {
             pow2_steps: !a.free_scales,
         };
         cfg.check()?;
-        let model = parsed.quantize(&ranges, cfg, &name)?;
+        let (model, notes) = parsed.quantize_noted(&ranges, cfg, &name)?;
         let pbs = eval::plan(&model)?.0.iter().sum();
         let score = score(&predict_int(&model, &data)?);
         Ok(Candidate {
             cfg,
             model,
+            notes,
             pbs,
             score,
         })
@@ -271,8 +274,25 @@ pub fn import(a: ImportArgs) -> Result<()> {
         false => make(a.weight_bits, a.act_bits)?,
     };
     let Candidate {
-        cfg, model, pbs, ..
+        cfg,
+        model,
+        pbs,
+        notes,
+        ..
     } = chosen;
+    if parsed.is_quantized() {
+        eprintln!(
+            "quantized model (QDQ): its quantized weights and quantizers are taken as they are{}",
+            if notes.is_empty() {
+                ", exactly".to_string()
+            } else {
+                format!("; {} departure(s):", notes.len())
+            }
+        );
+    }
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
     crate::save_model(&model, &a.out, None)?;
     crate::print_plan(&model)?;
     let int = predict_int(&model, &data)?;
@@ -338,23 +358,44 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     );
     if let Some(onnx) = &a.onnx {
         let t = Instant::now();
-        let nhwc = import::read_onnx(onnx)
-            .with_context(|| format!("cannot read {}", onnx.display()))?
-            .graph
-            .input_nhwc;
-        let float = predict_tract(onnx, &data, nhwc)
-            .with_context(|| format!("running {} with tract", onnx.display()))?;
-        let accuracy_float = accuracy(&float, &labels);
-        let same = accuracy(&int, &float);
-        println!(
+        let parsed =
+            import::read_onnx(onnx).with_context(|| format!("cannot read {}", onnx.display()))?;
+        let nhwc = parsed.graph.input_nhwc;
+        if parsed.is_quantized() {
+            // a quantized (QDQ) model: fhecam's own reading of its graph, quantizers applied
+            // as ONNX defines them, next to tract's
+            let own = parsed.predict_float(&data);
+            let (acc, same) = (accuracy(&own, &labels), accuracy(&int, &own));
+            println!(
+                "quantized ONNX model as fhecam reads it (its QuantizeLinear/DequantizeLinear applied in float): accuracy {acc:.4}; integer − ONNX = {:+.2} points; same class on {:.1}%",
+                100.0 * (accuracy_plain - acc),
+                100.0 * same
+            );
+            out["accuracy_onnx_fhecam"] = json!(acc);
+            out["onnx_fhecam_int_same_class"] = json!(same);
+        }
+        match predict_tract(onnx, &data, nhwc) {
+            Ok(float) => {
+                let accuracy_float = accuracy(&float, &labels);
+                let same = accuracy(&int, &float);
+                println!(
             "float ONNX model (tract) accuracy {:.4}; integer − float = {:+.2} points; same class on {:.1}% ({:.1} s)",
             accuracy_float,
             100.0 * (accuracy_plain - accuracy_float),
             100.0 * same,
             t.elapsed().as_secs_f64()
         );
-        out["accuracy_float"] = json!(accuracy_float);
-        out["float_int_same_class"] = json!(same);
+                out["accuracy_float"] = json!(accuracy_float);
+                out["float_int_same_class"] = json!(same);
+            }
+            Err(e) if parsed.is_quantized() => {
+                println!("tract cannot run this quantized model ({e}); the line above is fhecam's own reading");
+                out["tract_error"] = json!(e.to_string());
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("running {} with tract", onnx.display()))
+            }
+        }
     }
     if a.fhe > 0 {
         let n = a.fhe.min(data.samples());

@@ -34,6 +34,34 @@ impl ActFn {
     }
 }
 
+/// A uniform quantizer as ONNX writes one (QuantizeLinear, an optional Clip, then
+/// DequantizeLinear): `q = clamp(round_half_even(x / scale) + zero, qmin, qmax)`, read back as
+/// `(q - zero) · scale`. Per tensor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QSpec {
+    pub scale: f32,
+    pub zero: i32,
+    pub qmin: i32,
+    pub qmax: i32,
+}
+
+impl QSpec {
+    /// The integer level of `x`, as ONNX QuantizeLinear computes it (float32 division,
+    /// ties to even).
+    pub fn level(&self, x: f32) -> i32 {
+        let r = (x / self.scale).round_ties_even();
+        // saturating: a NaN or huge value lands on an end, as ONNX saturates
+        (r.clamp(i32::MIN as f32, i32::MAX as f32) as i64 + self.zero as i64)
+            .clamp(self.qmin as i64, self.qmax as i64) as i32
+    }
+    pub fn fake(&self, x: f32) -> f32 {
+        (self.level(x) - self.zero) as f32 * self.scale
+    }
+    pub fn levels(&self) -> u32 {
+        (self.qmax - self.qmin) as u32 + 1
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum FOp {
     Conv {
@@ -44,14 +72,20 @@ pub enum FOp {
         /// [out][in][kh][kw]
         weights: Vec<f32>,
         bias: Vec<f32>,
+        /// Quantized weights (DequantizeLinear): every weight is an integer times its
+        /// output channel's scale here, taken as is instead of quantized again.
+        weight_scale: Option<Vec<f32>>,
     },
     Dense {
         out_features: usize,
         /// [out][in]
         weights: Vec<f32>,
         bias: Vec<f32>,
+        weight_scale: Option<Vec<f32>>,
     },
     Act(ActFn),
+    /// A quantizer (QuantizeLinear → Clip → DequantizeLinear) on a computed value.
+    Quant(QSpec),
     MaxPool {
         kernel: [usize; 2],
         stride: [usize; 2],
@@ -182,7 +216,7 @@ impl FGraph {
                         _ => return Err(err(format!("window {kernel:?} does not fit {h}x{w}"))),
                     }
                 }
-                FOp::Act(_) => a,
+                FOp::Act(_) | FOp::Quant(_) => a,
                 FOp::Add => {
                     let b = shapes[node.inputs[1]];
                     if a.len() != b.len() {
@@ -217,6 +251,7 @@ impl FGraph {
                     padding,
                     weights,
                     bias,
+                    ..
                 } => {
                     let [c, h, w] = ai.chw;
                     let oh = out_dim(h, kernel[0], stride[0], padding[0]).unwrap();
@@ -251,6 +286,7 @@ impl FGraph {
                     out_features,
                     weights,
                     bias,
+                    ..
                 } => {
                     let n = a.len();
                     (0..*out_features)
@@ -265,6 +301,7 @@ impl FGraph {
                         .collect()
                 }
                 FOp::Act(f) => a.iter().map(|&v| f.apply(v)).collect(),
+                FOp::Quant(q) => a.iter().map(|&v| q.fake(v)).collect(),
                 FOp::MaxPool { kernel, stride } => pool_windows(&ai.info(), *kernel, *stride)
                     .iter()
                     .map(|win| win.iter().map(|&i| a[i]).fold(f32::NEG_INFINITY, f32::max))

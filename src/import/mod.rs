@@ -106,6 +106,25 @@ impl Parsed {
     ) -> Result<Model, ImportError> {
         quantize::quantize(&self.graph, &self.shapes, ranges, cfg, name)
     }
+
+    /// [`Parsed::quantize`] with the notes on where the integer model departs from the
+    /// ONNX model's own quantizers (QDQ models).
+    pub fn quantize_noted(
+        &self,
+        ranges: &quantize::Ranges,
+        cfg: QuantConfig,
+        name: &str,
+    ) -> Result<(Model, Vec<String>), ImportError> {
+        quantize::quantize_noted(&self.graph, &self.shapes, ranges, cfg, name)
+    }
+
+    /// Whether the model carries its own quantizers (QuantizeLinear/DequantizeLinear).
+    pub fn is_quantized(&self) -> bool {
+        self.graph
+            .nodes
+            .iter()
+            .any(|n| matches!(n.op, graph::FOp::Quant(_)))
+    }
 }
 
 /// Predictions of the integer model (the plaintext reference the engine equals).

@@ -3,7 +3,7 @@
 //! The protobuf is decoded by tract-onnx's generated types; the graph is walked here so
 //! that every node either maps onto a layer the engine runs or is refused by name.
 
-use super::graph::{ActFn, FGraph, FNode, FOp};
+use super::graph::{ActFn, FGraph, FNode, FOp, QSpec};
 use super::ImportError;
 use std::collections::HashMap;
 use tract_onnx::pb::{self, tensor_proto::DataType, NodeProto, TensorProto};
@@ -13,8 +13,8 @@ use tract_onnx::prelude::Framework;
 pub const SUPPORTED: &str = "Conv, Gemm, MatMul(+Add), Relu, LeakyRelu, Sigmoid, Tanh, \
 AveragePool, GlobalAveragePool, MaxPool, BatchNormalization (after Conv/Gemm), Add, Flatten, \
 Reshape (to [batch, -1]), Identity, Dropout, Constant, zero Pad, Transpose (NCHW <-> NHWC, as \
-tf2onnx writes Keras models), and a final Softmax (dropped: it does \
-not change the predicted class)";
+tf2onnx writes Keras models), QuantizeLinear / Clip / DequantizeLinear (QDQ and Brevitas QCDQ, \
+at most 8-bit), and a final Softmax (dropped: it does not change the predicted class)";
 
 /// A constant: an initializer or a Constant node's value.
 #[derive(Clone, Debug)]
@@ -22,12 +22,31 @@ struct Const {
     dims: Vec<usize>,
     f: Vec<f32>,
     i: Vec<i64>,
+    /// The ONNX data type (quantized integers keep theirs).
+    ty: i32,
+    /// Dequantized from integers (DequantizeLinear): the scale per index along `axis`
+    /// (one value: per tensor).
+    deq: Option<(Vec<f32>, usize)>,
+}
+
+/// The integer range of a quantized ONNX type.
+fn int_range(ty: i32) -> Option<(i64, i64)> {
+    match DataType::from_i32(ty) {
+        Some(DataType::Int8) => Some((-128, 127)),
+        Some(DataType::Uint8) => Some((0, 255)),
+        Some(DataType::Int16) => Some((-32768, 32767)),
+        Some(DataType::Uint16) => Some((0, 65535)),
+        _ => None,
+    }
 }
 
 #[derive(Clone, Debug)]
 enum Sym {
     /// A value of the float graph.
     Val(usize),
+    /// A value of the float graph after QuantizeLinear (and Clip): integers waiting for
+    /// their DequantizeLinear.
+    Quant(usize, QSpec),
     /// A value of the float graph that the ONNX graph holds transposed to (N, H, W, C), as
     /// tf2onnx writes Keras models: Transposes around the NCHW-only layers.
     Nhwc(usize),
@@ -115,9 +134,38 @@ fn tensor(t: &TensorProto) -> Result<Const, String> {
             };
             (i.iter().map(|&v| v as f32).collect(), i)
         }
+        Some(ty @ (DataType::Int8 | DataType::Uint8 | DataType::Int16 | DataType::Uint16)) => {
+            let (lo, hi) = int_range(ty as i32).unwrap();
+            let i: Vec<i64> = if !raw.is_empty() {
+                let w = if lo < -128 || hi > 255 { 2 } else { 1 };
+                if raw.len() != w * n {
+                    return Err(bad());
+                }
+                raw.chunks_exact(w)
+                    .map(|c| match (ty, c) {
+                        (DataType::Int8, [b]) => *b as i8 as i64,
+                        (DataType::Uint8, [b]) => *b as i64,
+                        (DataType::Int16, [a, b]) => i16::from_le_bytes([*a, *b]) as i64,
+                        (_, [a, b]) => u16::from_le_bytes([*a, *b]) as i64,
+                        _ => unreachable!(),
+                    })
+                    .collect()
+            } else {
+                // small integer types are stored widened in int32_data: check the range
+                let i: Vec<i64> = t.int32_data.iter().map(|&v| v as i64).collect();
+                if let Some(v) = i.iter().find(|v| !(lo..=hi).contains(*v)) {
+                    return Err(format!(
+                        "tensor '{}' holds {v}, outside the {lo}..={hi} of its type {:?}",
+                        t.name, ty
+                    ));
+                }
+                i
+            };
+            (i.iter().map(|&v| v as f32).collect(), i)
+        }
         _ => {
             return Err(format!(
-                "tensor '{}' has data type {} (only float32/float64 weights and int32/int64 shapes are read)",
+                "tensor '{}' has data type {} (read: float32/float64 weights, int8/uint8/int32 quantized tensors, int32/int64 shapes)",
                 t.name, t.data_type
             ))
         }
@@ -125,7 +173,108 @@ fn tensor(t: &TensorProto) -> Result<Const, String> {
     if f.len() != n {
         return Err(bad());
     }
-    Ok(Const { dims, f, i })
+    Ok(Const {
+        dims,
+        f,
+        i,
+        ty: t.data_type,
+        deq: None,
+    })
+}
+
+/// Scales, zero points, the zero point's type and the axis of a QuantizeLinear or
+/// DequantizeLinear on `x`: one scale (per tensor) or one per index along `axis`.
+fn qparams(
+    op: &str,
+    scale: Option<Const>,
+    zero: Option<Const>,
+    axis: i64,
+    x: &Sym,
+) -> Result<(Vec<f32>, Vec<i64>, i32, usize), String> {
+    let scale = scale.ok_or(format!("{op} needs a constant scale"))?;
+    if scale.f.is_empty() || scale.f.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+        return Err(format!(
+            "scale {:?}: scales must be positive and finite",
+            scale.f
+        ));
+    }
+    let rank = match x {
+        Sym::Const(c) => c.dims.len(),
+        _ => 4,
+    };
+    let axis = if axis < 0 { axis + rank as i64 } else { axis };
+    if scale.f.len() > 1 && !(0..rank as i64).contains(&axis) {
+        return Err(format!(
+            "axis {axis} is outside the tensor's {rank} dimensions"
+        ));
+    }
+    let (zeros, ty) = match zero {
+        None => (vec![0; scale.f.len()], DataType::Uint8 as i32),
+        // int32: a bias, dequantized with the product of its input's and weights' scales
+        Some(z)
+            if DataType::from_i32(z.ty) == Some(DataType::Int32) && matches!(x, Sym::Const(_)) =>
+        {
+            if z.i.len() != scale.f.len() {
+                return Err(format!(
+                    "{} zero points for {} scales",
+                    z.i.len(),
+                    scale.f.len()
+                ));
+            }
+            (z.i, z.ty)
+        }
+        Some(z) => {
+            let Some((lo, hi)) = int_range(z.ty) else {
+                return Err(format!(
+                    "zero point of data type {}: fhecam reads int8 and uint8 quantizers",
+                    z.ty
+                ));
+            };
+            if hi - lo > 255 {
+                return Err(format!(
+                    "a 16-bit quantizer ({lo}..={hi}): fhecam reads quantizers of at most 8 bits (train with 8 bits or fewer)"
+                ));
+            }
+            if z.i.len() != scale.f.len() {
+                return Err(format!(
+                    "{} zero points for {} scales",
+                    z.i.len(),
+                    scale.f.len()
+                ));
+            }
+            (z.i, z.ty)
+        }
+    };
+    if let Sym::Const(c) = x {
+        if scale.f.len() > 1 && c.dims.get(axis as usize) != Some(&scale.f.len()) {
+            return Err(format!(
+                "{} scales along axis {axis} of a tensor of shape {:?}",
+                scale.f.len(),
+                c.dims
+            ));
+        }
+    }
+    Ok((scale.f, zeros, ty, axis.max(0) as usize))
+}
+
+/// Index along `axis` of element `k` of a row-major tensor of `dims` (0 when per tensor).
+fn along(dims: &[usize], axis: usize, k: usize, n: usize) -> usize {
+    if n == 1 {
+        return 0;
+    }
+    let stride: usize = dims[axis + 1..].iter().product();
+    (k / stride) % dims[axis]
+}
+
+/// The per-output scale of dequantized weights whose output index runs along `out_axis`
+/// (`None`: not dequantized, or scaled along another axis).
+fn out_scales(w: &Const, out_axis: usize, out: usize) -> Option<Vec<f32>> {
+    let (s, axis) = w.deq.as_ref()?;
+    match s.len() {
+        1 => Some(vec![s[0]; out]),
+        n if n == out && *axis == out_axis => Some(s.clone()),
+        _ => None,
+    }
 }
 
 struct Attrs<'a>(&'a NodeProto);
@@ -298,6 +447,9 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                 Sym::Nhwc(_) | Sym::FlatHwc(_) => Err(invalid(format!(
                     "input {k} is in (N, H, W, C) layout here; fhecam reads NHWC tensors only through Transpose, activations, Add and Flatten/Reshape before a Gemm/MatMul"
                 ))),
+                Sym::Quant(..) => Err(invalid(format!(
+                    "input {k} is a quantized integer tensor; fhecam reads QuantizeLinear only followed by (Clip and) DequantizeLinear"
+                ))),
             }
         };
         let konst = |k: usize| -> Result<Option<Const>, ImportError> {
@@ -385,6 +537,7 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                     }
                     None => vec![0.0; o],
                 };
+                let weight_scale = out_scales(&w, 0, o);
                 Sym::Val(push(
                     &mut g,
                     FOp::Conv {
@@ -394,6 +547,7 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                         padding,
                         weights: w.f,
                         bias,
+                        weight_scale,
                     },
                     vec![x],
                 ))
@@ -469,6 +623,9 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                 } else {
                     weights
                 };
+                let weight_scale = out_scales(&w, if tb != 0 { 0 } else { 1 }, out)
+                    .map(|s| s.iter().map(|s| s * alpha.abs()).collect())
+                    .filter(|_| alpha != 0.0);
                 let x = if shapes[x].flat {
                     x
                 } else {
@@ -480,6 +637,7 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                         out_features: out,
                         weights,
                         bias,
+                        weight_scale,
                     },
                     vec![x],
                 ))
@@ -497,9 +655,11 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                 let owner = x.checked_sub(1).map(|n| &mut g.nodes[n]);
                 let sole = node.input[0].as_str();
                 match owner {
-                    Some(FNode { op: FOp::Conv { weights, bias, .. } | FOp::Dense { weights, bias, .. }, .. })
+                    Some(FNode { op: FOp::Conv { weights, bias, weight_scale, .. } | FOp::Dense { weights, bias, weight_scale, .. }, .. })
                         if uses.get(sole) == Some(&1) =>
                     {
+                        // scaled per channel: no longer integers on the exported scale
+                        *weight_scale = None;
                         let per = weights.len() / c;
                         for ch in 0..c {
                             let k = p[0].f[ch] / (p[3].f[ch] + eps).sqrt();
@@ -678,6 +838,162 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                 }
                 _ => return Err(invalid("adds two constants".into())),
             },
+            "QuantizeLinear" => {
+                let (scales, zeros, ty, axis) = qparams(
+                    &node.op_type,
+                    konst(1)?,
+                    konst(2)?,
+                    a.int("axis", 1),
+                    sym(0)?,
+                )
+                .map_err(&invalid)?;
+                let (lo, hi) = int_range(ty).unwrap_or((0, 255));
+                match sym(0)? {
+                    Sym::Const(c) => {
+                        let i: Vec<i64> =
+                            c.f.iter()
+                                .enumerate()
+                                .map(|(k, &x)| {
+                                    let j = along(&c.dims, axis, k, scales.len());
+                                    QSpec {
+                                        scale: scales[j],
+                                        zero: zeros[j] as i32,
+                                        qmin: lo as i32,
+                                        qmax: hi as i32,
+                                    }
+                                    .level(x) as i64
+                                })
+                                .collect();
+                        Sym::Const(Const {
+                            dims: c.dims.clone(),
+                            f: i.iter().map(|&v| v as f32).collect(),
+                            i,
+                            ty,
+                            deq: None,
+                        })
+                    }
+                    Sym::Val(v) => {
+                        if scales.len() != 1 {
+                            return Err(invalid(
+                                "a per-channel quantizer on computed values is not supported (fhecam reads per-channel scales on weights; activations need one scale)".into(),
+                            ));
+                        }
+                        Sym::Quant(
+                            *v,
+                            QSpec {
+                                scale: scales[0],
+                                zero: zeros[0] as i32,
+                                qmin: lo as i32,
+                                qmax: hi as i32,
+                            },
+                        )
+                    }
+                    _ => return Err(invalid("quantizes a value in NHWC layout".into())),
+                }
+            }
+            "Clip" => {
+                let bound = |k: usize, attr: &str| -> Result<Option<f32>, ImportError> {
+                    Ok(match konst(k)? {
+                        Some(c) if c.f.len() == 1 => Some(c.f[0]),
+                        Some(c) => {
+                            return Err(invalid(format!(
+                                "bound {k} has {} values, need one",
+                                c.f.len()
+                            )))
+                        }
+                        None => a.get(attr).map(|x| x.f),
+                    })
+                };
+                let (lo, hi) = (bound(1, "min")?, bound(2, "max")?);
+                match sym(0)?.clone() {
+                    Sym::Quant(v, mut q) => {
+                        if let Some(lo) = lo {
+                            q.qmin = q.qmin.max(lo.ceil().clamp(-1e9, 1e9) as i32);
+                        }
+                        if let Some(hi) = hi {
+                            q.qmax = q.qmax.min(hi.floor().clamp(-1e9, 1e9) as i32);
+                        }
+                        if q.qmin >= q.qmax {
+                            return Err(invalid(format!(
+                                "clips the quantized value to {}..={}: no range left",
+                                q.qmin, q.qmax
+                            )));
+                        }
+                        Sym::Quant(v, q)
+                    }
+                    Sym::Const(mut c) if int_range(c.ty).is_some() => {
+                        for (i, f) in c.i.iter_mut().zip(&mut c.f) {
+                            let mut x = *i as f32;
+                            if let Some(lo) = lo {
+                                x = x.max(lo);
+                            }
+                            if let Some(hi) = hi {
+                                x = x.min(hi);
+                            }
+                            *i = x as i64;
+                            *f = x;
+                        }
+                        Sym::Const(c)
+                    }
+                    _ => {
+                        return Err(invalid(
+                            "Clip on float values (e.g. ReLU6) is not supported; fhecam reads Clip only between QuantizeLinear and DequantizeLinear".into(),
+                        ))
+                    }
+                }
+            }
+            "DequantizeLinear" => {
+                let (scales, zeros, _, axis) = qparams(
+                    &node.op_type,
+                    konst(1)?,
+                    konst(2)?,
+                    a.int("axis", 1),
+                    sym(0)?,
+                )
+                .map_err(&invalid)?;
+                match sym(0)?.clone() {
+                    Sym::Const(c) if int_range(c.ty).is_some() || DataType::from_i32(c.ty) == Some(DataType::Int32) => {
+                        let f: Vec<f32> = c
+                            .i
+                            .iter()
+                            .enumerate()
+                            .map(|(k, &q)| {
+                                let j = along(&c.dims, axis, k, scales.len());
+                                (q - zeros[j]) as f32 * scales[j]
+                            })
+                            .collect();
+                        Sym::Const(Const {
+                            dims: c.dims,
+                            f,
+                            i: vec![],
+                            ty: DataType::Float as i32,
+                            deq: Some((scales, axis)),
+                        })
+                    }
+                    Sym::Quant(v, q) => {
+                        if scales.len() != 1 || scales[0] != q.scale || zeros[0] != q.zero as i64 {
+                            return Err(invalid(format!(
+                                "scale {:?} and zero point {:?} differ from its QuantizeLinear's ({} and {}); fhecam reads a quantizer whose two halves agree",
+                                scales, zeros, q.scale, q.zero
+                            )));
+                        }
+                        if q.levels() > 256 {
+                            return Err(invalid(format!(
+                                "a quantizer of {} levels ({}..={}): fhecam reads quantizers of at most 8 bits",
+                                q.levels(),
+                                q.qmin,
+                                q.qmax
+                            )));
+                        }
+                        Sym::Val(push(&mut g, FOp::Quant(q), vec![v]))
+                    }
+                    _ => {
+                        return Err(invalid(
+                            "dequantizes a value that is neither a quantized constant nor the output of a QuantizeLinear".into(),
+                        ))
+                    }
+                }
+            }
             "Softmax" | "LogSoftmax" if node.output.first() == Some(&output.name) => {
                 g.notes.push(format!("{origin}: final {} dropped (the predicted class is the same; logits are reported instead of probabilities)", node.op_type));
                 sym(0)?.clone()

@@ -7,7 +7,7 @@
 //! scales become per-channel activation tables. Every nonlinearity, requantization and
 //! zero point ends up in an exact lookup table, which the engine evaluates by PBS.
 
-use super::graph::{ActFn, FGraph, FOp, FShape};
+use super::graph::{ActFn, FGraph, FOp, FShape, QSpec};
 use super::ImportError;
 use crate::model::{
     ActTable, InputSpec, Model, Node, Op, ValueInfo, MAX_ACT_BITS, MAX_INPUT_BITS,
@@ -136,6 +136,8 @@ struct LinearSrc {
     bias: Vec<f32>,
     conv: Option<([usize; 2], [usize; 2], [usize; 2])>,
     scales: Vec<f32>,
+    /// The weights are the model's own integers (on `scales`): clamp to 8 bits only.
+    given: bool,
 }
 
 struct Builder<'a> {
@@ -144,6 +146,8 @@ struct Builder<'a> {
     ranges: &'a Ranges,
     /// Linear layers by the model value they produce.
     linear: std::collections::HashMap<usize, LinearSrc>,
+    /// Where the integer model departs from a quantized ONNX model, per layer.
+    notes: Vec<String>,
 }
 
 impl Builder<'_> {
@@ -184,8 +188,7 @@ impl Builder<'_> {
         let bits = self.cfg.act_bits;
         let top = (1i64 << bits) - 1;
         let info = self.info(rep.v())?;
-        let (tlo, thi) = info.range();
-        let (a, b) = rep.affine();
+        let (a, _) = rep.affine();
         let chans = info.shape[0];
         // Levels of a ReLU or a requantization are s/a accumulator units apart: on a power
         // of two, the engine reads them from the accumulator's digits.
@@ -201,14 +204,78 @@ impl Builder<'_> {
         let s: Vec<f32> = (0..chans)
             .map(|c| steps[c].map_or(s[c], |k| a[c] * k as f32))
             .collect();
-        let s = &s[..];
+        let level = |c: usize, y: f32| (((y - z[c]) / s[c]).round() as i64).clamp(0, top);
+        let tables = self.tables(rep, f, &level, &steps, true, origin)?;
+        let v = self.push(Op::Activation { bits, tables }, vec![rep.v()]);
+        Ok(Rep::Act {
+            v,
+            z: z.to_vec(),
+            s,
+        })
+    }
+
+    /// A quantizer of the ONNX model (after `f`, the activation it follows), exactly when
+    /// it has at most 16 levels.
+    fn requantize_spec(
+        &mut self,
+        rep: &Rep,
+        f: ActFn,
+        q: QSpec,
+        origin: &str,
+    ) -> Result<Rep, ImportError> {
+        let levels = q.levels() as i64;
+        let max = 1i64 << MAX_ACT_BITS;
+        // wider than the engine's activations: merge every k levels
+        let k = (levels - 1 + max - 2) / (max - 1);
+        let top = (levels - 1) / k;
+        let bits = (64 - top.leading_zeros()).max(1) as u8;
+        let level = |_: usize, y: f32| ((q.level(y) - q.qmin) as i64 + k / 2) / k;
+        let info = self.info(rep.v())?;
+        let chans = info.shape[0];
+        let (z, s) = (q.scale * (q.qmin - q.zero) as f32, q.scale * k as f32);
+        // the same quantizer again (ONNX Runtime puts one around a Flatten): nothing to do
+        if let (Rep::Act { z: rz, s: rs, .. }, ActFn::Identity) = (rep, f) {
+            if rz.iter().all(|v| *v == z) && rs.iter().all(|v| *v == s) {
+                return Ok(rep.clone());
+            }
+        }
+        if k > 1 {
+            self.notes.push(format!(
+                "{origin}: a quantizer of {levels} levels is wider than fhecam's {max}: every {k} levels merged into one (approximation: up to {:.3} off, {} of its steps of {})",
+                q.scale * (k / 2) as f32,
+                k / 2,
+                q.scale
+            ));
+        }
+        let tables = self.tables(rep, f, &level, &vec![None; chans], k > 1, origin)?;
+        let v = self.push(Op::Activation { bits, tables }, vec![rep.v()]);
+        Ok(Rep::Act {
+            v,
+            z: vec![z; chans],
+            s: vec![s; chans],
+        })
+    }
+
+    /// Per channel, the table of `level(c, f(x))` over the value's integer range (one
+    /// table when all are equal). `steps`: the channel's levels are exactly this many
+    /// integer units apart.
+    fn tables(
+        &self,
+        rep: &Rep,
+        f: ActFn,
+        level: &dyn Fn(usize, f32) -> i64,
+        steps: &[Option<i64>],
+        snap: bool,
+        origin: &str,
+    ) -> Result<Vec<ActTable>, ImportError> {
+        let info = self.info(rep.v())?;
+        let (tlo, thi) = info.range();
+        let (a, b) = rep.affine();
+        let chans = info.shape[0];
         let mut tables = Vec::with_capacity(chans);
         for c in 0..chans {
-            let (ac, bc, zc, sc) = (a[c], b[c], z[c], s[c]);
-            let q = |t: i64| -> i64 {
-                let y = f.apply(ac * t as f32 + bc);
-                (((y - zc) / sc).round() as i64).clamp(0, top)
-            };
+            let (ac, bc) = (a[c], b[c]);
+            let q = |t: i64| -> i64 { level(c, f.apply(ac * t as f32 + bc)) };
             // q is monotone (f is, a ≥ 0): the table only needs the span where it changes;
             // the engine clamps everything outside to the end values.
             let (q_lo, q_hi) = (q(tlo), q(thi));
@@ -231,9 +298,10 @@ impl Builder<'_> {
                 }
                 // Snap the thresholds to multiples of 4^m, moving none by more than 1/16 of
                 // the narrowest level: the engine then compares only the digits above m.
+                // (Not for the model's own quantizers: they are kept exactly.)
                 let gap = th.windows(2).map(|w| w[1] - w[0]).min().unwrap_or(0);
                 let mut unit = 1i64;
-                while th.len() > 1 && unit * 4 * 16 <= gap {
+                while snap && th.len() > 1 && unit * 4 * 16 <= gap {
                     unit *= 4;
                 }
                 for t in &mut th {
@@ -255,12 +323,7 @@ impl Builder<'_> {
         if tables.iter().all(|t| *t == tables[0]) {
             tables.truncate(1);
         }
-        let v = self.push(Op::Activation { bits, tables }, vec![rep.v()]);
-        Ok(Rep::Act {
-            v,
-            z: z.to_vec(),
-            s: s.to_vec(),
-        })
+        Ok(tables)
     }
 
     /// An activation of the value; accumulators are requantized over their float range.
@@ -284,6 +347,8 @@ impl Builder<'_> {
         bias: &[f32],
         per_tensor: bool,
         conv: Option<([usize; 2], [usize; 2], [usize; 2])>,
+        weight_scale: Option<&[f32]>,
+        origin: &str,
     ) -> Result<Rep, ImportError> {
         let mut src = LinearSrc {
             x: x.clone(),
@@ -293,8 +358,11 @@ impl Builder<'_> {
             bias: bias.to_vec(),
             conv,
             scales: vec![],
+            given: false,
         };
-        let (op, scales) = self.linear_op(&src, per_tensor, None);
+        let given = weight_scale.and_then(|ws| self.given_scales(&src, ws, per_tensor, origin));
+        src.given = given.is_some();
+        let (op, scales) = self.linear_op(&src, per_tensor, given.as_deref());
         let v = self.push(op, vec![x.v()]);
         src.scales = scales.clone();
         self.linear.insert(v, src);
@@ -303,6 +371,45 @@ impl Builder<'_> {
             a: scales,
             b: vec![0.0; out],
         })
+    }
+
+    /// The accumulator scales on which a layer's quantized weights (DequantizeLinear,
+    /// `ws` per output) stay the exported integers: `ws · s` for an input on one grid `s`.
+    /// `None`, with a note, where that is not so.
+    fn given_scales(
+        &mut self,
+        src: &LinearSrc,
+        ws: &[f32],
+        per_tensor: bool,
+        origin: &str,
+    ) -> Option<Vec<f32>> {
+        let Rep::Act { s, .. } = &src.x else {
+            return None;
+        };
+        let mut why = None;
+        if s.iter().any(|v| (v / s[0] - 1.0).abs() > 1e-6) {
+            why = Some("its input is not on one quantized grid");
+        } else if per_tensor && ws.iter().any(|w| *w != ws[0]) {
+            why = Some("the output layer needs one scale for every class (the argmax compares them), and its weights have one per class");
+        }
+        let forced: Vec<f32> = ws.iter().map(|w| w * s[0]).collect();
+        let per_out = src.weights.len() / src.out;
+        let off = src.weights.iter().enumerate().any(|(i, w)| {
+            let q = w * s[0] / forced[i / per_out];
+            (q - q.round()).abs() > 1e-3 || !(-128.0..=127.0).contains(&q.round())
+        });
+        if why.is_none() && off {
+            why = Some("its weights are not 8-bit integers on their scale");
+        }
+        match why {
+            None => Some(forced),
+            Some(w) => {
+                self.notes.push(format!(
+                    "{origin}: weights quantized again ({w}; approximation)"
+                ));
+                None
+            }
+        }
     }
 
     /// The quantized layer and its per-output scales (`forced`: use these scales).
@@ -341,7 +448,9 @@ impl Builder<'_> {
             }
         }
         // the output layer shares one scale across classes; it gets its own width
-        let bits = if per_tensor {
+        let bits = if src.given {
+            8
+        } else if per_tensor {
             self.cfg.output_weight_bits
         } else {
             self.cfg.weight_bits
@@ -479,6 +588,18 @@ pub fn quantize(
     cfg: QuantConfig,
     name: &str,
 ) -> Result<Model, ImportError> {
+    quantize_noted(g, shapes, ranges, cfg, name).map(|(m, _)| m)
+}
+
+/// [`quantize`], with notes on where the integer model departs from the quantizers and
+/// quantized weights of the ONNX model (QDQ), per layer.
+pub fn quantize_noted(
+    g: &FGraph,
+    shapes: &[FShape],
+    ranges: &Ranges,
+    cfg: QuantConfig,
+    name: &str,
+) -> Result<(Model, Vec<String>), ImportError> {
     cfg.check()?;
     let [c, h, w] = g.input;
     let (lo, hi) = ranges[0]
@@ -512,6 +633,7 @@ pub fn quantize(
         cfg,
         ranges,
         linear: Default::default(),
+        notes: vec![],
     };
     // how many float nodes read each value: a linear layer can only be redone on another
     // scale when its one reader is the residual Add
@@ -521,17 +643,61 @@ pub fn quantize(
             readers[i] += 1;
         }
     }
+    let quantized = g.nodes.iter().any(|n| matches!(n.op, FOp::Quant(_)));
+    // a quantizer on the input (perhaps after Flatten) is the model's input quantization
+    let input_q = g
+        .nodes
+        .iter()
+        .enumerate()
+        .find(|(_, n)| !matches!(n.op, FOp::Flatten))
+        .filter(|(k, n)| {
+            n.inputs == [*k]
+                && g.nodes[..*k]
+                    .iter()
+                    .enumerate()
+                    .all(|(j, m)| m.inputs == [j])
+        })
+        .and_then(|(k, n)| match n.op {
+            FOp::Quant(q) if q.levels() <= 1 << MAX_INPUT_BITS => Some((k, q)),
+            _ => None,
+        });
+    if let Some((_, mut q)) = input_q {
+        // Padding adds level 0, which must be the value 0.0 as in the ONNX model: for
+        // non-negative images (as every camera frame is), the levels below zero are unused.
+        if lo >= 0.0 && (q.qmin..q.qmax).contains(&q.zero) {
+            q.qmin = q.zero;
+        } else if q.zero != q.qmin {
+            b.notes.push(
+                "input: signed input quantizer; zero-padded borders read its level 0, not the value 0 (approximation at the borders of padded convolutions)".into(),
+            );
+        }
+        let levels = q.levels() as u64;
+        b.m.input.bits = (64 - (levels - 1).leading_zeros()).max(1) as u8;
+        b.m.input.scale = q.scale;
+        b.m.input.zero = q.scale * (q.qmin - q.zero) as f32;
+    } else if quantized {
+        b.notes.push(format!(
+            "input: not quantized in the model; quantized to {} bits over the calibration range (approximation)",
+            cfg.input_bits
+        ));
+    }
     let mut reps: Vec<Rep> = vec![Rep::Act {
         v: 0,
-        z: vec![zero; c],
-        s: vec![scale; c],
+        z: vec![b.m.input.zero; c],
+        s: vec![b.m.input.scale; c],
     }];
+    // activation functions whose one reader is a quantizer: applied by its table
+    let mut pending: std::collections::HashMap<usize, ActFn> = Default::default();
     for (n, node) in g.nodes.iter().enumerate() {
         let fv = n + 1;
         let x = reps[node.inputs[0]].clone();
         let xs = shapes[node.inputs[0]];
         let origin = node.origin.as_str();
         let last = fv == g.output;
+        if input_q.is_some_and(|(k, _)| k == n) {
+            reps.push(x);
+            continue;
+        }
         let rep = match &node.op {
             FOp::Conv {
                 out_channels,
@@ -540,6 +706,7 @@ pub fn quantize(
                 padding,
                 weights,
                 bias,
+                weight_scale,
             } => {
                 let x = b.ensure_act(x, node.inputs[0], origin)?;
                 b.linear(
@@ -550,19 +717,59 @@ pub fn quantize(
                     bias,
                     last,
                     Some((*kernel, *stride, *padding)),
+                    weight_scale.as_deref(),
+                    origin,
                 )?
             }
             FOp::Dense {
                 out_features,
                 weights,
                 bias,
+                weight_scale,
             } => {
                 let x = b.ensure_act(x, node.inputs[0], origin)?;
-                b.linear(&x, xs, *out_features, weights, bias, last, None)?
+                b.linear(
+                    &x,
+                    xs,
+                    *out_features,
+                    weights,
+                    bias,
+                    last,
+                    None,
+                    weight_scale.as_deref(),
+                    origin,
+                )?
+            }
+            FOp::Act(f)
+                if readers[fv] == 1
+                    && g.nodes
+                        .get(fv)
+                        .is_some_and(|m| matches!(m.op, FOp::Quant(_)) && m.inputs == [fv]) =>
+            {
+                pending.insert(fv, *f);
+                x
             }
             FOp::Act(f) => {
                 let (z, s) = b.act_params(&ranges[fv], cfg.act_bits);
                 b.requantize(&x, *f, &z, &s, origin, false)?
+            }
+            // a quantizer of the logits changes no class but makes ties: dropped
+            FOp::Quant(_) if last && !pending.contains_key(&node.inputs[0]) => {
+                b.notes.push(format!(
+                    "{origin}: the output's quantizer dropped (it is monotone: the class is the same except where it makes a tie)"
+                ));
+                let v = x.v();
+                reps.push(x);
+                if v != b.m.nodes.len() {
+                    return Err(ImportError::Quantize(
+                        "the output is not the last layer".into(),
+                    ));
+                }
+                continue;
+            }
+            FOp::Quant(q) => {
+                let f = pending.remove(&node.inputs[0]).unwrap_or(ActFn::Identity);
+                b.requantize_spec(&x, f, *q, origin)?
             }
             FOp::MaxPool { kernel, stride } => {
                 let x = b.ensure_act(x, node.inputs[0], origin)?;
@@ -665,5 +872,5 @@ pub fn quantize(
         ));
     }
     b.m.infer()?;
-    Ok(b.m)
+    Ok((b.m, b.notes))
 }
