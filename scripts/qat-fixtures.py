@@ -78,6 +78,26 @@ class QatCnn(nn.Module):
         return self.fc(torch.flatten(h, 1))
 
 
+class QatCnnBn(nn.Module):
+    """Conv without bias -> float BatchNorm -> QuantReLU -> MaxPool: the BN stays a
+    BatchNormalization node between the quantized conv and its activation quantizer."""
+
+    def __init__(self, bits, channels=8):
+        super().__init__()
+        self.inp = qnn.QuantIdentity(bit_width=8, return_quant_tensor=True)
+        self.conv = qnn.QuantConv2d(1, channels, 3, stride=1, padding=1, bias=False,
+                                    weight_bit_width=bits)
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = qnn.QuantReLU(bit_width=bits, return_quant_tensor=True)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = qnn.QuantLinear(channels * 4 * 4, 10, bias=True, weight_bit_width=bits,
+                                  bias_quant=Int32Bias)
+
+    def forward(self, x):
+        h = self.pool(self.relu(self.bn(self.conv(self.inp(x)))))
+        return self.fc(torch.flatten(h, 1))
+
+
 class QatMlp(nn.Module):
     def __init__(self, bits, hidden=32):
         super().__init__()
@@ -230,6 +250,10 @@ def main():
          "Brevitas QAT CNN: QuantIdentity(8b) -> QuantConv2d(1->8, 3x3, s2, p1) -> QuantReLU(2b) "
          "-> flatten -> QuantLinear(128->10); 2-bit per-output-channel weights, int32 biases; "
          "export_onnx_qcdq opset 13"),
+        ("qat_cnn_bn_3bit", lambda: QatCnnBn(3), 3, 3, 4,
+         "Brevitas QAT CNN with BatchNorm and max pooling: QuantIdentity(8b) -> "
+         "QuantConv2d(1->8, 3x3, s1, p1, no bias) -> BatchNorm2d -> QuantReLU(3b) -> MaxPool2d(2) "
+         "-> flatten -> QuantLinear(128->10); 3-bit per-tensor weights; export_onnx_qcdq opset 13"),
         ("qat_mlp_3bit", lambda: QatMlp(3), 3, 3, 3,
          "Brevitas QAT MLP: flatten -> QuantIdentity(8b) -> QuantLinear(64->32) -> QuantReLU(3b) "
          "-> QuantLinear(32->10); 3-bit per-tensor weights, float biases; "

@@ -299,7 +299,12 @@ fn quantization_aware_models_import_as_exported() {
         .collect();
     // Brevitas QAT (QCDQ): the model's own integers and quantizers, so the integer model
     // predicts what ONNX Runtime predicts on the exported file
-    for name in ["qat_cnn_3bit", "qat_cnn_2bit", "qat_mlp_3bit"] {
+    for name in [
+        "qat_cnn_3bit",
+        "qat_cnn_2bit",
+        "qat_cnn_bn_3bit",
+        "qat_mlp_3bit",
+    ] {
         let m = import(dir.path(), name, &[]);
         let (acc, pred) = onnx_runtime(name);
         let int = integer_predictions(&m);

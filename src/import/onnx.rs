@@ -658,11 +658,17 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                     Some(FNode { op: FOp::Conv { weights, bias, weight_scale, .. } | FOp::Dense { weights, bias, weight_scale, .. }, .. })
                         if uses.get(sole) == Some(&1) =>
                     {
-                        // scaled per channel: no longer integers on the exported scale
-                        *weight_scale = None;
                         let per = weights.len() / c;
                         for ch in 0..c {
                             let k = p[0].f[ch] / (p[3].f[ch] + eps).sqrt();
+                            // quantized weights stay integers, on a scale |k| times theirs
+                            // (a negative k negates them)
+                            if let Some(ws) = weight_scale.as_mut() {
+                                ws[ch] *= k.abs();
+                                if k == 0.0 || !k.is_finite() {
+                                    *weight_scale = None;
+                                }
+                            }
                             for w in &mut weights[ch * per..(ch + 1) * per] {
                                 *w *= k;
                             }

@@ -362,15 +362,19 @@ impl Builder<'_> {
         };
         let given = weight_scale.and_then(|ws| self.given_scales(&src, ws, per_tensor, origin));
         src.given = given.is_some();
-        let (op, scales) = self.linear_op(&src, per_tensor, given.as_deref());
+        let (op, scales, frac) = self.linear_op(&src, per_tensor, given.as_deref());
         let v = self.push(op, vec![x.v()]);
         src.scales = scales.clone();
+        // The model's own integers: what of the bias is not on the accumulator's grid (a
+        // float bias, a folded BatchNormalization) stays in the affine view, so the next
+        // table sees the exact value. Not for the logits: their argmax reads the integers.
+        let b = if src.given && !per_tensor {
+            frac
+        } else {
+            vec![0.0; out]
+        };
         self.linear.insert(v, src);
-        Ok(Rep::Acc {
-            v,
-            a: scales,
-            b: vec![0.0; out],
-        })
+        Ok(Rep::Acc { v, a: scales, b })
     }
 
     /// The accumulator scales on which a layer's quantized weights (DequantizeLinear,
@@ -418,7 +422,7 @@ impl Builder<'_> {
         src: &LinearSrc,
         per_tensor: bool,
         forced: Option<&[f32]>,
-    ) -> (Op, Vec<f32>) {
+    ) -> (Op, Vec<f32>, Vec<f32>) {
         let LinearSrc {
             x,
             in_shape,
@@ -479,6 +483,8 @@ impl Builder<'_> {
             .zip(&scales)
             .map(|(b, s)| (b / s).round().clamp(-(1 << 19) as f32, (1 << 19) as f32) as i32)
             .collect();
+        // the part of each bias the integer bias does not carry
+        let frac: Vec<f32> = (0..out).map(|o| bf[o] - bq[o] as f32 * scales[o]).collect();
         let wr = [
             *wq.iter().min().unwrap_or(&0),
             *wq.iter().max().unwrap_or(&0),
@@ -506,7 +512,7 @@ impl Builder<'_> {
                 bias_range: br,
             },
         };
-        (op, scales)
+        (op, scales, frac)
     }
 
     /// `acc + m·act` exactly: re-quantizes the linear layer behind `acc` (which nothing
@@ -529,7 +535,7 @@ impl Builder<'_> {
             mul.push(m as u32);
         }
         let forced: Vec<f32> = s.iter().zip(&mul).map(|(s, &m)| s / m as f32).collect();
-        let (op, _) = self.linear_op(&src, false, Some(&forced));
+        let (op, ..) = self.linear_op(&src, false, Some(&forced));
         self.m.nodes[*v - 1].op = op;
         if mul.iter().all(|&m| m == mul[0]) {
             mul.truncate(1);
@@ -709,6 +715,14 @@ pub fn quantize_noted(
                 weight_scale,
             } => {
                 let x = b.ensure_act(x, node.inputs[0], origin)?;
+                if let Rep::Act { z, .. } = &x {
+                    if *padding != [0, 0] && z.iter().any(|z| *z != 0.0) {
+                        b.notes.push(format!(
+                            "{origin}: zero padding reads level 0 of its input, the value {} and not 0 (approximation at the borders)",
+                            z[0]
+                        ));
+                    }
+                }
                 b.linear(
                     &x,
                     xs,
