@@ -21,7 +21,6 @@ calib_x.npy). Writes into tests/fixtures/onnx/:
   qat_accuracy.json   each fixture's test accuracy as ONNX Runtime computes it on the file itself
 """
 
-import gzip
 import json
 import os
 import random
@@ -46,12 +45,17 @@ OUT = sys.argv[2] if len(sys.argv) > 2 else "tests/fixtures/onnx"
 DIGITS = sys.argv[1] if len(sys.argv) > 1 else ".cache/data/digits.csv.gz"
 
 
-def load_digits(path):
-    with gzip.open(path, "rt") as f:
-        rows = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    x = (rows[:, :64] / 16.0).reshape(-1, 1, 8, 8).astype(np.float32)
-    y = rows[:, 64].astype(np.int64)
-    return x, y
+def _float_fixtures():
+    """scripts/onnx-fixtures.py as a module: its data loading is the one to share."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "onnx_fixtures", os.path.join(os.path.dirname(os.path.abspath(__file__)), "onnx-fixtures.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+load_digits = _float_fixtures().load_digits
 
 
 def split(x, y):

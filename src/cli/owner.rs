@@ -269,21 +269,8 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 /// Writes a file through a temporary name in the same directory, so a reader never sees a
 /// half-written bundle or envelope.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file name", path.display()))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let _ = std::fs::remove_file(&tmp);
-    write_new(&tmp, bytes, 0o644)?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    fhecam::files::write_atomic(path, bytes, 0o644)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 pub(crate) fn owner_key_init(dir: &Path) -> Result<()> {

@@ -476,6 +476,17 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
             });
             g.nodes.len()
         };
+        // scales, zero points, their type and the axis of a QuantizeLinear/DequantizeLinear
+        let qparams_of = || {
+            qparams(
+                &node.op_type,
+                konst(1)?,
+                konst(2)?,
+                a.int("axis", 1),
+                sym(0)?,
+            )
+            .map_err(&invalid)
+        };
         // the single output name this node defines
         let out_name = node.output.first().cloned().unwrap_or_default();
         let result: Sym = match node.op_type.as_str() {
@@ -845,14 +856,7 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                 _ => return Err(invalid("adds two constants".into())),
             },
             "QuantizeLinear" => {
-                let (scales, zeros, ty, axis) = qparams(
-                    &node.op_type,
-                    konst(1)?,
-                    konst(2)?,
-                    a.int("axis", 1),
-                    sym(0)?,
-                )
-                .map_err(&invalid)?;
+                let (scales, zeros, ty, axis) = qparams_of()?;
                 let (lo, hi) = int_range(ty).unwrap_or((0, 255));
                 match sym(0)? {
                     Sym::Const(c) => {
@@ -949,14 +953,7 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                 }
             }
             "DequantizeLinear" => {
-                let (scales, zeros, _, axis) = qparams(
-                    &node.op_type,
-                    konst(1)?,
-                    konst(2)?,
-                    a.int("axis", 1),
-                    sym(0)?,
-                )
-                .map_err(&invalid)?;
+                let (scales, zeros, _, axis) = qparams_of()?;
                 match sym(0)?.clone() {
                     Sym::Const(c) if int_range(c.ty).is_some() || DataType::from_i32(c.ty) == Some(DataType::Int32) => {
                         let f: Vec<f32> = c
