@@ -214,13 +214,6 @@ fn qparams(
         Some(z)
             if DataType::from_i32(z.ty) == Some(DataType::Int32) && matches!(x, Sym::Const(_)) =>
         {
-            if z.i.len() != scale.f.len() {
-                return Err(format!(
-                    "{} zero points for {} scales",
-                    z.i.len(),
-                    scale.f.len()
-                ));
-            }
             (z.i, z.ty)
         }
         Some(z) => {
@@ -235,16 +228,16 @@ fn qparams(
                     "a 16-bit quantizer ({lo}..={hi}): fhecam reads quantizers of at most 8 bits (train with 8 bits or fewer)"
                 ));
             }
-            if z.i.len() != scale.f.len() {
-                return Err(format!(
-                    "{} zero points for {} scales",
-                    z.i.len(),
-                    scale.f.len()
-                ));
-            }
             (z.i, z.ty)
         }
     };
+    if zeros.len() != scale.f.len() {
+        return Err(format!(
+            "{} zero points for {} scales",
+            zeros.len(),
+            scale.f.len()
+        ));
+    }
     if let Sym::Const(c) = x {
         if scale.f.len() > 1 && c.dims.get(axis as usize) != Some(&scale.f.len()) {
             return Err(format!(
