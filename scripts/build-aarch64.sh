@@ -178,7 +178,8 @@ main() {
     fi
     cd "$REPO"
     local t0=$SECONDS
-    cargo build --release --locked --target "$TARGET" "$@"
+    # The camera's binary: no training (candle) or ONNX import (tract), the owner's tools.
+    cargo build --release --locked --target "$TARGET" --no-default-features "$@"
     local bin="$TARGET_DIR/$TARGET/release/fhecam"
     log "built $bin in $((SECONDS - t0)) s ($(stat -c %s "$bin") bytes)"
 }

@@ -15,6 +15,13 @@ BIN="$TARGET_DIR/aarch64-unknown-linux-gnu/release/fhecam"
 
 bash scripts/build-aarch64.sh
 ls -l "$BIN"
+# The camera build carries none of the owner's tools.
+owner_tools="$(cargo tree --locked --offline --no-default-features --target aarch64-unknown-linux-gnu -e normal --prefix none | grep -E '^(candle|tract)' | sort -u || true)"
+if [[ -n "$owner_tools" ]]; then
+    echo "test-aarch64: the camera build depends on owner tools: $owner_tools" >&2
+    exit 1
+fi
+echo "test-aarch64: cargo tree of the camera build has no candle and no tract" >&2
 
 if ! command -v qemu-aarch64-static >/dev/null; then
     echo "test-aarch64: installing qemu-user-static" >&2

@@ -12,6 +12,7 @@ pub mod fhe;
 pub mod files;
 pub mod fleet;
 pub mod ids;
+#[cfg(feature = "owner-tools")]
 pub mod import;
 pub mod model;
 pub mod mqtt;
@@ -23,4 +24,5 @@ pub mod secret;
 pub mod settings;
 pub mod store;
 pub mod testnet;
+#[cfg(feature = "owner-tools")]
 pub mod train;

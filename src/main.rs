@@ -2,16 +2,22 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+#[cfg(feature = "owner-tools")]
+use fhecam::bench;
+#[cfg(feature = "owner-tools")]
 use fhecam::data::{self, Dataset};
 use fhecam::fhe::eval;
 use fhecam::model::Model;
-use fhecam::{bench, train};
+#[cfg(feature = "owner-tools")]
+use fhecam::train;
 use std::path::{Path, PathBuf};
 
 mod cli;
 
 /// Seed and split used everywhere the digits data set is split (75/25, stratified).
+#[cfg(feature = "owner-tools")]
 const SPLIT_SEED: u64 = 42;
+#[cfg(feature = "owner-tools")]
 const TEST_FRACTION: f64 = 0.25;
 /// Largest model JSON accepted (an 8x8 CNN is a few kB; big imported models a few MB).
 const MODEL_FILE_LIMIT: u64 = 64 << 20;
@@ -30,6 +36,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    #[cfg(feature = "owner-tools")]
     /// Train the built-in quantization-aware reference CNN on a data set.
     Train {
         /// Data set to train on (only `digits`: scikit-learn's 8x8 handwritten digits).
@@ -74,8 +81,10 @@ enum Cmd {
         #[arg(long)]
         lr: Option<f64>,
     },
+    #[cfg(feature = "owner-tools")]
     /// Import an ONNX model (PyTorch, Keras) and quantize it with calibration data.
     Import(cli::import::ImportArgs),
+    #[cfg(feature = "owner-tools")]
     /// Accuracy of an integer model on test data: plaintext, float ONNX (tract), encrypted.
     Eval(cli::import::EvalArgs),
     /// Show the PBS plan of a model: per layer, before any key exists.
@@ -86,6 +95,7 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t)]
         input_mode: cli::InputModeArg,
     },
+    #[cfg(feature = "owner-tools")]
     /// Encrypted inference benchmark on test images, checked against the plaintext model.
     Bench {
         /// Integer model (JSON); or use --reference.
@@ -122,6 +132,7 @@ enum Cmd {
     /// name and version each runs, frames, inferences, drops, outbox depth, and how long
     /// ago the last inference finished.
     Fleet(cli::fleet::FleetArgs),
+    #[cfg(feature = "owner-tools")]
     /// The whole product on this machine: the owner protects and deploys the digits model, a
     /// broker starts, the edge daemon plays real test digits through GStreamer and publishes
     /// encrypted inferences, the backend agent decrypts them; each label is printed next to
@@ -181,6 +192,7 @@ fn error_chain(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        #[cfg(feature = "owner-tools")]
         Cmd::Train {
             dataset,
             out,
@@ -224,12 +236,15 @@ fn run(cli: Cli) -> Result<()> {
                 report.model.macs()?
             );
         }
+        #[cfg(feature = "owner-tools")]
         Cmd::Import(args) => cli::import::import(args)?,
+        #[cfg(feature = "owner-tools")]
         Cmd::Eval(args) => cli::import::eval_cmd(args)?,
         Cmd::Plan { model, input_mode } => {
             let m = load_model(&model)?;
             print_plan_mode(&m, input_mode.into())?;
         }
+        #[cfg(feature = "owner-tools")]
         Cmd::Bench {
             model,
             reference,
@@ -268,6 +283,7 @@ fn run(cli: Cli) -> Result<()> {
                 print_bench(&r);
             }
         }
+        #[cfg(feature = "owner-tools")]
         Cmd::Demo {
             frames,
             threads,
@@ -298,6 +314,7 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "owner-tools")]
 pub(crate) fn load_split(name: &str) -> Result<(Dataset, Dataset)> {
     if name != "digits" {
         bail!("unknown data set {name:?}: the built-in one is `digits`");
@@ -306,6 +323,7 @@ pub(crate) fn load_split(name: &str) -> Result<(Dataset, Dataset)> {
     Ok(data::stratified_split(&ds, TEST_FRACTION, SPLIT_SEED))
 }
 
+#[cfg(feature = "owner-tools")]
 fn train_with_progress(
     cfg: &train::TrainConfig,
     tr: &Dataset,
@@ -343,12 +361,14 @@ pub(crate) fn load_model(path: &Path) -> Result<Model> {
     Ok(m)
 }
 
+#[cfg(feature = "owner-tools")]
 fn sidecar(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".train.json");
     PathBuf::from(s)
 }
 
+#[cfg(feature = "owner-tools")]
 pub(crate) fn save_model(m: &Model, path: &Path, accuracy_float: Option<f64>) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -364,12 +384,14 @@ pub(crate) fn save_model(m: &Model, path: &Path, accuracy_float: Option<f64>) ->
     Ok(())
 }
 
+#[cfg(feature = "owner-tools")]
 fn read_float_accuracy(path: &Path) -> Option<f64> {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(sidecar(path)).ok()?).ok()?;
     v.get("accuracy_float")?.as_f64()
 }
 
+#[cfg(feature = "owner-tools")]
 /// The cached reference model, trained on first use.
 fn reference_model(ds: &str, preset: train::Preset) -> Result<(Model, Option<f64>)> {
     if ds != "digits" {
@@ -400,12 +422,14 @@ fn reference_model(ds: &str, preset: train::Preset) -> Result<(Model, Option<f64
     Ok((report.model, Some(report.accuracy_float)))
 }
 
+#[cfg(feature = "owner-tools")]
 fn cache_dir() -> PathBuf {
     std::env::var_os("FHECAM_CACHE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(".cache"))
 }
 
+#[cfg(feature = "owner-tools")]
 pub(crate) fn print_plan(m: &Model) -> Result<()> {
     print_plan_mode(m, eval::InputMode::Encrypted)
 }
@@ -442,6 +466,7 @@ fn print_plan_mode(m: &Model, mode: eval::InputMode) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "owner-tools")]
 fn print_bench(r: &bench::BenchReport) {
     println!("model               {}", r.model);
     println!("parameters          {} ({} threads)", r.params, r.threads);

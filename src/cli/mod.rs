@@ -1,9 +1,11 @@
 //! Subcommand groups of the `fhecam` binary that live outside `main.rs`.
 
 pub mod agent;
+#[cfg(feature = "owner-tools")]
 pub mod demo;
 pub mod edge;
 pub mod fleet;
+#[cfg(feature = "owner-tools")]
 pub mod import;
 pub mod owner;
 pub mod selftest;
