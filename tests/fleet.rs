@@ -209,9 +209,15 @@ fn cameras_take_pushed_dropped_and_reloaded_versions_and_refuse_old_ones() {
             &format!("127.0.0.1:{port}"),
             "--devices",
             "dev1",
+            "--confirm-s",
+            "120",
         ],
     );
     assert!(out.contains("acknowledged by the broker"), "{out}");
+    assert!(
+        out.contains(&format!("confirmed: 1 device(s) run model {v2}")),
+        "{out}"
+    );
     wait_for("a version-2 result from dev1", LONG, || {
         results_of(&msgs, "dev1", 2) >= 1
     });
@@ -275,16 +281,32 @@ fn cameras_take_pushed_dropped_and_reloaded_versions_and_refuse_old_ones() {
     assert!(!drop1.join("v3.bundle").exists(), "taken files are removed");
 
     // refused, each with its reason, while dev1 keeps running version 3:
-    // an older version pushed (a replay of a validly signed bundle) ...
-    f.deploy(
-        &v1,
-        &[
+    // an older version pushed (a replay of a validly signed bundle): the broker takes it,
+    // the camera refuses it, and --confirm-s says so ...
+    let out = bin()
+        .args([
+            "deploy",
+            "--db",
+            s(&f.owner.db),
+            "--model",
+            &v1,
+            "--signing-key",
+            s(&dir.path().join("keys/owner.key")),
             "--push",
             "--broker",
             &format!("127.0.0.1:{port}"),
             "--devices",
             "dev1",
-        ],
+            "--confirm-s",
+            "15",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("not every camera runs model") && err.contains("rollback refused"),
+        "{err}"
     );
     // ... an older version dropped, the same version re-signed with other bytes, and a
     // bundle signed by someone else

@@ -188,6 +188,64 @@ pub fn collect(b: &BrokerArgs, wait: Duration) -> Result<Vec<Camera>> {
     Ok(fleet::view(&b.prefix, &msgs, fhecam::ids::unix_now_ms()))
 }
 
+/// The devices with a camera online now.
+pub fn online(b: &BrokerArgs) -> Result<Vec<String>> {
+    let mut d: Vec<String> = collect(b, Duration::from_secs(2))?
+        .into_iter()
+        .filter(|c| c.availability == "online")
+        .map(|c| c.device_id)
+        .collect();
+    d.dedup();
+    Ok(d)
+}
+
+/// Waits until every camera of `devices` reports running `model_id`; fails after `limit`
+/// naming the others (with the last bundle each refused).
+pub fn confirm(b: &BrokerArgs, devices: &[String], model_id: &str, limit: Duration) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let cams = collect(b, Duration::from_millis(1500))?;
+        let mut waiting = Vec::new();
+        for d in devices {
+            let mine: Vec<&Camera> = cams.iter().filter(|c| &c.device_id == d).collect();
+            if mine.is_empty() {
+                waiting.push(format!("{d}: no camera has reported"));
+            }
+            for c in mine {
+                if c.model_id.as_deref() != Some(model_id) {
+                    waiting.push(format!(
+                        "{}/{}: runs {} version {}{}",
+                        c.device_id,
+                        c.camera_id,
+                        opt(&c.model_name),
+                        opt(&c.model_version),
+                        c.last_refusal
+                            .as_ref()
+                            .map(|r| format!("; last refused bundle: {r}"))
+                            .unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        if waiting.is_empty() {
+            println!(
+                "confirmed: {} device(s) run model {model_id} ({:.0} s)",
+                devices.len(),
+                t.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if t.elapsed() >= limit {
+            bail!(
+                "not every camera runs model {model_id} after {:.0} s:\n  {}",
+                limit.as_secs_f64(),
+                waiting.join("\n  ")
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
     v.as_ref()
         .map(|v| v.to_string())

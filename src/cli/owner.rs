@@ -85,6 +85,11 @@ pub enum OwnerCmd {
         /// With --push: how long to wait for the broker's acknowledgements (1–86400 s).
         #[arg(long, default_value_t = 600.0)]
         push_timeout_s: f64,
+        /// With --push: then wait up to this long (1–86400 s) until every targeted camera
+        /// reports running this version (exit 1 naming those that do not, and why if they
+        /// refused it). With --all, the cameras online when the push went out.
+        #[arg(long, requires = "push")]
+        confirm_s: Option<f64>,
         #[command(flatten)]
         fleet: super::fleet::BrokerArgs,
     },
@@ -181,10 +186,11 @@ pub fn run(cmd: OwnerCmd) -> Result<()> {
             devices,
             all,
             push_timeout_s,
+            confirm_s,
             fleet,
         } => {
             let push = push
-                .then(|| push_target(&fleet, &devices, all, push_timeout_s))
+                .then(|| push_target(&fleet, &devices, all, push_timeout_s, confirm_s))
                 .transpose()?;
             deploy(&db, &model, &signing_key, out.as_deref(), push.as_ref())
         }
@@ -463,6 +469,9 @@ pub(crate) struct PushTarget {
     broker: super::fleet::BrokerArgs,
     topics: Vec<String>,
     timeout: std::time::Duration,
+    /// The devices pushed to (`None`: all).
+    devices: Option<Vec<String>>,
+    confirm: Option<std::time::Duration>,
 }
 
 fn push_target(
@@ -470,9 +479,15 @@ fn push_target(
     devices: &[String],
     all: bool,
     timeout_s: f64,
+    confirm_s: Option<f64>,
 ) -> Result<PushTarget> {
-    if !(1.0..=86400.0).contains(&timeout_s) {
-        bail!("--push-timeout-s must be 1..=86400, got {timeout_s}");
+    for (flag, v) in [
+        ("--push-timeout-s", Some(timeout_s)),
+        ("--confirm-s", confirm_s),
+    ] {
+        if let Some(v) = v.filter(|v| !(1.0..=86400.0).contains(v)) {
+            bail!("{flag} must be 1..=86400, got {v}");
+        }
     }
     let topics = if all {
         vec![fhecam::fleet::deploy_topic(&b.prefix, None)]
@@ -494,6 +509,8 @@ fn push_target(
         broker: b.clone(),
         topics,
         timeout: std::time::Duration::from_secs_f64(timeout_s),
+        devices: (!all).then(|| devices.to_vec()),
+        confirm: confirm_s.map(std::time::Duration::from_secs_f64),
     })
 }
 
@@ -546,7 +563,16 @@ pub(crate) fn deploy(
         bundle::key_id(&key.verifying_key())
     );
     if let Some(p) = push {
+        let online = match (&p.devices, p.confirm) {
+            // with --all: the cameras online now are the ones to wait for
+            (None, Some(_)) => Some(super::fleet::online(&p.broker)?),
+            _ => None,
+        };
         super::fleet::push(&p.broker, &p.topics, &bytes, p.timeout)?;
+        if let Some(limit) = p.confirm {
+            let devices = p.devices.clone().or(online).unwrap_or_default();
+            super::fleet::confirm(&p.broker, &devices, &s.id.to_string(), limit)?;
+        }
     }
     Ok(())
 }
