@@ -297,7 +297,7 @@ pub struct Deployer {
 /// What became of an offer.
 pub enum Outcome {
     Running,
-    Swapped(Arc<Deployed>),
+    Swapped(Box<Deployed>),
 }
 
 impl Deployer {
@@ -334,8 +334,11 @@ impl Deployer {
             // nothing deployed since: the configured bundle, judged by the marks alone
             let bytes = configured?;
             return match me.offer(&bytes, None) {
-                Ok(Outcome::Swapped(d)) => Ok((me, unwrap_arc(d))),
-                Ok(Outcome::Running) => unreachable!("nothing runs yet"),
+                Ok(Outcome::Swapped(d)) => Ok((me, *d)),
+                // nothing runs yet, so no offer can be the running one
+                Ok(Outcome::Running) => Err(DeployError::Runtime(format!(
+                    "bundle {path}: judged as running before anything ran"
+                ))),
                 Err(refusal) => Err(DeployError::Refused { path, refusal }),
             };
         };
@@ -352,23 +355,22 @@ impl Deployer {
                 path: saved_path.clone(),
                 refusal,
             })?;
-        let running = Arc::new(running);
         let bytes = match configured {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!("{e}; running {} deployed since", running.describe());
-                return Ok((me, unwrap_arc(running)));
+                return Ok((me, running));
             }
         };
         match me.offer(&bytes, Some(&running)) {
-            Ok(Outcome::Swapped(d)) => Ok((me, unwrap_arc(d))),
-            Ok(Outcome::Running) => Ok((me, unwrap_arc(running))),
+            Ok(Outcome::Swapped(d)) => Ok((me, *d)),
+            Ok(Outcome::Running) => Ok((me, running)),
             Err(r) => {
                 tracing::info!(
                     "configured bundle {path} not taken ({r}); running {} deployed since",
                     running.describe()
                 );
-                Ok((me, unwrap_arc(running)))
+                Ok((me, running))
             }
         }
     }
@@ -408,13 +410,8 @@ impl Deployer {
                 .map_err(|e| Refusal::Invalid(format!("cannot record it: {e}")))?;
         }
         self.marks = marks;
-        Ok(Outcome::Swapped(Arc::new(d)))
+        Ok(Outcome::Swapped(Box::new(d)))
     }
-}
-
-/// A freshly made `Arc` has one owner.
-fn unwrap_arc(d: Arc<Deployed>) -> Deployed {
-    Arc::try_unwrap(d).unwrap_or_else(|_| unreachable!("a new Arc has no other owner"))
 }
 
 #[cfg(test)]

@@ -131,7 +131,7 @@ async fn judge(deployer: &Arc<Mutex<Deployer>>, links: &Links, o: Offer) -> bool
                 "{origin}: now running {} (was {old}; frames already started finish on it)",
                 d.describe()
             );
-            links.current.set(d);
+            links.current.set(Arc::new(*d));
             links.stats.bundles_accepted.fetch_add(1, Ordering::Relaxed);
             links.changed.notify_one();
             true
