@@ -531,6 +531,25 @@ async fn daemon_and_agent_over_tls() {
         assert!(v["label"].as_u64().unwrap() < 10, "{v}");
         results.push(v);
     }
+    // the cockpit can see a result before the agent has its acknowledgement and records
+    // it: stop the agent once its state database holds both
+    let state = d.join("tls-agent-state.db");
+    tokio::task::block_in_place(|| {
+        common::wait_for(
+            "the agent's record of both results",
+            Duration::from_secs(30),
+            || {
+                rusqlite::Connection::open_with_flags(
+                    &state,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .and_then(|c| {
+                    c.query_row("SELECT count(*) FROM results", [], |r| r.get::<_, i64>(0))
+                })
+                .is_ok_and(|n| n == 2)
+            },
+        )
+    });
     let st = tokio::task::block_in_place(|| common::stop_agent(agent, Duration::from_secs(5)));
     assert_eq!(st["published"], 2, "{st}");
 
