@@ -315,6 +315,27 @@ fn quantization_aware_models_import_as_exported() {
         );
         assert!(agree >= 0.99, "{name}: agreement {agree}");
         assert!((int_acc - acc).abs() <= 0.005, "{name}: {int_acc} vs {acc}");
+        // `eval --onnx` reads the QDQ graph itself too, and agrees with ONNX Runtime
+        let r = last_json(&ok(&[
+            "eval",
+            &m,
+            "--data",
+            &fx("test_x.npy"),
+            "--labels",
+            &fx("test_y.txt"),
+            "--onnx",
+            &fx(&format!("{name}.onnx")),
+            "--json",
+        ]));
+        let own = r["accuracy_onnx_fhecam"].as_f64().unwrap();
+        assert!(
+            (own - acc).abs() <= 0.005,
+            "{name}: fhecam's reading {own} vs {acc}"
+        );
+        assert!(
+            r["onnx_fhecam_int_same_class"].as_f64().unwrap() >= 0.99,
+            "{r}"
+        );
     }
     // ONNX Runtime's int8 static quantization: 256-level activations are merged to the
     // engine's 16, and the import says so
