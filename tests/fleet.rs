@@ -42,7 +42,8 @@ impl Fleet {
         out.trim().lines().last().unwrap().to_string()
     }
 
-    fn deploy(&self, id: &str, extra: &[&str]) -> String {
+    /// `fhecam deploy` of model `id` with `extra` arguments, however it ends.
+    fn deploy_output(&self, id: &str, extra: &[&str]) -> std::process::Output {
         let key = self.dir.join("keys/owner.key");
         let mut args = vec![
             "deploy",
@@ -54,7 +55,18 @@ impl Fleet {
             s(&key),
         ];
         args.extend_from_slice(extra);
-        ok(&args)
+        bin().args(&args).output().unwrap()
+    }
+
+    /// `fhecam deploy`, which must succeed: its stdout.
+    fn deploy(&self, id: &str, extra: &[&str]) -> String {
+        let out = self.deploy_output(id, extra);
+        assert!(
+            out.status.success(),
+            "deploy {extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
     }
 
     fn state(&self, device: &str) -> PathBuf {
@@ -283,15 +295,9 @@ fn cameras_take_pushed_dropped_and_reloaded_versions_and_refuse_old_ones() {
     // refused, each with its reason, while dev1 keeps running version 3:
     // an older version pushed (a replay of a validly signed bundle): the broker takes it,
     // the camera refuses it, and --confirm-s says so ...
-    let out = bin()
-        .args([
-            "deploy",
-            "--db",
-            s(&f.owner.db),
-            "--model",
-            &v1,
-            "--signing-key",
-            s(&dir.path().join("keys/owner.key")),
+    let out = f.deploy_output(
+        &v1,
+        &[
             "--push",
             "--broker",
             &format!("127.0.0.1:{port}"),
@@ -299,9 +305,8 @@ fn cameras_take_pushed_dropped_and_reloaded_versions_and_refuse_old_ones() {
             "dev1",
             "--confirm-s",
             "15",
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(

@@ -50,6 +50,21 @@ fn last_json(stdout: &str) -> serde_json::Value {
     serde_json::from_str(stdout.lines().last().expect("output")).expect("last line is JSON")
 }
 
+/// `fhecam eval M --onnx` on the test images: its JSON report.
+fn eval_onnx(model_json: &str, onnx: &str) -> serde_json::Value {
+    last_json(&ok(&[
+        "eval",
+        model_json,
+        "--data",
+        &fx("test_x.npy"),
+        "--labels",
+        &fx("test_y.txt"),
+        "--onnx",
+        &fx(&format!("{onnx}.onnx")),
+        "--json",
+    ]))
+}
+
 fn torch_accuracy(model: &str) -> f64 {
     let v: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("float_accuracy.json")).unwrap(),
@@ -82,18 +97,7 @@ fn pytorch_models_import_within_one_point_of_float() {
     let dir = tempfile::tempdir().unwrap();
     for model in ["digits_bn", "digits_res", "digits_tanh", "digits_keras"] {
         let m = import(dir.path(), model, &[]);
-        let out = ok(&[
-            "eval",
-            &m,
-            "--data",
-            &fx("test_x.npy"),
-            "--labels",
-            &fx("test_y.txt"),
-            "--onnx",
-            &fx(&format!("{model}.onnx")),
-            "--json",
-        ]);
-        let r = last_json(&out);
+        let r = eval_onnx(&m, model);
         let (plain, float) = (
             r["accuracy_plain"].as_f64().unwrap(),
             r["accuracy_float"].as_f64().unwrap(),
@@ -316,17 +320,7 @@ fn quantization_aware_models_import_as_exported() {
         assert!(agree >= 0.99, "{name}: agreement {agree}");
         assert!((int_acc - acc).abs() <= 0.005, "{name}: {int_acc} vs {acc}");
         // `eval --onnx` reads the QDQ graph itself too, and agrees with ONNX Runtime
-        let r = last_json(&ok(&[
-            "eval",
-            &m,
-            "--data",
-            &fx("test_x.npy"),
-            "--labels",
-            &fx("test_y.txt"),
-            "--onnx",
-            &fx(&format!("{name}.onnx")),
-            "--json",
-        ]));
+        let r = eval_onnx(&m, name);
         let own = r["accuracy_onnx_fhecam"].as_f64().unwrap();
         assert!(
             (own - acc).abs() <= 0.005,
