@@ -148,6 +148,7 @@ pub fn run(
     // One PBS on one FHE worker, measured now so the ratio below compares like with like.
     let pbs_ms_median = rt.install(|| {
         let sk = rt.server_key();
+        crate::fhe::entropy::seed_thread();
         let ct = keys.client.encrypt(1);
         let lut = sk.generate_lookup_table(|x| (x * 3) % 16);
         let mut ms: Vec<f64> = (0..16)
@@ -218,6 +219,7 @@ pub fn run(
     pb.finish_and_clear();
     let pbs_planned: u64 = rt.planned_pbs_in(mode)?.iter().sum();
     let (modswitch_alternative_bytes, modswitch_alternative_ms) = rt.install(|| {
+        crate::fhe::entropy::seed_thread();
         let ct = keys.client.encrypt(1);
         let t = Instant::now();
         let c = rt.server_key().switch_modulus_and_compress(&ct);

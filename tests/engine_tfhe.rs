@@ -52,7 +52,15 @@ fn output_under_another_key_is_refused() {
     let enc = EncryptedModel::encrypt(&m, keys).unwrap();
     let rt = EdgeRuntime::new(&enc, keys.public_material(), 0).unwrap();
     let (out, _) = rt.infer(&rt.encrypt(&random_input(&mut rng, &m))).unwrap();
-    let other = OwnerKeys::generate();
+    // generated on another thread than keys() may have been: each thread's tfhe engine has
+    // its own seed, which fhecam draws from the OS (a CPU with a repeating RDSEED once made
+    // these two keys equal)
+    let other = std::thread::spawn(OwnerKeys::generate).join().unwrap();
+    assert_ne!(
+        other.to_bytes().unwrap(),
+        keys.to_bytes().unwrap(),
+        "two owners' keys are equal: key generation is not seeded from fresh randomness"
+    );
     // a different secret key decrypts to noise: some digit has its padding bit set
     // (probability that none has, by chance: (1/2)^digits)
     let mut outs = vec![out];

@@ -330,6 +330,11 @@ pub(crate) fn protect(
     let pb =
         spinner("generating FHE keys (client, compact public, compressed server, compression)");
     let t = Instant::now();
+    if fhecam::fhe::entropy::hardware_seed_repeats() == Some(true) {
+        tracing::warn!(
+            "this CPU's RDSEED returned the same value twice: fhecam seeds its keys from the operating system, but other software on this machine that trusts RDSEED is at risk"
+        );
+    }
     let keys = OwnerKeys::generate();
     let public = keys.public_material();
     let keygen_s = t.elapsed().as_secs_f64();

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod circuit;
+pub mod entropy;
 pub mod eval;
 pub mod geometry;
 pub mod tfhe_backend;
@@ -270,6 +271,7 @@ fn u32_le(b: &[u8]) -> u32 {
 
 impl OwnerKeys {
     pub fn generate() -> Self {
+        entropy::seed_thread();
         let hl = tfhe::ClientKey::generate(config());
         let client = shortint_key(&hl);
         let compression = client.new_compression_private_key(COMPRESSION_PARAMS);
@@ -281,6 +283,7 @@ impl OwnerKeys {
     }
 
     pub fn public_material(&self) -> PublicMaterial {
+        entropy::seed_thread();
         let compression_key =
             tfhe::integer::compression_keys::CompressedCompressionKey::from_raw_parts(
                 self.client
@@ -414,6 +417,7 @@ impl EncryptedModel {
     /// ciphertexts: a few dozen bytes each instead of 16 KiB), and the clear tables of the
     /// layers that read the frame (base-4 digits of products, like every other digit).
     pub fn encrypt(model: &Model, keys: &OwnerKeys) -> Result<Self, FheError> {
+        entropy::seed_thread();
         let params = eval::map_params(model, &mut |v| keys.client.encrypt_compressed(v))?;
         Ok(EncryptedModel {
             arch: strip_parameters(model),
@@ -735,6 +739,7 @@ impl EncryptedOutput {
                 msg: format!("{} digits in 0..=3 expected", layout.ciphertexts()),
             });
         }
+        entropy::seed_thread();
         let key = keys.client.new_compression_key(&keys.compression);
         let cts: Vec<Ciphertext> = values.iter().map(|&v| keys.client.encrypt(v)).collect();
         Ok(EncryptedOutput {
@@ -896,6 +901,7 @@ impl EdgeRuntime {
 
     /// Encrypts a quantized frame with the public key.
     pub fn encrypt(&self, input: &[u8]) -> EncryptedInput {
+        entropy::seed_thread();
         let msgs = eval::input_digits(&self.arch, input);
         EncryptedInput(self.public_key.encrypt_slice(&msgs))
     }
