@@ -6,7 +6,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-cargo test --release --locked --lib --bins --tests "$@" 2>&1 | tee "$log"
+cargo test --release --locked --workspace --lib --bins --tests "$@" 2>&1 | tee "$log"
 # The ARM camera build: cross-compiled, `fhecam selftest` under qemu, its ELF checked
 # (docs/ARM.md; about 11 more minutes cold, 1.5 warm).
 bash scripts/test-aarch64.sh 2>&1 | tee -a "$log"

@@ -1,11 +1,11 @@
 //! `fhecam bench`: encrypted inference on real test images, against the plaintext reference.
 
-use crate::data::Dataset;
-use crate::fhe::eval::InputMode;
-use crate::fhe::{EdgeRuntime, EncryptedModel, FrameInput, OwnerKeys, PARAMS_NAME};
-use crate::model::Model;
-use crate::reference;
 use anyhow::{Context, Result};
+use fhecam::data::Dataset;
+use fhecam::fhe::eval::InputMode;
+use fhecam::fhe::{EdgeRuntime, EncryptedModel, FrameInput, OwnerKeys, PARAMS_NAME};
+use fhecam::model::Model;
+use fhecam::reference;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::time::Instant;
@@ -127,9 +127,11 @@ pub fn run(
     let public = keys.public_material();
     let keygen_s = t.elapsed().as_secs_f64();
     let server_key_bytes = public.server_key_bytes()?.len();
-    let compression_key_bytes =
-        crate::fhe::to_safe_bytes(&public.compression_key, crate::fhe::limits::COMPRESSION_KEY)?
-            .len();
+    let compression_key_bytes = fhecam::fhe::to_safe_bytes(
+        &public.compression_key,
+        fhecam::fhe::limits::COMPRESSION_KEY,
+    )?
+    .len();
     let public_key_bytes = public.public_key_bytes()?.len();
 
     say("encrypting every weight and bias...");
@@ -148,7 +150,7 @@ pub fn run(
     // One PBS on one FHE worker, measured now so the ratio below compares like with like.
     let pbs_ms_median = rt.install(|| {
         let sk = rt.server_key();
-        crate::fhe::entropy::seed_thread();
+        fhecam::fhe::entropy::seed_thread();
         let ct = keys.client.encrypt(1);
         let lut = sk.generate_lookup_table(|x| (x * 3) % 16);
         let mut ms: Vec<f64> = (0..16)
@@ -196,10 +198,10 @@ pub fn run(
         let out_file = out.to_bytes()?;
         out_bytes = out_file.len();
         digits = out.layout.ciphertexts();
-        payload_bytes = crate::envelope::encode(&crate::envelope::Envelope {
-            device_id: "d".repeat(crate::envelope::MAX_ID_LEN),
-            camera_id: "c".repeat(crate::envelope::MAX_ID_LEN),
-            model_id: crate::ids::ModelId([0; 16]),
+        payload_bytes = fhecam::envelope::encode(&fhecam::envelope::Envelope {
+            device_id: "d".repeat(fhecam::envelope::MAX_ID_LEN),
+            camera_id: "c".repeat(fhecam::envelope::MAX_ID_LEN),
+            model_id: fhecam::ids::ModelId([0; 16]),
             model_version: 1,
             sequence: i as u64,
             epoch: 1,
@@ -219,7 +221,7 @@ pub fn run(
     pb.finish_and_clear();
     let pbs_planned: u64 = rt.planned_pbs_in(mode)?.iter().sum();
     let (modswitch_alternative_bytes, modswitch_alternative_ms) = rt.install(|| {
-        crate::fhe::entropy::seed_thread();
+        fhecam::fhe::entropy::seed_thread();
         let ct = keys.client.encrypt(1);
         let t = Instant::now();
         let c = rt.server_key().switch_modulus_and_compress(&ct);

@@ -1,28 +1,15 @@
 //! fhecam: encrypted-model CNN inference for city cameras.
 //!
-//! The engine (`model`, `reference`, `fhe`) knows nothing of tokio, MQTT or GStreamer.
+//! The blocks are crates (README, "Layout"): `fhecam-engine` (model, reference, encrypted
+//! evaluation: no I/O), `fhecam-proto` (what the parties agree on), `fhecam-owner`,
+//! `fhecam-edge` and `fhecam-agent`. This facade names them as one tree for the binary and
+//! the integration tests; the arrows between them are the crates' own dependencies.
 
-pub mod agent;
-pub mod bench;
-pub mod bundle;
-pub mod data;
-pub mod edge;
-pub mod envelope;
-pub mod fhe;
-pub mod files;
-pub mod fleet;
-pub mod ids;
+pub use fhecam_agent as agent;
+pub use fhecam_edge as edge;
+pub use fhecam_edge::preprocess;
+pub use fhecam_engine::{fhe, model, reference, testnet};
+pub use fhecam_owner::{data, fleet, npy, secret, store};
 #[cfg(feature = "owner-tools")]
-pub mod import;
-pub mod model;
-pub mod mqtt;
-pub mod npy;
-pub mod preprocess;
-pub mod reference;
-pub mod retry;
-pub mod secret;
-pub mod settings;
-pub mod store;
-pub mod testnet;
-#[cfg(feature = "owner-tools")]
-pub mod train;
+pub use fhecam_owner::{import, train};
+pub use fhecam_proto::{bundle, envelope, files, ids, mqtt, retry, settings, status};

@@ -3,8 +3,6 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 #[cfg(feature = "owner-tools")]
-use fhecam::bench;
-#[cfg(feature = "owner-tools")]
 use fhecam::data::{self, Dataset};
 use fhecam::fhe::eval;
 use fhecam::model::Model;
@@ -12,6 +10,8 @@ use fhecam::model::Model;
 use fhecam::train;
 use std::path::{Path, PathBuf};
 
+#[cfg(feature = "owner-tools")]
+mod bench;
 mod cli;
 
 /// Seed and split used everywhere the digits data set is split (75/25, stratified).

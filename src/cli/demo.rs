@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Context, Result};
 use fhecam::edge::config::{
-    EdgeConfig, InferConfig, MqttConfig, OutboxConfig, PreprocessConfig, SourceConfig,
+    EdgeConfig, EdgeTopics, InferConfig, MqttConfig, OutboxConfig, PreprocessConfig, SourceConfig,
 };
 use fhecam::{preprocess, reference, train};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -193,10 +193,15 @@ fn run_in(
             ..InferConfig::default()
         },
         mqtt: MqttConfig {
-            host: host.clone(),
-            port,
-            stats_interval_s: 10.0,
-            ..MqttConfig::default()
+            conn: fhecam::mqtt::Connection {
+                host: host.clone(),
+                port,
+                ..Default::default()
+            },
+            role: EdgeTopics {
+                stats_interval_s: 10.0,
+                ..Default::default()
+            },
         },
         outbox: OutboxConfig {
             dir: work.join("outbox"),
@@ -244,9 +249,9 @@ fn run_in(
         // ---- backend agent ----
         let mut acfg = fhecam::agent::AgentConfig::new(db.clone(), work.join("agent-state.db"));
         acfg.passphrase_file = Some(pass_file.clone());
-        acfg.mqtt.host = host.clone();
-        acfg.mqtt.port = port;
-        acfg.mqtt.client_id = Some(format!("demo-agent-{}", std::process::id()));
+        acfg.mqtt.conn.host = host.clone();
+        acfg.mqtt.conn.port = port;
+        acfg.mqtt.conn.client_id = Some(format!("demo-agent-{}", std::process::id()));
         // the demo checks the logits too, not only the label
         acfg.logits_for = vec![id.to_string()];
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

@@ -84,8 +84,8 @@ fn validate(path: &Path) -> Result<()> {
     );
     println!(
         "broker {}:{} (not contacted by validate), topics {}",
-        cfg.mqtt.host,
-        cfg.mqtt.port,
+        cfg.mqtt.conn.host,
+        cfg.mqtt.conn.port,
         cfg.topic("*")
     );
     match &cfg.deploy {

@@ -410,7 +410,7 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
             width: w,
         };
         eprintln!("encrypting {n} samples end to end (fresh keys)...");
-        let r = fhecam::bench::run(&model, &ds, n, a.threads, None, a.json, a.input_mode.into())?;
+        let r = crate::bench::run(&model, &ds, n, a.threads, None, a.json, a.input_mode.into())?;
         println!(
             "FHE: {n} samples, decrypted = plaintext integer model on {:.0}%, {} PBS each, median {:.1} s per inference",
             100.0 * r.agreement,

@@ -1,0 +1,569 @@
+//! The decryption agent's run loop: an MQTT v5 subscription (plain, or shared among agents)
+//! to every camera's inferences, each one checked, decrypted with the owner's key for its
+//! model and published for the cockpit — or refused to the dead-letter topic with the reason.
+//!
+//! Three parts, so that no one waits on another in a cycle:
+//! - the **poller** task only polls rumqttc's event loop and forwards its events; it never
+//!   waits on anything else, so keep-alives, acknowledgements and reconnects always run;
+//! - the **worker** thread owns the databases and decides (`Processor`): checks, rate
+//!   limit, decryption;
+//! - the **I/O loop** hands the worker's publishes to rumqttc with `try_` calls only and
+//!   acknowledges an inference once the broker has acknowledged its result or dead letter.
+//!
+//! Backpressure is MQTT's own: unacknowledged inferences count against the receive maximum
+//! we announce, so a burst or a backlog waits at the broker, not in our memory.
+
+use super::config::AgentConfig;
+use super::guard::RateLimiter;
+use super::processor::{AgentError, Checked, Key, Processor, Refusal, RefusalCode, Step};
+use super::session::{Item, Outgoing};
+use fhecam_proto::ids::{rfc3339, ModelId};
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, Publish};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::Outgoing as Out;
+use serde::Serialize;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Inferences the broker may send us before we acknowledge one (MQTT v5 receive maximum):
+/// the bound on what the agent holds in memory (each up to ~1.5 MB).
+pub const RECEIVE_MAXIMUM: u16 = 32;
+/// rumqttc's request channel: each held inference makes at most one publish and one
+/// acknowledgement, so this never fills; if it did, `try_` calls keep the request for later.
+const REQUEST_CAPACITY: usize = 4 * RECEIVE_MAXIMUM as usize + 16;
+
+/// Counters of one run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AgentStats {
+    pub received: u64,
+    pub decrypted: u64,
+    pub duplicates: u64,
+    pub dead_lettered: u64,
+    /// Inferences held back by a device's rate limit (each is decrypted later).
+    pub rate_limited: u64,
+    /// Cockpit results the broker acknowledged.
+    pub published: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    decrypted: AtomicU64,
+    duplicates: AtomicU64,
+    dead_lettered: AtomicU64,
+    rate_limited: AtomicU64,
+    published: AtomicU64,
+}
+
+impl Counters {
+    fn add(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    fn snapshot(&self) -> AgentStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        AgentStats {
+            received: g(&self.received),
+            decrypted: g(&self.decrypted),
+            duplicates: g(&self.duplicates),
+            dead_lettered: g(&self.dead_lettered),
+            rate_limited: g(&self.rate_limited),
+            published: g(&self.published),
+        }
+    }
+}
+
+/// What the I/O loop asks of the worker.
+enum Job {
+    Message(Publish),
+    /// The broker has the cockpit result of `key`.
+    Published(Key),
+}
+
+/// What to do once the broker acknowledged one of our publishes.
+#[derive(Debug)]
+enum Then {
+    /// A cockpit result: record it (worker), then acknowledge its inferences.
+    Record(Key),
+    /// A dead letter: acknowledge the inference.
+    Ack(Vec<Publish>),
+}
+
+/// What the worker asks of the I/O loop.
+enum Decision {
+    Publish(Item<Then>),
+    Ack(Vec<Publish>),
+    /// The worker cannot go on (state database); the agent stops, unacknowledged work is
+    /// redelivered by the broker to the next run.
+    Fatal(AgentError),
+}
+
+#[derive(Serialize)]
+struct DeadLetter<'a> {
+    code: RefusalCode,
+    reason: &'a str,
+    topic: &'a str,
+    payload_bytes: usize,
+    time: String,
+}
+
+/// An inference being worked on: the incoming publishes to acknowledge when it is done
+/// (a redelivery of it while it is in flight joins here instead of being decrypted twice).
+struct Flight {
+    model: ModelId,
+    acks: Vec<Publish>,
+}
+
+struct Worker {
+    processor: Processor,
+    limiter: RateLimiter,
+    dead_topic: String,
+    flights: HashMap<Key, Flight>,
+    /// Per device, inferences waiting for a rate-limit token, in arrival order.
+    deferred: HashMap<String, VecDeque<Box<Checked>>>,
+    out: mpsc::UnboundedSender<Decision>,
+    counters: Arc<Counters>,
+    /// Test hook (`FHECAM_FAILPOINT=agent-after-decrypt`): the process aborts after its first
+    /// decryption, before the result is handed to the broker — the crash window the tests
+    /// need to hit on purpose.
+    abort_after_decrypt: bool,
+}
+
+impl Worker {
+    fn send(&self, d: Decision) -> bool {
+        self.out.send(d).is_ok()
+    }
+
+    fn dead(&self, p: Publish, r: Refusal) {
+        Counters::add(&self.counters.dead_lettered);
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        tracing::warn!("{topic}: refused: {}", r.reason);
+        let json = serde_json::to_vec(&DeadLetter {
+            code: r.code,
+            reason: &r.reason,
+            topic: &topic,
+            payload_bytes: p.payload.len(),
+            time: rfc3339(fhecam_proto::ids::unix_now()),
+        })
+        .unwrap_or_default();
+        self.send(Decision::Publish(Item {
+            topic: self.dead_topic.clone(),
+            payload: json,
+            then: Then::Ack(vec![p]),
+        }));
+    }
+
+    fn message(&mut self, p: Publish, now: Instant) -> Result<(), AgentError> {
+        Counters::add(&self.counters.received);
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        let c = match self.processor.check(&topic, &p.payload) {
+            Step::Dead(reason) => {
+                self.dead(p, reason);
+                return Ok(());
+            }
+            Step::Duplicate => {
+                Counters::add(&self.counters.duplicates);
+                tracing::info!("{topic}: duplicate, its result was already published");
+                self.send(Decision::Ack(vec![p]));
+                return Ok(());
+            }
+            Step::Fatal(e) => return Err(e),
+            Step::Ready(c) => c,
+        };
+        if let Some(f) = self.flights.get_mut(&c.key) {
+            // the same inference again while it is in flight: answered with it
+            Counters::add(&self.counters.duplicates);
+            if !f.acks.iter().any(|a| a.pkid == p.pkid) {
+                f.acks.push(p);
+            }
+            return Ok(());
+        }
+        let device = c.key.device.clone();
+        self.flights.insert(
+            c.key.clone(),
+            Flight {
+                model: c.model,
+                acks: vec![p],
+            },
+        );
+        let queue = self.deferred.entry(device.clone()).or_default();
+        let waiting = !queue.is_empty();
+        if waiting || !self.limiter.allow(&device, now) {
+            // rate limits slow a camera down; they never lose its results
+            Counters::add(&self.counters.rate_limited);
+            if !waiting {
+                tracing::info!("device {device} is over its rate limit: its inferences wait");
+            }
+            queue.push_back(c);
+            return Ok(());
+        }
+        self.decrypt(&c);
+        Ok(())
+    }
+
+    fn decrypt(&mut self, c: &Checked) {
+        match self.processor.decrypt(c) {
+            Ok((topic, json)) => {
+                if self.abort_after_decrypt {
+                    tracing::error!("failpoint agent-after-decrypt: aborting");
+                    std::process::abort();
+                }
+                Counters::add(&self.counters.decrypted);
+                self.send(Decision::Publish(Item {
+                    topic,
+                    payload: json,
+                    then: Then::Record(c.key.clone()),
+                }));
+            }
+            Err(reason) => {
+                let Some(f) = self.flights.remove(&c.key) else {
+                    return;
+                };
+                let mut acks = f.acks.into_iter();
+                if let Some(first) = acks.next() {
+                    let rest: Vec<Publish> = acks.collect();
+                    self.dead(first, reason);
+                    if !rest.is_empty() {
+                        self.send(Decision::Ack(rest));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decrypts deferred inferences whose device has a token again; returns how long until
+    /// the next one may.
+    fn release(&mut self, now: Instant) -> Option<Duration> {
+        let mut ready = Vec::new();
+        let mut next: Option<Duration> = None;
+        for (device, queue) in self.deferred.iter_mut() {
+            while !queue.is_empty() && self.limiter.allow(device, now) {
+                ready.extend(queue.pop_front());
+            }
+            if !queue.is_empty() {
+                let w = self
+                    .limiter
+                    .wait(device, now)
+                    .max(Duration::from_millis(10));
+                next = Some(next.map_or(w, |n| n.min(w)));
+            }
+        }
+        self.deferred.retain(|_, q| !q.is_empty());
+        for c in ready {
+            self.decrypt(&c);
+        }
+        next
+    }
+
+    fn published(&mut self, key: Key) -> Result<(), AgentError> {
+        if let Some(f) = self.flights.remove(&key) {
+            self.processor.record(&key, &f.model)?;
+            Counters::add(&self.counters.published);
+            self.send(Decision::Ack(f.acks));
+        }
+        Ok(())
+    }
+
+    fn run(mut self, jobs: std_mpsc::Receiver<Job>) {
+        let mut wake: Option<Duration> = None;
+        loop {
+            let job = match wake {
+                None => jobs
+                    .recv()
+                    .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected),
+                Some(w) => jobs.recv_timeout(w),
+            };
+            let now = Instant::now();
+            let r = match job {
+                Ok(Job::Message(p)) => self.message(p, now),
+                Ok(Job::Published(key)) => self.published(key),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => Ok(()),
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            if let Err(e) = r {
+                self.send(Decision::Fatal(e));
+                return;
+            }
+            wake = self.release(Instant::now());
+        }
+    }
+}
+
+fn mqtt_options(cfg: &AgentConfig) -> Result<MqttOptions, AgentError> {
+    let m = &cfg.mqtt.conn;
+    let mut o = MqttOptions::new(cfg.client_id(), m.host.clone(), m.port);
+    o.set_keep_alive(Duration::from_secs(m.keep_alive_s));
+    // persistent session: what we have not acknowledged is redelivered after a crash or a
+    // reconnect (and deduplicated), never lost
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(24 * 3600));
+    o.set_manual_acks(true);
+    o.set_receive_maximum(Some(RECEIVE_MAXIMUM));
+    o.set_max_packet_size(Some(
+        (fhecam_proto::envelope::MAX_ENVELOPE_BYTES + 4096) as u32,
+    ));
+    if let Some(user) = &m.username {
+        o.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
+    }
+    if let Some(t) = &m.tls {
+        o.set_transport(fhecam_proto::mqtt::tls_transport(t)?);
+    }
+    Ok(o)
+}
+
+/// What the poller forwards.
+enum Polled {
+    Event(Box<Event>),
+    /// The connection failed; rumqttc reconnects on the next poll.
+    Lost,
+}
+
+/// Polls rumqttc's event loop and forwards every event; waits on nothing else but the
+/// reconnect backoff.
+async fn poll(
+    mut eventloop: EventLoop,
+    events: mpsc::UnboundedSender<Polled>,
+    backoff: (Duration, Duration),
+    endpoint: String,
+) {
+    let mut failures = 0u32;
+    loop {
+        match eventloop.poll().await {
+            Ok(ev) => {
+                if matches!(ev, Event::Incoming(Packet::ConnAck(_))) {
+                    failures = 0;
+                }
+                let bye = matches!(ev, Event::Outgoing(Out::Disconnect));
+                if events.send(Polled::Event(Box::new(ev))).is_err() || bye {
+                    return;
+                }
+            }
+            Err(e) => {
+                let wait = fhecam_proto::retry::backoff(backoff.0, backoff.1, failures);
+                failures = failures.saturating_add(1);
+                tracing::warn!(
+                    "agent MQTT {endpoint}: {e}; retrying in {:.1} s",
+                    wait.as_secs_f64()
+                );
+                if events.send(Polled::Lost).is_err() {
+                    return;
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// The I/O loop's state: our publishes in flight and the acknowledgements to send.
+struct Io {
+    client: AsyncClient,
+    connected: bool,
+    outgoing: Outgoing<Then>,
+    acks: VecDeque<Publish>,
+    jobs: std_mpsc::Sender<Job>,
+    /// A shared subscription (renewed at every connection).
+    shared: bool,
+}
+
+impl Io {
+    /// Hands waiting publishes and acknowledgements to rumqttc without ever waiting: what
+    /// does not fit stays for the next call.
+    fn flush(&mut self) {
+        if !self.connected {
+            return;
+        }
+        while let Some((id, item)) = self.outgoing.next_waiting() {
+            let r = self.client.try_publish(
+                item.topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                item.payload.clone(),
+            );
+            if r.is_err() {
+                break;
+            }
+            self.outgoing.handed(id);
+        }
+        while let Some(p) = self.acks.front() {
+            if self.client.try_ack(p).is_err() {
+                break;
+            }
+            self.acks.pop_front();
+        }
+    }
+
+    /// Returns false when the worker is gone.
+    fn event(
+        &mut self,
+        ev: Event,
+        subscription: &str,
+        ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> bool {
+        match ev {
+            Event::Incoming(Packet::ConnAck(ack)) => {
+                self.connected = true;
+                if !ack.session_present {
+                    // rumqttc dropped what it held for the old session
+                    self.outgoing.session_lost();
+                }
+                // A resumed session keeps a plain subscription, and subscribing again would
+                // make the broker send every retained inference once more. mosquitto 2.0.11
+                // forgets shared subscriptions when it restarts, so those are renewed always.
+                if !ack.session_present || self.shared {
+                    tracing::info!(
+                        "agent connected (session present: {}); subscribing {subscription}",
+                        ack.session_present
+                    );
+                    let _ = self.client.try_subscribe(subscription, QoS::AtLeastOnce);
+                } else {
+                    tracing::info!("agent connected; session and subscription resumed");
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+            }
+            Event::Incoming(Packet::SubAck(_)) => {
+                if let Some(r) = ready.take() {
+                    let _ = r.send(());
+                }
+            }
+            Event::Incoming(Packet::Publish(p)) => {
+                return self.jobs.send(Job::Message(p)).is_ok();
+            }
+            Event::Outgoing(Out::Publish(pkid)) => self.outgoing.went_out(pkid),
+            Event::Incoming(Packet::PubAck(ack)) => {
+                let ok = matches!(
+                    ack.reason,
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                );
+                if !ok {
+                    if self.outgoing.refused(ack.pkid, Instant::now()) {
+                        tracing::error!(
+                            "the broker refused a result or dead letter ({:?}); check its ACL: the publish is retried and its inference stays unacknowledged",
+                            ack.reason
+                        );
+                    }
+                } else if let Some(item) = self.outgoing.acked(ack.pkid) {
+                    match item.then {
+                        Then::Record(key) => {
+                            return self.jobs.send(Job::Published(key)).is_ok();
+                        }
+                        Then::Ack(ps) => self.acks.extend(ps),
+                    }
+                }
+            }
+            Event::Incoming(Packet::Disconnect(d)) => {
+                self.connected = false;
+                tracing::warn!("broker disconnected the agent: {:?}", d.reason_code);
+            }
+            _ => {}
+        }
+        true
+    }
+}
+
+/// Runs until `shutdown`. `ready` is told once the subscription is acknowledged or resumed.
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<AgentStats, AgentError> {
+    let subscription = cfg.subscription();
+    let m = cfg.mqtt.conn.clone();
+    let options = mqtt_options(&cfg)?;
+    tracing::info!("agent client id {}", cfg.client_id());
+    let processor = tokio::task::block_in_place(|| Processor::new(cfg.clone()))?;
+    let counters = Arc::new(Counters::default());
+
+    let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let backoff = (
+        Duration::from_secs_f64(m.reconnect_backoff_initial_s),
+        Duration::from_secs_f64(m.reconnect_backoff_max_s),
+    );
+    let poller = tokio::spawn(poll(
+        eventloop,
+        ev_tx,
+        backoff,
+        format!("{}:{}", m.host, m.port),
+    ));
+
+    let (job_tx, job_rx) = std_mpsc::channel();
+    let (dec_tx, mut dec_rx) = mpsc::unbounded_channel();
+    let worker = Worker {
+        processor,
+        limiter: RateLimiter::new(cfg.limits.per_device_per_minute, cfg.limits.burst),
+        dead_topic: cfg.mqtt.role.dead_letter_topic.clone(),
+        flights: HashMap::new(),
+        deferred: HashMap::new(),
+        out: dec_tx,
+        counters: counters.clone(),
+        abort_after_decrypt: std::env::var("FHECAM_FAILPOINT").as_deref()
+            == Ok("agent-after-decrypt"),
+    };
+    let worker = std::thread::Builder::new()
+        .name("fhecam-agent-worker".into())
+        .spawn(move || worker.run(job_rx))
+        .map_err(AgentError::Worker)?;
+
+    let mut io = Io {
+        client: client.clone(),
+        connected: false,
+        outgoing: Outgoing::default(),
+        acks: VecDeque::new(),
+        jobs: job_tx,
+        shared: cfg.mqtt.role.shared,
+    };
+    let mut ready = ready;
+    let mut fatal = None;
+    // retries what a full request channel or a refusal left waiting
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            ev = ev_rx.recv() => match ev {
+                Some(Polled::Event(ev)) => {
+                    if !io.event(*ev, &subscription, &mut ready) {
+                        break;
+                    }
+                }
+                // requests wait for the next ConnAck (rumqttc would drop our acks)
+                Some(Polled::Lost) => io.connected = false,
+                None => break,
+            },
+            d = dec_rx.recv() => match d {
+                Some(Decision::Publish(item)) => { io.outgoing.push(item); }
+                Some(Decision::Ack(ps)) => io.acks.extend(ps),
+                Some(Decision::Fatal(e)) => { fatal = Some(e); break; }
+                None => break,
+            },
+            _ = tick.tick() => io.outgoing.retry_due(Instant::now()),
+        }
+        io.flush();
+    }
+
+    // unacknowledged inferences stay with the broker for the next run
+    let _ = client.try_disconnect();
+    drop(ev_rx);
+    let abort = poller.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(2), poller)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
+    drop(io);
+    // the worker ends with the job channel; a decryption takes milliseconds
+    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    let stats = counters.snapshot();
+    tracing::info!("agent stopped: {stats:?}");
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(stats),
+    }
+}

@@ -1,0 +1,339 @@
+//! The backend agent's configuration (`backend.toml`, `FHECAM_`-prefixed overrides such as
+//! `FHECAM_MQTT__HOST`). Unknown fields are errors.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum AgentConfigError {
+    #[error("configuration {path}: {msg}")]
+    Load { path: String, msg: String },
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The owner's protected-model database (`fhecam protect`): maps a model id to its
+    /// architecture and sealed secret key.
+    pub db: PathBuf,
+    /// File holding the passphrase that unseals the secret keys; default: the
+    /// FHECAM_OWNER_PASSPHRASE environment variable.
+    #[serde(default)]
+    pub passphrase_file: Option<PathBuf>,
+    /// The agent's own state (SQLite): which (device, camera, sequence) were already
+    /// decrypted, so QoS 1 redelivery is counted once. Created 0600.
+    pub state_db: PathBuf,
+    #[serde(default)]
+    pub mqtt: AgentMqtt,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Model ids (32 hex digits) whose results include the logits; every other model
+    /// releases the label only.
+    #[serde(default)]
+    pub logits_for: Vec<String>,
+}
+
+/// `[mqtt]`: the broker connection (shared with the edge:
+/// [`fhecam_proto::mqtt::Connection`]) and the agent's group and topics.
+pub type AgentMqtt = fhecam_proto::mqtt::Section<AgentTopics>;
+
+/// The agent's own fields of `[mqtt]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentTopics {
+    /// The agents' group (an id: 1..=64 of A-Z a-z 0-9 . _ : -): part of the default client
+    /// id, and with `shared = true` the shared-subscription group.
+    pub group: String,
+    /// false (default): one agent, a plain subscription `<edge_prefix>/+/+/inference`.
+    /// true: the agents of `group` split the inferences (`$share/<group>/...`); needed to
+    /// run more than one agent. mosquitto 2.0.11 (Debian 12) does not restore shared
+    /// subscriptions when it restarts: inferences published between a broker restart and
+    /// the agents' reconnection are dropped by the broker (docs/THREAT_MODEL.md).
+    pub shared: bool,
+    /// First level of the edge topics (`<prefix>/<device>/<camera>/inference`); an id.
+    pub edge_prefix: String,
+    /// Results go to `<cockpit_prefix>/<device>/<camera>`; an id, not `edge_prefix`.
+    pub cockpit_prefix: String,
+    /// Anything refused is reported here with the reason (never with decrypted data). A
+    /// plain topic of 1..=1024 bytes: no wildcard, no NUL, no `$` topic, outside the edge
+    /// and cockpit prefixes.
+    pub dead_letter_topic: String,
+}
+
+impl Default for AgentTopics {
+    fn default() -> Self {
+        AgentTopics {
+            group: "fhecam-agents".into(),
+            shared: false,
+            edge_prefix: "fhecam".into(),
+            cockpit_prefix: "cockpit".into(),
+            dead_letter_topic: "backend/deadletter".into(),
+        }
+    }
+}
+
+/// Closing the decryption oracle: what the agent accepts before it decrypts anything.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest payload accepted (bytes); default: the largest valid envelope.
+    pub max_payload_bytes: usize,
+    /// Sustained decryptions per device per minute.
+    pub per_device_per_minute: f64,
+    /// Burst allowance per device.
+    pub burst: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_payload_bytes: fhecam_proto::envelope::MAX_ENVELOPE_BYTES,
+            per_device_per_minute: 60.0,
+            burst: 10.0,
+        }
+    }
+}
+
+/// Largest rate and burst per device: beyond, the limiter limits nothing.
+pub const MAX_RATE: f64 = 1e6;
+/// Entries of `logits_for`.
+pub const MAX_LOGITS_FOR: usize = 10_000;
+/// Longest dead-letter topic.
+pub const MAX_DEAD_LETTER_TOPIC: usize = 1024;
+/// `fhecam-agent-` and the `-` before the group.
+const DEFAULT_ID_FIXED: usize = "fhecam-agent--".len();
+
+/// This machine's host name (`/proc/sys/kernel/hostname`), or `localhost`.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `fhecam-agent-<host>-<group>` with the host name sanitized to A-Z a-z 0-9 . _ : - and
+/// shortened so the id is at most 64 characters.
+fn default_client_id(host: &str, group: &str) -> String {
+    let room = fhecam_proto::mqtt::MAX_CLIENT_ID.saturating_sub(DEFAULT_ID_FIXED + group.len());
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._:-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(room)
+        .collect();
+    let host = if host.is_empty() && room > 0 {
+        "localhost".chars().take(room).collect()
+    } else {
+        host
+    };
+    let mut id = format!("fhecam-agent-{host}-{group}");
+    // a group too long for any host name (refused by check) still gives a valid length
+    id.truncate(fhecam_proto::mqtt::MAX_CLIENT_ID);
+    id
+}
+
+/// A plain topic outside every subscription of the system: a `$` topic would be a shared
+/// subscription or a broker topic, an edge topic would be read back by the agents, a cockpit
+/// topic would look like a result.
+fn check_dead_letter_topic(m: &AgentTopics) -> Result<(), String> {
+    let t = &m.dead_letter_topic;
+    let under = |prefix: &str| t == prefix || t.starts_with(&format!("{prefix}/"));
+    let why = if t.is_empty() || t.len() > MAX_DEAD_LETTER_TOPIC {
+        format!("must be 1..={MAX_DEAD_LETTER_TOPIC} bytes, got {}", t.len())
+    } else if t.contains(['+', '#', '\0']) {
+        "must not contain +, # or NUL".into()
+    } else if t.starts_with('$') {
+        "must not start with $ (shared subscriptions, broker topics)".into()
+    } else if under(&m.edge_prefix) {
+        format!("must be outside the edge prefix {:?}", m.edge_prefix)
+    } else if under(&m.cockpit_prefix) {
+        format!("must be outside the cockpit prefix {:?}", m.cockpit_prefix)
+    } else {
+        return Ok(());
+    };
+    let shown: String = t.chars().take(80).collect();
+    Err(format!("mqtt.dead_letter_topic {shown:?} {why}"))
+}
+
+const FIELDS: &[&str] = &[
+    "db",
+    "passphrase_file",
+    "state_db",
+    "mqtt",
+    "limits",
+    "logits_for",
+];
+
+impl AgentConfig {
+    pub fn new(db: PathBuf, state_db: PathBuf) -> Self {
+        AgentConfig {
+            db,
+            passphrase_file: None,
+            state_db,
+            mqtt: AgentMqtt::default(),
+            limits: Limits::default(),
+            logits_for: Vec::new(),
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Self, AgentConfigError> {
+        let err = |e: config::ConfigError| AgentConfigError::Load {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        };
+        let cfg: AgentConfig = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("FHECAM")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(fhecam_proto::settings::env_overrides(
+                        std::env::vars(),
+                        FIELDS,
+                    ))),
+            )
+            .build()
+            .map_err(err)?
+            .try_deserialize()
+            .map_err(err)?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Bounds every field (the message names it): no value that passes can panic or
+    /// misbehave where it is used.
+    pub fn check(&self) -> Result<(), AgentConfigError> {
+        self.check_fields().map_err(AgentConfigError::Invalid)
+    }
+
+    fn check_fields(&self) -> Result<(), String> {
+        use fhecam_proto::mqtt::check_path;
+        check_path("db", &self.db)?;
+        if let Some(p) = &self.passphrase_file {
+            check_path("passphrase_file", p)?;
+        }
+        check_path("state_db", &self.state_db)?;
+
+        let l = &self.limits;
+        let max = fhecam_proto::envelope::MAX_ENVELOPE_BYTES;
+        if !(1..=max).contains(&l.max_payload_bytes) {
+            return Err(format!(
+                "limits.max_payload_bytes must be 1..={max}, got {}",
+                l.max_payload_bytes
+            ));
+        }
+        if !(l.per_device_per_minute.is_finite()
+            && l.per_device_per_minute > 0.0
+            && l.per_device_per_minute <= MAX_RATE)
+        {
+            return Err(format!(
+                "limits.per_device_per_minute must be > 0 and ≤ {MAX_RATE}, got {}",
+                l.per_device_per_minute
+            ));
+        }
+        fhecam_proto::mqtt::check_range("limits.burst", l.burst, 1.0..=MAX_RATE)?;
+
+        if self.logits_for.len() > MAX_LOGITS_FOR {
+            return Err(format!(
+                "logits_for has {} entries, at most {MAX_LOGITS_FOR}",
+                self.logits_for.len()
+            ));
+        }
+        for id in &self.logits_for {
+            id.parse::<fhecam_proto::ids::ModelId>()
+                .map_err(|e| format!("logits_for: {e}"))?;
+        }
+
+        fhecam_proto::mqtt::check_connection("mqtt", &self.mqtt.conn)?;
+        let m = &self.mqtt.role;
+        for (name, v) in [
+            ("mqtt.group", &m.group),
+            ("mqtt.edge_prefix", &m.edge_prefix),
+            ("mqtt.cockpit_prefix", &m.cockpit_prefix),
+        ] {
+            fhecam_proto::envelope::check_id(name, v).map_err(|e| e.to_string())?;
+        }
+        if m.cockpit_prefix == m.edge_prefix {
+            return Err("mqtt.cockpit_prefix must differ from mqtt.edge_prefix: results never go to edge topics".into());
+        }
+        if self.mqtt.conn.client_id.is_none()
+            && DEFAULT_ID_FIXED + m.group.len() >= fhecam_proto::mqtt::MAX_CLIENT_ID
+        {
+            return Err(format!(
+                "mqtt.client_id: the default fhecam-agent-<hostname>-{} leaves no room for the host name; set mqtt.client_id or a shorter mqtt.group",
+                m.group
+            ));
+        }
+        check_dead_letter_topic(m)
+    }
+
+    /// The configured client id, else `fhecam-agent-<hostname>-<group>`: stable across
+    /// restarts, distinct per host and group, at most 64 characters.
+    pub fn client_id(&self) -> String {
+        match &self.mqtt.conn.client_id {
+            Some(id) => id.clone(),
+            None => default_client_id(&hostname(), &self.mqtt.role.group),
+        }
+    }
+
+    /// `<prefix>/+/+/inference`, or `$share/<group>/<prefix>/+/+/inference` when shared.
+    pub fn subscription(&self) -> String {
+        let plain = format!("{}/+/+/inference", self.mqtt.role.edge_prefix);
+        if self.mqtt.role.shared {
+            format!("$share/{}/{plain}", self.mqtt.role.group)
+        } else {
+            plain
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_client_id_is_sanitized_and_bounded() {
+        assert_eq!(
+            default_client_id("build host", "fhecam-agents"),
+            "fhecam-agent-build-host-fhecam-agents"
+        );
+        let id = default_client_id(&"h".repeat(300), "g");
+        assert_eq!(id.len(), 64);
+        assert!(fhecam_proto::mqtt::valid_client_id(&id));
+        assert_eq!(default_client_id("", "g"), "fhecam-agent-localhost-g");
+        let cfg = AgentConfig::new("db".into(), "state".into());
+        assert_eq!(cfg.client_id(), cfg.client_id());
+        assert!(fhecam_proto::mqtt::valid_client_id(&cfg.client_id()));
+    }
+
+    #[test]
+    fn dead_letter_topic_is_plain_and_apart() {
+        let mut cfg = AgentConfig::new("db".into(), "state".into());
+        assert!(cfg.check().is_ok());
+        for t in [
+            "",
+            "$share/g/x",
+            "cockpit/x",
+            "fhecam/x",
+            "a/+/b",
+            "a/#",
+            "a\0b",
+        ] {
+            cfg.mqtt.role.dead_letter_topic = t.into();
+            let e = cfg.check().unwrap_err().to_string();
+            assert!(e.contains("mqtt.dead_letter_topic"), "{t:?}: {e}");
+        }
+        cfg.mqtt.role.dead_letter_topic = "x".repeat(2000);
+        assert!(cfg.check().is_err());
+    }
+}

@@ -1,0 +1,83 @@
+//! The daemon's counters: every frame and every inference is accounted for, and published
+//! periodically on the stats topic.
+
+pub use fhecam_proto::status::Snapshot;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Frames pulled from the appsink.
+    pub frames_captured: AtomicU64,
+    /// Frames that could not be converted (unexpected format).
+    pub frames_bad: AtomicU64,
+    /// Frames dropped because preprocessing was still busy with the previous one.
+    pub frames_dropped_preprocess: AtomicU64,
+    /// Frames skipped by the sampling interval.
+    pub frames_skipped_interval: AtomicU64,
+    /// Frames skipped by the motion gate (static scene).
+    pub frames_skipped_static: AtomicU64,
+    /// Frames dropped because `max_in_flight` inferences were running.
+    pub frames_dropped_busy: AtomicU64,
+    /// Frames that failed preprocessing.
+    pub preprocess_errors: AtomicU64,
+    /// Encrypted inferences finished (and written to the outbox).
+    pub inferences: AtomicU64,
+    /// Encrypted inferences that failed.
+    pub infer_errors: AtomicU64,
+    /// Inferences acknowledged by the broker (PUBACK) and removed from the outbox.
+    pub published: AtomicU64,
+    /// Outbox entries dropped because the outbox was full (oldest first).
+    pub outbox_dropped: AtomicU64,
+    /// Entries in the outbox now.
+    pub outbox_pending: AtomicU64,
+    /// Camera pipeline restarts (errors, stalls).
+    pub source_restarts: AtomicU64,
+    /// Connections to the broker established (the first one included).
+    pub mqtt_connections: AtomicU64,
+    /// Lost connections and failed connection attempts.
+    pub mqtt_errors: AtomicU64,
+    /// Bundles taken while running (pushed, dropped, reloaded) and swapped in.
+    pub bundles_accepted: AtomicU64,
+    /// Bundles refused while running (bad signature, rollback, unusable).
+    pub bundles_refused: AtomicU64,
+    /// Unix ms when the last inference finished (0: none yet).
+    pub last_inference_unix_ms: AtomicU64,
+    /// Why the last refused bundle was refused.
+    pub last_refusal: Mutex<Option<String>>,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> Snapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Snapshot {
+            frames_captured: g(&self.frames_captured),
+            frames_bad: g(&self.frames_bad),
+            frames_dropped_preprocess: g(&self.frames_dropped_preprocess),
+            frames_skipped_interval: g(&self.frames_skipped_interval),
+            frames_skipped_static: g(&self.frames_skipped_static),
+            frames_dropped_busy: g(&self.frames_dropped_busy),
+            preprocess_errors: g(&self.preprocess_errors),
+            inferences: g(&self.inferences),
+            infer_errors: g(&self.infer_errors),
+            published: g(&self.published),
+            outbox_dropped: g(&self.outbox_dropped),
+            outbox_pending: g(&self.outbox_pending),
+            source_restarts: g(&self.source_restarts),
+            mqtt_connections: g(&self.mqtt_connections),
+            mqtt_errors: g(&self.mqtt_errors),
+            bundles_accepted: g(&self.bundles_accepted),
+            bundles_refused: g(&self.bundles_refused),
+            last_inference_unix_ms: Some(g(&self.last_inference_unix_ms)).filter(|&t| t > 0),
+            last_refusal: self.last_refusal.lock().ok().and_then(|r| r.clone()),
+        }
+    }
+
+    /// Counts a refused bundle and keeps its reason for the stats topic.
+    pub fn refused(&self, reason: String) {
+        self.bundles_refused.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut r) = self.last_refusal.lock() {
+            *r = Some(reason);
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! The float network an ONNX file describes, reduced to the layers the engine has (BN
+//! already folded, Identity/Dropout gone), with a plain float forward pass for calibration.
+
+use fhecam_engine::fhe::geometry::{for_each_tap, pool_windows};
+use fhecam_engine::model::{out_dim, Kind, ValueInfo};
+
+/// Element-wise activation functions (all monotone non-decreasing: quantized, they become
+/// monotone tables, so max pooling commutes with them).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ActFn {
+    Relu,
+    LeakyRelu(f32),
+    Sigmoid,
+    Tanh,
+    /// Requantization only.
+    Identity,
+}
+
+impl ActFn {
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            ActFn::Relu => x.max(0.0),
+            ActFn::LeakyRelu(a) => {
+                if x >= 0.0 {
+                    x
+                } else {
+                    a * x
+                }
+            }
+            ActFn::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            ActFn::Tanh => x.tanh(),
+            ActFn::Identity => x,
+        }
+    }
+}
+
+/// A uniform quantizer as ONNX writes one (QuantizeLinear, an optional Clip, then
+/// DequantizeLinear): `q = clamp(round_half_even(x / scale) + zero, qmin, qmax)`, read back as
+/// `(q - zero) · scale`. Per tensor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QSpec {
+    pub scale: f32,
+    pub zero: i32,
+    pub qmin: i32,
+    pub qmax: i32,
+}
+
+impl QSpec {
+    /// The integer level of `x`, as ONNX QuantizeLinear computes it (float32 division,
+    /// ties to even).
+    pub fn level(&self, x: f32) -> i32 {
+        let r = (x / self.scale).round_ties_even();
+        // saturating: a NaN or huge value lands on an end, as ONNX saturates
+        (r.clamp(i32::MIN as f32, i32::MAX as f32) as i64 + self.zero as i64)
+            .clamp(self.qmin as i64, self.qmax as i64) as i32
+    }
+    pub fn fake(&self, x: f32) -> f32 {
+        (self.level(x) - self.zero) as f32 * self.scale
+    }
+    pub fn levels(&self) -> u32 {
+        (self.qmax - self.qmin) as u32 + 1
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum FOp {
+    Conv {
+        out_channels: usize,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        /// [out][in][kh][kw]
+        weights: Vec<f32>,
+        bias: Vec<f32>,
+        /// Quantized weights (DequantizeLinear): every weight is an integer times its
+        /// output channel's scale here, taken as is instead of quantized again.
+        weight_scale: Option<Vec<f32>>,
+    },
+    Dense {
+        out_features: usize,
+        /// [out][in]
+        weights: Vec<f32>,
+        bias: Vec<f32>,
+        weight_scale: Option<Vec<f32>>,
+    },
+    Act(ActFn),
+    /// A quantizer (QuantizeLinear → Clip → DequantizeLinear) on a computed value.
+    Quant(QSpec),
+    MaxPool {
+        kernel: [usize; 2],
+        stride: [usize; 2],
+    },
+    AvgPool {
+        kernel: [usize; 2],
+        stride: [usize; 2],
+    },
+    Add,
+    Flatten,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FNode {
+    pub op: FOp,
+    /// Value ids: 0 is the input, k the output of node k-1.
+    pub inputs: Vec<usize>,
+    /// Where it came from, for messages: "Conv 'conv1'".
+    pub origin: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FGraph {
+    /// (C, H, W) of one sample.
+    pub input: [usize; 3],
+    /// The ONNX input is declared (N, H, W, C) (Keras through tf2onnx); fhecam's data are
+    /// (N, C, H, W) all the same, and are transposed for the ONNX runtime.
+    pub input_nhwc: bool,
+    pub nodes: Vec<FNode>,
+    /// Value id of the network output (logits).
+    pub output: usize,
+    /// Notes on what the import changed (folded BN, dropped trailing Softmax).
+    pub notes: Vec<String>,
+}
+
+/// Shape of a value: (C, H, W), flat vectors as (n, 1, 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FShape {
+    pub chw: [usize; 3],
+    pub flat: bool,
+}
+
+impl FShape {
+    pub fn len(&self) -> usize {
+        self.chw.iter().product()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Channels in the engine's sense (a flat value has one per element).
+    pub fn channels(&self) -> usize {
+        self.chw[0]
+    }
+    pub fn info(&self) -> ValueInfo {
+        ValueInfo {
+            shape: self.chw,
+            flat: self.flat,
+            kind: Kind::Act { max: 0 },
+        }
+    }
+}
+
+impl FGraph {
+    /// Shapes of all values; `Err((node index, message))` where a layer does not fit.
+    pub fn shapes(&self) -> Result<Vec<FShape>, (usize, String)> {
+        let mut shapes = vec![FShape {
+            chw: self.input,
+            flat: false,
+        }];
+        for (n, node) in self.nodes.iter().enumerate() {
+            let a = shapes[node.inputs[0]];
+            let err = |m: String| (n, m);
+            let out = match &node.op {
+                FOp::Conv {
+                    out_channels,
+                    kernel,
+                    stride,
+                    padding,
+                    weights,
+                    ..
+                } => {
+                    let [c, h, w] = a.chw;
+                    if a.flat || weights.len() != out_channels * c * kernel[0] * kernel[1] {
+                        return Err(err(format!(
+                            "weights for {} input channels, the input is {:?}",
+                            weights.len() / (out_channels * kernel[0] * kernel[1]).max(1),
+                            a.chw
+                        )));
+                    }
+                    match (
+                        out_dim(h, kernel[0], stride[0], padding[0]),
+                        out_dim(w, kernel[1], stride[1], padding[1]),
+                    ) {
+                        (Some(oh), Some(ow)) => FShape {
+                            chw: [*out_channels, oh, ow],
+                            flat: false,
+                        },
+                        _ => return Err(err(format!("kernel {kernel:?} does not fit {h}x{w}"))),
+                    }
+                }
+                FOp::Dense {
+                    out_features,
+                    weights,
+                    ..
+                } => {
+                    if weights.len() != out_features * a.len() {
+                        return Err(err(format!(
+                            "expects {} inputs, the input has {} values",
+                            weights.len() / out_features.max(&1),
+                            a.len()
+                        )));
+                    }
+                    FShape {
+                        chw: [*out_features, 1, 1],
+                        flat: true,
+                    }
+                }
+                FOp::MaxPool { kernel, stride } | FOp::AvgPool { kernel, stride } => {
+                    let [c, h, w] = a.chw;
+                    match (
+                        out_dim(h, kernel[0], stride[0], 0),
+                        out_dim(w, kernel[1], stride[1], 0),
+                    ) {
+                        (Some(oh), Some(ow)) if !a.flat => FShape {
+                            chw: [c, oh, ow],
+                            flat: false,
+                        },
+                        _ => return Err(err(format!("window {kernel:?} does not fit {h}x{w}"))),
+                    }
+                }
+                FOp::Act(_) | FOp::Quant(_) => a,
+                FOp::Add => {
+                    let b = shapes[node.inputs[1]];
+                    if a.len() != b.len() {
+                        return Err(err(format!(
+                            "adds tensors of different shapes {:?} and {:?}",
+                            a.chw, b.chw
+                        )));
+                    }
+                    a
+                }
+                FOp::Flatten => FShape {
+                    chw: [a.len(), 1, 1],
+                    flat: true,
+                },
+            };
+            shapes.push(out);
+        }
+        Ok(shapes)
+    }
+
+    /// All values of a forward pass on one sample (index 0 = the input).
+    pub fn forward(&self, x: &[f32], shapes: &[FShape]) -> Vec<Vec<f32>> {
+        let mut vals: Vec<Vec<f32>> = vec![x.to_vec()];
+        for node in &self.nodes {
+            let a = &vals[node.inputs[0]];
+            let ai = shapes[node.inputs[0]];
+            let out = match &node.op {
+                FOp::Conv {
+                    out_channels,
+                    kernel,
+                    stride,
+                    padding,
+                    weights,
+                    bias,
+                    ..
+                } => {
+                    let [c, h, w] = ai.chw;
+                    let oh = out_dim(h, kernel[0], stride[0], padding[0]).unwrap();
+                    let ow = out_dim(w, kernel[1], stride[1], padding[1]).unwrap();
+                    let mut out = Vec::with_capacity(out_channels * oh * ow);
+                    for o in 0..*out_channels {
+                        for oy in 0..oh {
+                            for ox in 0..ow {
+                                let mut s = bias[o];
+                                for_each_tap(
+                                    c,
+                                    h,
+                                    w,
+                                    *kernel,
+                                    *stride,
+                                    *padding,
+                                    oy,
+                                    ox,
+                                    |ic, ky, kx, i| {
+                                        s += weights
+                                            [((o * c + ic) * kernel[0] + ky) * kernel[1] + kx]
+                                            * a[i];
+                                    },
+                                );
+                                out.push(s);
+                            }
+                        }
+                    }
+                    out
+                }
+                FOp::Dense {
+                    out_features,
+                    weights,
+                    bias,
+                    ..
+                } => {
+                    let n = a.len();
+                    (0..*out_features)
+                        .map(|o| {
+                            bias[o]
+                                + weights[o * n..(o + 1) * n]
+                                    .iter()
+                                    .zip(a)
+                                    .map(|(w, x)| w * x)
+                                    .sum::<f32>()
+                        })
+                        .collect()
+                }
+                FOp::Act(f) => a.iter().map(|&v| f.apply(v)).collect(),
+                FOp::Quant(q) => a.iter().map(|&v| q.fake(v)).collect(),
+                FOp::MaxPool { kernel, stride } => pool_windows(&ai.info(), *kernel, *stride)
+                    .iter()
+                    .map(|win| win.iter().map(|&i| a[i]).fold(f32::NEG_INFINITY, f32::max))
+                    .collect(),
+                FOp::AvgPool { kernel, stride } => pool_windows(&ai.info(), *kernel, *stride)
+                    .iter()
+                    .map(|win| win.iter().map(|&i| a[i]).sum::<f32>() / win.len() as f32)
+                    .collect(),
+                FOp::Add => a
+                    .iter()
+                    .zip(&vals[node.inputs[1]])
+                    .map(|(x, y)| x + y)
+                    .collect(),
+                FOp::Flatten => a.clone(),
+            };
+            vals.push(out);
+        }
+        vals
+    }
+}
+
+/// Index of the largest value (the first on ties).
+pub fn argmax_f(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
