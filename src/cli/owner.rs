@@ -4,11 +4,11 @@
 use anyhow::{bail, Context, Result};
 use fhecam::bundle;
 use fhecam::envelope::{self, Envelope};
-use fhecam::fhe::{EdgeRuntime, EncryptedModel, EncryptedOutput, OwnerKeys};
+use fhecam::fhe::EdgeRuntime;
 use fhecam::ids::{rfc3339, ModelId};
+use fhecam::preprocess;
 use fhecam::secret::{KdfParams, Passphrase};
-use fhecam::store::{self, NewModel, Store};
-use fhecam::{preprocess, reference};
+use fhecam::store::{self, Store};
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -327,61 +327,53 @@ pub(crate) fn protect(
     let pass = passphrase(pass_file)?;
     let mut store = Store::create_or_open(db)?;
 
-    let pb =
-        spinner("generating FHE keys (client, compact public, compressed server, compression)");
-    let t = Instant::now();
     if fhecam::fhe::entropy::hardware_seed_repeats() == Some(true) {
         tracing::warn!(
             "this CPU's RDSEED returned the same value twice: fhecam seeds its keys from the operating system, but other software on this machine that trusts RDSEED is at risk"
         );
     }
-    let keys = OwnerKeys::generate();
-    let public = keys.public_material();
-    let keygen_s = t.elapsed().as_secs_f64();
-    pb.finish_and_clear();
-
-    let pb = spinner("encrypting every weight and bias");
-    let t = Instant::now();
-    let enc = EncryptedModel::encrypt(&model, &keys)?;
-    let ciphertexts: usize = enc
-        .params
-        .iter()
-        .flatten()
-        .map(|p| p.weights.len() + p.bias.iter().map(Vec::len).sum::<usize>())
-        .sum();
-    let enc_bytes = enc.to_bytes()?;
-    let pk_bytes = public.public_key_bytes()?;
-    let sk_bytes = public.server_key_bytes()?;
-    let encrypt_s = t.elapsed().as_secs_f64();
-    pb.finish_and_clear();
-
-    let pb = spinner("sealing the secret key (Argon2id + XChaCha20-Poly1305) and storing");
-    let t = Instant::now();
-    let id = ModelId::random();
-    let sealed = store::seal_owner_keys(&keys, &id, &pass, KdfParams::default())?;
-    let version = store.insert(&NewModel {
-        id,
-        name: &name,
-        arch: &enc.arch,
-        encrypted_model: &enc_bytes,
-        public_key: &pk_bytes,
-        server_key: &sk_bytes,
-        sealed_key: &sealed,
-    })?;
-    let store_s = t.elapsed().as_secs_f64();
-    pb.finish_and_clear();
-
+    let mut pb: Option<indicatif::ProgressBar> = None;
+    let p = fhecam_owner::protect::protect(
+        &model,
+        &name,
+        &mut store,
+        &pass,
+        KdfParams::default(),
+        &mut |step| {
+            use fhecam_owner::protect::Step;
+            if let Some(pb) = pb.take() {
+                pb.finish_and_clear();
+            }
+            pb = Some(spinner(match step {
+                Step::Keys => {
+                    "generating FHE keys (client, compact public, compressed server, compression)"
+                }
+                Step::Encrypt => "encrypting every weight and bias",
+                Step::SealAndStore => {
+                    "sealing the secret key (Argon2id + XChaCha20-Poly1305) and storing"
+                }
+            }));
+        },
+    );
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    let p = p?;
     eprintln!(
-        "protected {name} version {version} in {}: {ciphertexts} encrypted parameters ({}), public key {}, evaluation key {} (compressed server key and compression key), secret keys sealed ({} B)",
+        "protected {name} version {} in {}: {} encrypted parameters ({}), public key {}, evaluation key {} (compressed server key and compression key), secret keys sealed ({} B)",
+        p.version,
         db.display(),
-        mb(enc_bytes.len() as u64),
-        mb(pk_bytes.len() as u64),
-        mb(sk_bytes.len() as u64),
-        sealed.ciphertext.len()
+        p.ciphertexts,
+        mb(p.encrypted_model_bytes as u64),
+        mb(p.public_key_bytes as u64),
+        mb(p.evaluation_key_bytes as u64),
+        p.sealed_key_bytes
     );
     eprintln!(
-        "times: keygen {keygen_s:.1} s, encryption {encrypt_s:.1} s, sealing+storing {store_s:.1} s"
+        "times: keygen {:.1} s, encryption {:.1} s, sealing+storing {:.1} s",
+        p.keygen_s, p.encrypt_s, p.store_s
     );
+    let id = p.id;
     println!("{id}");
     Ok(id)
 }
@@ -527,27 +519,10 @@ pub(crate) fn deploy(
     push: Option<&PushTarget>,
 ) -> Result<()> {
     let store = Store::open(db)?;
-    let rec = store.public_record(id)?;
-    fhecam::fhe::check_evaluation_key_format(&rec.server_key)
-        .with_context(|| format!("model {id} cannot be deployed as it is stored"))?;
     let key = bundle::read_signing_key(key_path)?;
+    let fhecam_owner::deploy::Built { bytes, record: rec } =
+        fhecam_owner::deploy::build_bundle(&store, id, &key)?;
     let s = &rec.summary;
-    let bytes = bundle::build(
-        bundle::BundleMeta {
-            model_id: s.id,
-            name: s.name.clone(),
-            version: s.version,
-            created_unix: s.created_unix,
-            input: rec.arch.input.clone(),
-            num_classes: rec.arch.num_classes,
-        },
-        &rec.encrypted_model,
-        &rec.public_key,
-        &rec.server_key,
-        &key,
-    )?;
-    // Cheap self-check of the framing and signature before anything leaves the owner.
-    bundle::verify(&bytes, &key.verifying_key())?;
     let dest = match out {
         Some(out) => {
             write_atomic(out, &bytes)?;
@@ -729,34 +704,13 @@ fn decrypt(
 ) -> Result<()> {
     let store = Store::open(db)?;
     let pass = passphrase(pass_file)?;
-    // Unsealing runs Argon2 (~0.5 s): once per model, failures included.
-    let mut keys: HashMap<ModelId, std::result::Result<OwnerKeys, String>> = HashMap::new();
+    let mut decryptor = fhecam_owner::decrypt::Decryptor::new(&store, &pass);
     let mut failed = 0;
     for path in results {
         let mut one = || -> Result<()> {
             let bytes = fhecam::files::read_limited(path, envelope::MAX_ENVELOPE_BYTES as u64)?;
-            let env = envelope::decode(&bytes)?;
-            let summary = store.summary(&env.model_id)?;
-            if summary.version != env.model_version {
-                bail!(
-                    "result claims version {} of model {}, which is version {} in {}",
-                    env.model_version,
-                    env.model_id,
-                    summary.version,
-                    db.display()
-                );
-            }
-            let k = keys.entry(env.model_id).or_insert_with(|| {
-                store
-                    .owner_keys(&env.model_id, &pass)
-                    .map_err(|e| e.to_string())
-            });
-            let k = match k {
-                Ok(k) => k,
-                Err(e) => bail!("{e}"),
-            };
-            let d = EncryptedOutput::from_bytes(&env.ciphertext)?.decrypt(k)?;
-            debug_assert_eq!(d.label, reference::argmax(&d.logits));
+            let d = decryptor.decrypt(&bytes)?;
+            let (env, summary) = (&d.envelope, &d.model);
             if json {
                 let r = DecryptedResult {
                     file: path.display().to_string(),
