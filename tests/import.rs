@@ -5,7 +5,10 @@
 
 use fhecam::npy::{self, Array};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
+use common::{ok, refused};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx")
@@ -16,34 +19,7 @@ fn fx(name: &str) -> String {
 }
 
 fn fhecam(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_fhecam"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run fhecam");
-    eprintln!(
-        "$ fhecam {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = fhecam(args);
-    assert!(out.status.success(), "fhecam {args:?} failed");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A command that must fail cleanly: non-zero exit, no panic; returns stderr.
-fn refused(args: &[&str]) -> String {
-    let out = fhecam(args);
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert!(!out.status.success(), "fhecam {args:?} should have failed");
-    assert_eq!(out.status.code(), Some(1), "exit code of {args:?}");
-    assert!(!err.contains("panicked"), "panic on {args:?}: {err}");
-    err
+    common::run(args, None)
 }
 
 fn last_json(stdout: &str) -> serde_json::Value {

@@ -4,81 +4,29 @@
 //! input. Then the refusals: tampered, foreign-signed and oversized bundles, a result of an
 //! unknown model, a wrong passphrase, files readable by others.
 
-use fhecam::data::{load_digits, stratified_split};
 use fhecam::envelope;
 use fhecam::ids::ModelId;
-use fhecam::model::Model;
 use fhecam::secret::{self, KdfParams, Passphrase};
 use fhecam::store::{NewModel, Store, StoreError};
 use fhecam::{bundle, preprocess, reference};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-const PASS: &str = "correct horse battery staple";
+mod common;
+use common::{ok, refused_with as refused, s, tiny_trained, PASS};
+
 /// Test images run encrypted (each ~1,000 PBS with the model below).
 const IMAGES: usize = 3;
 
-fn fhecam(args: &[&str], pass: Option<&str>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fhecam"));
-    c.args(args).env("RUST_LOG", "warn");
-    match pass {
-        Some(p) => c.env("FHECAM_OWNER_PASSPHRASE", p),
-        None => c.env_remove("FHECAM_OWNER_PASSPHRASE"),
-    };
-    let out = c.output().expect("run fhecam");
-    eprintln!(
-        "$ fhecam {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = fhecam(args, Some(PASS));
-    assert!(out.status.success(), "fhecam {args:?} failed");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a command that must fail; returns its stderr.
-fn refused(args: &[&str], pass: Option<&str>) -> String {
-    let out = fhecam(args, pass);
-    assert!(!out.status.success(), "fhecam {args:?} should have failed");
-    String::from_utf8(out.stderr).unwrap()
-}
-
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// A small digits CNN trained for a few epochs: 1x8x8 input, conv 2x3x3 stride 2, dense to
-/// ten classes.
-fn tiny_model() -> (Model, fhecam::data::Dataset) {
-    let ds = load_digits().unwrap_or_else(|e| panic!("{e}"));
-    let (tr, te) = stratified_split(&ds, 0.25, 42);
-    let cfg = fhecam::train::TrainConfig {
-        conv_channels: 2,
-        epochs: 8,
-        // ternary weights: fewer carry PBS, so the encrypted runs stay short in CI
-        weight_levels: [-1, 1],
-        ..Default::default()
-    };
-    let r = fhecam::train::train(&cfg, &tr, &te, &|_, _| {}).expect("training");
-    eprintln!("tiny model: integer accuracy {:.3}", r.accuracy_plain);
-    (r.model, te)
 }
 
 #[test]
 fn protect_deploy_infer_decrypt_and_refusals() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (model, te) = tiny_model();
+    let (model, te) = tiny_trained(2, 8);
     assert_eq!(
         (model.input.channels, model.input.height, model.input.width),
         (1, 8, 8)

@@ -6,7 +6,7 @@ use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,15 +22,69 @@ pub fn bin() -> Command {
     c
 }
 
+/// Runs the binary with `pass` as the owner's passphrase (`None`: unset) and echoes what it
+/// printed, so a failing test shows every command before it.
+pub fn run(args: &[&str], pass: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fhecam"));
+    c.args(args).env("RUST_LOG", "warn");
+    match pass {
+        Some(p) => c.env("FHECAM_OWNER_PASSPHRASE", p),
+        None => c.env_remove("FHECAM_OWNER_PASSPHRASE"),
+    };
+    let out = c.output().expect("run fhecam");
+    eprintln!(
+        "$ fhecam {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Runs the binary and returns its stdout; panics with its stderr on failure.
 pub fn ok(args: &[&str]) -> String {
-    let out = bin().args(args).output().unwrap();
+    let out = run(args, Some(PASS));
     assert!(
         out.status.success(),
         "fhecam {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// A command that must fail cleanly (exit code 1, no panic); returns its stderr.
+pub fn refused_with(args: &[&str], pass: Option<&str>) -> String {
+    let out = run(args, pass);
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success(), "fhecam {args:?} should have failed");
+    assert_eq!(out.status.code(), Some(1), "exit code of {args:?}");
+    assert!(!err.contains("panicked"), "panic on {args:?}: {err}");
+    err
+}
+
+/// [`refused_with`] the usual passphrase.
+pub fn refused(args: &[&str]) -> String {
+    refused_with(args, Some(PASS))
+}
+
+/// A small digits CNN (ternary weights: fewer carry PBS, so encrypted runs stay short)
+/// trained for a few epochs, and the test split.
+pub fn tiny_trained(
+    conv_channels: usize,
+    epochs: usize,
+) -> (fhecam::model::Model, fhecam::data::Dataset) {
+    use fhecam::data::{load_digits, stratified_split};
+    let ds = load_digits().unwrap_or_else(|e| panic!("{e}"));
+    let (tr, te) = stratified_split(&ds, 0.25, 42);
+    let cfg = fhecam::train::TrainConfig {
+        conv_channels,
+        epochs,
+        weight_levels: [-1, 1],
+        ..Default::default()
+    };
+    let r = fhecam::train::train(&cfg, &tr, &te, &|_, _| {}).expect("training");
+    eprintln!("tiny model: integer accuracy {:.3}", r.accuracy_plain);
+    (r.model, te)
 }
 
 pub fn free_port() -> u16 {
@@ -228,18 +282,7 @@ pub struct Owner {
 }
 
 pub fn owner(dir: &Path) -> Owner {
-    use fhecam::data::{load_digits, stratified_split};
-    let ds = load_digits().unwrap_or_else(|e| panic!("{e}"));
-    let (tr, te) = stratified_split(&ds, 0.25, 42);
-    let cfg = fhecam::train::TrainConfig {
-        conv_channels: 1,
-        epochs: 5,
-        weight_levels: [-1, 1],
-        ..Default::default()
-    };
-    let model = fhecam::train::train(&cfg, &tr, &te, &|_, _| {})
-        .unwrap()
-        .model;
+    let (model, te) = tiny_trained(1, 5);
     let model_path = dir.join("tiny.json");
     std::fs::write(&model_path, serde_json::to_string(&model).unwrap()).unwrap();
     ok(&["owner-key", "init", "--out", s(&dir.join("keys"))]);
