@@ -3,15 +3,9 @@
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
-use thiserror::Error;
 
-#[derive(Debug, Error)]
-pub enum AgentConfigError {
-    #[error("configuration {path}: {msg}")]
-    Load { path: String, msg: String },
-    #[error("configuration: {0}")]
-    Invalid(String),
-}
+/// The agent's configuration errors are the edge's: [`fhecam_proto::settings::ConfigError`].
+pub type AgentConfigError = fhecam_proto::settings::ConfigError;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -186,26 +180,7 @@ impl AgentConfig {
     }
 
     pub fn load(path: &Path) -> Result<Self, AgentConfigError> {
-        let err = |e: config::ConfigError| AgentConfigError::Load {
-            path: path.display().to_string(),
-            msg: e.to_string(),
-        };
-        let cfg: AgentConfig = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(
-                config::Environment::with_prefix("FHECAM")
-                    .prefix_separator("_")
-                    .separator("__")
-                    .try_parsing(true)
-                    .source(Some(fhecam_proto::settings::env_overrides(
-                        std::env::vars(),
-                        FIELDS,
-                    ))),
-            )
-            .build()
-            .map_err(err)?
-            .try_deserialize()
-            .map_err(err)?;
+        let cfg: AgentConfig = fhecam_proto::settings::load(path, FIELDS)?;
         cfg.check()?;
         Ok(cfg)
     }

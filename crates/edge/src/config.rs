@@ -2,22 +2,15 @@
 //! overrides (`FHECAM_MQTT__HOST=broker` sets `mqtt.host`). Unknown fields are errors, so a
 //! typo never silently falls back to a default.
 
-use fhecam_proto::settings::env_overrides;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use thiserror::Error;
 
 /// Moved to `fhecam_proto::mqtt` (shared with the agent); re-exported for existing users.
 pub use fhecam_proto::mqtt::TlsConfig;
 
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    #[error("configuration {path}: {msg}")]
-    Load { path: String, msg: String },
-    #[error("configuration: {0}")]
-    Invalid(String),
-}
+/// Loading or checking `edge.toml` (shared with the agent's configuration).
+pub use fhecam_proto::settings::ConfigError;
 
 /// Top level of `edge.toml`.
 #[derive(Clone, Debug, Deserialize)]
@@ -231,23 +224,7 @@ fn default_camera_id() -> String {
 impl EdgeConfig {
     /// Reads `path` (TOML) with `FHECAM_*` environment overrides and checks it.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let load_err = |e: config::ConfigError| ConfigError::Load {
-            path: path.display().to_string(),
-            msg: e.to_string(),
-        };
-        let cfg: EdgeConfig = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(
-                config::Environment::with_prefix("FHECAM")
-                    .prefix_separator("_")
-                    .separator("__")
-                    .try_parsing(true)
-                    .source(Some(env_overrides(std::env::vars(), FIELDS))),
-            )
-            .build()
-            .map_err(load_err)?
-            .try_deserialize()
-            .map_err(load_err)?;
+        let cfg: EdgeConfig = fhecam_proto::settings::load(path, FIELDS)?;
         cfg.check()?;
         Ok(cfg)
     }
@@ -416,6 +393,7 @@ pub fn secs(s: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fhecam_proto::settings::env_overrides;
 
     fn write(dir: &Path, text: &str) -> PathBuf {
         let p = dir.join("edge.toml");

@@ -171,21 +171,6 @@ pub struct Connection {
     pub tls: Option<TlsConfig>,
 }
 
-impl Connection {
-    /// The TOML keys of a `Connection`; the rest of an `[mqtt]` table is the role's.
-    pub const FIELDS: &'static [&'static str] = &[
-        "host",
-        "port",
-        "client_id",
-        "keep_alive_s",
-        "reconnect_backoff_initial_s",
-        "reconnect_backoff_max_s",
-        "username",
-        "password",
-        "tls",
-    ];
-}
-
 impl Default for Connection {
     fn default() -> Self {
         Connection {
@@ -202,7 +187,7 @@ impl Default for Connection {
     }
 }
 
-/// An `[mqtt]` section: the shared [`Connection`] and a role's own fields (`R`: the edge's
+/// The `[mqtt]` section: the shared [`Connection`] and a role's own fields (`R`: the edge's
 /// topic prefix and stats interval, the agent's group and topics) in one flat table, as
 /// users write it. Each part refuses keys it does not know.
 #[derive(Clone, Debug, Default)]
@@ -220,18 +205,75 @@ impl<'de, R: serde::de::DeserializeOwned> Deserialize<'de> for Section<R> {
         let table = config::Value::deserialize(d)?
             .into_table()
             .map_err(D::Error::custom)?;
+        let conn_fields = field_names::<Connection>();
+        let role_fields = field_names::<R>();
+        if let Some(k) = table
+            .keys()
+            .find(|k| !conn_fields.contains(&k.as_str()) && !role_fields.contains(&k.as_str()))
+        {
+            return Err(D::Error::custom(format!(
+                "unknown field `{k}`, expected one of {}",
+                conn_fields
+                    .iter()
+                    .chain(role_fields)
+                    .map(|f| format!("`{f}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         let (conn, role): (config::Map<_, _>, config::Map<_, _>) = table
             .into_iter()
-            .partition(|(k, _)| Connection::FIELDS.contains(&k.as_str()));
+            .partition(|(k, _)| conn_fields.contains(&k.as_str()));
         Ok(Section {
             conn: config::Value::from(conn)
                 .try_deserialize()
-                .map_err(D::Error::custom)?,
+                .map_err(|e| D::Error::custom(in_section(e)))?,
             role: config::Value::from(role)
                 .try_deserialize()
-                .map_err(D::Error::custom)?,
+                .map_err(|e| D::Error::custom(in_section(e)))?,
         })
     }
+}
+
+/// The field names serde knows for struct `T`: a deserializer that only asks.
+fn field_names<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    struct Probe<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Probe<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(serde::de::Error::custom("probed"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
+}
+
+/// An error of one part, its key named in full (`mqtt.port`) as the config crate names the
+/// keys of other sections; a part cannot hand back the crate's own error type.
+fn in_section(e: config::ConfigError) -> config::ConfigError {
+    let key = match &e {
+        config::ConfigError::Type { key: Some(k), .. } => format!("mqtt.{k}"),
+        _ => return e,
+    };
+    e.extend_with_key(&key)
 }
 
 /// Longest host name (DNS limit).
@@ -511,12 +553,47 @@ mod tests {
         assert_eq!(s.role.topic, "t");
         assert_eq!(s.conn.keep_alive_s, Connection::default().keep_alive_s);
         let e = section("[mqtt]\nhots = \"b\"\n").unwrap_err().to_string();
-        assert!(e.contains("hots"), "{e}");
+        assert!(
+            e.contains("hots") && e.contains("`host`") && e.contains("`topic`"),
+            "{e}"
+        );
         let e = section("[mqtt.tls]\nca = \"c\"\ncert = \"d\"\n")
             .unwrap_err()
             .to_string();
         assert!(e.contains("cert"), "{e}");
         let e = section("[mqtt]\nport = \"x\"\n").unwrap_err().to_string();
-        assert!(e.contains("port") || e.contains("x"), "{e}");
+        assert!(e.contains("mqtt.port"), "{e}");
+    }
+
+    #[test]
+    fn environment_values_keep_the_config_crates_conversions() {
+        // as the edge and the agent load them: numbers parsed, a numeric password kept
+        let vars: std::collections::HashMap<String, String> = [
+            ("FHECAM_MQTT__PORT", "1884"),
+            ("FHECAM_MQTT__PASSWORD", "12345"),
+            ("FHECAM_MQTT__TOPIC", "from-env"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
+        let s: Section<Role> = config::Config::builder()
+            .add_source(config::File::from_str(
+                "[mqtt]\nhost = \"b\"\n",
+                config::FileFormat::Toml,
+            ))
+            .add_source(
+                config::Environment::with_prefix("FHECAM")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(vars)),
+            )
+            .build()
+            .unwrap()
+            .get("mqtt")
+            .unwrap();
+        assert_eq!(s.conn.port, 1884);
+        assert_eq!(s.conn.password.as_deref(), Some("12345"));
+        assert_eq!(s.role.topic, "from-env");
     }
 }

@@ -1,5 +1,40 @@
-//! What the edge's and the agent's configuration files share: `FHECAM_*` environment
-//! overrides of their sections.
+//! What the edge's and the agent's configuration files share: loading TOML with
+//! `FHECAM_*` environment overrides of their sections, and the error that names the file.
+
+use serde::de::DeserializeOwned;
+use std::path::Path;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("configuration {path}: {msg}")]
+    Load { path: String, msg: String },
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// Reads `path` (TOML) with `FHECAM_<FIELD>__<KEY>` environment overrides of the top-level
+/// `fields` (other `FHECAM_*` variables, such as the owner's passphrase, are not config).
+/// Values from the environment are parsed as numbers or booleans where they look like one.
+pub fn load<T: DeserializeOwned>(path: &Path, fields: &[&str]) -> Result<T, ConfigError> {
+    let err = |e: config::ConfigError| ConfigError::Load {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    };
+    config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix("FHECAM")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env_overrides(std::env::vars(), fields))),
+        )
+        .build()
+        .map_err(err)?
+        .try_deserialize()
+        .map_err(err)
+}
 
 /// The `FHECAM_<FIELD>...` variables that address one of `fields`.
 pub fn env_overrides(
