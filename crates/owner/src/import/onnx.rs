@@ -3,7 +3,7 @@
 //! The protobuf is decoded by tract-onnx's generated types; the graph is walked here so
 //! that every node either maps onto a layer the engine runs or is refused by name.
 
-use super::graph::{ActFn, FGraph, FNode, FOp, QSpec};
+use super::graph::{ActFn, FGraph, FNode, FOp, FShape, QSpec};
 use super::ImportError;
 use std::collections::HashMap;
 use tract_onnx::pb::{self, tensor_proto::DataType, NodeProto, TensorProto};
@@ -301,20 +301,100 @@ fn pair(v: Option<Vec<i64>>, default: usize, what: &str) -> Result<[usize; 2], S
     }
 }
 
-/// Decodes an ONNX model and maps it onto the engine's layers.
-pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
+/// One ONNX node being mapped: its inputs resolved against the values defined before it.
+struct NodeCx<'a> {
+    node: &'a NodeProto,
+    /// `<op> '<name>'` (or `#<index>`), for messages and the layers it becomes.
+    origin: String,
+    syms: &'a HashMap<String, Sym>,
+    /// How many nodes read each name: folding BN or a bias into a layer needs sole
+    /// ownership.
+    uses: &'a HashMap<&'a str, usize>,
+    /// Shapes of the graph's values so far.
+    shapes: Vec<FShape>,
+    a: Attrs<'a>,
+}
+
+impl NodeCx<'_> {
+    fn invalid(&self, msg: String) -> ImportError {
+        ImportError::Node {
+            node: self.origin.clone(),
+            msg,
+        }
+    }
+
+    fn sym(&self, k: usize) -> Result<&Sym, ImportError> {
+        let name = self
+            .node
+            .input
+            .get(k)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| self.invalid(format!("input {k} is missing")))?;
+        self.syms.get(name).ok_or_else(|| {
+            self.invalid(format!(
+                "input '{name}' is not produced by any earlier node"
+            ))
+        })
+    }
+
+    /// Input `k` as a value computed from the image.
+    fn val(&self, k: usize) -> Result<usize, ImportError> {
+        match self.sym(k)? {
+            Sym::Val(v) => Ok(*v),
+            Sym::Const(_) => Err(self.invalid(format!(
+                "input {k} is a constant; fhecam needs it computed from the image"
+            ))),
+            Sym::Nhwc(_) | Sym::FlatHwc(_) => Err(self.invalid(format!(
+                "input {k} is in (N, H, W, C) layout here; fhecam reads NHWC tensors only through Transpose, activations, Add and Flatten/Reshape before a Gemm/MatMul"
+            ))),
+            Sym::Quant(..) => Err(self.invalid(format!(
+                "input {k} is a quantized integer tensor; fhecam reads QuantizeLinear only followed by (Clip and) DequantizeLinear"
+            ))),
+        }
+    }
+
+    /// Input `k` as a constant (`None`: an optional input left out).
+    fn konst(&self, k: usize) -> Result<Option<Const>, ImportError> {
+        if self.node.input.get(k).is_none_or(|n| n.is_empty()) {
+            return Ok(None);
+        }
+        match self.sym(k)? {
+            Sym::Const(c) => Ok(Some(c.clone())),
+            _ => Err(self.invalid(format!(
+                "input {k} must be a constant (weights are fixed at import)"
+            ))),
+        }
+    }
+
+    /// Scales, zero points, their type and the axis of a QuantizeLinear/DequantizeLinear.
+    #[allow(clippy::type_complexity)]
+    fn qparams(&self) -> Result<(Vec<f32>, Vec<i64>, i32, usize), ImportError> {
+        qparams(
+            &self.node.op_type,
+            self.konst(1)?,
+            self.konst(2)?,
+            self.a.int("axis", 1),
+            self.sym(0)?,
+        )
+        .map_err(|m| self.invalid(m))
+    }
+
+    /// Appends a layer made from this node; returns its value's index.
+    fn push(&self, g: &mut FGraph, op: FOp, inputs: Vec<usize>) -> usize {
+        g.nodes.push(FNode {
+            op,
+            inputs,
+            origin: self.origin.clone(),
+        });
+        g.nodes.len()
+    }
+}
+
+/// The model's graph: at least one node, under a supported opset.
+fn decode(bytes: &[u8]) -> Result<pb::GraphProto, ImportError> {
     let proto = tract_onnx::onnx()
         .proto_model_for_read(&mut &bytes[..])
         .map_err(|e| ImportError::Decode(format!("{e:#}")))?;
-    let graph = proto
-        .graph
-        .as_ref()
-        .ok_or_else(|| ImportError::Decode("the model has no graph".into()))?;
-    if graph.node.is_empty() {
-        return Err(ImportError::Decode(
-            "the graph has no nodes (is this an ONNX model?)".into(),
-        ));
-    }
     for o in &proto.opset_import {
         if (o.domain.is_empty() || o.domain == "ai.onnx") && !(7..=21).contains(&o.version) {
             return Err(ImportError::Decode(format!(
@@ -323,11 +403,23 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
             )));
         }
     }
-    let mut syms: HashMap<String, Sym> = HashMap::new();
-    for t in &graph.initializer {
-        let c = tensor(t).map_err(ImportError::Decode)?;
-        syms.insert(t.name.clone(), Sym::Const(c));
+    let graph = proto
+        .graph
+        .ok_or_else(|| ImportError::Decode("the model has no graph".into()))?;
+    if graph.node.is_empty() {
+        return Err(ImportError::Decode(
+            "the graph has no nodes (is this an ONNX model?)".into(),
+        ));
     }
+    Ok(graph)
+}
+
+/// The one input that is not an initializer: its name, its (C, H, W), and whether it is
+/// declared (N, H, W, C) and transposed to NCHW first thing (as tf2onnx writes Keras models).
+fn image_input<'g>(
+    graph: &'g pb::GraphProto,
+    syms: &HashMap<String, Sym>,
+) -> Result<(&'g pb::ValueInfoProto, [usize; 3], bool), ImportError> {
     let real_inputs: Vec<&pb::ValueInfoProto> = graph
         .input
         .iter()
@@ -357,7 +449,6 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
             .unwrap_or_default(),
         None => vec![],
     };
-    // A Keras model declares (N, H, W, C) and transposes it to NCHW first thing.
     let nhwc = graph
         .node
         .iter()
@@ -375,6 +466,18 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
             )))
         }
     };
+    Ok((input, chw, nhwc))
+}
+
+/// Decodes an ONNX model and maps it onto the engine's layers.
+pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
+    let graph = &decode(bytes)?;
+    let mut syms: HashMap<String, Sym> = HashMap::new();
+    for t in &graph.initializer {
+        let c = tensor(t).map_err(ImportError::Decode)?;
+        syms.insert(t.name.clone(), Sym::Const(c));
+    }
+    let (input, chw, nhwc) = image_input(graph, &syms)?;
     syms.insert(
         input.name.clone(),
         if nhwc { Sym::Nhwc(0) } else { Sym::Val(0) },
@@ -409,590 +512,45 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
         } else {
             format!("{} '{}'", node.op_type, node.name)
         };
-        let invalid = |msg: String| ImportError::Node {
-            node: origin.clone(),
-            msg,
-        };
         if !(node.domain.is_empty() || node.domain == "ai.onnx") {
             return Err(ImportError::Unsupported {
                 op: format!("{}:{}", node.domain, node.op_type),
-                node: origin.clone(),
+                node: origin,
             });
         }
-        let sym = |k: usize| -> Result<&Sym, ImportError> {
-            let name = node
-                .input
-                .get(k)
-                .filter(|n| !n.is_empty())
-                .ok_or_else(|| invalid(format!("input {k} is missing")))?;
-            syms.get(name).ok_or_else(|| {
-                invalid(format!(
-                    "input '{name}' is not produced by any earlier node"
-                ))
-            })
-        };
-        let val = |k: usize| -> Result<usize, ImportError> {
-            match sym(k)? {
-                Sym::Val(v) => Ok(*v),
-                Sym::Const(_) => Err(invalid(format!(
-                    "input {k} is a constant; fhecam needs it computed from the image"
-                ))),
-                Sym::Nhwc(_) | Sym::FlatHwc(_) => Err(invalid(format!(
-                    "input {k} is in (N, H, W, C) layout here; fhecam reads NHWC tensors only through Transpose, activations, Add and Flatten/Reshape before a Gemm/MatMul"
-                ))),
-                Sym::Quant(..) => Err(invalid(format!(
-                    "input {k} is a quantized integer tensor; fhecam reads QuantizeLinear only followed by (Clip and) DequantizeLinear"
-                ))),
-            }
-        };
-        let konst = |k: usize| -> Result<Option<Const>, ImportError> {
-            if node.input.get(k).is_none_or(|n| n.is_empty()) {
-                return Ok(None);
-            }
-            match sym(k)? {
-                Sym::Const(c) => Ok(Some(c.clone())),
-                _ => Err(invalid(format!(
-                    "input {k} must be a constant (weights are fixed at import)"
-                ))),
-            }
-        };
-        let a = Attrs(node);
         let shapes = g.shapes().map_err(|(n, m)| ImportError::Node {
             node: g.nodes[n].origin.clone(),
             msg: m,
         })?;
-        let push = |g: &mut FGraph, op: FOp, inputs: Vec<usize>| -> usize {
-            g.nodes.push(FNode {
-                op,
-                inputs,
-                origin: origin.clone(),
-            });
-            g.nodes.len()
+        let cx = NodeCx {
+            node,
+            origin: origin.clone(),
+            syms: &syms,
+            uses: &uses,
+            shapes,
+            a: Attrs(node),
         };
-        // scales, zero points, their type and the axis of a QuantizeLinear/DequantizeLinear
-        let qparams_of = || {
-            qparams(
-                &node.op_type,
-                konst(1)?,
-                konst(2)?,
-                a.int("axis", 1),
-                sym(0)?,
-            )
-            .map_err(&invalid)
-        };
-        // the single output name this node defines
-        let out_name = node.output.first().cloned().unwrap_or_default();
         let result: Sym = match node.op_type.as_str() {
-            "Identity" | "Dropout" => sym(0)?.clone(),
-            "Constant" => {
-                let t = a
-                    .get("value")
-                    .and_then(|v| v.t.as_ref())
-                    .ok_or_else(|| invalid("only tensor-valued Constant is supported".into()))?;
-                Sym::Const(tensor(t).map_err(&invalid)?)
-            }
-            "Conv" => {
-                let x = val(0)?;
-                let w = konst(1)?.ok_or_else(|| invalid("weights are missing".into()))?;
-                let [o, ci, kh, kw] = w.dims[..] else {
-                    return Err(invalid(format!(
-                        "weights of shape {:?}; only 2-D convolutions are supported",
-                        w.dims
-                    )));
-                };
-                if a.int("group", 1) != 1 {
-                    return Err(invalid(format!(
-                        "group = {}: grouped/depthwise convolution is not supported",
-                        a.int("group", 1)
-                    )));
-                }
-                if pair(a.ints("dilations"), 1, "dilations").map_err(&invalid)? != [1, 1] {
-                    return Err(invalid("dilated convolution is not supported".into()));
-                }
-                let stride = pair(a.ints("strides"), 1, "strides").map_err(&invalid)?;
-                let padding = match (a.string("auto_pad").as_deref(), a.ints("pads").as_deref()) {
-                    (None | Some("NOTSET") | Some(""), None) | (Some("VALID"), _) => [0, 0],
-                    (None | Some("NOTSET") | Some(""), Some([t, l, b, r])) if t == b && l == r && *t >= 0 && *l >= 0 => {
-                        [*t as usize, *l as usize]
-                    }
-                    (Some("SAME_UPPER" | "SAME_LOWER"), _) if kh % 2 == 1 && kw % 2 == 1 && stride == [1, 1] => {
-                        [kh / 2, kw / 2]
-                    }
-                    (ap, pads) => {
-                        return Err(invalid(format!(
-                            "padding auto_pad={ap:?} pads={pads:?}: only symmetric padding is supported"
-                        )))
-                    }
-                };
-                let c = shapes[x].chw[0];
-                if shapes[x].flat || ci != c {
-                    return Err(invalid(format!(
-                        "weights expect {ci} input channels, the input is {:?}",
-                        shapes[x].chw
-                    )));
-                }
-                let bias = match konst(2)? {
-                    Some(b) if b.f.len() == o => b.f,
-                    Some(b) => {
-                        return Err(invalid(format!(
-                            "bias has {} values for {o} filters",
-                            b.f.len()
-                        )))
-                    }
-                    None => vec![0.0; o],
-                };
-                let weight_scale = out_scales(&w, 0, o);
-                Sym::Val(push(
-                    &mut g,
-                    FOp::Conv {
-                        out_channels: o,
-                        kernel: [kh, kw],
-                        stride,
-                        padding,
-                        weights: w.f,
-                        bias,
-                        weight_scale,
-                    },
-                    vec![x],
-                ))
-            }
-            "Gemm" | "MatMul" => {
-                let (x, hwc) = match sym(0)? {
-                    Sym::FlatHwc(v) => (*v, true),
-                    _ => (val(0)?, false),
-                };
-                let w = konst(1)?.ok_or_else(|| invalid("weights are missing".into()))?;
-                let gemm = node.op_type == "Gemm";
-                let (ta, tb) = if gemm {
-                    (a.int("transA", 0), a.int("transB", 0))
-                } else {
-                    (0, 0)
-                };
-                let (alpha, beta) = if gemm {
-                    (a.float("alpha", 1.0), a.float("beta", 1.0))
-                } else {
-                    (1.0, 1.0)
-                };
-                if ta != 0 {
-                    return Err(invalid("transA = 1 is not supported".into()));
-                }
-                let [r, c] = w.dims[..] else {
-                    return Err(invalid(format!(
-                        "weights of shape {:?}; need a matrix",
-                        w.dims
-                    )));
-                };
-                // engine layout [out][in]
-                let (out, inp) = if tb != 0 { (r, c) } else { (c, r) };
-                if shapes[x].len() != inp {
-                    return Err(invalid(format!(
-                        "weights expect {inp} inputs, the input has {} values ({:?})",
-                        shapes[x].len(),
-                        shapes[x].chw
-                    )));
-                }
-                let weights: Vec<f32> = (0..out)
-                    .flat_map(|o| (0..inp).map(move |i| (o, i)))
-                    .map(|(o, i)| {
-                        alpha
-                            * if tb != 0 {
-                                w.f[o * inp + i]
-                            } else {
-                                w.f[i * out + o]
-                            }
-                    })
-                    .collect();
-                let bias = match konst(2)? {
-                    Some(b) if b.f.len() == out => b.f.iter().map(|v| beta * v).collect(),
-                    Some(b) if b.f.len() == 1 => vec![beta * b.f[0]; out],
-                    Some(b) => {
-                        return Err(invalid(format!(
-                            "bias has {} values for {out} outputs",
-                            b.f.len()
-                        )))
-                    }
-                    None => vec![0.0; out],
-                };
-                // columns of an NHWC flattening, reordered to the engine's (C, H, W) order
-                let weights = if hwc {
-                    let [c, h, w] = shapes[x].chw;
-                    let col = |i: usize| {
-                        let (ch, y, xx) = (i / (h * w), (i / w) % h, i % w);
-                        (y * w + xx) * c + ch
-                    };
-                    (0..out)
-                        .flat_map(|o| (0..inp).map(move |i| (o, i)))
-                        .map(|(o, i)| weights[o * inp + col(i)])
-                        .collect()
-                } else {
-                    weights
-                };
-                let weight_scale = out_scales(&w, if tb != 0 { 0 } else { 1 }, out)
-                    .map(|s| s.iter().map(|s| s * alpha.abs()).collect())
-                    .filter(|_| alpha != 0.0);
-                let x = if shapes[x].flat {
-                    x
-                } else {
-                    push(&mut g, FOp::Flatten, vec![x])
-                };
-                Sym::Val(push(
-                    &mut g,
-                    FOp::Dense {
-                        out_features: out,
-                        weights,
-                        bias,
-                        weight_scale,
-                    },
-                    vec![x],
-                ))
-            }
-            "BatchNormalization" => {
-                let x = val(0)?;
-                let p: Vec<Const> = (1..5)
-                    .map(|k| konst(k)?.ok_or_else(|| invalid(format!("parameter {k} is missing"))))
-                    .collect::<Result<_, _>>()?;
-                let eps = a.float("epsilon", 1e-5);
-                let c = shapes[x].channels();
-                if p.iter().any(|t| t.f.len() != c) {
-                    return Err(invalid(format!("parameters do not have {c} channels")));
-                }
-                let owner = x.checked_sub(1).map(|n| &mut g.nodes[n]);
-                let sole = node.input[0].as_str();
-                match owner {
-                    Some(FNode { op: FOp::Conv { weights, bias, weight_scale, .. } | FOp::Dense { weights, bias, weight_scale, .. }, .. })
-                        if uses.get(sole) == Some(&1) =>
-                    {
-                        let per = weights.len() / c;
-                        for ch in 0..c {
-                            let k = p[0].f[ch] / (p[3].f[ch] + eps).sqrt();
-                            // quantized weights stay integers, on a scale |k| times theirs
-                            // (a negative k negates them)
-                            if let Some(ws) = weight_scale.as_mut() {
-                                ws[ch] *= k.abs();
-                                if k == 0.0 || !k.is_finite() {
-                                    *weight_scale = None;
-                                }
-                            }
-                            for w in &mut weights[ch * per..(ch + 1) * per] {
-                                *w *= k;
-                            }
-                            bias[ch] = (bias[ch] - p[2].f[ch]) * k + p[1].f[ch];
-                        }
-                    }
-                    _ => {
-                        return Err(invalid(
-                            "BatchNormalization must directly follow a Conv or Gemm whose output nothing else reads (it is folded into that layer)".into(),
-                        ))
-                    }
-                }
-                if !g.notes.iter().any(|n| n.starts_with("BatchNormalization")) {
-                    g.notes.push(
-                        "BatchNormalization folded into the preceding layer's weights and bias"
-                            .into(),
-                    );
-                }
-                Sym::Val(x)
-            }
-            "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" => {
-                let f = match node.op_type.as_str() {
-                    "Relu" => ActFn::Relu,
-                    "LeakyRelu" => ActFn::LeakyRelu(a.float("alpha", 0.01)),
-                    "Sigmoid" => ActFn::Sigmoid,
-                    _ => ActFn::Tanh,
-                };
-                match sym(0)? {
-                    Sym::Nhwc(v) => Sym::Nhwc(push(&mut g, FOp::Act(f), vec![*v])),
-                    _ => Sym::Val(push(&mut g, FOp::Act(f), vec![val(0)?])),
-                }
-            }
-            "MaxPool" | "AveragePool" => {
-                let x = val(0)?;
-                let kernel = pair(a.ints("kernel_shape"), 0, "kernel_shape").map_err(&invalid)?;
-                let stride = pair(a.ints("strides"), 1, "strides").map_err(&invalid)?;
-                if a.ints("pads").is_some_and(|p| p.iter().any(|&v| v != 0))
-                    || a.string("auto_pad")
-                        .is_some_and(|s| s != "NOTSET" && s != "VALID" && !s.is_empty())
-                {
-                    return Err(invalid("padded pooling is not supported".into()));
-                }
-                if a.int("ceil_mode", 0) != 0 {
-                    return Err(invalid("ceil_mode = 1 is not supported".into()));
-                }
-                if pair(a.ints("dilations"), 1, "dilations").map_err(&invalid)? != [1, 1] {
-                    return Err(invalid("dilated pooling is not supported".into()));
-                }
-                if node.output.len() > 1 && !node.output[1].is_empty() {
-                    return Err(invalid("MaxPool indices output is not supported".into()));
-                }
-                let op = if node.op_type == "MaxPool" {
-                    FOp::MaxPool { kernel, stride }
-                } else {
-                    FOp::AvgPool { kernel, stride }
-                };
-                Sym::Val(push(&mut g, op, vec![x]))
-            }
-            "GlobalAveragePool" => {
-                let x = val(0)?;
-                let [_, h, w] = shapes[x].chw;
-                Sym::Val(push(
-                    &mut g,
-                    FOp::AvgPool {
-                        kernel: [h, w],
-                        stride: [1, 1],
-                    },
-                    vec![x],
-                ))
-            }
-            "Pad" => {
-                // torch exports AvgPool2d as a zero Pad before AveragePool
-                let pads = match konst(1)? {
-                    Some(p) => p.i,
-                    None => a.ints("pads").unwrap_or_default(),
-                };
-                if pads.iter().any(|&p| p != 0) {
-                    return Err(invalid(format!(
-                        "pads {pads:?}: only zero padding (a no-op) is supported; pad inside Conv instead"
-                    )));
-                }
-                Sym::Val(val(0)?)
-            }
-            "Transpose" => {
-                let perm = a.ints("perm").unwrap_or_default();
-                match (sym(0)?, perm.as_slice()) {
-                    (Sym::Nhwc(v), [0, 3, 1, 2]) => Sym::Val(*v),
-                    (Sym::Val(v), [0, 2, 3, 1]) if !shapes[*v].flat => Sym::Nhwc(*v),
-                    _ => {
-                        return Err(invalid(format!(
-                            "perm {perm:?}: only the NCHW <-> NHWC transposes tf2onnx writes around image layers are supported"
-                        )))
-                    }
-                }
-            }
-            "Flatten" | "Reshape" if matches!(sym(0)?, Sym::Nhwc(_)) => {
-                let Sym::Nhwc(v) = sym(0)? else {
-                    unreachable!()
-                };
-                let n = shapes[*v].len() as i64;
-                let flat = match node.op_type.as_str() {
-                    "Flatten" => a.int("axis", 1) == 1,
-                    _ => konst(1)?.is_some_and(|t| matches!(t.i[..], [_, d] if d == -1 || d == n)),
-                };
-                if !flat {
-                    return Err(invalid(format!(
-                        "only flattening to (batch, {n}) is supported"
-                    )));
-                }
-                Sym::FlatHwc(*v)
-            }
-            "Flatten" => {
-                let x = val(0)?;
-                if a.int("axis", 1) != 1 {
-                    return Err(invalid(format!(
-                        "axis = {}: only flattening after the batch axis (axis = 1) is supported",
-                        a.int("axis", 1)
-                    )));
-                }
-                Sym::Val(push(&mut g, FOp::Flatten, vec![x]))
-            }
-            "Reshape" => {
-                let x = val(0)?;
-                let shape = konst(1)?.ok_or_else(|| invalid("target shape is missing".into()))?;
-                let n = shapes[x].len() as i64;
-                match shape.i[..] {
-                    [_, d] if d == -1 || d == n => Sym::Val(push(&mut g, FOp::Flatten, vec![x])),
-                    _ => {
-                        return Err(invalid(format!(
-                            "target shape {:?}: only flattening to (batch, {n}) is supported",
-                            shape.i
-                        )))
-                    }
-                }
-            }
-            "Add" => match (sym(0)?.clone(), sym(1)?.clone()) {
-                (Sym::Nhwc(x), Sym::Nhwc(y)) if shapes[x].len() == shapes[y].len() => {
-                    Sym::Nhwc(push(&mut g, FOp::Add, vec![x, y]))
-                }
-                (Sym::Val(x), Sym::Val(y)) => {
-                    if shapes[x].len() != shapes[y].len() {
-                        return Err(invalid(format!(
-                            "adds tensors of different shapes {:?} and {:?} (broadcasting is not supported)",
-                            shapes[x].chw, shapes[y].chw
-                        )));
-                    }
-                    Sym::Val(push(&mut g, FOp::Add, vec![x, y]))
-                }
-                (Sym::Val(x), Sym::Const(c)) | (Sym::Const(c), Sym::Val(x)) => {
-                    // a bias after MatMul (or a Conv/Gemm nothing else reads): fold it
-                    let name = if matches!(sym(0)?, Sym::Val(_)) {
-                        &node.input[0]
-                    } else {
-                        &node.input[1]
-                    };
-                    let sole = uses.get(name.as_str()) == Some(&1);
-                    let chans = shapes[x].channels();
-                    match x.checked_sub(1).map(|n| &mut g.nodes[n]) {
-                        Some(FNode { op: FOp::Dense { bias, .. } | FOp::Conv { bias, .. }, .. })
-                            if sole && (c.f.len() == chans || c.f.len() == 1) =>
-                        {
-                            for (ch, b) in bias.iter_mut().enumerate() {
-                                *b += c.f[if c.f.len() == 1 { 0 } else { ch }];
-                            }
-                            Sym::Val(x)
-                        }
-                        _ => {
-                            return Err(invalid(
-                                "adding a constant is only supported as the bias of the MatMul, Gemm or Conv right before it".into(),
-                            ))
-                        }
-                    }
-                }
-                _ => return Err(invalid("adds two constants".into())),
-            },
-            "QuantizeLinear" => {
-                let (scales, zeros, ty, axis) = qparams_of()?;
-                let (lo, hi) = int_range(ty).unwrap_or((0, 255));
-                match sym(0)? {
-                    Sym::Const(c) => {
-                        let i: Vec<i64> =
-                            c.f.iter()
-                                .enumerate()
-                                .map(|(k, &x)| {
-                                    let j = along(&c.dims, axis, k, scales.len());
-                                    QSpec {
-                                        scale: scales[j],
-                                        zero: zeros[j] as i32,
-                                        qmin: lo as i32,
-                                        qmax: hi as i32,
-                                    }
-                                    .level(x) as i64
-                                })
-                                .collect();
-                        Sym::Const(Const {
-                            dims: c.dims.clone(),
-                            f: i.iter().map(|&v| v as f32).collect(),
-                            i,
-                            ty,
-                            deq: None,
-                        })
-                    }
-                    Sym::Val(v) => {
-                        if scales.len() != 1 {
-                            return Err(invalid(
-                                "a per-channel quantizer on computed values is not supported (fhecam reads per-channel scales on weights; activations need one scale)".into(),
-                            ));
-                        }
-                        Sym::Quant(
-                            *v,
-                            QSpec {
-                                scale: scales[0],
-                                zero: zeros[0] as i32,
-                                qmin: lo as i32,
-                                qmax: hi as i32,
-                            },
-                        )
-                    }
-                    _ => return Err(invalid("quantizes a value in NHWC layout".into())),
-                }
-            }
-            "Clip" => {
-                let bound = |k: usize, attr: &str| -> Result<Option<f32>, ImportError> {
-                    Ok(match konst(k)? {
-                        Some(c) if c.f.len() == 1 => Some(c.f[0]),
-                        Some(c) => {
-                            return Err(invalid(format!(
-                                "bound {k} has {} values, need one",
-                                c.f.len()
-                            )))
-                        }
-                        None => a.get(attr).map(|x| x.f),
-                    })
-                };
-                let (lo, hi) = (bound(1, "min")?, bound(2, "max")?);
-                match sym(0)?.clone() {
-                    Sym::Quant(v, mut q) => {
-                        if let Some(lo) = lo {
-                            q.qmin = q.qmin.max(lo.ceil().clamp(-1e9, 1e9) as i32);
-                        }
-                        if let Some(hi) = hi {
-                            q.qmax = q.qmax.min(hi.floor().clamp(-1e9, 1e9) as i32);
-                        }
-                        if q.qmin >= q.qmax {
-                            return Err(invalid(format!(
-                                "clips the quantized value to {}..={}: no range left",
-                                q.qmin, q.qmax
-                            )));
-                        }
-                        Sym::Quant(v, q)
-                    }
-                    Sym::Const(mut c) if int_range(c.ty).is_some() => {
-                        for (i, f) in c.i.iter_mut().zip(&mut c.f) {
-                            let mut x = *i as f32;
-                            if let Some(lo) = lo {
-                                x = x.max(lo);
-                            }
-                            if let Some(hi) = hi {
-                                x = x.min(hi);
-                            }
-                            *i = x as i64;
-                            *f = x;
-                        }
-                        Sym::Const(c)
-                    }
-                    _ => {
-                        return Err(invalid(
-                            "Clip on float values (e.g. ReLU6) is not supported; fhecam reads Clip only between QuantizeLinear and DequantizeLinear".into(),
-                        ))
-                    }
-                }
-            }
-            "DequantizeLinear" => {
-                let (scales, zeros, _, axis) = qparams_of()?;
-                match sym(0)?.clone() {
-                    Sym::Const(c) if int_range(c.ty).is_some() || DataType::from_i32(c.ty) == Some(DataType::Int32) => {
-                        let f: Vec<f32> = c
-                            .i
-                            .iter()
-                            .enumerate()
-                            .map(|(k, &q)| {
-                                let j = along(&c.dims, axis, k, scales.len());
-                                (q - zeros[j]) as f32 * scales[j]
-                            })
-                            .collect();
-                        Sym::Const(Const {
-                            dims: c.dims,
-                            f,
-                            i: vec![],
-                            ty: DataType::Float as i32,
-                            deq: Some((scales, axis)),
-                        })
-                    }
-                    Sym::Quant(v, q) => {
-                        if scales.len() != 1 || scales[0] != q.scale || zeros[0] != q.zero as i64 {
-                            return Err(invalid(format!(
-                                "scale {:?} and zero point {:?} differ from its QuantizeLinear's ({} and {}); fhecam reads a quantizer whose two halves agree",
-                                scales, zeros, q.scale, q.zero
-                            )));
-                        }
-                        if q.levels() > 256 {
-                            return Err(invalid(format!(
-                                "a quantizer of {} levels ({}..={}): fhecam reads quantizers of at most 8 bits",
-                                q.levels(),
-                                q.qmin,
-                                q.qmax
-                            )));
-                        }
-                        Sym::Val(push(&mut g, FOp::Quant(q), vec![v]))
-                    }
-                    _ => {
-                        return Err(invalid(
-                            "dequantizes a value that is neither a quantized constant nor the output of a QuantizeLinear".into(),
-                        ))
-                    }
-                }
-            }
-            "Softmax" | "LogSoftmax" if node.output.first() == Some(&output.name) => {
-                g.notes.push(format!("{origin}: final {} dropped (the predicted class is the same; logits are reported instead of probabilities)", node.op_type));
-                sym(0)?.clone()
+            "Identity" | "Dropout" => cx.sym(0)?.clone(),
+            "Constant" => constant(&cx)?,
+            "Conv" => conv(&cx, &mut g)?,
+            "Gemm" | "MatMul" => gemm(&cx, &mut g)?,
+            "BatchNormalization" => batch_norm(&cx, &mut g)?,
+            "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" => activation(&cx, &mut g)?,
+            "MaxPool" | "AveragePool" => pool(&cx, &mut g)?,
+            "GlobalAveragePool" => global_average_pool(&cx, &mut g)?,
+            "Pad" => pad(&cx)?,
+            "Transpose" => transpose(&cx)?,
+            "Flatten" | "Reshape" if matches!(cx.sym(0)?, Sym::Nhwc(_)) => flatten_nhwc(&cx)?,
+            "Flatten" => flatten(&cx, &mut g)?,
+            "Reshape" => reshape(&cx, &mut g)?,
+            "Add" => add(&cx, &mut g)?,
+            "QuantizeLinear" => quantize_linear(&cx)?,
+            "Clip" => clip(&cx)?,
+            "DequantizeLinear" => dequantize_linear(&cx, &mut g)?,
+            "Softmax" | "LogSoftmax" if cx.node.output.first() == Some(&output.name) => {
+                g.notes.push(format!("{origin}: final {} dropped (the predicted class is the same; logits are reported instead of probabilities)", cx.node.op_type));
+                cx.sym(0)?.clone()
             }
             other => {
                 return Err(ImportError::Unsupported {
@@ -1001,6 +559,8 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                 })
             }
         };
+        // the single output name this node defines
+        let out_name = node.output.first().cloned().unwrap_or_default();
         syms.insert(out_name, result);
     }
     match syms.get(&output.name) {
@@ -1025,4 +585,546 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
         msg: m,
     })?;
     Ok(g)
+}
+
+/// A tensor-valued constant.
+fn constant(cx: &NodeCx) -> Result<Sym, ImportError> {
+    let t =
+        cx.a.get("value")
+            .and_then(|v| v.t.as_ref())
+            .ok_or_else(|| cx.invalid("only tensor-valued Constant is supported".into()))?;
+    Ok(Sym::Const(tensor(t).map_err(|m| cx.invalid(m))?))
+}
+
+/// A 2-D convolution: weights [out, in, kh, kw], symmetric padding, no groups or dilation.
+fn conv(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
+    let x = cx.val(0)?;
+    let w = cx
+        .konst(1)?
+        .ok_or_else(|| cx.invalid("weights are missing".into()))?;
+    let [o, ci, kh, kw] = w.dims[..] else {
+        return Err(cx.invalid(format!(
+            "weights of shape {:?}; only 2-D convolutions are supported",
+            w.dims
+        )));
+    };
+    if cx.a.int("group", 1) != 1 {
+        return Err(cx.invalid(format!(
+            "group = {}: grouped/depthwise convolution is not supported",
+            cx.a.int("group", 1)
+        )));
+    }
+    if pair(cx.a.ints("dilations"), 1, "dilations").map_err(|m| cx.invalid(m))? != [1, 1] {
+        return Err(cx.invalid("dilated convolution is not supported".into()));
+    }
+    let stride = pair(cx.a.ints("strides"), 1, "strides").map_err(|m| cx.invalid(m))?;
+    let padding = match (
+        cx.a.string("auto_pad").as_deref(),
+        cx.a.ints("pads").as_deref(),
+    ) {
+        (None | Some("NOTSET") | Some(""), None) | (Some("VALID"), _) => [0, 0],
+        (None | Some("NOTSET") | Some(""), Some([t, l, b, r]))
+            if t == b && l == r && *t >= 0 && *l >= 0 =>
+        {
+            [*t as usize, *l as usize]
+        }
+        (Some("SAME_UPPER" | "SAME_LOWER"), _)
+            if kh % 2 == 1 && kw % 2 == 1 && stride == [1, 1] =>
+        {
+            [kh / 2, kw / 2]
+        }
+        (ap, pads) => {
+            return Err(cx.invalid(format!(
+                "padding auto_pad={ap:?} pads={pads:?}: only symmetric padding is supported"
+            )))
+        }
+    };
+    let c = cx.shapes[x].chw[0];
+    if cx.shapes[x].flat || ci != c {
+        return Err(cx.invalid(format!(
+            "weights expect {ci} input channels, the input is {:?}",
+            cx.shapes[x].chw
+        )));
+    }
+    let bias = match cx.konst(2)? {
+        Some(b) if b.f.len() == o => b.f,
+        Some(b) => return Err(cx.invalid(format!("bias has {} values for {o} filters", b.f.len()))),
+        None => vec![0.0; o],
+    };
+    let weight_scale = out_scales(&w, 0, o);
+    Ok(Sym::Val(cx.push(
+        g,
+        FOp::Conv {
+            out_channels: o,
+            kernel: [kh, kw],
+            stride,
+            padding,
+            weights: w.f,
+            bias,
+            weight_scale,
+        },
+        vec![x],
+    )))
+}
+
+/// A dense layer; columns of an NHWC flattening are reordered to (C, H, W).
+fn gemm(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
+    let (x, hwc) = match cx.sym(0)? {
+        Sym::FlatHwc(v) => (*v, true),
+        _ => (cx.val(0)?, false),
+    };
+    let w = cx
+        .konst(1)?
+        .ok_or_else(|| cx.invalid("weights are missing".into()))?;
+    let gemm = cx.node.op_type == "Gemm";
+    let (ta, tb) = if gemm {
+        (cx.a.int("transA", 0), cx.a.int("transB", 0))
+    } else {
+        (0, 0)
+    };
+    let (alpha, beta) = if gemm {
+        (cx.a.float("alpha", 1.0), cx.a.float("beta", 1.0))
+    } else {
+        (1.0, 1.0)
+    };
+    if ta != 0 {
+        return Err(cx.invalid("transA = 1 is not supported".into()));
+    }
+    let [r, c] = w.dims[..] else {
+        return Err(cx.invalid(format!("weights of shape {:?}; need a matrix", w.dims)));
+    };
+    // engine layout [out][in]
+    let (out, inp) = if tb != 0 { (r, c) } else { (c, r) };
+    if cx.shapes[x].len() != inp {
+        return Err(cx.invalid(format!(
+            "weights expect {inp} inputs, the input has {} values ({:?})",
+            cx.shapes[x].len(),
+            cx.shapes[x].chw
+        )));
+    }
+    let weights: Vec<f32> = (0..out)
+        .flat_map(|o| (0..inp).map(move |i| (o, i)))
+        .map(|(o, i)| {
+            alpha
+                * if tb != 0 {
+                    w.f[o * inp + i]
+                } else {
+                    w.f[i * out + o]
+                }
+        })
+        .collect();
+    let bias = match cx.konst(2)? {
+        Some(b) if b.f.len() == out => b.f.iter().map(|v| beta * v).collect(),
+        Some(b) if b.f.len() == 1 => vec![beta * b.f[0]; out],
+        Some(b) => {
+            return Err(cx.invalid(format!("bias has {} values for {out} outputs", b.f.len())))
+        }
+        None => vec![0.0; out],
+    };
+    // columns of an NHWC flattening, reordered to the engine's (C, H, W) order
+    let weights = if hwc {
+        let [c, h, w] = cx.shapes[x].chw;
+        let col = |i: usize| {
+            let (ch, y, xx) = (i / (h * w), (i / w) % h, i % w);
+            (y * w + xx) * c + ch
+        };
+        (0..out)
+            .flat_map(|o| (0..inp).map(move |i| (o, i)))
+            .map(|(o, i)| weights[o * inp + col(i)])
+            .collect()
+    } else {
+        weights
+    };
+    let weight_scale = out_scales(&w, if tb != 0 { 0 } else { 1 }, out)
+        .map(|s| s.iter().map(|s| s * alpha.abs()).collect())
+        .filter(|_| alpha != 0.0);
+    let x = if cx.shapes[x].flat {
+        x
+    } else {
+        cx.push(g, FOp::Flatten, vec![x])
+    };
+    Ok(Sym::Val(cx.push(
+        g,
+        FOp::Dense {
+            out_features: out,
+            weights,
+            bias,
+            weight_scale,
+        },
+        vec![x],
+    )))
+}
+
+/// Folded into the Conv or Gemm right before it, whose output nothing else reads.
+fn batch_norm(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
+    let x = cx.val(0)?;
+    let p: Vec<Const> = (1..5)
+        .map(|k| {
+            cx.konst(k)?
+                .ok_or_else(|| cx.invalid(format!("parameter {k} is missing")))
+        })
+        .collect::<Result<_, _>>()?;
+    let eps = cx.a.float("epsilon", 1e-5);
+    let c = cx.shapes[x].channels();
+    if p.iter().any(|t| t.f.len() != c) {
+        return Err(cx.invalid(format!("parameters do not have {c} channels")));
+    }
+    let owner = x.checked_sub(1).map(|n| &mut g.nodes[n]);
+    let sole = cx.node.input[0].as_str();
+    match owner {
+        Some(FNode { op: FOp::Conv { weights, bias, weight_scale, .. } | FOp::Dense { weights, bias, weight_scale, .. }, .. })
+            if cx.uses.get(sole) == Some(&1) =>
+        {
+            let per = weights.len() / c;
+            for ch in 0..c {
+                let k = p[0].f[ch] / (p[3].f[ch] + eps).sqrt();
+                // quantized weights stay integers, on a scale |k| times theirs
+                // (a negative k negates them)
+                if let Some(ws) = weight_scale.as_mut() {
+                    ws[ch] *= k.abs();
+                    if k == 0.0 || !k.is_finite() {
+                        *weight_scale = None;
+                    }
+                }
+                for w in &mut weights[ch * per..(ch + 1) * per] {
+                    *w *= k;
+                }
+                bias[ch] = (bias[ch] - p[2].f[ch]) * k + p[1].f[ch];
+            }
+        }
+        _ => {
+            return Err(cx.invalid(
+                "BatchNormalization must directly follow a Conv or Gemm whose output nothing else reads (it is folded into that layer)".into(),
+            ))
+        }
+    }
+    if !g.notes.iter().any(|n| n.starts_with("BatchNormalization")) {
+        g.notes
+            .push("BatchNormalization folded into the preceding layer's weights and bias".into());
+    }
+    Ok(Sym::Val(x))
+}
+
+/// An activation (a table lookup once quantized).
+fn activation(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
+    let f = match cx.node.op_type.as_str() {
+        "Relu" => ActFn::Relu,
+        "LeakyRelu" => ActFn::LeakyRelu(cx.a.float("alpha", 0.01)),
+        "Sigmoid" => ActFn::Sigmoid,
+        _ => ActFn::Tanh,
+    };
+    Ok(match cx.sym(0)? {
+        Sym::Nhwc(v) => Sym::Nhwc(cx.push(g, FOp::Act(f), vec![*v])),
+        _ => Sym::Val(cx.push(g, FOp::Act(f), vec![cx.val(0)?])),
+    })
+}
+
+/// Unpadded 2-D pooling.
+fn pool(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
+    let x = cx.val(0)?;
+    let kernel = pair(cx.a.ints("kernel_shape"), 0, "kernel_shape").map_err(|m| cx.invalid(m))?;
+    let stride = pair(cx.a.ints("strides"), 1, "strides").map_err(|m| cx.invalid(m))?;
+    if cx.a.ints("pads").is_some_and(|p| p.iter().any(|&v| v != 0))
+        || cx
+            .a
+            .string("auto_pad")
+            .is_some_and(|s| s != "NOTSET" && s != "VALID" && !s.is_empty())
+    {
+        return Err(cx.invalid("padded pooling is not supported".into()));
+    }
+    if cx.a.int("ceil_mode", 0) != 0 {
+        return Err(cx.invalid("ceil_mode = 1 is not supported".into()));
+    }
+    if pair(cx.a.ints("dilations"), 1, "dilations").map_err(|m| cx.invalid(m))? != [1, 1] {
+        return Err(cx.invalid("dilated pooling is not supported".into()));
+    }
+    if cx.node.output.len() > 1 && !cx.node.output[1].is_empty() {
+        return Err(cx.invalid("MaxPool indices output is not supported".into()));
+    }
+    let op = if cx.node.op_type == "MaxPool" {
+        FOp::MaxPool { kernel, stride }
+    } else {
+        FOp::AvgPool { kernel, stride }
+    };
+    Ok(Sym::Val(cx.push(g, op, vec![x])))
+}
+
+/// Average pooling over the whole map.
+fn global_average_pool(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
+    let x = cx.val(0)?;
+    let [_, h, w] = cx.shapes[x].chw;
+    Ok(Sym::Val(cx.push(
+        g,
+        FOp::AvgPool {
+            kernel: [h, w],
+            stride: [1, 1],
+        },
+        vec![x],
+    )))
+}
+
+/// Zero padding only (torch writes it before AveragePool): a no-op.
+fn pad(cx: &NodeCx) -> Result<Sym, ImportError> {
+    // torch exports AvgPool2d as a zero Pad before AveragePool
+    let pads = match cx.konst(1)? {
+        Some(p) => p.i,
+        None => cx.a.ints("pads").unwrap_or_default(),
+    };
+    if pads.iter().any(|&p| p != 0) {
+        return Err(cx.invalid(format!(
+            "pads {pads:?}: only zero padding (a no-op) is supported; pad inside Conv instead"
+        )));
+    }
+    Ok(Sym::Val(cx.val(0)?))
+}
+
+/// The NCHW <-> NHWC transposes tf2onnx writes around image layers.
+fn transpose(cx: &NodeCx) -> Result<Sym, ImportError> {
+    let perm = cx.a.ints("perm").unwrap_or_default();
+    Ok(match (cx.sym(0)?, perm.as_slice()) {
+            (Sym::Nhwc(v), [0, 3, 1, 2]) => Sym::Val(*v),
+            (Sym::Val(v), [0, 2, 3, 1]) if !cx.shapes[*v].flat => Sym::Nhwc(*v),
+            _ => {
+                return Err(cx.invalid(format!(
+                    "perm {perm:?}: only the NCHW <-> NHWC transposes tf2onnx writes around image layers are supported"
+                )))
+            }
+        })
+}
+
+/// Flattening an NHWC tensor: the next dense layer reorders its columns.
+fn flatten_nhwc(cx: &NodeCx) -> Result<Sym, ImportError> {
+    let Sym::Nhwc(v) = cx.sym(0)? else {
+        unreachable!()
+    };
+    let n = cx.shapes[*v].len() as i64;
+    let flat = match cx.node.op_type.as_str() {
+        "Flatten" => cx.a.int("axis", 1) == 1,
+        _ => cx
+            .konst(1)?
+            .is_some_and(|t| matches!(t.i[..], [_, d] if d == -1 || d == n)),
+    };
+    if !flat {
+        return Err(cx.invalid(format!("only flattening to (batch, {n}) is supported")));
+    }
+    Ok(Sym::FlatHwc(*v))
+}
+
+/// Flattening after the batch axis.
+fn flatten(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
+    let x = cx.val(0)?;
+    if cx.a.int("axis", 1) != 1 {
+        return Err(cx.invalid(format!(
+            "axis = {}: only flattening after the batch axis (axis = 1) is supported",
+            cx.a.int("axis", 1)
+        )));
+    }
+    Ok(Sym::Val(cx.push(g, FOp::Flatten, vec![x])))
+}
+
+/// A Reshape that flattens to (batch, n).
+fn reshape(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
+    let x = cx.val(0)?;
+    let shape = cx
+        .konst(1)?
+        .ok_or_else(|| cx.invalid("target shape is missing".into()))?;
+    let n = cx.shapes[x].len() as i64;
+    Ok(match shape.i[..] {
+        [_, d] if d == -1 || d == n => Sym::Val(cx.push(g, FOp::Flatten, vec![x])),
+        _ => {
+            return Err(cx.invalid(format!(
+                "target shape {:?}: only flattening to (batch, {n}) is supported",
+                shape.i
+            )))
+        }
+    })
+}
+
+/// Two computed tensors of one shape, or a constant folded as a bias.
+fn add(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
+    Ok(match (cx.sym(0)?.clone(), cx.sym(1)?.clone()) {
+        (Sym::Nhwc(x), Sym::Nhwc(y)) if cx.shapes[x].len() == cx.shapes[y].len() => {
+            Sym::Nhwc(cx.push(g, FOp::Add, vec![x, y]))
+        }
+        (Sym::Val(x), Sym::Val(y)) => {
+            if cx.shapes[x].len() != cx.shapes[y].len() {
+                return Err(cx.invalid(format!(
+                    "adds tensors of different shapes {:?} and {:?} (broadcasting is not supported)",
+                    cx.shapes[x].chw, cx.shapes[y].chw
+                )));
+            }
+            Sym::Val(cx.push(g, FOp::Add, vec![x, y]))
+        }
+        (Sym::Val(x), Sym::Const(c)) | (Sym::Const(c), Sym::Val(x)) => {
+            // a bias after MatMul (or a Conv/Gemm nothing else reads): fold it
+            let name = if matches!(cx.sym(0)?, Sym::Val(_)) {
+                &cx.node.input[0]
+            } else {
+                &cx.node.input[1]
+            };
+            let sole = cx.uses.get(name.as_str()) == Some(&1);
+            let chans = cx.shapes[x].channels();
+            match x.checked_sub(1).map(|n| &mut g.nodes[n]) {
+                Some(FNode { op: FOp::Dense { bias, .. } | FOp::Conv { bias, .. }, .. })
+                    if sole && (c.f.len() == chans || c.f.len() == 1) =>
+                {
+                    for (ch, b) in bias.iter_mut().enumerate() {
+                        *b += c.f[if c.f.len() == 1 { 0 } else { ch }];
+                    }
+                    Sym::Val(x)
+                }
+                _ => {
+                    return Err(cx.invalid(
+                        "adding a constant is only supported as the bias of the MatMul, Gemm or Conv right before it".into(),
+                    ))
+                }
+            }
+        }
+        _ => return Err(cx.invalid("adds two constants".into())),
+    })
+}
+
+/// Constants become integers; a computed value becomes a pending quantizer.
+fn quantize_linear(cx: &NodeCx) -> Result<Sym, ImportError> {
+    let (scales, zeros, ty, axis) = cx.qparams()?;
+    let (lo, hi) = int_range(ty).unwrap_or((0, 255));
+    Ok(match cx.sym(0)? {
+        Sym::Const(c) => {
+            let i: Vec<i64> =
+                c.f.iter()
+                    .enumerate()
+                    .map(|(k, &x)| {
+                        let j = along(&c.dims, axis, k, scales.len());
+                        QSpec {
+                            scale: scales[j],
+                            zero: zeros[j] as i32,
+                            qmin: lo as i32,
+                            qmax: hi as i32,
+                        }
+                        .level(x) as i64
+                    })
+                    .collect();
+            Sym::Const(Const {
+                dims: c.dims.clone(),
+                f: i.iter().map(|&v| v as f32).collect(),
+                i,
+                ty,
+                deq: None,
+            })
+        }
+        Sym::Val(v) => {
+            if scales.len() != 1 {
+                return Err(cx.invalid(
+                        "a per-channel quantizer on computed values is not supported (fhecam reads per-channel scales on weights; activations need one scale)".into(),
+                    ));
+            }
+            Sym::Quant(
+                *v,
+                QSpec {
+                    scale: scales[0],
+                    zero: zeros[0] as i32,
+                    qmin: lo as i32,
+                    qmax: hi as i32,
+                },
+            )
+        }
+        _ => return Err(cx.invalid("quantizes a value in NHWC layout".into())),
+    })
+}
+
+/// Narrows a pending quantizer or an integer constant (QCDQ).
+fn clip(cx: &NodeCx) -> Result<Sym, ImportError> {
+    let bound = |k: usize, attr: &str| -> Result<Option<f32>, ImportError> {
+        Ok(match cx.konst(k)? {
+            Some(c) if c.f.len() == 1 => Some(c.f[0]),
+            Some(c) => {
+                return Err(cx.invalid(format!("bound {k} has {} values, need one", c.f.len())))
+            }
+            None => cx.a.get(attr).map(|x| x.f),
+        })
+    };
+    let (lo, hi) = (bound(1, "min")?, bound(2, "max")?);
+    Ok(match cx.sym(0)?.clone() {
+            Sym::Quant(v, mut q) => {
+                if let Some(lo) = lo {
+                    q.qmin = q.qmin.max(lo.ceil().clamp(-1e9, 1e9) as i32);
+                }
+                if let Some(hi) = hi {
+                    q.qmax = q.qmax.min(hi.floor().clamp(-1e9, 1e9) as i32);
+                }
+                if q.qmin >= q.qmax {
+                    return Err(cx.invalid(format!(
+                        "clips the quantized value to {}..={}: no range left",
+                        q.qmin, q.qmax
+                    )));
+                }
+                Sym::Quant(v, q)
+            }
+            Sym::Const(mut c) if int_range(c.ty).is_some() => {
+                for (i, f) in c.i.iter_mut().zip(&mut c.f) {
+                    let mut x = *i as f32;
+                    if let Some(lo) = lo {
+                        x = x.max(lo);
+                    }
+                    if let Some(hi) = hi {
+                        x = x.min(hi);
+                    }
+                    *i = x as i64;
+                    *f = x;
+                }
+                Sym::Const(c)
+            }
+            _ => {
+                return Err(cx.invalid(
+                    "Clip on float values (e.g. ReLU6) is not supported; fhecam reads Clip only between QuantizeLinear and DequantizeLinear".into(),
+                ))
+            }
+        })
+}
+
+/// Closes a quantizer (a node of its own) or dequantizes an integer constant.
+fn dequantize_linear(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
+    let (scales, zeros, _, axis) = cx.qparams()?;
+    Ok(match cx.sym(0)?.clone() {
+            Sym::Const(c) if int_range(c.ty).is_some() || DataType::from_i32(c.ty) == Some(DataType::Int32) => {
+                let f: Vec<f32> = c
+                    .i
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &q)| {
+                        let j = along(&c.dims, axis, k, scales.len());
+                        (q - zeros[j]) as f32 * scales[j]
+                    })
+                    .collect();
+                Sym::Const(Const {
+                    dims: c.dims,
+                    f,
+                    i: vec![],
+                    ty: DataType::Float as i32,
+                    deq: Some((scales, axis)),
+                })
+            }
+            Sym::Quant(v, q) => {
+                if scales.len() != 1 || scales[0] != q.scale || zeros[0] != q.zero as i64 {
+                    return Err(cx.invalid(format!(
+                        "scale {:?} and zero point {:?} differ from its QuantizeLinear's ({} and {}); fhecam reads a quantizer whose two halves agree",
+                        scales, zeros, q.scale, q.zero
+                    )));
+                }
+                if q.levels() > 256 {
+                    return Err(cx.invalid(format!(
+                        "a quantizer of {} levels ({}..={}): fhecam reads quantizers of at most 8 bits",
+                        q.levels(),
+                        q.qmin,
+                        q.qmax
+                    )));
+                }
+                Sym::Val(cx.push(g, FOp::Quant(q), vec![v]))
+            }
+            _ => {
+                return Err(cx.invalid(
+                    "dequantizes a value that is neither a quantized constant nor the output of a QuantizeLinear".into(),
+                ))
+            }
+        })
 }
