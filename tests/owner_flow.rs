@@ -13,7 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{ok, refused_with as refused, s, tiny_trained, PASS};
+use common::{deploy_out, ok, refused_with as refused, s, tiny_trained, PASS};
 
 /// Test images run encrypted (each ~1,000 PBS with the model below).
 const IMAGES: usize = 3;
@@ -107,17 +107,7 @@ fn protect_deploy_infer_decrypt_and_refusals() {
     // deploy, verify
     let bundle_path = d.join("digits.bundle");
     let signing_key = keys.join("owner.key");
-    ok(&[
-        "deploy",
-        "--db",
-        s(&db),
-        "--model",
-        &id,
-        "--signing-key",
-        s(&signing_key),
-        "--out",
-        s(&bundle_path),
-    ]);
+    deploy_out(&db, &id, &signing_key, &bundle_path);
     let bundle_bytes = std::fs::read(&bundle_path).unwrap();
     eprintln!("bundle: {} bytes", bundle_bytes.len());
     assert!(bundle_bytes.len() <= 48 << 20, "bundle over 48 MB");
@@ -231,17 +221,7 @@ fn protect_deploy_infer_decrypt_and_refusals() {
     let keys2 = d.join("keys2");
     ok(&["owner-key", "init", "--out", s(&keys2)]);
     let foreign = d.join("foreign.bundle");
-    ok(&[
-        "deploy",
-        "--db",
-        s(&db),
-        "--model",
-        &id,
-        "--signing-key",
-        s(&keys2.join("owner.key")),
-        "--out",
-        s(&foreign),
-    ]);
+    deploy_out(&db, &id, &keys2.join("owner.key"), &foreign);
     let err = refused(
         &["verify-bundle", s(&foreign), "--owner-key", s(&owner_pub)],
         None,

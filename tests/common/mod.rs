@@ -67,6 +67,21 @@ pub fn refused(args: &[&str]) -> String {
     refused_with(args, Some(PASS))
 }
 
+/// `fhecam deploy` of model `id` in `db`, signed with `key`, written to `out`.
+pub fn deploy_out(db: &Path, id: &str, key: &Path, out: &Path) -> String {
+    ok(&[
+        "deploy",
+        "--db",
+        s(db),
+        "--model",
+        id,
+        "--signing-key",
+        s(key),
+        "--out",
+        s(out),
+    ])
+}
+
 /// A small digits CNN (ternary weights: fewer carry PBS, so encrypted runs stay short)
 /// trained for a few epochs, and the test split.
 pub fn tiny_trained(
@@ -290,17 +305,7 @@ pub fn owner(dir: &Path) -> Owner {
     let id = ok(&["protect", s(&model_path), "--db", s(&db), "--name", "tiny"]);
     let id = id.trim().lines().last().unwrap().to_string();
     let bundle_path = dir.join("m.bundle");
-    ok(&[
-        "deploy",
-        "--db",
-        s(&db),
-        "--model",
-        &id,
-        "--signing-key",
-        s(&dir.join("keys/owner.key")),
-        "--out",
-        s(&bundle_path),
-    ]);
+    deploy_out(&db, &id, &dir.join("keys/owner.key"), &bundle_path);
     let key = fhecam::bundle::read_owner_key(&dir.join("keys/owner.pub")).unwrap();
     let b = fhecam::bundle::load_file(&bundle_path, &key).unwrap();
     let rt = fhecam::fhe::EdgeRuntime::new(&b.model, b.public, 0).unwrap();
