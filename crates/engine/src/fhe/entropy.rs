@@ -10,7 +10,7 @@
 //! no weaker than the better of the two.
 
 use std::cell::Cell;
-use tfhe::core_crypto::seeders::{Seeder, UnixSeeder};
+use tfhe::core_crypto::seeders::UnixSeeder;
 use tfhe::shortint::engine::ShortintEngine;
 
 thread_local! {
@@ -33,7 +33,7 @@ pub fn seed_thread() {
 fn hardware_seed() -> Option<u128> {
     #[cfg(target_arch = "x86_64")]
     {
-        use tfhe::core_crypto::seeders::RdseedSeeder;
+        use tfhe::core_crypto::seeders::{RdseedSeeder, Seeder};
         if RdseedSeeder::is_available() {
             return Some(RdseedSeeder::new().seed().0);
         }
@@ -52,6 +52,7 @@ pub fn hardware_seed_repeats() -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tfhe::core_crypto::seeders::Seeder;
 
     #[test]
     fn a_constant_hardware_seed_still_gives_distinct_seeds() {
