@@ -151,90 +151,106 @@ impl FShape {
 impl FGraph {
     /// Shapes of all values; `Err((node index, message))` where a layer does not fit.
     pub fn shapes(&self) -> Result<Vec<FShape>, (usize, String)> {
-        let mut shapes = vec![FShape {
+        let mut shapes = vec![self.input_shape()];
+        self.extend_shapes(&mut shapes)?;
+        Ok(shapes)
+    }
+
+    pub fn input_shape(&self) -> FShape {
+        FShape {
             chw: self.input,
             flat: false,
-        }];
-        for (n, node) in self.nodes.iter().enumerate() {
-            let a = shapes[node.inputs[0]];
-            let err = |m: String| (n, m);
-            let out = match &node.op {
-                FOp::Conv {
-                    out_channels,
-                    kernel,
-                    stride,
-                    padding,
-                    weights,
-                    ..
-                } => {
-                    let [c, h, w] = a.chw;
-                    if a.flat || weights.len() != out_channels * c * kernel[0] * kernel[1] {
-                        return Err(err(format!(
-                            "weights for {} input channels, the input is {:?}",
-                            weights.len() / (out_channels * kernel[0] * kernel[1]).max(1),
-                            a.chw
-                        )));
-                    }
-                    match (
-                        out_dim(h, kernel[0], stride[0], padding[0]),
-                        out_dim(w, kernel[1], stride[1], padding[1]),
-                    ) {
-                        (Some(oh), Some(ow)) => FShape {
-                            chw: [*out_channels, oh, ow],
-                            flat: false,
-                        },
-                        _ => return Err(err(format!("kernel {kernel:?} does not fit {h}x{w}"))),
-                    }
-                }
-                FOp::Dense {
-                    out_features,
-                    weights,
-                    ..
-                } => {
-                    if weights.len() != out_features * a.len() {
-                        return Err(err(format!(
-                            "expects {} inputs, the input has {} values",
-                            weights.len() / out_features.max(&1),
-                            a.len()
-                        )));
-                    }
-                    FShape {
-                        chw: [*out_features, 1, 1],
-                        flat: true,
-                    }
-                }
-                FOp::MaxPool { kernel, stride } | FOp::AvgPool { kernel, stride } => {
-                    let [c, h, w] = a.chw;
-                    match (
-                        out_dim(h, kernel[0], stride[0], 0),
-                        out_dim(w, kernel[1], stride[1], 0),
-                    ) {
-                        (Some(oh), Some(ow)) if !a.flat => FShape {
-                            chw: [c, oh, ow],
-                            flat: false,
-                        },
-                        _ => return Err(err(format!("window {kernel:?} does not fit {h}x{w}"))),
-                    }
-                }
-                FOp::Act(_) | FOp::Quant(_) => a,
-                FOp::Add => {
-                    let b = shapes[node.inputs[1]];
-                    if a.len() != b.len() {
-                        return Err(err(format!(
-                            "adds tensors of different shapes {:?} and {:?}",
-                            a.chw, b.chw
-                        )));
-                    }
-                    a
-                }
-                FOp::Flatten => FShape {
-                    chw: [a.len(), 1, 1],
-                    flat: true,
-                },
-            };
-            shapes.push(out);
         }
-        Ok(shapes)
+    }
+
+    /// Appends the shapes of the nodes after those `shapes` covers (it holds the input's
+    /// and the first nodes'): a graph built node by node is shaped once, not per node.
+    pub fn extend_shapes(&self, shapes: &mut Vec<FShape>) -> Result<(), (usize, String)> {
+        for n in shapes.len() - 1..self.nodes.len() {
+            let s = self.node_shape(n, shapes).map_err(|m| (n, m))?;
+            shapes.push(s);
+        }
+        Ok(())
+    }
+
+    /// The shape of node `n`'s output, given the shapes of the values before it.
+    fn node_shape(&self, n: usize, shapes: &[FShape]) -> Result<FShape, String> {
+        let node = &self.nodes[n];
+        let a = shapes[node.inputs[0]];
+        Ok(match &node.op {
+            FOp::Conv {
+                out_channels,
+                kernel,
+                stride,
+                padding,
+                weights,
+                ..
+            } => {
+                let [c, h, w] = a.chw;
+                if a.flat || weights.len() != out_channels * c * kernel[0] * kernel[1] {
+                    return Err(format!(
+                        "weights for {} input channels, the input is {:?}",
+                        weights.len() / (out_channels * kernel[0] * kernel[1]).max(1),
+                        a.chw
+                    ));
+                }
+                match (
+                    out_dim(h, kernel[0], stride[0], padding[0]),
+                    out_dim(w, kernel[1], stride[1], padding[1]),
+                ) {
+                    (Some(oh), Some(ow)) => FShape {
+                        chw: [*out_channels, oh, ow],
+                        flat: false,
+                    },
+                    _ => return Err(format!("kernel {kernel:?} does not fit {h}x{w}")),
+                }
+            }
+            FOp::Dense {
+                out_features,
+                weights,
+                ..
+            } => {
+                if weights.len() != out_features * a.len() {
+                    return Err(format!(
+                        "expects {} inputs, the input has {} values",
+                        weights.len() / out_features.max(&1),
+                        a.len()
+                    ));
+                }
+                FShape {
+                    chw: [*out_features, 1, 1],
+                    flat: true,
+                }
+            }
+            FOp::MaxPool { kernel, stride } | FOp::AvgPool { kernel, stride } => {
+                let [c, h, w] = a.chw;
+                match (
+                    out_dim(h, kernel[0], stride[0], 0),
+                    out_dim(w, kernel[1], stride[1], 0),
+                ) {
+                    (Some(oh), Some(ow)) if !a.flat => FShape {
+                        chw: [c, oh, ow],
+                        flat: false,
+                    },
+                    _ => return Err(format!("window {kernel:?} does not fit {h}x{w}")),
+                }
+            }
+            FOp::Act(_) | FOp::Quant(_) => a,
+            FOp::Add => {
+                let b = shapes[node.inputs[1]];
+                if a.len() != b.len() {
+                    return Err(format!(
+                        "adds tensors of different shapes {:?} and {:?}",
+                        a.chw, b.chw
+                    ));
+                }
+                a
+            }
+            FOp::Flatten => FShape {
+                chw: [a.len(), 1, 1],
+                flat: true,
+            },
+        })
     }
 
     /// All values of a forward pass on one sample (index 0 = the input).

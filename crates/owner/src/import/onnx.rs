@@ -311,7 +311,7 @@ struct NodeCx<'a> {
     /// ownership.
     uses: &'a HashMap<&'a str, usize>,
     /// Shapes of the graph's values so far.
-    shapes: Vec<FShape>,
+    shapes: &'a [FShape],
     a: Attrs<'a>,
 }
 
@@ -506,6 +506,7 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
         output: 0,
         notes: vec![],
     };
+    let mut shapes = vec![g.input_shape()];
     for (idx, node) in graph.node.iter().enumerate() {
         let origin = if node.name.is_empty() {
             format!("{} #{idx}", node.op_type)
@@ -518,16 +519,18 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
                 node: origin,
             });
         }
-        let shapes = g.shapes().map_err(|(n, m)| ImportError::Node {
-            node: g.nodes[n].origin.clone(),
-            msg: m,
-        })?;
+        // the layers the previous node added
+        g.extend_shapes(&mut shapes)
+            .map_err(|(n, m)| ImportError::Node {
+                node: g.nodes[n].origin.clone(),
+                msg: m,
+            })?;
         let cx = NodeCx {
             node,
             origin: origin.clone(),
             syms: &syms,
             uses: &uses,
-            shapes,
+            shapes: &shapes,
             a: Attrs(node),
         };
         let result: Sym = match node.op_type.as_str() {
