@@ -104,13 +104,92 @@ pub fn run(args: DemoArgs, model: fhecam::model::Model, te: fhecam::data::Datase
     result
 }
 
+/// What the owner's side leaves for the camera and the backend.
+struct Owned {
+    db: PathBuf,
+    id: fhecam::ids::ModelId,
+    keys_dir: PathBuf,
+    pass_file: PathBuf,
+    bundle: PathBuf,
+}
+
+/// A cockpit result as received, with its latency from capture (s).
+type Received = Option<(CockpitResult, f64)>;
+
 fn run_in(
     args: &DemoArgs,
     model: &fhecam::model::Model,
     te: &fhecam::data::Dataset,
     work: &Path,
 ) -> Result<()> {
-    // ---- owner ----
+    let owned = protect_and_deploy(args, model, work)?;
+
+    // ---- broker ----
+    let (_mosquitto, host, port) = match &args.broker {
+        Some(b) => {
+            let (h, p) = parse_broker(b)?;
+            (None, h, p)
+        }
+        None => {
+            let (m, p) = start_mosquitto(work)?;
+            (Some(m), "127.0.0.1".to_string(), p)
+        }
+    };
+    println!("[broker] mqtt://{host}:{port}");
+
+    let plain = write_frames(args.frames, model, te, work)?;
+    let edge = edge_config(args, work, &owned, &host, port)?;
+    println!("[edge] pipeline: {}", edge.source.pipeline);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (got, edge_s) = rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let mut results = subscribe_cockpit(&host, port).await?;
+
+        // ---- backend agent ----
+        let mut acfg = fhecam::agent::AgentConfig::new(owned.db.clone(), work.join("agent-state.db"));
+        acfg.passphrase_file = Some(owned.pass_file.clone());
+        acfg.mqtt.conn.host = host.clone();
+        acfg.mqtt.conn.port = port;
+        acfg.mqtt.conn.client_id = Some(format!("demo-agent-{}", std::process::id()));
+        // the demo checks the logits too, not only the label
+        acfg.logits_for = vec![owned.id.to_string()];
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let agent = tokio::spawn(fhecam::agent::run(acfg, shutdown.clone(), Some(ready_tx)));
+        tokio::time::timeout(Duration::from_secs(30), ready_rx)
+            .await
+            .context("the backend agent did not subscribe in time")?
+            .context("the backend agent stopped")?;
+        println!("[backend] agent subscribed (MQTT v5, persistent session); results go to cockpit/<device>/<camera>");
+
+        // ---- edge daemon ----
+        let started = Instant::now();
+        let milestone: Arc<dyn Fn(fhecam::edge::Milestone) + Send + Sync> = Arc::new(|_| {});
+        let report = fhecam::edge::run(edge, shutdown.child_token(), Default::default(), milestone).await?;
+        let edge_s = started.elapsed().as_secs_f64();
+        println!(
+            "[edge] done: {} inferences published in {:.1} s",
+            report.stats.published, edge_s
+        );
+
+        let got = collect_results(&mut results, args.frames).await;
+        shutdown.cancel();
+        let stats = agent.await??;
+        println!(
+            "[backend] agent: {} received, {} decrypted, {} duplicates, {} refused",
+            stats.received, stats.decrypted, stats.duplicates, stats.dead_lettered
+        );
+        anyhow::Ok((got, edge_s))
+    })?;
+    print_report(&got, &plain, te, edge_s)
+}
+
+/// The owner's side: the model written out, an owner key, a passphrase file, the model
+/// protected into a fresh database and deployed as a signed bundle.
+fn protect_and_deploy(args: &DemoArgs, model: &fhecam::model::Model, work: &Path) -> Result<Owned> {
     println!(
         "[owner] {} digits model {:?}: {} ct x ct MACs",
         args.preset.name(),
@@ -136,42 +215,49 @@ fn run_in(
     }
     let db = work.join("owner.db");
     let id = super::owner::protect(&model_path, &db, Some("digits".into()), Some(&pass_file))?;
-    let bundle_path = work.join("digits.bundle");
-    super::owner::deploy(
-        &db,
-        &id,
-        &keys_dir.join("owner.key"),
-        Some(&bundle_path),
-        None,
-    )?;
+    let bundle = work.join("digits.bundle");
+    super::owner::deploy(&db, &id, &keys_dir.join("owner.key"), Some(&bundle), None)?;
+    Ok(Owned {
+        db,
+        id,
+        keys_dir,
+        pass_file,
+        bundle,
+    })
+}
 
-    // ---- broker ----
-    let (_mosquitto, host, port) = match &args.broker {
-        Some(b) => {
-            let (h, p) = parse_broker(b)?;
-            (None, h, p)
-        }
-        None => {
-            let (m, p) = start_mosquitto(work)?;
-            (Some(m), "127.0.0.1".to_string(), p)
-        }
-    };
-    println!("[broker] mqtt://{host}:{port}");
-
-    // ---- the camera's frames: real test digits as PNG files ----
+/// The camera's frames: real test digits as PNG files `frame<i>.png`, and the plaintext
+/// model's label and logits on exactly what the daemon will see.
+fn write_frames(
+    frames: usize,
+    model: &fhecam::model::Model,
+    te: &fhecam::data::Dataset,
+    work: &Path,
+) -> Result<Vec<(usize, Vec<i64>)>> {
     let mut plain = Vec::new();
-    for i in 0..args.frames {
+    for i in 0..frames {
         let px: Vec<u8> = te.images[i]
             .iter()
             .map(|v| (v * 255.0).round() as u8)
             .collect();
         let png = work.join(format!("frame{i}.png"));
         std::fs::write(&png, preprocess::encode_grey_png(&px, 8)?)?;
-        // the plaintext model on exactly what the daemon will see
         let x = preprocess::preprocess_file(&png, &model.input)?;
         let logits = reference::evaluate(model, &x)?;
         plain.push((reference::argmax(&logits), logits));
     }
+    Ok(plain)
+}
+
+/// The camera's configuration: the frames through a GStreamer pipeline, the bundle, the
+/// broker; checked as `fhecam validate` would.
+fn edge_config(
+    args: &DemoArgs,
+    work: &Path,
+    owned: &Owned,
+    host: &str,
+    port: u16,
+) -> Result<EdgeConfig> {
     let pipeline = format!(
         "multifilesrc location={} index=0 stop-index={} caps=image/png,framerate=1/1 ! pngdec ! videoconvert ! appsink",
         work.join("frame%d.png").display(),
@@ -180,10 +266,10 @@ fn run_in(
     let edge = EdgeConfig {
         device_id: "demo-cam".into(),
         camera_id: "cam0".into(),
-        bundle: bundle_path.clone(),
-        owner_key: keys_dir.join("owner.pub"),
+        bundle: owned.bundle.clone(),
+        owner_key: owned.keys_dir.join("owner.pub"),
         source: SourceConfig {
-            pipeline: pipeline.clone(),
+            pipeline,
             every_frame: true,
             ..SourceConfig::default()
         },
@@ -194,7 +280,7 @@ fn run_in(
         },
         mqtt: MqttConfig {
             conn: fhecam::mqtt::Connection {
-                host: host.clone(),
+                host: host.into(),
                 port,
                 ..Default::default()
             },
@@ -210,136 +296,130 @@ fn run_in(
         deploy: None,
     };
     edge.check()?;
-    println!("[edge] pipeline: {pipeline}");
+    Ok(edge)
+}
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let shutdown = CancellationToken::new();
-        // ---- cockpit: subscribe before anything is published ----
-        let mut o = MqttOptions::new(format!("demo-cockpit-{}", std::process::id()), host.clone(), port);
-        o.set_max_packet_size(1 << 20, 1 << 20);
-        let (cockpit, mut cockpit_loop) = AsyncClient::new(o, 16);
-        cockpit.subscribe("cockpit/#", QoS::AtLeastOnce).await?;
-        let (res_tx, mut res_rx) = tokio::sync::mpsc::unbounded_channel();
-        let (sub_tx, sub_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let mut sub_tx = Some(sub_tx);
-            loop {
-                match cockpit_loop.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(t) = sub_tx.take() {
-                            let _ = t.send(());
-                        }
+/// The cockpit: subscribed to `cockpit/#` before anything is published; every result with
+/// the time it arrived.
+async fn subscribe_cockpit(
+    host: &str,
+    port: u16,
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>, Instant)>> {
+    let mut o = MqttOptions::new(format!("demo-cockpit-{}", std::process::id()), host, port);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (cockpit, mut cockpit_loop) = AsyncClient::new(o, 16);
+    cockpit.subscribe("cockpit/#", QoS::AtLeastOnce).await?;
+    let (res_tx, res_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (sub_tx, sub_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        // the client lives as long as its event loop
+        let _cockpit = cockpit;
+        let mut sub_tx = Some(sub_tx);
+        loop {
+            match cockpit_loop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(t) = sub_tx.take() {
+                        let _ = t.send(());
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let _ = res_tx.send((p.topic.clone(), p.payload.to_vec(), Instant::now()));
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = res_tx.send((p.topic.clone(), p.payload.to_vec(), Instant::now()));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), sub_rx)
+        .await
+        .context("the cockpit could not subscribe to the broker")??;
+    Ok(res_rx)
+}
+
+/// The results of frames 0..frames by sequence number, waiting up to two minutes.
+async fn collect_results(
+    results: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>, Instant)>,
+    frames: usize,
+) -> Vec<Received> {
+    let mut got: Vec<Received> = (0..frames).map(|_| None).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while got.iter().any(Option::is_none) {
+        let Ok(Some((topic, payload, at))) =
+            tokio::time::timeout_at(deadline, results.recv()).await
+        else {
+            break;
+        };
+        let r: CockpitResult = match serde_json::from_slice(&payload) {
+            Ok(r) => r,
+            Err(e) => {
+                println!("[cockpit] {topic}: unreadable result ({e})");
+                continue;
+            }
+        };
+        let latency = r
+            .frame_timestamp_ms
+            .map(|ts| {
+                let now_ms = fhecam::ids::unix_now_ms();
+                let elapsed_since = at.elapsed().as_millis() as u64;
+                (now_ms.saturating_sub(elapsed_since).saturating_sub(ts)) as f64 / 1000.0
+            })
+            .unwrap_or(f64::NAN);
+        let seq = r.sequence as usize;
+        if seq < got.len() && got[seq].is_none() {
+            got[seq] = Some((r, latency));
+        }
+    }
+    got
+}
+
+/// The table of frames (truth, plaintext, decrypted, latency) and the summary; an error
+/// unless every result arrived and equals the plaintext model's label and logits.
+fn print_report(
+    got: &[Received],
+    plain: &[(usize, Vec<i64>)],
+    te: &fhecam::data::Dataset,
+    edge_s: f64,
+) -> Result<()> {
+    println!();
+    println!("frame  true  plaintext  decrypted (backend)  latency");
+    let (mut agree, mut correct, mut lat) = (0, 0, Vec::new());
+    for (i, g) in got.iter().enumerate() {
+        match g {
+            Some((r, l)) => {
+                let (label, logits) = &plain[i];
+                let same = r.label == *label && r.logits.as_ref() == Some(logits);
+                agree += same as usize;
+                correct += (r.label == te.labels[i] as usize) as usize;
+                lat.push(*l);
+                println!(
+                    "{i:>5}  {:>4}  {:>9}  {:>19}  {:>6.1} s{}",
+                    te.labels[i],
+                    label,
+                    r.label,
+                    l,
+                    if same {
+                        ""
+                    } else {
+                        "  MISMATCH (label or logits)"
                     }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
+                );
             }
-        });
-        tokio::time::timeout(Duration::from_secs(10), sub_rx)
-            .await
-            .context("the cockpit could not subscribe to the broker")??;
-
-        // ---- backend agent ----
-        let mut acfg = fhecam::agent::AgentConfig::new(db.clone(), work.join("agent-state.db"));
-        acfg.passphrase_file = Some(pass_file.clone());
-        acfg.mqtt.conn.host = host.clone();
-        acfg.mqtt.conn.port = port;
-        acfg.mqtt.conn.client_id = Some(format!("demo-agent-{}", std::process::id()));
-        // the demo checks the logits too, not only the label
-        acfg.logits_for = vec![id.to_string()];
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let agent = tokio::spawn(fhecam::agent::run(acfg, shutdown.clone(), Some(ready_tx)));
-        tokio::time::timeout(Duration::from_secs(30), ready_rx)
-            .await
-            .context("the backend agent did not subscribe in time")?
-            .context("the backend agent stopped")?;
-        println!("[backend] agent subscribed (MQTT v5, persistent session); results go to cockpit/<device>/<camera>");
-
-        // ---- edge daemon ----
-        let started = Instant::now();
-        let milestone: Arc<dyn Fn(fhecam::edge::Milestone) + Send + Sync> = Arc::new(|_| {});
-        let report = fhecam::edge::run(edge, shutdown.child_token(), Default::default(), milestone).await?;
-        let edge_s = started.elapsed().as_secs_f64();
-        println!(
-            "[edge] done: {} inferences published in {:.1} s",
-            report.stats.published, edge_s
-        );
-
-        // ---- results ----
-        let mut got: Vec<Option<(CockpitResult, f64)>> = (0..args.frames).map(|_| None).collect();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        while got.iter().any(Option::is_none) {
-            let Ok(Some((topic, payload, at))) = tokio::time::timeout_at(deadline, res_rx.recv()).await else {
-                break;
-            };
-            let r: CockpitResult = match serde_json::from_slice(&payload) {
-                Ok(r) => r,
-                Err(e) => {
-                    println!("[cockpit] {topic}: unreadable result ({e})");
-                    continue;
-                }
-            };
-            let latency = r
-                .frame_timestamp_ms
-                .map(|ts| {
-                    let now_ms = fhecam::ids::unix_now_ms();
-                    let elapsed_since = at.elapsed().as_millis() as u64;
-                    (now_ms.saturating_sub(elapsed_since).saturating_sub(ts)) as f64 / 1000.0
-                })
-                .unwrap_or(f64::NAN);
-            let seq = r.sequence as usize;
-            if seq < got.len() && got[seq].is_none() {
-                got[seq] = Some((r, latency));
-            }
+            None => println!(
+                "{i:>5}  {:>4}  {:>9}  {:>19}",
+                te.labels[i], plain[i].0, "missing"
+            ),
         }
-        shutdown.cancel();
-        let stats = agent.await??;
-        println!(
-            "[backend] agent: {} received, {} decrypted, {} duplicates, {} refused",
-            stats.received, stats.decrypted, stats.duplicates, stats.dead_lettered
-        );
-
-        println!();
-        println!("frame  true  plaintext  decrypted (backend)  latency");
-        let (mut agree, mut correct, mut lat) = (0, 0, Vec::new());
-        for (i, g) in got.iter().enumerate() {
-            match g {
-                Some((r, l)) => {
-                    let (label, logits) = &plain[i];
-                    let same = r.label == *label && r.logits.as_ref() == Some(logits);
-                    agree += same as usize;
-                    correct += (r.label == te.labels[i] as usize) as usize;
-                    lat.push(*l);
-                    println!(
-                        "{i:>5}  {:>4}  {:>9}  {:>19}  {:>6.1} s{}",
-                        te.labels[i],
-                        label,
-                        r.label,
-                        l,
-                        if same { "" } else { "  MISMATCH (label or logits)" }
-                    );
-                }
-                None => println!("{i:>5}  {:>4}  {:>9}  {:>19}", te.labels[i], plain[i].0, "missing"),
-            }
-        }
-        let n = args.frames;
-        let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
-        println!();
-        println!(
-            "summary: {n} frames, {} decrypted by the backend, agreement with the plaintext model (label and logits) {agree}/{n}, accuracy {correct}/{n}; {:.1} s of encrypted inference per frame, mean latency capture -> cockpit {mean:.1} s (frames queue behind each other)",
-            lat.len(),
-            edge_s / n as f64
-        );
-        if agree != n {
-            bail!("the backend's labels or logits differ from the plaintext model's (or some are missing)");
-        }
-        Ok(())
-    })
+    }
+    let n = got.len();
+    let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
+    println!();
+    println!(
+        "summary: {n} frames, {} decrypted by the backend, agreement with the plaintext model (label and logits) {agree}/{n}, accuracy {correct}/{n}; {:.1} s of encrypted inference per frame, mean latency capture -> cockpit {mean:.1} s (frames queue behind each other)",
+        lat.len(),
+        edge_s / n as f64
+    );
+    if agree != n {
+        bail!("the backend's labels or logits differ from the plaintext model's (or some are missing)");
+    }
+    Ok(())
 }
