@@ -420,101 +420,11 @@ impl Model {
                     }
                 }
                 Op::SumPool { kernel, stride } | Op::MaxPool { kernel, stride } => {
-                    if a.flat {
-                        return Err(err("input is flat; pooling needs (C,H,W)".into()));
-                    }
-                    let [c, h, w] = a.shape;
-                    let (Some(oh), Some(ow)) = (
-                        out_dim(h, kernel[0], stride[0], 0),
-                        out_dim(w, kernel[1], stride[1], 0),
-                    ) else {
-                        return Err(err(format!(
-                            "window {kernel:?} stride {stride:?} does not fit input {h}x{w}"
-                        )));
-                    };
-                    let k = (kernel[0] * kernel[1]) as i64;
-                    let kind = match (&node.op, a.kind) {
-                        (Op::MaxPool { .. }, Kind::Act { .. }) => a.kind,
-                        (Op::MaxPool { .. }, Kind::Acc { .. }) => {
-                            return Err(err("max pooling needs activations: put it after the Activation node (max commutes with monotone activations)".into()))
-                        }
-                        _ => {
-                            let (lo, hi) = a.range();
-                            Kind::Acc { lo: lo * k, hi: hi * k }
-                        }
-                    };
-                    ValueInfo {
-                        shape: [c, oh, ow],
-                        flat: false,
-                        kind,
-                    }
+                    pool_info(a, kernel, stride, matches!(node.op, Op::MaxPool { .. }))
+                        .map_err(err)?
                 }
-                Op::Activation { bits, tables } => {
-                    if !(1..=MAX_ACT_BITS).contains(bits) {
-                        return Err(err(format!("bits must be 1..={MAX_ACT_BITS}, got {bits}")));
-                    }
-                    if tables.len() != 1 && tables.len() != a.shape[0] {
-                        return Err(err(format!(
-                            "needs 1 table or one per channel ({}), got {}",
-                            a.shape[0],
-                            tables.len()
-                        )));
-                    }
-                    let top = (1u8 << bits) - 1;
-                    for t in tables {
-                        if t.values.is_empty() || t.values.len() > 1 << 20 {
-                            return Err(err(format!(
-                                "table length {} must be 1..=2^20",
-                                t.values.len()
-                            )));
-                        }
-                        if let Some(v) = t.values.iter().find(|&&v| v > top) {
-                            return Err(err(format!("table value {v} exceeds {bits} bits")));
-                        }
-                        if t.min.abs() > 1 << 40 {
-                            return Err(err(format!("table start {} is out of range", t.min)));
-                        }
-                    }
-                    ValueInfo {
-                        kind: Kind::Act {
-                            max: tables
-                                .iter()
-                                .flat_map(|t| t.values.iter().copied())
-                                .max()
-                                .unwrap(),
-                        },
-                        ..a.clone()
-                    }
-                }
-                Op::Add { mul } => {
-                    let b = &vals[node.inputs[1]];
-                    if a.len() != b.len() || (a.shape != b.shape && !(a.flat || b.flat)) {
-                        return Err(err(format!(
-                            "shapes differ: {:?} vs {:?}",
-                            a.shape, b.shape
-                        )));
-                    }
-                    if !(mul.is_empty() || mul.len() == 1 || mul.len() == b.shape[0])
-                        || mul.iter().any(|&m| m == 0 || m > 1 << 16)
-                    {
-                        return Err(err(format!(
-                            "mul needs 1 or {} values in 1..=65536, got {mul:?}",
-                            b.shape[0]
-                        )));
-                    }
-                    let (mlo, mhi) = (
-                        *mul.iter().min().unwrap_or(&1) as i64,
-                        *mul.iter().max().unwrap_or(&1) as i64,
-                    );
-                    let ((al, ah), (bl, bh)) = (a.range(), b.range());
-                    ValueInfo {
-                        kind: Kind::Acc {
-                            lo: al + (mlo * bl).min(mhi * bl),
-                            hi: ah + (mlo * bh).max(mhi * bh),
-                        },
-                        ..a.clone()
-                    }
-                }
+                Op::Activation { bits, tables } => activation_info(a, bits, tables).map_err(err)?,
+                Op::Add { mul } => add_info(a, &vals[node.inputs[1]], mul).map_err(err)?,
                 Op::Flatten => ValueInfo {
                     shape: [a.len(), 1, 1],
                     flat: true,
@@ -604,4 +514,105 @@ fn check_params(
         return Err(format!("bias {b} lies outside bias_range {br:?}"));
     }
     Ok(())
+}
+
+/// A pooling window's output: sum pooling widens the range by the window size; max
+/// pooling needs and keeps an activation.
+fn pool_info(
+    a: &ValueInfo,
+    kernel: &[usize; 2],
+    stride: &[usize; 2],
+    max: bool,
+) -> Result<ValueInfo, String> {
+    if a.flat {
+        return Err("input is flat; pooling needs (C,H,W)".into());
+    }
+    let [c, h, w] = a.shape;
+    let (Some(oh), Some(ow)) = (
+        out_dim(h, kernel[0], stride[0], 0),
+        out_dim(w, kernel[1], stride[1], 0),
+    ) else {
+        return Err(format!(
+            "window {kernel:?} stride {stride:?} does not fit input {h}x{w}"
+        ));
+    };
+    let k = (kernel[0] * kernel[1]) as i64;
+    let kind = match (max, a.kind) {
+        (true, Kind::Act { .. }) => a.kind,
+        (true, Kind::Acc { .. }) => {
+            return Err("max pooling needs activations: put it after the Activation node (max commutes with monotone activations)".into())
+        }
+        _ => {
+            let (lo, hi) = a.range();
+            Kind::Acc { lo: lo * k, hi: hi * k }
+        }
+    };
+    Ok(ValueInfo {
+        shape: [c, oh, ow],
+        flat: false,
+        kind,
+    })
+}
+
+/// An activation's output: its tables (one, or one per channel) give the largest level.
+fn activation_info(a: &ValueInfo, bits: &u8, tables: &[ActTable]) -> Result<ValueInfo, String> {
+    if !(1..=MAX_ACT_BITS).contains(bits) {
+        return Err(format!("bits must be 1..={MAX_ACT_BITS}, got {bits}"));
+    }
+    if tables.len() != 1 && tables.len() != a.shape[0] {
+        return Err(format!(
+            "needs 1 table or one per channel ({}), got {}",
+            a.shape[0],
+            tables.len()
+        ));
+    }
+    let top = (1u8 << bits) - 1;
+    for t in tables {
+        if t.values.is_empty() || t.values.len() > 1 << 20 {
+            return Err(format!("table length {} must be 1..=2^20", t.values.len()));
+        }
+        if let Some(v) = t.values.iter().find(|&&v| v > top) {
+            return Err(format!("table value {v} exceeds {bits} bits"));
+        }
+        if t.min.abs() > 1 << 40 {
+            return Err(format!("table start {} is out of range", t.min));
+        }
+    }
+    Ok(ValueInfo {
+        kind: Kind::Act {
+            max: tables
+                .iter()
+                .flat_map(|t| t.values.iter().copied())
+                .max()
+                .unwrap(),
+        },
+        ..a.clone()
+    })
+}
+
+/// `a + mul * b`, element-wise (per-channel multipliers of `b`).
+fn add_info(a: &ValueInfo, b: &ValueInfo, mul: &[u32]) -> Result<ValueInfo, String> {
+    if a.len() != b.len() || (a.shape != b.shape && !(a.flat || b.flat)) {
+        return Err(format!("shapes differ: {:?} vs {:?}", a.shape, b.shape));
+    }
+    if !(mul.is_empty() || mul.len() == 1 || mul.len() == b.shape[0])
+        || mul.iter().any(|&m| m == 0 || m > 1 << 16)
+    {
+        return Err(format!(
+            "mul needs 1 or {} values in 1..=65536, got {mul:?}",
+            b.shape[0]
+        ));
+    }
+    let (mlo, mhi) = (
+        *mul.iter().min().unwrap_or(&1) as i64,
+        *mul.iter().max().unwrap_or(&1) as i64,
+    );
+    let ((al, ah), (bl, bh)) = (a.range(), b.range());
+    Ok(ValueInfo {
+        kind: Kind::Acc {
+            lo: al + (mlo * bl).min(mhi * bl),
+            hi: ah + (mlo * bh).max(mhi * bh),
+        },
+        ..a.clone()
+    })
 }
