@@ -487,7 +487,7 @@ fn push_target(
         }
     }
     let topics = if all {
-        vec![fhecam::fleet::deploy_topic(&b.prefix, None)]
+        vec![fhecam::status::deploy_topic(&b.prefix, None)]
     } else if devices.is_empty() {
         bail!("--push needs the cameras: --devices a,b or --all");
     } else {
@@ -498,7 +498,7 @@ fn push_target(
                 if d == fhecam::edge::config::DEPLOY_LEVEL || d == "all" {
                     bail!("--devices: {d:?} is reserved, not a device id (--all pushes to every camera)");
                 }
-                Ok(fhecam::fleet::deploy_topic(&b.prefix, Some(d)))
+                Ok(fhecam::status::deploy_topic(&b.prefix, Some(d)))
             })
             .collect::<Result<_>>()?
     };

@@ -347,8 +347,8 @@ impl EdgeConfig {
     pub fn deploy_topics(&self) -> [String; 2] {
         let p = &self.mqtt.role.topic_prefix;
         [
-            format!("{p}/{DEPLOY_LEVEL}/all"),
-            format!("{p}/{DEPLOY_LEVEL}/{}", self.device_id),
+            fhecam_proto::status::deploy_topic(p, None),
+            fhecam_proto::status::deploy_topic(p, Some(&self.device_id)),
         ]
     }
 

@@ -2,7 +2,6 @@
 //! last status (the model it runs, its counters). Pure: messages in, rows out; the MQTT
 //! client is the binary's (`fhecam fleet`, `fhecam models --broker`).
 
-pub use fhecam_proto::status::deploy_topic;
 use fhecam_proto::status::{Status, DEPLOY_LEVEL};
 use serde::Serialize;
 use std::collections::BTreeMap;
