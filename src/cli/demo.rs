@@ -168,7 +168,14 @@ fn run_in(
         // ---- edge daemon ----
         let started = Instant::now();
         let milestone: Arc<dyn Fn(fhecam::edge::Milestone) + Send + Sync> = Arc::new(|_| {});
-        let report = fhecam::edge::run(edge, shutdown.child_token(), Default::default(), milestone).await?;
+        let report = fhecam::edge::run(
+            edge,
+            shutdown.child_token(),
+            Default::default(),
+            milestone,
+            Default::default(),
+        )
+        .await?;
         let edge_s = started.elapsed().as_secs_f64();
         println!(
             "[edge] done: {} inferences published in {:.1} s",

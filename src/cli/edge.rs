@@ -270,17 +270,36 @@ fn run_daemon(path: &Path) -> Result<()> {
                 Err(e) => tracing::error!("cannot watch SIGHUP: {e}"),
             }
         }
-        // The watchdog is fed from here, so a wedged runtime stops feeding it.
+        // The watchdog is fed from here, so a wedged runtime stops feeding it, and only
+        // while every stage of the daemon is alive and beating.
+        let health = Arc::new(edge::health::Health::default());
         if let Some(period) = sd_notify::watchdog_enabled() {
+            let health = health.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(period / 2);
+                let mut fed = true;
                 loop {
                     tick.tick().await;
-                    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                    match health.check(period) {
+                        Ok(()) => {
+                            if !fed {
+                                tracing::info!("watchdog: every stage alive again; fed again");
+                            }
+                            fed = true;
+                            let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                        }
+                        Err(why) if fed => {
+                            fed = false;
+                            tracing::error!(
+                                "watchdog: {why}; no longer fed (systemd restarts the service)"
+                            );
+                        }
+                        Err(_) => {}
+                    }
                 }
             });
         }
-        let report = edge::run(cfg, cancel, reload, milestone).await?;
+        let report = edge::run(cfg, cancel, reload, milestone, health).await?;
         tracing::info!("stopped ({:?}): {:?}", report.end, report.stats);
         println!("{}", serde_json::to_string(&report.stats)?);
         Ok(())

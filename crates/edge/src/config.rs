@@ -190,7 +190,18 @@ pub struct DeployConfig {
     /// How often `drop_dir` is scanned: 0.1..=3600 s. Default 2.
     #[serde(default = "default_scan_interval")]
     pub scan_interval_s: f64,
+    /// Refused files (`*.refused`) kept in `drop_dir` for the operator; past it the oldest
+    /// are removed. 0..=10000. Default 16.
+    #[serde(default = "default_keep_refused")]
+    pub keep_refused: usize,
 }
+
+fn default_keep_refused() -> usize {
+    16
+}
+
+/// Largest `deploy.keep_refused`.
+pub const MAX_KEEP_REFUSED: usize = 10_000;
 
 fn default_true() -> bool {
     true
@@ -339,6 +350,59 @@ impl EdgeConfig {
                 }
             }
             check_range("deploy.scan_interval_s", d.scan_interval_s, 0.1..=3600.0)?;
+            if d.keep_refused > MAX_KEEP_REFUSED {
+                return Err(format!(
+                    "deploy.keep_refused must be 0..={MAX_KEEP_REFUSED}, got {}",
+                    d.keep_refused
+                ));
+            }
+        }
+        self.check_dirs()
+    }
+
+    /// The directories the daemon writes into (it deletes and renames files there) must be
+    /// its own: not a system directory, not one inside another, and not holding the
+    /// configured bundle.
+    fn check_dirs(&self) -> Result<(), String> {
+        let mut dirs = vec![("outbox.dir", normal(&self.outbox.dir))];
+        if let Some(d) = &self.deploy {
+            dirs.push(("deploy.state_dir", normal(&d.state_dir)));
+            if let Some(p) = &d.drop_dir {
+                dirs.push(("deploy.drop_dir", normal(p)));
+            }
+        }
+        for (name, d) in &dirs {
+            if let Some(sys) = SYSTEM_DIRS
+                .iter()
+                .find(|s| d == Path::new(s))
+                .or_else(|| KERNEL_DIRS.iter().find(|s| d.starts_with(s)))
+            {
+                return Err(format!(
+                    "{name} {} is the system directory {sys} (or inside it): give the daemon a directory of its own, e.g. /var/lib/fhecam/...",
+                    d.display()
+                ));
+            }
+        }
+        for (i, (a, da)) in dirs.iter().enumerate() {
+            for (b, db) in &dirs[i + 1..] {
+                if da.starts_with(db) || db.starts_with(da) {
+                    return Err(format!(
+                        "{a} {} and {b} {} overlap: each must be a directory of its own",
+                        da.display(),
+                        db.display()
+                    ));
+                }
+            }
+        }
+        let bundle = normal(&self.bundle);
+        for (name, d) in &dirs {
+            if *name != "deploy.state_dir" && bundle.starts_with(d) {
+                return Err(format!(
+                    "bundle {} is inside {name} {}, where the daemon removes and renames files: keep it elsewhere",
+                    bundle.display(),
+                    d.display()
+                ));
+            }
         }
         Ok(())
     }
@@ -383,6 +447,57 @@ pub const MAX_THREADS: usize = 1024;
 pub const MAX_OUTBOX_ENTRIES: usize = 1_000_000;
 /// Longest GStreamer pipeline description.
 pub const MAX_PIPELINE: usize = 64 << 10;
+
+/// Directories no daemon directory may be.
+const SYSTEM_DIRS: &[&str] = &[
+    "/",
+    "/bin",
+    "/boot",
+    "/etc",
+    "/home",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/media",
+    "/mnt",
+    "/opt",
+    "/root",
+    "/run",
+    "/sbin",
+    "/srv",
+    "/tmp",
+    "/usr",
+    "/usr/bin",
+    "/usr/lib",
+    "/usr/local",
+    "/usr/sbin",
+    "/usr/share",
+    "/var",
+    "/var/cache",
+    "/var/lib",
+    "/var/log",
+    "/var/tmp",
+];
+/// Kernel interfaces: nothing below them either.
+const KERNEL_DIRS: &[&str] = &["/dev", "/proc", "/sys"];
+
+/// `p` made absolute (against the working directory) with `.` and `..` resolved
+/// lexically, so that two spellings of one directory compare equal.
+fn normal(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
 
 /// Seconds from a checked configuration value (finite, ≥ 0, ≤ `MAX_S`).
 pub fn secs(s: f64) -> Duration {
@@ -454,5 +569,56 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("device_id"), "{e}");
+    }
+
+    #[test]
+    fn system_and_overlapping_directories_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let load = |extra: &str| {
+            EdgeConfig::load(&write(d.path(), &format!("{MINIMAL}{extra}")))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let deploy = |state: &str, drop: &str| {
+            format!("[deploy]\nstate_dir = \"{state}\"\ndrop_dir = \"{drop}\"\n")
+        };
+        for dir in ["/", "/etc", "/usr/", "/proc/self", "/var/lib/../lib"] {
+            let e = load(&format!("[outbox]\ndir = \"{dir}\"\n")).unwrap_err();
+            assert!(
+                e.contains("outbox.dir") && e.contains("system directory"),
+                "{e}"
+            );
+        }
+        let e = load(&format!(
+            "[outbox]\ndir = \"/srv/f/o\"\n{}",
+            deploy("/srv/f/o/state", "/srv/f/drop")
+        ))
+        .unwrap_err();
+        assert!(e.contains("overlap"), "{e}");
+        let e = load(&format!(
+            "[outbox]\ndir = \"/srv/f/o\"\n{}",
+            deploy("/srv/f/s", "/srv/f/o/")
+        ))
+        .unwrap_err();
+        assert!(e.contains("overlap"), "{e}");
+        // the drop directory is where the bundle lives (MINIMAL's bundle is relative)
+        let cwd = std::env::current_dir().unwrap();
+        let e = load(&format!(
+            "[outbox]\ndir = \"/srv/f/o\"\n{}",
+            deploy("/srv/f/s", cwd.to_str().unwrap())
+        ))
+        .unwrap_err();
+        assert!(e.contains("bundle") && e.contains("deploy.drop_dir"), "{e}");
+        load(&format!(
+            "[outbox]\ndir = \"/srv/f/o\"\n{}keep_refused = 3\n",
+            deploy("/srv/f/s", "/srv/f/drop")
+        ))
+        .unwrap();
+        let e = load(&format!(
+            "[outbox]\ndir = \"/srv/f/o\"\n{}keep_refused = 10001\n",
+            deploy("/srv/f/s", "/srv/f/drop")
+        ))
+        .unwrap_err();
+        assert!(e.contains("keep_refused"), "{e}");
     }
 }

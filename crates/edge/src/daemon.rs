@@ -12,10 +12,17 @@
 //! closes, so in-flight inferences finish and reach the outbox; then the publisher
 //! announces `offline` and disconnects. The drain deadline follows the model (see
 //! [`drain_extension`]), with `drain_timeout_s` as its floor.
+//!
+//! Supervision: the publisher and the intake handle their own errors (logged, counted,
+//! retried with backoff); if either task ends before the source (an error it cannot
+//! handle, a panic), [`run`] logs why, stops the source and returns an error at once, so
+//! the process exits non-zero and systemd restarts it. Every stage is registered in a
+//! [`Health`], which the caller consults before feeding systemd's watchdog.
 
 use super::config::{secs, EdgeConfig};
 use super::deploy::{Current, DeployError, Deployed, Deployer};
 use super::gate::{Decision, Gate};
+use super::health::Health;
 use super::intake::{self, Links, Offer};
 use super::outbox::Outbox;
 use super::publish::{self, Finished, PublishEvent};
@@ -56,6 +63,8 @@ pub enum EdgeError {
     Outbox(#[from] super::outbox::OutboxError),
     #[error("a daemon thread failed: {0}")]
     Thread(String),
+    #[error("the {stage} stage stopped: {why}")]
+    Stage { stage: &'static str, why: String },
 }
 
 /// Milestones, for systemd's READY=1 and for tests.
@@ -298,7 +307,8 @@ fn drain(
     floor: Option<Duration>,
     ctx: &InferCtx,
     milestone: &(dyn Fn(Milestone) + Send + Sync),
-) {
+) -> bool {
+    let mut panicked = false;
     let (pbs, threads) = {
         let m = ctx.current.get();
         (m.planned_pbs, m.rt.threads())
@@ -308,7 +318,7 @@ fn drain(
     for w in workers {
         loop {
             if w.is_finished() {
-                let _ = w.join();
+                panicked |= w.join().is_err();
                 break;
             }
             if let Some(d) = deadline.as_mut() {
@@ -345,16 +355,19 @@ fn drain(
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    panicked
 }
 
 /// Runs the daemon until the source ends (end of stream) or `cancel` fires. `milestone`
 /// is called from any thread as the daemon comes up; `reload` (SIGHUP) offers the
-/// configured bundle file again and scans the drop directory.
+/// configured bundle file again and scans the drop directory. `health` gets every stage
+/// registered (see [`Health::check`]).
 pub async fn run(
     cfg: EdgeConfig,
     cancel: CancellationToken,
     reload: Arc<Notify>,
     milestone: Arc<dyn Fn(Milestone) + Send + Sync>,
+    health: Arc<Health>,
 ) -> Result<RunReport, EdgeError> {
     let stats = Arc::new(Stats::default());
     let cfg = Arc::new(cfg);
@@ -399,20 +412,26 @@ pub async fn run(
     let (offer_tx, offer_rx) = mpsc::channel::<Offer>(intake::OFFER_QUEUE);
     let changed = Arc::new(Notify::new());
     let intake_stop = CancellationToken::new();
-    let intake = {
+    let mut intake = {
+        let (beat, guard) = health.stage("intake", true);
         let links = Links {
             current: current.clone(),
             changed: changed.clone(),
             stats: stats.clone(),
+            beat,
         };
-        tokio::spawn(intake::run(
+        let run = intake::run(
             deployer,
             cfg.clone(),
             links,
             offer_rx,
             reload,
             intake_stop.clone(),
-        ))
+        );
+        tokio::spawn(async move {
+            let _guard = guard;
+            run.await
+        })
     };
 
     // publish stage
@@ -420,17 +439,20 @@ pub async fn run(
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let linger = secs(cfg.mqtt.conn.keep_alive_s as f64).min(Duration::from_secs(10));
     let pub_stop = CancellationToken::new();
-    let publisher = {
+    let mut publisher = {
         let (cfg, stop) = (cfg.clone(), pub_stop.clone());
+        let (beat, guard) = health.stage("publisher", true);
         let links = publish::Links {
             stats: stats.clone(),
             current: current.clone(),
             changed,
             offers: push.then_some(offer_tx),
+            beat,
         };
-        tokio::spawn(
-            async move { publish::run(&cfg, outbox, links, fin_rx, ev_tx, linger, stop).await },
-        )
+        tokio::spawn(async move {
+            let _guard = guard;
+            publish::run(&cfg, outbox, links, fin_rx, ev_tx, linger, stop).await
+        })
     };
     {
         let milestone = milestone.clone();
@@ -462,9 +484,13 @@ pub async fn run(
     let workers: Vec<_> = (0..cfg.infer.max_in_flight)
         .map(|i| {
             let (ctx, rx, tx, stats) = (ctx.clone(), inf_rx.clone(), fin_tx.clone(), stats.clone());
+            let (_, guard) = health.stage(format!("infer-{i}"), false);
             std::thread::Builder::new()
                 .name(format!("infer-{i}"))
-                .spawn(move || infer_worker(ctx, i, rx, tx, stats))
+                .spawn(move || {
+                    let _guard = guard;
+                    infer_worker(ctx, i, rx, tx, stats)
+                })
                 .map_err(|e| EdgeError::Thread(e.to_string()))
         })
         .collect::<Result<_, _>>()?;
@@ -479,9 +505,13 @@ pub async fn run(
     let pre = {
         let (current, stats) = (current.clone(), stats.clone());
         let every_frame = cfg.source.every_frame;
+        let (_, guard) = health.stage("preprocess", false);
         std::thread::Builder::new()
             .name("preprocess".into())
-            .spawn(move || preprocess_stage(frame_rx, inf_tx, every_frame, current, gate, stats))
+            .spawn(move || {
+                let _guard = guard;
+                preprocess_stage(frame_rx, inf_tx, every_frame, current, gate, stats)
+            })
             .map_err(|e| EdgeError::Thread(e.to_string()))?
     };
 
@@ -493,9 +523,12 @@ pub async fn run(
         backoff_initial: secs(cfg.source.restart_backoff_initial_s),
         backoff_max: secs(cfg.source.restart_backoff_max_s),
     };
-    let src = {
+    let mut src = {
         let (stats, cancel, milestone) = (stats.clone(), cancel.clone(), milestone.clone());
+        let (_, guard) = health.stage("source", false);
+        let health = health.clone();
         tokio::task::spawn_blocking(move || {
+            let _guard = guard;
             let mut playing = || milestone(Milestone::PipelinePlaying);
             let every_frame = opts.every_frame;
             let mut deliver = |f: Frame| match frame_tx.try_send(f) {
@@ -509,10 +542,40 @@ pub async fn run(
                 }
                 Err(std_mpsc::TrySendError::Disconnected(_)) => false,
             };
-            source::run(&opts, &stats, &cancel, &mut playing, &mut deliver)
+            let end = source::run(&opts, &stats, &cancel, &mut playing, &mut deliver);
+            // the daemon stops with its source: the stages now end in order
+            health.stopping();
+            end
         })
     };
-    let end = src.await.map_err(|e| EdgeError::Thread(e.to_string()))?;
+    // the source ends first (a stop request, end of stream); a task ending before it is
+    // a failure the daemon cannot recover from in place
+    let failed = tokio::select! {
+        end = &mut src => Ok(end.map_err(|e| EdgeError::Thread(e.to_string()))?),
+        r = &mut publisher => Err(("publisher", match r {
+            Ok(Ok(())) => "ended early".to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        })),
+        r = &mut intake => Err(("intake", match r {
+            Ok(()) => "ended early".to_string(),
+            Err(e) => e.to_string(),
+        })),
+    };
+    let end = match failed {
+        Ok(end) => end,
+        Err((stage, why)) => {
+            tracing::error!(
+                "the {stage} stage stopped: {why}; exiting so that the service is restarted"
+            );
+            health.stopping();
+            cancel.cancel();
+            // the source notices within a poll (100 ms); the FHE threads are left behind
+            let _ = tokio::time::timeout(Duration::from_secs(5), src).await;
+            return Err(EdgeError::Stage { stage, why });
+        }
+    };
+    health.stopping();
     match &end {
         Ok(e) => tracing::info!("source ended: {e:?}; draining"),
         Err(e) => tracing::error!("source failed: {e}; draining"),
@@ -526,10 +589,10 @@ pub async fn run(
         _ => Some(secs(cfg.infer.drain_timeout_s)),
     };
     let joined = tokio::task::spawn_blocking(move || {
-        let _ = pre.join();
-        drain(workers, floor, &ctx, &*milestone);
+        let pre = pre.join().is_err();
+        drain(workers, floor, &ctx, &*milestone) || pre
     });
-    let _ = joined.await;
+    let panicked = joined.await.unwrap_or(true);
     intake_stop.cancel();
     let _ = intake.await;
     pub_stop.cancel();
@@ -538,6 +601,11 @@ pub async fn run(
         .map_err(|e| EdgeError::Thread(e.to_string()))?;
     published?;
     let end = end?;
+    if panicked {
+        return Err(EdgeError::Thread(
+            "the preprocess or an inference thread panicked (see the log)".into(),
+        ));
+    }
     Ok(RunReport {
         end,
         stats: stats.snapshot(),

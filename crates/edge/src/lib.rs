@@ -5,7 +5,9 @@
 pub mod config;
 pub mod daemon;
 pub mod deploy;
+pub mod files;
 pub mod gate;
+pub mod health;
 pub mod intake;
 pub mod outbox;
 pub mod preprocess;

@@ -7,6 +7,7 @@
 
 use super::config::{secs, EdgeConfig};
 use super::deploy::Current;
+use super::health::{Stage, BEAT};
 use super::intake::{Offer, Origin};
 use super::outbox::{Outbox, OutboxError};
 use super::stats::Stats;
@@ -114,6 +115,8 @@ pub struct Links {
     pub changed: Arc<Notify>,
     /// Where pushed bundles go (`None`: pushes are not taken, no subscription).
     pub offers: Option<mpsc::Sender<Offer>>,
+    /// Beaten from the loop, for the watchdog.
+    pub beat: Arc<Stage>,
 }
 
 /// Largest packet MQTT can carry (its remaining-length field): a pushed bundle must fit.
@@ -123,6 +126,12 @@ pub const MQTT_MAX_PACKET: usize = 268_435_455;
 const MAX_HANDED: usize = 16;
 /// Request channel between our loop and rumqttc's event loop.
 const CLIENT_CAPACITY: usize = 64;
+/// Finished inferences kept in memory while the outbox refuses writes (a full disk); past
+/// it the oldest is dropped, its sequence number left as a gap.
+pub const MAX_UNSTORED: usize = 8;
+/// Retry delays of a failed outbox write (doubled per failure, with jitter).
+const STORE_RETRY_INITIAL: Duration = Duration::from_millis(500);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(10);
 
 pub fn mqtt_options(cfg: &EdgeConfig) -> Result<MqttOptions, PublishError> {
     let m = &cfg.mqtt.conn;
@@ -169,49 +178,125 @@ struct Publisher<'a> {
     subscribed: bool,
     topic: String,
     connected: bool,
+    /// Finished inferences not yet in the outbox (its writes failed), oldest first.
+    unstored: VecDeque<Envelope>,
+    store_failures: u32,
+    /// When the next outbox write of `unstored` is tried.
+    store_retry_at: Option<Instant>,
 }
 
 impl Publisher<'_> {
-    fn store(&mut self, f: Finished) -> Result<(), PublishError> {
-        let mut env = f.envelope;
-        env.epoch = self.outbox.epoch();
-        let mut encode_err = None;
-        let (_, dropped) = self.outbox.push(|seq| {
-            env.sequence = seq;
-            envelope::encode(&env).unwrap_or_else(|e| {
-                encode_err = Some(e);
-                Vec::new()
-            })
-        })?;
-        if let Some(e) = encode_err {
-            // cannot happen for envelopes we built; never publish an empty entry
-            self.outbox.remove(env.sequence)?;
-            return Err(e.into());
-        }
-        if dropped > 0 {
-            self.stats
-                .outbox_dropped
-                .fetch_add(dropped as u64, Ordering::Relaxed);
-            tracing::warn!("outbox full: dropped the {dropped} oldest inference(s)");
-        }
+    /// Takes a finished inference: into the outbox at once, or kept in memory (bounded)
+    /// while the outbox refuses writes.
+    fn store(&mut self, f: Finished) {
         self.stats.inferences.fetch_add(1, Ordering::Relaxed);
         self.stats
             .last_inference_unix_ms
             .store(fhecam_proto::ids::unix_now_ms(), Ordering::Relaxed);
+        self.unstored.push_back(f.envelope);
+        if self.unstored.len() > MAX_UNSTORED {
+            self.unstored.pop_front();
+            let seq = self.outbox.skip();
+            self.stats.outbox_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                "outbox: {MAX_UNSTORED} inferences already wait in memory to be stored; the oldest is dropped (sequence {seq} is left as a gap)"
+            );
+        }
+        self.store_waiting(false);
+    }
+
+    /// Writes the inferences kept in memory to the outbox, oldest first, unless a retry is
+    /// not due yet (`now`: try anyway). A failure is logged with its cause and retried
+    /// with backoff; the rest of the daemon goes on.
+    fn store_waiting(&mut self, now: bool) {
+        if !now && self.store_retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        self.store_retry_at = None;
+        let epoch = self.outbox.epoch();
+        while let Some(env) = self.unstored.front_mut() {
+            env.epoch = epoch;
+            let mut encode_err = None;
+            let pushed = self.outbox.push(|seq| {
+                env.sequence = seq;
+                envelope::encode(env).unwrap_or_else(|e| {
+                    encode_err = Some(e);
+                    Vec::new()
+                })
+            });
+            match pushed {
+                Ok((seq, dropped)) => {
+                    self.unstored.pop_front();
+                    if self.store_failures > 0 {
+                        tracing::info!("outbox: writing again ({seq} stored)");
+                        self.store_failures = 0;
+                    }
+                    if let Some(e) = encode_err {
+                        // cannot happen for envelopes we built; never publish an empty entry
+                        tracing::error!("envelope {seq} not encoded: {e}; dropped");
+                        self.stats.infer_errors.fetch_add(1, Ordering::Relaxed);
+                        let removed = self.outbox.remove(seq);
+                        self.outbox_result(removed, seq);
+                    }
+                    if dropped > 0 {
+                        self.stats
+                            .outbox_dropped
+                            .fetch_add(dropped as u64, Ordering::Relaxed);
+                        tracing::warn!("outbox full: dropped the {dropped} oldest inference(s)");
+                    }
+                }
+                Err(e) => {
+                    self.stats.outbox_errors.fetch_add(1, Ordering::Relaxed);
+                    let wait = backoff(STORE_RETRY_INITIAL, STORE_RETRY_MAX, self.store_failures);
+                    self.store_failures += 1;
+                    tracing::error!(
+                        "outbox: cannot store an inference: {e}; {} kept in memory (at most {MAX_UNSTORED}), retrying in {:.1} s",
+                        self.unstored.len(),
+                        wait.as_secs_f64()
+                    );
+                    self.store_retry_at = Some(Instant::now() + wait);
+                    break;
+                }
+            }
+        }
         self.gauge();
-        Ok(())
+    }
+
+    /// Logs and counts a failed removal: the entry is forgotten here and, if its file is
+    /// still there, sent once more after a restart (a duplicate the backend recognises).
+    fn outbox_result(&self, r: Result<(), OutboxError>, seq: u64) {
+        if let Err(e) = r {
+            self.stats.outbox_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("outbox: entry {seq} not removed: {e}");
+        }
+    }
+
+    /// Sets an unreadable entry aside (`*.bad`), logged and counted; the rest goes on.
+    fn set_aside(&mut self, seq: u64, why: OutboxError) {
+        self.stats
+            .outbox_quarantined
+            .fetch_add(1, Ordering::Relaxed);
+        match self.outbox.quarantine(seq) {
+            Ok(p) => tracing::error!("{why}: set aside as {}.bad", p.display()),
+            Err(e) => {
+                self.stats.outbox_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("{why}; setting it aside failed: {e}");
+            }
+        }
+        self.gauge();
     }
 
     fn gauge(&self) {
-        self.stats
-            .outbox_pending
-            .store(self.outbox.len() as u64, Ordering::Relaxed);
+        self.stats.outbox_pending.store(
+            (self.outbox.len() + self.unstored.len()) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// Hands waiting outbox entries to rumqttc, oldest first, a bounded number at a time.
-    fn send_waiting(&mut self) -> Result<(), PublishError> {
+    fn send_waiting(&mut self) {
         if !self.connected {
-            return Ok(());
+            return;
         }
         for seq in self.outbox.pending() {
             if self.flight.handed_len() >= MAX_HANDED {
@@ -220,7 +305,13 @@ impl Publisher<'_> {
             if self.flight.is_handed(seq) {
                 continue;
             }
-            let bytes = self.outbox.read(seq)?;
+            let bytes = match self.outbox.read(seq) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.set_aside(seq, e);
+                    continue;
+                }
+            };
             match self
                 .client
                 .try_publish(self.topic.clone(), QoS::AtLeastOnce, false, bytes)
@@ -230,22 +321,23 @@ impl Publisher<'_> {
                 Err(_) => break,
             }
         }
-        Ok(())
     }
 
     fn announce(&mut self, payload: &'static str) {
-        if self
-            .client
-            .try_publish(
-                self.cfg.topic("availability"),
-                QoS::AtLeastOnce,
-                true,
-                payload,
-            )
-            .is_ok()
-        {
-            self.flight.requested(None);
+        match self.client.try_publish(
+            self.cfg.topic("availability"),
+            QoS::AtLeastOnce,
+            true,
+            payload,
+        ) {
+            Ok(()) => self.flight.requested(None),
+            Err(e) => self.request_failed("availability", e),
         }
+    }
+
+    fn request_failed(&self, what: &str, e: rumqttc::ClientError) {
+        self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("MQTT: the {what} message was not sent: {e}");
     }
 
     fn status(&self) -> Status {
@@ -262,13 +354,20 @@ impl Publisher<'_> {
 
     /// Retained, so `fhecam fleet` sees every camera's last report at once.
     fn publish_stats(&mut self) {
-        let json = serde_json::to_vec(&self.status()).unwrap_or_default();
-        if self
+        let json = match serde_json::to_vec(&self.status()) {
+            Ok(j) => j,
+            Err(e) => {
+                self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("stats not encoded: {e}");
+                return;
+            }
+        };
+        match self
             .client
             .try_publish(self.cfg.topic("stats"), QoS::AtMostOnce, true, json)
-            .is_ok()
         {
-            self.flight.requested(None);
+            Ok(()) => self.flight.requested(None),
+            Err(e) => self.request_failed("stats", e),
         }
     }
 
@@ -287,7 +386,7 @@ impl Publisher<'_> {
         let origin = Origin::Push(p.topic.clone());
         let offer = Offer {
             origin: origin.clone(),
-            bytes: p.payload.to_vec(),
+            bytes: p.payload,
         };
         if offers.try_send(offer).is_err() {
             tracing::warn!("{origin} refused: {} bundles are already waiting to be checked; push it again later", super::intake::OFFER_QUEUE);
@@ -296,11 +395,7 @@ impl Publisher<'_> {
     }
 
     /// One event from rumqttc's loop.
-    fn on_event(
-        &mut self,
-        ev: Event,
-        events: &mpsc::UnboundedSender<PublishEvent>,
-    ) -> Result<(), PublishError> {
+    fn on_event(&mut self, ev: Event, events: &mpsc::UnboundedSender<PublishEvent>) {
         match ev {
             Event::Incoming(Packet::ConnAck(ack)) => {
                 self.connected = true;
@@ -331,7 +426,7 @@ impl Publisher<'_> {
                         Err(e) => tracing::warn!("cannot subscribe to pushed bundles: {e}"),
                     }
                 }
-                self.send_waiting()?;
+                self.send_waiting();
                 let _ = events.send(PublishEvent::Connected);
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => self.flight.sent(pkid),
@@ -339,16 +434,16 @@ impl Publisher<'_> {
             Event::Incoming(Packet::PubAck(ack)) => {
                 if let Some(seq) = self.flight.acked(ack.pkid) {
                     if self.outbox.contains(seq) {
-                        self.outbox.remove(seq)?;
+                        let removed = self.outbox.remove(seq);
+                        self.outbox_result(removed, seq);
                         self.stats.published.fetch_add(1, Ordering::Relaxed);
                     }
                     self.gauge();
-                    self.send_waiting()?;
+                    self.send_waiting();
                 }
             }
             _ => {}
         }
-        Ok(())
     }
 }
 
@@ -368,6 +463,7 @@ pub async fn run(
         AsyncClient::new(mqtt_options(cfg)?, CLIENT_CAPACITY);
     let stats = links.stats.clone();
     let changed = links.changed.clone();
+    let beat = links.beat.clone();
     let mut p = Publisher {
         cfg,
         client,
@@ -380,8 +476,15 @@ pub async fn run(
         subscribed: false,
         topic: cfg.topic("inference"),
         connected: false,
+        unstored: VecDeque::new(),
+        store_failures: 0,
+        store_retry_at: None,
     };
+    stats
+        .outbox_quarantined
+        .fetch_add(p.outbox.take_quarantined_at_open(), Ordering::Relaxed);
     p.gauge();
+    let mut beat_tick = tokio::time::interval(BEAT);
     let mut failures = 0u32;
     let mut retry_at: Option<Instant> = None;
     let mut input_open = true;
@@ -392,9 +495,10 @@ pub async fn run(
         tokio::time::interval(secs(cfg.mqtt.role.stats_interval_s).max(Duration::from_millis(100)));
     stats_tick.tick().await;
     loop {
+        beat.beat();
         if !input_open {
             let deadline = *closing_deadline.get_or_insert_with(|| Instant::now() + linger);
-            if p.outbox.is_empty() || Instant::now() >= deadline {
+            if (p.outbox.is_empty() && p.unstored.is_empty()) || Instant::now() >= deadline {
                 break;
             }
         }
@@ -404,8 +508,8 @@ pub async fn run(
         tokio::select! {
             f = input.recv(), if input_open => match f {
                 Some(f) => {
-                    p.store(f)?;
-                    p.send_waiting()?;
+                    p.store(f);
+                    p.send_waiting();
                 }
                 None => input_open = false,
             },
@@ -416,7 +520,7 @@ pub async fn run(
                     if matches!(ev, Event::Incoming(Packet::ConnAck(_))) {
                         failures = 0;
                     }
-                    p.on_event(ev, &events)?;
+                    p.on_event(ev, &events);
                 }
                 Err(e) => {
                     if p.connected {
@@ -446,6 +550,11 @@ pub async fn run(
                     retry_at = None;
                 }
             }
+            _ = tokio::time::sleep_until(p.store_retry_at.unwrap_or(Instant::now())), if p.store_retry_at.is_some() => {
+                p.store_waiting(false);
+                p.send_waiting();
+            }
+            _ = beat_tick.tick() => {}
             _ = changed.notified() => {
                 if p.connected {
                     p.publish_stats();
@@ -454,7 +563,7 @@ pub async fn run(
             _ = stats_tick.tick() => {
                 if p.connected {
                     p.publish_stats();
-                    p.send_waiting()?;
+                    p.send_waiting();
                 }
             }
         }
@@ -472,6 +581,19 @@ pub async fn run(
             }
         })
         .await;
+    }
+    if !p.unstored.is_empty() {
+        p.store_waiting(true);
+    }
+    if !p.unstored.is_empty() {
+        // the outbox still refuses writes: these are lost, their numbers left as gaps
+        let n = p.unstored.len();
+        for _ in 0..n {
+            p.outbox.skip();
+        }
+        stats.outbox_dropped.fetch_add(n as u64, Ordering::Relaxed);
+        tracing::error!("outbox: {n} inference(s) never stored are lost at exit");
+        p.unstored.clear();
     }
     p.gauge();
     Ok(())

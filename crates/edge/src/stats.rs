@@ -41,6 +41,14 @@ pub struct Stats {
     pub bundles_accepted: AtomicU64,
     /// Bundles refused while running (bad signature, rollback, unusable).
     pub bundles_refused: AtomicU64,
+    /// Outbox writes, reads and removals that failed.
+    pub outbox_errors: AtomicU64,
+    /// Outbox entries renamed aside as unreadable.
+    pub outbox_quarantined: AtomicU64,
+    /// Availability and stats messages the MQTT client could not take.
+    pub publish_errors: AtomicU64,
+    /// Drop-directory and bundle-file errors of the intake.
+    pub intake_errors: AtomicU64,
     /// Unix ms when the last inference finished (0: none yet).
     pub last_inference_unix_ms: AtomicU64,
     /// Why the last refused bundle was refused.
@@ -68,6 +76,10 @@ impl Stats {
             mqtt_errors: g(&self.mqtt_errors),
             bundles_accepted: g(&self.bundles_accepted),
             bundles_refused: g(&self.bundles_refused),
+            outbox_errors: g(&self.outbox_errors),
+            outbox_quarantined: g(&self.outbox_quarantined),
+            publish_errors: g(&self.publish_errors),
+            intake_errors: g(&self.intake_errors),
             last_inference_unix_ms: Some(g(&self.last_inference_unix_ms)).filter(|&t| t > 0),
             last_refusal: self.last_refusal.lock().ok().and_then(|r| r.clone()),
         }

@@ -33,6 +33,19 @@ pub struct Snapshot {
     pub mqtt_errors: u64,
     pub bundles_accepted: u64,
     pub bundles_refused: u64,
+    /// Outbox writes, reads and removals that failed (each logged with its cause; absent
+    /// in reports of older cameras).
+    #[serde(default)]
+    pub outbox_errors: u64,
+    /// Outbox entries renamed aside (`*.bad`) as unreadable, oversized or not files.
+    #[serde(default)]
+    pub outbox_quarantined: u64,
+    /// Availability and stats messages the MQTT client could not take.
+    #[serde(default)]
+    pub publish_errors: u64,
+    /// Drop-directory and bundle-file errors of the intake (refusals are `bundles_refused`).
+    #[serde(default)]
+    pub intake_errors: u64,
     /// Unix ms when the last inference finished (absent: none yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_inference_unix_ms: Option<u64>,
