@@ -65,6 +65,7 @@ fn edge_base(d: &Path) -> Fields {
         ("deploy", "push", "true".into()),
         ("deploy", "drop_dir", p("drop")),
         ("deploy", "scan_interval_s", "2.0".into()),
+        ("deploy", "keep_refused", "16".into()),
     ]
 }
 
@@ -306,6 +307,7 @@ fn every_field_is_bounded_and_named() {
             ("deploy", "state_dir", Path),
             ("deploy", "drop_dir", Path),
             ("deploy", "scan_interval_s", Float),
+            ("deploy", "keep_refused", Int),
         ],
         &[
             ("mqtt", "port", "70000"),
@@ -328,6 +330,7 @@ fn every_field_is_bounded_and_named() {
             ("mqtt.tls", "ca", "\"/nonexistent/ca.pem\""),
             ("", "device_id", "\"_deploy\""),
             ("deploy", "scan_interval_s", "3601"),
+            ("deploy", "keep_refused", "10001"),
             ("deploy", "push", "\"maybe\""),
         ],
         &[
@@ -340,6 +343,10 @@ fn every_field_is_bounded_and_named() {
             ("infer.threads", "-inf"),
             ("infer.drain_timeout_s", "0"),
             ("infer.input_mode", "\"device-clear\""),
+            // 0 keeps no refused file; NaN and -inf become 0 as above
+            ("deploy.keep_refused", "0"),
+            ("deploy.keep_refused", "nan"),
+            ("deploy.keep_refused", "-inf"),
             ("mqtt.password", "\"\""),
         ],
     );

@@ -259,9 +259,14 @@ fn validate_creates_and_writes_nothing() {
         good && text.contains("exists, writable directory"),
         "{text}"
     );
-    // /proc: root's access(2) says yes, but it is no place for files
+    // /proc: root's access(2) says yes, but it is no place for files; nor is `/`
     let (good, text) = validate(Path::new("/proc/self"));
-    assert!(!good && text.contains("not a writable directory"), "{text}");
+    assert!(!good && text.contains("system directory /proc"), "{text}");
+    let (good, text) = validate(Path::new("/"));
+    assert!(
+        !good && text.contains("outbox.dir / is the system directory"),
+        "{text}"
+    );
     // a file, and a write-protected directory (root would still pass access(2))
     std::fs::write(dir.path().join("afile"), b"").unwrap();
     let (good, text) = validate(&dir.path().join("afile"));
