@@ -6,11 +6,11 @@
 
 mod common;
 
-use common::{bin, free_port, s, wait_for, Broker, Messages};
+use common::{daemon, free_port, log, s, stop_daemon as stop, wait_for, Broker, Messages};
 use fhecam::envelope;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const LIVE: &str = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=32,height=32,framerate=5/1 ! videoconvert ! appsink";
@@ -38,43 +38,6 @@ fn config(o: &common::Owner, cam: &str, port: u16, outbox: &Path) -> PathBuf {
     )
     .unwrap();
     p
-}
-
-/// `fhecam run`, logging to a file beside the config.
-fn daemon(config: &Path) -> (Child, PathBuf) {
-    let log = config.with_extension("log");
-    let child = bin()
-        .args(["run", "--config", s(config)])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    (child, log)
-}
-
-fn log(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_default()
-}
-
-/// SIGTERM; the daemon must exit 0; its closing counters.
-fn stop(mut child: Child, log_path: &Path) -> fhecam::edge::stats::Snapshot {
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the daemon exited by itself\n{}",
-        log(log_path)
-    );
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let t = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(t.elapsed() < LONG, "daemon did not stop\n{}", log(log_path));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", log(log_path));
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Sequence numbers received on the camera's inference topic (duplicates removed).

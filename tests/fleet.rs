@@ -7,11 +7,13 @@
 use fhecam::envelope;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{bin, free_port, ok, on, s, spawn_agent, subscribe, wait_for, Broker, Messages};
+use common::{
+    bin, daemon, free_port, log, ok, on, s, spawn_agent, stop_daemon as stop, subscribe, wait_for,
+    Broker, Messages,
+};
 
 /// A live test source: a moving ball, so every frame is new.
 const LIVE: &str = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=32,height=32,framerate=2/1 ! videoconvert ! appsink";
@@ -124,22 +126,6 @@ impl Fleet {
     }
 }
 
-fn daemon(config: &Path) -> (Child, PathBuf) {
-    let log = config.with_extension("log");
-    let child = bin()
-        .args(["run", "--config", s(config)])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    (child, log)
-}
-
-fn log(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_default()
-}
-
 /// Cockpit results of `device` for model version `v`.
 fn results_of(msgs: &Messages, device: &str, v: u64) -> usize {
     on(msgs, &format!("cockpit/{device}/"))
@@ -153,24 +139,6 @@ fn status(msgs: &Messages, device: &str) -> serde_json::Value {
     on(msgs, &format!("fhecam/{device}/cam0/stats"))
         .pop()
         .unwrap_or_default()
-}
-
-fn stop(mut child: Child, log_path: &Path) -> fhecam::edge::stats::Snapshot {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let t = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            t.elapsed() < Duration::from_secs(300),
-            "daemon did not stop\n{}",
-            log(log_path)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", log(log_path));
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 const LONG: Duration = Duration::from_secs(240);

@@ -430,3 +430,45 @@ pub fn finish(mut child: Child, limit: Duration) -> std::process::Output {
     );
     out
 }
+
+/// `fhecam run --config config` (RUST_LOG=info), logging to a file beside the config.
+pub fn daemon(config: &Path) -> (Child, PathBuf) {
+    let log = config.with_extension("log");
+    let child = bin()
+        .args(["run", "--config", s(config)])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (child, log)
+}
+
+/// What a daemon (or any process) logged to `p` so far.
+pub fn log(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// SIGTERM to a daemon still running; it must exit 0 within 300 s. Its closing counters.
+pub fn stop_daemon(mut child: Child, log_path: &Path) -> fhecam::edge::stats::Snapshot {
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the daemon exited by itself\n{}",
+        log(log_path)
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "daemon did not stop\n{}",
+            log(log_path)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", log(log_path));
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -548,19 +548,36 @@ pub async fn run(
             end
         })
     };
-    // the source ends first (a stop request, end of stream); a task ending before it is
-    // a failure the daemon cannot recover from in place
-    let failed = tokio::select! {
-        end = &mut src => Ok(end.map_err(|e| EdgeError::Thread(e.to_string()))?),
-        r = &mut publisher => Err(("publisher", match r {
-            Ok(Ok(())) => "ended early".to_string(),
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => e.to_string(),
-        })),
-        r = &mut intake => Err(("intake", match r {
-            Ok(()) => "ended early".to_string(),
-            Err(e) => e.to_string(),
-        })),
+    // the source ends first (a stop request, end of stream); a task ending before the
+    // daemon stops is a failure it cannot recover from in place. Once the source has
+    // ended, the publisher may finish first (nothing left to send): that is the normal end.
+    let mut published = None;
+    let mut intake_ended = false;
+    let failed = loop {
+        tokio::select! {
+            end = &mut src => break Ok(end.map_err(|e| EdgeError::Thread(e.to_string()))?),
+            r = &mut publisher, if published.is_none() => {
+                if health.is_stopping() {
+                    published = Some(r);
+                    continue;
+                }
+                break Err(("publisher", match r {
+                    Ok(Ok(())) => "ended early".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                }));
+            }
+            r = &mut intake, if !intake_ended => {
+                intake_ended = true;
+                if health.is_stopping() {
+                    continue;
+                }
+                break Err(("intake", match r {
+                    Ok(()) => "ended early".to_string(),
+                    Err(e) => e.to_string(),
+                }));
+            }
+        }
     };
     let end = match failed {
         Ok(end) => end,
@@ -594,11 +611,15 @@ pub async fn run(
     });
     let panicked = joined.await.unwrap_or(true);
     intake_stop.cancel();
-    let _ = intake.await;
+    if !intake_ended {
+        let _ = intake.await;
+    }
     pub_stop.cancel();
-    let published = publisher
-        .await
-        .map_err(|e| EdgeError::Thread(e.to_string()))?;
+    let published = match published {
+        Some(r) => r,
+        None => publisher.await,
+    }
+    .map_err(|e| EdgeError::Thread(e.to_string()))?;
     published?;
     let end = end?;
     if panicked {

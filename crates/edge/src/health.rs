@@ -79,10 +79,14 @@ impl Health {
         self.stopping.store(true, Ordering::Relaxed);
     }
 
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
     /// `Ok` while every stage is alive and every beating stage beat within `max_age`;
     /// otherwise which stage is not, and why.
     pub fn check(&self, max_age: Duration) -> Result<(), String> {
-        if self.stopping.load(Ordering::Relaxed) {
+        if self.is_stopping() {
             return Ok(());
         }
         let now = self.base.elapsed().as_millis() as u64;
