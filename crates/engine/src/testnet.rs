@@ -1,6 +1,9 @@
 //! Random networks using every layer kind, for property tests and `fhecam selftest`.
 
-use crate::model::{ActTable, Kind, Model, Node, Op, MODEL_FORMAT_VERSION};
+use crate::model::{
+    ActTable, Activation, Add, Conv2d, Dense, Flatten, Kind, MaxPool, Model, Node, Op, SumPool,
+    MODEL_FORMAT_VERSION,
+};
 use rand::Rng;
 
 /// Size knobs: `tiny` keeps the PBS count low enough for real TFHE in CI.
@@ -146,7 +149,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
         let n = if rng.gen_bool(0.5) { 1 } else { info.shape[0] };
         let tables = (0..n).map(|_| table(rng, lo, hi, bits)).collect();
         m.nodes.push(Node {
-            op: Op::Activation { bits, tables },
+            op: Op::Activation(Activation { bits, tables }),
             inputs: vec![v],
         });
         m.nodes.len()
@@ -164,7 +167,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
     let (w, b, wr, br) = linear_params(rng, oc * ic * k * k, oc, shape.wide);
     let v = push(
         &mut m,
-        Op::Conv2d {
+        Op::Conv2d(Conv2d {
             out_channels: oc,
             kernel: [k, k],
             stride: [s, s],
@@ -173,7 +176,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
             bias: b,
             weight_range: wr,
             bias_range: br,
-        },
+        }),
         vec![0],
     );
     let a1 = act(&mut m, rng, v);
@@ -181,7 +184,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
     let (w, b, wr, br) = linear_params(rng, oc * oc * 9, oc, shape.wide);
     let v = push(
         &mut m,
-        Op::Conv2d {
+        Op::Conv2d(Conv2d {
             out_channels: oc,
             kernel: [3, 3],
             stride: [1, 1],
@@ -190,7 +193,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
             bias: b,
             weight_range: wr,
             bias_range: br,
-        },
+        }),
         vec![a1],
     );
     let mul = if shape.wide && rng.gen_bool(0.5) {
@@ -198,41 +201,41 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
     } else {
         vec![]
     };
-    let v = push(&mut m, Op::Add { mul }, vec![v, a1]);
+    let v = push(&mut m, Op::Add(Add { mul }), vec![v, a1]);
     let mut v = act(&mut m, rng, v);
     let hw = m.infer_partial()[v].shape[1];
     if hw >= 2 {
         v = push(
             &mut m,
-            Op::MaxPool {
+            Op::MaxPool(MaxPool {
                 kernel: [2, 2],
                 stride: [1, 1],
-            },
+            }),
             vec![v],
         );
         let w = m.infer_partial()[v].shape[2];
         v = push(
             &mut m,
-            Op::SumPool {
+            Op::SumPool(SumPool {
                 kernel: [1, w.min(2)],
                 stride: [1, 1],
-            },
+            }),
             vec![v],
         );
         v = act(&mut m, rng, v);
     }
-    let v = push(&mut m, Op::Flatten, vec![v]);
+    let v = push(&mut m, Op::Flatten(Flatten {}), vec![v]);
     let n_in = m.infer_partial()[v].len();
     let (w, b, wr, br) = linear_params(rng, shape.classes * n_in, shape.classes, shape.wide);
     push(
         &mut m,
-        Op::Dense {
+        Op::Dense(Dense {
             out_features: shape.classes,
             weights: w,
             bias: b,
             weight_range: wr,
             bias_range: br,
-        },
+        }),
         vec![v],
     );
     m.infer().expect("random model is valid");

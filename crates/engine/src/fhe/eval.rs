@@ -2,9 +2,8 @@
 
 use super::backend::Backend;
 use super::circuit::{digits_for, Acc, CircuitError, Digits, Engine, Val};
-use super::geometry::{for_each_tap, pool_windows};
+use crate::layer::ClearFrame;
 use crate::model::{Kind, Model, ModelError, Op, ValueInfo};
-use crate::reference::add_mul;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -19,6 +18,10 @@ pub enum EvalError {
     Params(String),
     #[error("expected {expected} input ciphertexts, got {got}")]
     InputLen { expected: usize, got: usize },
+    /// A node whose input does not have the form its circuit reads (never for a model
+    /// `Model::infer` accepted).
+    #[error("{0}")]
+    Input(String),
     #[error("device-clear input needs the frame to feed Conv2d or Dense layers directly (or through Flatten); this model pools or adds it first: use input_mode = \"encrypted\"")]
     DeviceClearUnsupported,
 }
@@ -88,10 +91,10 @@ fn clear_values(model: &Model) -> Option<Vec<bool>> {
             return None;
         }
         if clear[n.inputs[0]] {
-            match n.op {
-                Op::Flatten => clear[k + 1] = true,
-                Op::Conv2d { .. } | Op::Dense { .. } => {}
-                _ => return None,
+            match n.op.layer().clear_frame() {
+                ClearFrame::PassesThrough => clear[k + 1] = true,
+                ClearFrame::Consumes => {}
+                ClearFrame::Refuses => return None,
             }
         }
     }
@@ -275,7 +278,8 @@ impl OutputLayout {
     }
 }
 
-enum Tensor<C> {
+#[derive(Clone)]
+pub(crate) enum Tensor<C> {
     /// Each element as its base-4 digits, least significant first.
     Act(Vec<Vec<Val<C>>>),
     Acc(Vec<Acc<C>>),
@@ -283,7 +287,7 @@ enum Tensor<C> {
     Clear(Vec<u8>, u8),
 }
 
-fn to_accs<C: Clone>(t: &Tensor<C>) -> Vec<Acc<C>> {
+pub(crate) fn to_accs<C: Clone>(t: &Tensor<C>) -> Vec<Acc<C>> {
     match t {
         Tensor::Acc(a) => a.clone(),
         Tensor::Clear(..) => unreachable!("clear values only reach linear layers (clear_values)"),
@@ -321,6 +325,39 @@ impl<C: Clone> RunOutput<C> {
             .flat_map(|d| d.d.into_iter().map(|v| v.ct))
             .collect()
     }
+}
+
+/// What a layer's circuit reads: the engine, its inputs as ciphertext tensors with their
+/// static types, its output's type and its encrypted parameters (linear layers).
+pub(crate) struct Cx<'a, B: Backend> {
+    pub e: &'a Engine<B>,
+    pub inputs: Vec<&'a Tensor<B::Ct>>,
+    pub infos: Vec<&'a ValueInfo>,
+    pub out: &'a ValueInfo,
+    pub params: Option<&'a LayerParams<B::Ct>>,
+}
+
+impl<B: Backend> Cx<'_, B> {
+    /// The layer's encrypted parameters (`check_params` made sure linear layers have them).
+    pub fn params(&self) -> Result<&LayerParams<B::Ct>, EvalError> {
+        self.params
+            .ok_or_else(|| EvalError::Input("encrypted parameters missing".into()))
+    }
+    /// The first input as activation digits, or why the layer cannot read it.
+    pub fn act(&self) -> Result<&[Vec<Val<B::Ct>>], EvalError> {
+        match self.inputs[0] {
+            Tensor::Act(x) => Ok(x),
+            Tensor::Acc(_) | Tensor::Clear(..) => {
+                Err(EvalError::Input("expects an encrypted activation".into()))
+            }
+        }
+    }
+}
+
+/// A layer kind's encrypted evaluation, written once for every [`Backend`]; implemented
+/// in the kind's own module beside its plaintext reference.
+pub(crate) trait Circuit {
+    fn circuit<B: Backend>(&self, cx: &Cx<'_, B>) -> Result<Tensor<B::Ct>, EvalError>;
 }
 
 /// Runs the model on encrypted (or clear-modelled) inputs. Uses the current rayon pool:
@@ -389,147 +426,28 @@ fn run_from<B: Backend>(
     let mut pbs_per_node = Vec::with_capacity(model.nodes.len());
     for (k, node) in model.nodes.iter().enumerate() {
         let before = e.pbs_count();
-        let ai = &infos[node.inputs[0]];
-        let out = match (&node.op, &vals[node.inputs[0]]) {
-            (
-                Op::Conv2d {
-                    out_channels,
-                    kernel,
-                    stride,
-                    padding,
-                    weight_range,
-                    bias_range,
-                    ..
-                },
-                t @ (Tensor::Act(_) | Tensor::Clear(..)),
-            ) => {
-                let p = params[k].as_ref().unwrap();
-                let [c, h, w] = ai.shape;
-                let o = &infos[k + 1];
-                let (oh, ow) = (o.shape[1], o.shape[2]);
-                let accs = (0..out_channels * oh * ow)
-                    .into_par_iter()
-                    .map(|idx| {
-                        let (oc, oy, ox) = (idx / (oh * ow), (idx / ow) % oh, idx % ow);
-                        let mut taps = Vec::new();
-                        for_each_tap(
-                            c,
-                            h,
-                            w,
-                            *kernel,
-                            *stride,
-                            *padding,
-                            oy,
-                            ox,
-                            |ic, ky, kx, i| {
-                                taps.push((((oc * c + ic) * kernel[0] + ky) * kernel[1] + kx, i));
-                            },
-                        );
-                        linear(e, &taps, t, ai, p, oc, *weight_range, *bias_range)
-                    })
-                    .collect();
-                Tensor::Acc(accs)
-            }
-            (
-                Op::Dense {
-                    out_features,
-                    weight_range,
-                    bias_range,
-                    ..
-                },
-                t @ (Tensor::Act(_) | Tensor::Clear(..)),
-            ) => {
-                let p = params[k].as_ref().unwrap();
-                let n = ai.len();
-                let accs = (0..*out_features)
-                    .into_par_iter()
-                    .map(|o| {
-                        let taps: Vec<_> = (0..n).map(|i| (o * n + i, i)).collect();
-                        linear(e, &taps, t, ai, p, o, *weight_range, *bias_range)
-                    })
-                    .collect();
-                Tensor::Acc(accs)
-            }
-            (Op::SumPool { kernel, stride }, t) => {
-                let accs = to_accs(t);
-                Tensor::Acc(
-                    pool_windows(ai, *kernel, *stride)
-                        .into_iter()
-                        .map(|win| {
-                            win.iter()
-                                .fold(Acc::zero(), |s, &i| s.merge(accs[i].clone()))
-                        })
-                        .collect(),
-                )
-            }
-            (Op::MaxPool { kernel, stride }, Tensor::Act(x)) => {
-                let wins = pool_windows(ai, *kernel, *stride);
-                Tensor::Act(
-                    wins.into_par_iter()
-                        .map(|win| {
-                            // balanced tree: keeps the refresh-free path (variance) likely
-                            let mut layer: Vec<Vec<Val<B::Ct>>> =
-                                win.iter().map(|&i| x[i].clone()).collect();
-                            while layer.len() > 1 {
-                                layer = layer
-                                    .chunks(2)
-                                    .map(|p| match p {
-                                        [a, b] if a.len() == 1 => vec![e.max(&a[0], &b[0])],
-                                        [a, b] => {
-                                            let bit = e.greater(a, b);
-                                            e.select(&bit, a, b)
-                                        }
-                                        _ => p[0].clone(),
-                                    })
-                                    .collect();
-                            }
-                            layer.pop().unwrap()
-                        })
-                        .collect(),
-                )
-            }
-            (Op::Activation { tables, .. }, t) => {
-                let accs = to_accs(t);
-                let Kind::Act { max } = infos[k + 1].kind else {
-                    unreachable!("an activation's output is an activation")
-                };
-                let out_digits = act_digits(max);
-                let ys: Result<Vec<_>, CircuitError> = accs
-                    .into_par_iter()
-                    .enumerate()
-                    .map(|(i, acc)| {
-                        let tab = &tables[if tables.len() == 1 {
-                            0
-                        } else {
-                            ai.channel_of(i)
-                        }];
-                        e.apply_table_digits(
-                            acc,
-                            &|s| tab.lookup(s) as i64,
-                            out_digits,
-                            Some((tab.min, tab.min + tab.values.len() as i64 - 1)),
-                        )
-                    })
-                    .collect();
-                Tensor::Act(ys?)
-            }
-            (Op::Add { mul }, a) => {
-                let (a, b) = (to_accs(a), to_accs(&vals[node.inputs[1]]));
-                let bi = &infos[node.inputs[1]];
-                Tensor::Acc(
-                    a.into_iter()
-                        .zip(b)
-                        .enumerate()
-                        .map(|(i, (x, y))| x.merge(y.times(add_mul(mul, bi, i) as u64)))
-                        .collect(),
-                )
-            }
-            (Op::Flatten, Tensor::Act(x)) => Tensor::Act(x.clone()),
-            (Op::Flatten, Tensor::Clear(x, b)) => Tensor::Clear(x.clone(), *b),
-            (Op::Flatten, Tensor::Acc(x)) => Tensor::Acc(x.clone()),
-            // infer() guarantees linear layers and max pooling read activations
-            _ => unreachable!("node kinds checked by Model::infer"),
+        let cx = Cx {
+            e,
+            inputs: node.inputs.iter().map(|&v| &vals[v]).collect(),
+            infos: node.inputs.iter().map(|&v| &infos[v]).collect(),
+            out: &infos[k + 1],
+            params: params[k].as_ref(),
         };
+        let out = match &node.op {
+            Op::Conv2d(l) => l.circuit(&cx),
+            Op::Dense(l) => l.circuit(&cx),
+            Op::SumPool(l) => l.circuit(&cx),
+            Op::MaxPool(l) => l.circuit(&cx),
+            Op::Activation(l) => l.circuit(&cx),
+            Op::Add(l) => l.circuit(&cx),
+            Op::Flatten(l) => l.circuit(&cx),
+        }
+        .map_err(|e| match e {
+            EvalError::Input(msg) => {
+                EvalError::Input(format!("node {k} ({}): {msg}", node.op.name()))
+            }
+            e => e,
+        })?;
         pbs_per_node.push(e.pbs_count() - before);
         vals.push(out);
     }
@@ -548,7 +466,7 @@ fn run_from<B: Backend>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn linear<B: Backend>(
+pub(crate) fn linear<B: Backend>(
     e: &Engine<B>,
     taps: &[(usize, usize)],
     t: &Tensor<B::Ct>,

@@ -12,7 +12,7 @@ pub mod eval;
 pub mod geometry;
 pub mod tfhe_backend;
 
-use crate::model::{Model, Op};
+use crate::model::{Conv2d, Dense, Model, Op};
 use circuit::Engine;
 use eval::{LayerParams, OutputLayout};
 use serde::{Deserialize, Serialize};
@@ -404,7 +404,9 @@ pub fn strip_parameters(model: &Model) -> Model {
         let Some((w0, b0)) = n.op.linear().map(|l| (l.weight_range[0], l.bias_range[0])) else {
             continue;
         };
-        if let Op::Conv2d { weights, bias, .. } | Op::Dense { weights, bias, .. } = &mut n.op {
+        if let Op::Conv2d(Conv2d { weights, bias, .. }) | Op::Dense(Dense { weights, bias, .. }) =
+            &mut n.op
+        {
             weights.fill(w0);
             bias.fill(b0);
         }
