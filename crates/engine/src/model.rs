@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use crate::layer::{
-    ActTable, Activation, Add, Conv2d, Dense, Flatten, Layer, Linear, MaxPool, SumPool,
+    ActTable, Activation, Add, Conv2d, Dense, Flatten, GroupSum, Layer, Linear, Lut, LutNeuron,
+    MaxPool, SumPool,
 };
 
 /// Bumped whenever the serialized layout changes; older files are refused with a clear error.
@@ -102,6 +103,8 @@ pub enum Op {
     Activation(Activation),
     Add(Add),
     Flatten(Flatten),
+    Lut(Lut),
+    GroupSum(GroupSum),
 }
 
 impl Op {
@@ -116,6 +119,23 @@ impl Op {
             Op::Activation(l) => l,
             Op::Add(l) => l,
             Op::Flatten(l) => l,
+            Op::Lut(l) => l,
+            Op::GroupSum(l) => l,
+        }
+    }
+
+    /// [`Op::layer`], to change the parameters in place.
+    pub fn layer_mut(&mut self) -> &mut dyn Layer {
+        match self {
+            Op::Conv2d(l) => l,
+            Op::Dense(l) => l,
+            Op::SumPool(l) => l,
+            Op::MaxPool(l) => l,
+            Op::Activation(l) => l,
+            Op::Add(l) => l,
+            Op::Flatten(l) => l,
+            Op::Lut(l) => l,
+            Op::GroupSum(l) => l,
         }
     }
 
@@ -202,6 +222,7 @@ impl Model {
     /// (index 0 = input). Everything that loads a model calls this before using it.
     pub fn infer(&self) -> Result<Vec<ValueInfo>, ModelError> {
         let vals = self.infer_values()?;
+        crate::layer::lut::places(self, &vals)?;
         let last = vals.last().unwrap();
         if self.nodes.is_empty() || last.len() != self.num_classes || self.num_classes < 2 {
             return Err(ModelError::Output(format!(

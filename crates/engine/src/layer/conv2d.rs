@@ -103,6 +103,11 @@ impl Layer for Conv2d {
             .collect()
     }
 
+    fn strip(&mut self) {
+        self.weights.fill(self.weight_range[0]);
+        self.bias.fill(self.bias_range[0]);
+    }
+
     fn linear(&self) -> Option<Linear<'_>> {
         Some(Linear {
             weights: &self.weights,

@@ -69,7 +69,11 @@ impl LutNeuron {
 
     /// Number of index values: `Σ mul·max + 1`.
     fn span(&self, x_max: u8) -> usize {
-        self.mul.iter().map(|&m| m as usize * x_max as usize).sum::<usize>() + 1
+        self.mul
+            .iter()
+            .map(|&m| m as usize * x_max as usize)
+            .sum::<usize>()
+            + 1
     }
 
     /// Wiring, index range and entries, against an input of `len` values in `0..=x_max`.
@@ -88,7 +92,9 @@ impl LutNeuron {
             ));
         }
         if let Some(i) = self.inputs.iter().find(|&&i| i as usize >= len) {
-            return Err(format!("input {i} is out of range (the input has {len} values)"));
+            return Err(format!(
+                "input {i} is out of range (the input has {len} values)"
+            ));
         }
         let span = self.span(x_max);
         if span > BLOCK as usize {
@@ -141,6 +147,10 @@ impl Layer for Lut {
         })
     }
 
+    fn strip(&mut self) {
+        self.neurons.iter_mut().for_each(|n| n.table.fill(0));
+    }
+
     fn reference(&self, inputs: &[&[i64]], _infos: &[&ValueInfo]) -> Vec<i64> {
         let x = inputs[0];
         let out = |n: &LutNeuron| n.table[n.index(x)] as i64;
@@ -180,6 +190,10 @@ impl Layer for GroupSum {
                 hi: self.groups.len() as i64 * top as i64,
             },
         })
+    }
+
+    fn strip(&mut self) {
+        self.groups.iter_mut().for_each(|g| g.table.fill(0));
     }
 
     fn reference(&self, inputs: &[&[i64]], _infos: &[&ValueInfo]) -> Vec<i64> {
@@ -243,7 +257,11 @@ pub fn places(model: &Model, infos: &[ValueInfo]) -> Result<Vec<Option<Vec<u16>>
                 Kind::Act { max } => max,
                 Kind::Acc { .. } => 0,
             });
-            let per = |m: u16| (0..digits).map(|j| (m as u64) << (2 * j)).map(|c| c * c);
+            let per = |m: u16| {
+                (0..digits)
+                    .map(move |j| (m as u64) << (2 * j))
+                    .map(|c| c * c)
+            };
             for (n, neuron) in ns.iter().enumerate() {
                 let var: u64 = neuron.mul.iter().flat_map(|&m| per(m)).sum();
                 if var > NOISE_BUDGET {
@@ -337,6 +355,26 @@ pub fn secret_tables(op: &Op, place: Option<&[u16]>) -> Vec<Vec<[u64; BLOCK as u
     }
 }
 
+/// (secret tables, clear entries) a secret-table node's parameters hold; `None` for other
+/// kinds. Entries are only stored for a node that reads the frame (device-clear input).
+pub fn param_counts(op: &Op) -> Option<(usize, usize)> {
+    match op {
+        Op::Lut(l) => Some((l.neurons.len(), l.neurons.len() * BLOCK as usize)),
+        Op::GroupSum(g) => {
+            let per_group = |n: &LutNeuron| g.classes.div_ceil(per_pbs(n.table.len() / g.classes));
+            let tables = g.groups.iter().map(per_group).sum();
+            Some((tables, g.groups.len() * BLOCK as usize * g.classes))
+        }
+        Op::Conv2d(_)
+        | Op::Dense(_)
+        | Op::SumPool(_)
+        | Op::MaxPool(_)
+        | Op::Activation(_)
+        | Op::Add(_)
+        | Op::Flatten(_) => None,
+    }
+}
+
 /// How many tables share one PBS for an index of `span` values (many-LUT: 16 / k values).
 pub fn per_pbs(span: usize) -> usize {
     match span {
@@ -348,7 +386,11 @@ pub fn per_pbs(span: usize) -> usize {
 
 /// The encrypted index of one neuron (no PBS), from a pre-scaled lut output or from the
 /// digits of an activation.
-fn index<B: Backend>(e: &Engine<B>, t: &Tensor<B::Ct>, n: &LutNeuron) -> Result<Val<B::Ct>, EvalError> {
+fn index<B: Backend>(
+    e: &Engine<B>,
+    t: &Tensor<B::Ct>,
+    n: &LutNeuron,
+) -> Result<Val<B::Ct>, EvalError> {
     let mut acc: Option<Val<B::Ct>> = None;
     let mut add = |v: Val<B::Ct>| {
         acc = Some(match acc.take() {
@@ -389,7 +431,9 @@ fn lookups<B: Backend>(
 /// The clear index of a neuron on a frame the device holds in the clear.
 fn clear_index(x: &[u8], n: &LutNeuron) -> usize {
     let terms = n.inputs.iter().zip(&n.mul);
-    terms.map(|(&i, &m)| m as usize * x[i as usize] as usize).sum()
+    terms
+        .map(|(&i, &m)| m as usize * x[i as usize] as usize)
+        .sum()
 }
 
 impl Circuit for Lut {
@@ -400,7 +444,7 @@ impl Circuit for Lut {
             if let Tensor::Clear(x, _) = cx.inputs[0] {
                 // device-clear: the owner encrypted every entry; the clear index picks one
                 let ct = p.clear_tables[n * BLOCK as usize + clear_index(x, neuron)].clone();
-                return Ok(Val { var: 1, ..e.fresh(ct, 0, hi(n)) });
+                return Ok(e.fresh(ct, 0, hi(n)));
             }
             let idx = index(e, cx.inputs[0], neuron)?;
             let t = std::slice::from_ref(&p.tables[n]);

@@ -9,6 +9,7 @@ mod add;
 mod conv2d;
 mod dense;
 mod flatten;
+pub mod lut;
 mod pool;
 
 pub use activation::{ActTable, Activation};
@@ -16,6 +17,7 @@ pub use add::Add;
 pub use conv2d::Conv2d;
 pub use dense::Dense;
 pub use flatten::Flatten;
+pub use lut::{GroupSum, Lut, LutNeuron};
 pub use pool::{MaxPool, SumPool};
 
 use crate::model::ValueInfo;
@@ -40,6 +42,9 @@ pub trait Layer {
     fn linear(&self) -> Option<Linear<'_>> {
         None
     }
+    /// Replaces every secret parameter by a public placeholder (the architecture a bundle
+    /// carries in the clear; the encrypted parameters travel beside it).
+    fn strip(&mut self) {}
     /// What the layer does with a frame the camera holds in the clear (device-clear mode).
     fn clear_frame(&self) -> ClearFrame {
         ClearFrame::Refuses
@@ -120,6 +125,8 @@ pub const KINDS: &[&str] = &[
     "activation",
     "add",
     "flatten",
+    "lut",
+    "group_sum",
 ];
 
 #[cfg(test)]
@@ -149,6 +156,8 @@ mod tests {
             Op::Activation(_) => 4,
             Op::Add(_) => 5,
             Op::Flatten(_) => 6,
+            Op::Lut(_) => 7,
+            Op::GroupSum(_) => 8,
         };
         let m =
             crate::testnet::random_model(&mut rand::thread_rng(), crate::testnet::Shape::small());
