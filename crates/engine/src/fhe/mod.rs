@@ -48,8 +48,8 @@ pub const COMPRESSION_PARAMS_NAME: &str = "COMP_PARAM_MESSAGE_2_CARRY_2_KS_PBS_T
 /// Version of the encrypted model layout.
 /// 2 adds the clear tables of the layers that read the frame (device-clear input); 3 makes
 /// their entries the base-4 digits of whole products (2 held one value 0..=9 per weight
-/// digit and pixel digit).
-pub const ENCRYPTED_MODEL_FORMAT_VERSION: u32 = 3;
+/// digit and pixel digit); 4 adds every layer's secret tables (secret-table networks).
+pub const ENCRYPTED_MODEL_FORMAT_VERSION: u32 = 4;
 /// Version of the encrypted output layout: 2 is the logits' digits packed by list
 /// compression (1 was one 16 KiB ciphertext per digit plus an encrypted label).
 pub const OUTPUT_FORMAT_VERSION: u32 = 2;
@@ -499,6 +499,13 @@ impl EncryptedModel {
     /// Parses an untrusted encrypted model: size-limited, every ciphertext checked for
     /// conformance with the default parameters, shapes checked against the architecture.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, FheError> {
+        // the version leads the container (fixint u32): an older layout is named before
+        // its fields are read
+        check_len("encrypted model", bytes, limits::MODEL)?;
+        if let Some(v) = bytes.get(..4) {
+            let found = u32::from_le_bytes([v[0], v[1], v[2], v[3]]);
+            check_version("encrypted model", found, ENCRYPTED_MODEL_FORMAT_VERSION)?;
+        }
         let file: EncryptedModelFile = decode_container("encrypted model", bytes, limits::MODEL)?;
         check_version(
             "encrypted model",
