@@ -141,10 +141,10 @@ fn device_clear_input_matches_reference() {
     refused.nodes.insert(
         0,
         fhecam::model::Node {
-            op: fhecam::model::Op::MaxPool {
+            op: fhecam::model::Op::MaxPool(fhecam::model::MaxPool {
                 kernel: [1, 1],
                 stride: [1, 1],
-            },
+            }),
             inputs: vec![0],
         },
     );
@@ -177,8 +177,8 @@ fn device_clear_reads_the_clear_tables() {
         let mut params = eval::map_params(&m, &mut |v| v).unwrap();
         // the tables of two weights swapped: every entry stays within its public bound
         let wr = match &m.nodes[0].op {
-            fhecam::model::Op::Conv2d { weight_range, .. }
-            | fhecam::model::Op::Dense { weight_range, .. } => *weight_range,
+            fhecam::model::Op::Conv2d(fhecam::model::Conv2d { weight_range, .. })
+            | fhecam::model::Op::Dense(fhecam::model::Dense { weight_range, .. }) => *weight_range,
             _ => continue,
         };
         let per_weight = eval::ClearTables::of(m.input.bits, wr).per_weight();

@@ -132,3 +132,42 @@ fn device_clear_input_on_a_multi_digit_network_matches_reference() {
         );
     }
 }
+
+#[test]
+fn random_secret_table_network_matches_reference_bit_for_bit() {
+    // every table encrypted by the owner (a GLWE accumulator under the client key), through
+    // the wire format; both input modes; the tables of another owner decrypt to other logits
+    let keys = keys();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let m = fhecam::testnet::random_table_model(&mut rng, Shape::tiny());
+    let enc = EncryptedModel::encrypt(&m, keys).unwrap();
+    assert!(
+        enc.arch.nodes.iter().all(|n| match &n.op {
+            fhecam::model::Op::Lut(l) => l.neurons.iter().all(|n| n.table.iter().all(|&v| v == 0)),
+            fhecam::model::Op::GroupSum(g) =>
+                g.groups.iter().all(|n| n.table.iter().all(|&v| v == 0)),
+            _ => true,
+        }),
+        "the public architecture carries a table"
+    );
+    let enc = EncryptedModel::from_bytes(&enc.to_bytes().unwrap()).unwrap();
+    let rt = EdgeRuntime::new(&enc, keys.public_material(), 0).unwrap();
+    for mode in [InputMode::Encrypted, InputMode::DeviceClear] {
+        let x = random_input(&mut rng, &m);
+        let frame = rt.frame_input(mode, &x);
+        let (out, stats) = rt.infer_frame(frame.as_frame()).unwrap();
+        assert_eq!(
+            stats.pbs,
+            rt.planned_pbs_in(mode).unwrap().iter().sum::<u64>()
+        );
+        let got = EncryptedOutput::from_bytes(&out.to_bytes().unwrap())
+            .unwrap()
+            .decrypt(keys)
+            .unwrap();
+        assert_eq!(got.logits, reference::evaluate(&m, &x).unwrap(), "{mode:?}");
+        eprintln!(
+            "secret tables, {mode:?}: {} PBS, logits {:?}",
+            stats.pbs, got.logits
+        );
+    }
+}

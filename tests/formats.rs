@@ -60,7 +60,7 @@ fn invalid_models_are_refused_with_a_reason() {
     m.format_version = 99;
     assert!(m.infer().unwrap_err().to_string().contains("version 99"));
     let mut m = model();
-    if let fhecam::model::Op::Conv2d { weights, .. } = &mut m.nodes[0].op {
+    if let fhecam::model::Op::Conv2d(fhecam::model::Conv2d { weights, .. }) = &mut m.nodes[0].op {
         weights.pop();
     }
     let e = m.infer().unwrap_err().to_string();

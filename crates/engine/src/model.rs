@@ -13,6 +13,11 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use crate::layer::{
+    ActTable, Activation, Add, Conv2d, Dense, Flatten, GroupSum, Layer, Linear, Lut, LutNeuron,
+    MaxPool, SumPool,
+};
+
 /// Bumped whenever the serialized layout changes; older files are refused with a clear error.
 pub const MODEL_FORMAT_VERSION: u32 = 1;
 
@@ -86,127 +91,66 @@ impl InputSpec {
     }
 }
 
-/// A node's operation. Tensors are row-major (C, H, W) or flat.
+/// A node's operation: one arm per layer kind, each kind a type of its own in `layer`.
+/// Tensors are row-major (C, H, W) or flat.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Op {
-    Conv2d {
-        out_channels: usize,
-        kernel: [usize; 2],
-        stride: [usize; 2],
-        padding: [usize; 2],
-        /// Layout [out][in][kh][kw]; every value within `weight_range`.
-        weights: Vec<i8>,
-        bias: Vec<i32>,
-        /// Public bound on weights: the engine plans ranges from it, never from the values.
-        weight_range: [i8; 2],
-        /// Public bound on biases.
-        bias_range: [i32; 2],
-    },
-    Dense {
-        out_features: usize,
-        /// Layout [out][in].
-        weights: Vec<i8>,
-        bias: Vec<i32>,
-        weight_range: [i8; 2],
-        bias_range: [i32; 2],
-    },
-    /// Sum over windows (average pooling with the 1/k folded into the next activation table).
-    SumPool {
-        kernel: [usize; 2],
-        stride: [usize; 2],
-    },
-    /// Exact max over windows of activations.
-    MaxPool {
-        kernel: [usize; 2],
-        stride: [usize; 2],
-    },
-    /// Accumulator -> activation through a lookup table in which requantization is folded.
-    /// One table for the whole tensor, or one per channel (folded BatchNorm and per-channel
-    /// weight scales need that); the channel of element i is i / (H*W).
-    Activation { bits: u8, tables: Vec<ActTable> },
-    /// Element-wise `a + m·b` of two tensors of the same shape (residual connection); `m`
-    /// is a clear positive integer, one for the tensor or one per channel of `b` (empty:
-    /// 1), so a branch on a finer scale can be added exactly.
-    Add {
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        mul: Vec<u32>,
-    },
-    /// (C, H, W) -> flat; a no-op on data.
-    Flatten,
-}
-
-/// The parameters a Conv2d or Dense layer has (what gets encrypted) and their public bounds.
-pub struct Linear<'a> {
-    pub weights: &'a [i8],
-    pub bias: &'a [i32],
-    pub weight_range: [i8; 2],
-    pub bias_range: [i32; 2],
+    Conv2d(Conv2d),
+    Dense(Dense),
+    SumPool(SumPool),
+    MaxPool(MaxPool),
+    Activation(Activation),
+    Add(Add),
+    Flatten(Flatten),
+    Lut(Lut),
+    GroupSum(GroupSum),
 }
 
 impl Op {
+    /// The layer kind behind the arm: every question the engine asks of a node that does
+    /// not need ciphertexts goes through here.
+    pub fn layer(&self) -> &dyn Layer {
+        match self {
+            Op::Conv2d(l) => l,
+            Op::Dense(l) => l,
+            Op::SumPool(l) => l,
+            Op::MaxPool(l) => l,
+            Op::Activation(l) => l,
+            Op::Add(l) => l,
+            Op::Flatten(l) => l,
+            Op::Lut(l) => l,
+            Op::GroupSum(l) => l,
+        }
+    }
+
+    /// [`Op::layer`], to change the parameters in place.
+    pub fn layer_mut(&mut self) -> &mut dyn Layer {
+        match self {
+            Op::Conv2d(l) => l,
+            Op::Dense(l) => l,
+            Op::SumPool(l) => l,
+            Op::MaxPool(l) => l,
+            Op::Activation(l) => l,
+            Op::Add(l) => l,
+            Op::Flatten(l) => l,
+            Op::Lut(l) => l,
+            Op::GroupSum(l) => l,
+        }
+    }
+
     /// Conv2d or Dense: the layers with (encrypted) weights.
     pub fn is_linear(&self) -> bool {
-        matches!(self, Op::Conv2d { .. } | Op::Dense { .. })
+        self.linear().is_some()
     }
 
     /// A Conv2d's or Dense's weights, bias and bounds.
     pub fn linear(&self) -> Option<Linear<'_>> {
-        match self {
-            Op::Conv2d {
-                weights,
-                bias,
-                weight_range,
-                bias_range,
-                ..
-            }
-            | Op::Dense {
-                weights,
-                bias,
-                weight_range,
-                bias_range,
-                ..
-            } => Some(Linear {
-                weights,
-                bias,
-                weight_range: *weight_range,
-                bias_range: *bias_range,
-            }),
-            _ => None,
-        }
+        self.layer().linear()
     }
 
     pub fn name(&self) -> &'static str {
-        match self {
-            Op::Conv2d { .. } => "conv2d",
-            Op::Dense { .. } => "dense",
-            Op::SumPool { .. } => "sum_pool",
-            Op::MaxPool { .. } => "max_pool",
-            Op::Activation { .. } => "activation",
-            Op::Add { .. } => "add",
-            Op::Flatten => "flatten",
-        }
-    }
-}
-
-/// `values[clamp(v - min, 0, len - 1)]`: inputs below/above the table clamp to its ends.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ActTable {
-    pub min: i64,
-    pub values: Vec<u8>,
-}
-
-impl ActTable {
-    pub fn lookup(&self, v: i64) -> u8 {
-        self.values[(v - self.min).clamp(0, self.values.len() as i64 - 1) as usize]
-    }
-    /// Builds a table covering `lo..=hi` from a function.
-    pub fn from_fn(lo: i64, hi: i64, f: impl Fn(i64) -> u8) -> Self {
-        ActTable {
-            min: lo,
-            values: (lo..=hi).map(f).collect(),
-        }
+        self.layer().name()
     }
 }
 
@@ -273,18 +217,12 @@ pub fn out_dim(inp: usize, k: usize, s: usize, p: usize) -> Option<usize> {
     Some((inp + 2 * p - k) / s + 1)
 }
 
-fn dot_range(n: usize, x_max: i64, w: [i8; 2], b: [i32; 2]) -> (i64, i64) {
-    let (wl, wh) = (w[0] as i64, w[1] as i64);
-    let lo = (wl * x_max).min(0) * n as i64 + b[0] as i64;
-    let hi = (wh * x_max).max(0) * n as i64 + b[1] as i64;
-    (lo, hi)
-}
-
 impl Model {
     /// Checks structure, shapes and bounds; returns the static type of every value
     /// (index 0 = input). Everything that loads a model calls this before using it.
     pub fn infer(&self) -> Result<Vec<ValueInfo>, ModelError> {
         let vals = self.infer_values()?;
+        crate::layer::lut::places(self, &vals)?;
         let last = vals.last().unwrap();
         if self.nodes.is_empty() || last.len() != self.num_classes || self.num_classes < 2 {
             return Err(ModelError::Output(format!(
@@ -329,108 +267,16 @@ impl Model {
                 op: node.op.name(),
                 msg,
             };
-            let want = if matches!(node.op, Op::Add { .. }) {
-                2
-            } else {
-                1
-            };
+            let layer = node.op.layer();
+            let want = layer.arity();
             if node.inputs.len() != want || node.inputs.iter().any(|&v| v > n) {
                 return Err(err(format!(
                     "needs {want} input(s) among values 0..={n}, got {:?}",
                     node.inputs
                 )));
             }
-            let a = &vals[node.inputs[0]];
-            let out = match &node.op {
-                Op::Conv2d {
-                    out_channels,
-                    kernel,
-                    stride,
-                    padding,
-                    weights,
-                    bias,
-                    weight_range,
-                    bias_range,
-                } => {
-                    let Kind::Act { max } = a.kind else {
-                        return Err(err(
-                            "input must be an activation (add an Activation node before it)".into(),
-                        ));
-                    };
-                    if a.flat {
-                        return Err(err("input is flat; conv2d needs (C,H,W)".into()));
-                    }
-                    let [c, h, w] = a.shape;
-                    let (Some(oh), Some(ow)) = (
-                        out_dim(h, kernel[0], stride[0], padding[0]),
-                        out_dim(w, kernel[1], stride[1], padding[1]),
-                    ) else {
-                        return Err(err(format!(
-                            "kernel {kernel:?} stride {stride:?} padding {padding:?} does not fit input {h}x{w}"
-                        )));
-                    };
-                    check_params(
-                        weights,
-                        bias,
-                        *out_channels * c * kernel[0] * kernel[1],
-                        *out_channels,
-                        *weight_range,
-                        *bias_range,
-                    )
-                    .map_err(err)?;
-                    let (lo, hi) = dot_range(
-                        c * kernel[0] * kernel[1],
-                        max as i64,
-                        *weight_range,
-                        *bias_range,
-                    );
-                    ValueInfo {
-                        shape: [*out_channels, oh, ow],
-                        flat: false,
-                        kind: Kind::Acc { lo, hi },
-                    }
-                }
-                Op::Dense {
-                    out_features,
-                    weights,
-                    bias,
-                    weight_range,
-                    bias_range,
-                } => {
-                    let Kind::Act { max } = a.kind else {
-                        return Err(err(
-                            "input must be an activation (add an Activation node before it)".into(),
-                        ));
-                    };
-                    let n_in = a.len();
-                    check_params(
-                        weights,
-                        bias,
-                        *out_features * n_in,
-                        *out_features,
-                        *weight_range,
-                        *bias_range,
-                    )
-                    .map_err(err)?;
-                    let (lo, hi) = dot_range(n_in, max as i64, *weight_range, *bias_range);
-                    ValueInfo {
-                        shape: [*out_features, 1, 1],
-                        flat: true,
-                        kind: Kind::Acc { lo, hi },
-                    }
-                }
-                Op::SumPool { kernel, stride } | Op::MaxPool { kernel, stride } => {
-                    pool_info(a, kernel, stride, matches!(node.op, Op::MaxPool { .. }))
-                        .map_err(err)?
-                }
-                Op::Activation { bits, tables } => activation_info(a, bits, tables).map_err(err)?,
-                Op::Add { mul } => add_info(a, &vals[node.inputs[1]], mul).map_err(err)?,
-                Op::Flatten => ValueInfo {
-                    shape: [a.len(), 1, 1],
-                    flat: true,
-                    kind: a.kind,
-                },
-            };
+            let ins: Vec<&ValueInfo> = node.inputs.iter().map(|&v| &vals[v]).collect();
+            let out = layer.infer(&ins).map_err(err)?;
             if let Kind::Acc { lo, hi } = out.kind {
                 if lo < -(1 << 40) || hi > 1 << 40 {
                     return Err(err(format!(
@@ -446,173 +292,13 @@ impl Model {
     /// Number of ciphertext x ciphertext multiply-accumulates (padding taps excluded).
     pub fn macs(&self) -> Result<u64, ModelError> {
         let vals = self.infer()?;
-        let mut total = 0u64;
-        for node in &self.nodes {
-            let a = &vals[node.inputs[0]];
-            total += match &node.op {
-                Op::Conv2d {
-                    out_channels,
-                    kernel,
-                    stride,
-                    padding,
-                    ..
-                } => {
-                    let [c, h, w] = a.shape;
-                    let taps = |len: usize, k: usize, s: usize, p: usize| -> u64 {
-                        let o = out_dim(len, k, s, p).unwrap();
-                        (0..o)
-                            .map(|oi| {
-                                (0..k)
-                                    .filter(|&ki| {
-                                        let i = (oi * s + ki) as i64 - p as i64;
-                                        i >= 0 && (i as usize) < len
-                                    })
-                                    .count() as u64
-                            })
-                            .sum()
-                    };
-                    taps(h, kernel[0], stride[0], padding[0])
-                        * taps(w, kernel[1], stride[1], padding[1])
-                        * (*out_channels * c) as u64
-                }
-                Op::Dense { out_features, .. } => (a.len() * out_features) as u64,
-                _ => 0,
-            };
-        }
-        Ok(total)
+        Ok(self
+            .nodes
+            .iter()
+            .map(|node| {
+                let ins: Vec<&ValueInfo> = node.inputs.iter().map(|&v| &vals[v]).collect();
+                node.op.layer().macs(&ins)
+            })
+            .sum())
     }
-}
-
-fn check_params(
-    weights: &[i8],
-    bias: &[i32],
-    n_w: usize,
-    n_b: usize,
-    wr: [i8; 2],
-    br: [i32; 2],
-) -> Result<(), String> {
-    if weights.len() != n_w || bias.len() != n_b {
-        return Err(format!(
-            "expected {n_w} weights and {n_b} biases, got {} and {}",
-            weights.len(),
-            bias.len()
-        ));
-    }
-    if wr[0] > wr[1] || (wr[1] as i16 - wr[0] as i16) > MAX_WEIGHT_SPAN {
-        return Err(format!(
-            "weight_range {wr:?} must be ordered and span at most {} values (8-bit weights)",
-            MAX_WEIGHT_SPAN + 1
-        ));
-    }
-    if br[0] > br[1] || (br[1] as i64 - br[0] as i64) > 1 << 20 {
-        return Err(format!("bias_range {br:?} is empty or wider than 2^20"));
-    }
-    if let Some(w) = weights.iter().find(|&&w| w < wr[0] || w > wr[1]) {
-        return Err(format!("weight {w} lies outside weight_range {wr:?}"));
-    }
-    if let Some(b) = bias.iter().find(|&&b| b < br[0] || b > br[1]) {
-        return Err(format!("bias {b} lies outside bias_range {br:?}"));
-    }
-    Ok(())
-}
-
-/// A pooling window's output: sum pooling widens the range by the window size; max
-/// pooling needs and keeps an activation.
-fn pool_info(
-    a: &ValueInfo,
-    kernel: &[usize; 2],
-    stride: &[usize; 2],
-    max: bool,
-) -> Result<ValueInfo, String> {
-    if a.flat {
-        return Err("input is flat; pooling needs (C,H,W)".into());
-    }
-    let [c, h, w] = a.shape;
-    let (Some(oh), Some(ow)) = (
-        out_dim(h, kernel[0], stride[0], 0),
-        out_dim(w, kernel[1], stride[1], 0),
-    ) else {
-        return Err(format!(
-            "window {kernel:?} stride {stride:?} does not fit input {h}x{w}"
-        ));
-    };
-    let k = (kernel[0] * kernel[1]) as i64;
-    let kind = match (max, a.kind) {
-        (true, Kind::Act { .. }) => a.kind,
-        (true, Kind::Acc { .. }) => {
-            return Err("max pooling needs activations: put it after the Activation node (max commutes with monotone activations)".into())
-        }
-        _ => {
-            let (lo, hi) = a.range();
-            Kind::Acc { lo: lo * k, hi: hi * k }
-        }
-    };
-    Ok(ValueInfo {
-        shape: [c, oh, ow],
-        flat: false,
-        kind,
-    })
-}
-
-/// An activation's output: its tables (one, or one per channel) give the largest level.
-fn activation_info(a: &ValueInfo, bits: &u8, tables: &[ActTable]) -> Result<ValueInfo, String> {
-    if !(1..=MAX_ACT_BITS).contains(bits) {
-        return Err(format!("bits must be 1..={MAX_ACT_BITS}, got {bits}"));
-    }
-    if tables.len() != 1 && tables.len() != a.shape[0] {
-        return Err(format!(
-            "needs 1 table or one per channel ({}), got {}",
-            a.shape[0],
-            tables.len()
-        ));
-    }
-    let top = (1u8 << bits) - 1;
-    for t in tables {
-        if t.values.is_empty() || t.values.len() > 1 << 20 {
-            return Err(format!("table length {} must be 1..=2^20", t.values.len()));
-        }
-        if let Some(v) = t.values.iter().find(|&&v| v > top) {
-            return Err(format!("table value {v} exceeds {bits} bits"));
-        }
-        if t.min.abs() > 1 << 40 {
-            return Err(format!("table start {} is out of range", t.min));
-        }
-    }
-    Ok(ValueInfo {
-        kind: Kind::Act {
-            max: tables
-                .iter()
-                .flat_map(|t| t.values.iter().copied())
-                .max()
-                .unwrap(),
-        },
-        ..a.clone()
-    })
-}
-
-/// `a + mul * b`, element-wise (per-channel multipliers of `b`).
-fn add_info(a: &ValueInfo, b: &ValueInfo, mul: &[u32]) -> Result<ValueInfo, String> {
-    if a.len() != b.len() || (a.shape != b.shape && !(a.flat || b.flat)) {
-        return Err(format!("shapes differ: {:?} vs {:?}", a.shape, b.shape));
-    }
-    if !(mul.is_empty() || mul.len() == 1 || mul.len() == b.shape[0])
-        || mul.iter().any(|&m| m == 0 || m > 1 << 16)
-    {
-        return Err(format!(
-            "mul needs 1 or {} values in 1..=65536, got {mul:?}",
-            b.shape[0]
-        ));
-    }
-    let (mlo, mhi) = (
-        *mul.iter().min().unwrap_or(&1) as i64,
-        *mul.iter().max().unwrap_or(&1) as i64,
-    );
-    let ((al, ah), (bl, bh)) = (a.range(), b.range());
-    Ok(ValueInfo {
-        kind: Kind::Acc {
-            lo: al + (mlo * bl).min(mhi * bl),
-            hi: ah + (mlo * bh).max(mhi * bh),
-        },
-        ..a.clone()
-    })
 }

@@ -1,6 +1,9 @@
 //! Random networks using every layer kind, for property tests and `fhecam selftest`.
 
-use crate::model::{ActTable, Kind, Model, Node, Op, MODEL_FORMAT_VERSION};
+use crate::model::{
+    ActTable, Activation, Add, Conv2d, Dense, Flatten, GroupSum, Kind, Lut, LutNeuron, MaxPool,
+    Model, Node, Op, SumPool, MODEL_FORMAT_VERSION,
+};
 use rand::Rng;
 
 /// Size knobs: `tiny` keeps the PBS count low enough for real TFHE in CI.
@@ -146,7 +149,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
         let n = if rng.gen_bool(0.5) { 1 } else { info.shape[0] };
         let tables = (0..n).map(|_| table(rng, lo, hi, bits)).collect();
         m.nodes.push(Node {
-            op: Op::Activation { bits, tables },
+            op: Op::Activation(Activation { bits, tables }),
             inputs: vec![v],
         });
         m.nodes.len()
@@ -164,7 +167,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
     let (w, b, wr, br) = linear_params(rng, oc * ic * k * k, oc, shape.wide);
     let v = push(
         &mut m,
-        Op::Conv2d {
+        Op::Conv2d(Conv2d {
             out_channels: oc,
             kernel: [k, k],
             stride: [s, s],
@@ -173,7 +176,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
             bias: b,
             weight_range: wr,
             bias_range: br,
-        },
+        }),
         vec![0],
     );
     let a1 = act(&mut m, rng, v);
@@ -181,7 +184,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
     let (w, b, wr, br) = linear_params(rng, oc * oc * 9, oc, shape.wide);
     let v = push(
         &mut m,
-        Op::Conv2d {
+        Op::Conv2d(Conv2d {
             out_channels: oc,
             kernel: [3, 3],
             stride: [1, 1],
@@ -190,7 +193,7 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
             bias: b,
             weight_range: wr,
             bias_range: br,
-        },
+        }),
         vec![a1],
     );
     let mul = if shape.wide && rng.gen_bool(0.5) {
@@ -198,41 +201,41 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
     } else {
         vec![]
     };
-    let v = push(&mut m, Op::Add { mul }, vec![v, a1]);
+    let v = push(&mut m, Op::Add(Add { mul }), vec![v, a1]);
     let mut v = act(&mut m, rng, v);
     let hw = m.infer_partial()[v].shape[1];
     if hw >= 2 {
         v = push(
             &mut m,
-            Op::MaxPool {
+            Op::MaxPool(MaxPool {
                 kernel: [2, 2],
                 stride: [1, 1],
-            },
+            }),
             vec![v],
         );
         let w = m.infer_partial()[v].shape[2];
         v = push(
             &mut m,
-            Op::SumPool {
+            Op::SumPool(SumPool {
                 kernel: [1, w.min(2)],
                 stride: [1, 1],
-            },
+            }),
             vec![v],
         );
         v = act(&mut m, rng, v);
     }
-    let v = push(&mut m, Op::Flatten, vec![v]);
+    let v = push(&mut m, Op::Flatten(Flatten {}), vec![v]);
     let n_in = m.infer_partial()[v].len();
     let (w, b, wr, br) = linear_params(rng, shape.classes * n_in, shape.classes, shape.wide);
     push(
         &mut m,
-        Op::Dense {
+        Op::Dense(Dense {
             out_features: shape.classes,
             weights: w,
             bias: b,
             weight_range: wr,
             bias_range: br,
-        },
+        }),
         vec![v],
     );
     m.infer().expect("random model is valid");
@@ -254,4 +257,137 @@ impl Model {
 /// Kind of a value, for tests that want to assert coverage.
 pub fn kinds(m: &Model) -> Vec<Kind> {
     m.infer().unwrap().into_iter().map(|v| v.kind).collect()
+}
+
+/// A random secret-table network: a `lut` layer reading the frame (one pixel, or two
+/// 2-bit pixels, per neuron), one or two more `lut` layers, and a `group_sum` over
+/// groups of the last one. Every element is read with the one multiplier of its class
+/// (`layer::lut::places`).
+pub fn random_table_model(rng: &mut impl Rng, shape: Shape) -> Model {
+    let bits = if rng.gen_bool(0.5) { 4 } else { 2 };
+    let mut m = Model {
+        format_version: MODEL_FORMAT_VERSION,
+        name: "random-tables".into(),
+        input: crate::model::InputSpec {
+            channels: 1,
+            height: shape.hw,
+            width: shape.hw,
+            bits,
+            scale: 1.0 / ((1 << bits) - 1) as f32,
+            zero: 0.0,
+        },
+        nodes: vec![],
+        num_classes: shape.classes,
+    };
+    let n_in = shape.hw * shape.hw;
+    let table = |rng: &mut dyn rand::RngCore, len: usize, top: u8| -> Vec<u8> {
+        (0..len).map(|_| rng.gen_range(0..=top)).collect()
+    };
+    // layer 0: reads the frame's digits, multiplier 1 (and 4 for a second 2-bit pixel)
+    let top0 = if rng.gen_bool(0.5) { 1 } else { 3 };
+    let n0 = rng.gen_range(4..=4 * shape.channels.max(2) + 4);
+    let neurons = (0..n0)
+        .map(|_| {
+            let (inputs, mul) = if bits == 2 && rng.gen_bool(0.5) {
+                (
+                    vec![rng.gen_range(0..n_in) as u32, rng.gen_range(0..n_in) as u32],
+                    vec![1, 4],
+                )
+            } else {
+                (vec![rng.gen_range(0..n_in) as u32], vec![1])
+            };
+            let span = mul
+                .iter()
+                .map(|&k| k as usize * ((1 << bits) - 1))
+                .sum::<usize>()
+                + 1;
+            let table = table(rng, span, top0);
+            LutNeuron { inputs, mul, table }
+        })
+        .collect();
+    m.nodes.push(Node {
+        op: Op::Lut(Lut {
+            out_max: top0,
+            neurons,
+        }),
+        inputs: vec![0],
+    });
+    let mut top = top0;
+    let layers = rng.gen_range(1..=2);
+    for l in 0..=layers {
+        let len = m
+            .infer_values()
+            .expect("partial model is valid")
+            .last()
+            .unwrap()
+            .len();
+        // the classes of multipliers a value's elements are read with: 1,2,4,8 for bits,
+        // 1,4 for 2-bit values; element i is in class i % classes
+        let muls: &[u16] = if top == 1 { &[1, 2, 4, 8] } else { &[1, 4] };
+        let classes = muls.len().min(len);
+        let pick = |rng: &mut dyn rand::RngCore| {
+            let k = rng.gen_range(1..=classes);
+            let mut chosen: Vec<usize> = (0..classes).collect();
+            for i in 0..classes {
+                chosen.swap(i, rng.gen_range(i..classes));
+            }
+            chosen.truncate(k);
+            chosen.sort();
+            let inputs = chosen
+                .iter()
+                .map(|&c| {
+                    let slots = (len - c).div_ceil(classes);
+                    (c + classes * rng.gen_range(0..slots)) as u32
+                })
+                .collect::<Vec<u32>>();
+            let mul: Vec<u16> = chosen.iter().map(|&c| muls[c]).collect();
+            let span = mul
+                .iter()
+                .map(|&k| k as usize * top as usize)
+                .sum::<usize>()
+                + 1;
+            (inputs, mul, span)
+        };
+        let v = m.nodes.len();
+        if l == layers {
+            let (classes, score_max) = (shape.classes, rng.gen_range(1..=3));
+            let groups = (0..rng.gen_range(1..=4 + shape.channels))
+                .map(|_| {
+                    let (inputs, mul, span) = pick(rng);
+                    let table = table(rng, span * classes, score_max);
+                    LutNeuron { inputs, mul, table }
+                })
+                .collect();
+            m.nodes.push(Node {
+                op: Op::GroupSum(GroupSum {
+                    classes,
+                    score_max,
+                    groups,
+                }),
+                inputs: vec![v],
+            });
+        } else {
+            let out = if rng.gen_bool(0.5) { 1 } else { 3 };
+            let neurons = (0..rng.gen_range(2..=8 + 2 * shape.channels))
+                .map(|_| {
+                    let (inputs, mul, span) = pick(rng);
+                    LutNeuron {
+                        inputs,
+                        mul,
+                        table: table(rng, span, out),
+                    }
+                })
+                .collect();
+            m.nodes.push(Node {
+                op: Op::Lut(Lut {
+                    out_max: out,
+                    neurons,
+                }),
+                inputs: vec![v],
+            });
+            top = out;
+        }
+    }
+    m.infer().expect("random table model is valid");
+    m
 }

@@ -26,7 +26,8 @@ use thiserror::Error;
 
 use crate::data::Dataset;
 use fhecam_engine::model::{
-    ActTable, InputSpec, Kind, Model, ModelError, Node, Op, MAX_ACT_BITS, MODEL_FORMAT_VERSION,
+    ActTable, Activation, Conv2d, Dense, Flatten, InputSpec, Kind, MaxPool, Model, ModelError,
+    Node, Op, MAX_ACT_BITS, MODEL_FORMAT_VERSION,
 };
 use fhecam_engine::reference;
 
@@ -750,7 +751,7 @@ fn export(
     else {
         unreachable!("the first layer is a convolution")
     };
-    push(Op::Conv2d {
+    push(Op::Conv2d(Conv2d {
         out_channels: g.conv_out[0],
         kernel: [kernel; 2],
         stride: [stride; 2],
@@ -759,18 +760,18 @@ fn export(
         bias: conv.bias,
         weight_range: cfg.weight_levels,
         bias_range: conv.bias_range,
-    });
-    push(Op::Activation {
+    }));
+    push(Op::Activation(Activation {
         bits: cfg.act_bits,
         tables,
-    });
+    }));
     if let Some(p) = cfg.pool {
-        push(Op::MaxPool {
+        push(Op::MaxPool(MaxPool {
             kernel: [p; 2],
             stride: [p; 2],
-        });
+        }));
     }
-    push(Op::Flatten);
+    push(Op::Flatten(Flatten {}));
 
     let mut s = net.conv_act.scale()?;
     if let Some((layer, act)) = &net.hidden {
@@ -778,27 +779,27 @@ fn export(
         let (lo, hi) = acc_range(g.features, x_max, cfg.weight_levels, h.bias_range[1]);
         let s_out = act.scale()?.to_scalar::<f32>()?;
         let tables = act_tables(lo, hi, &h.scale, s_out, top);
-        push(Op::Dense {
+        push(Op::Dense(Dense {
             out_features: h.bias.len(),
             weights: h.weights,
             bias: h.bias,
             weight_range: cfg.weight_levels,
             bias_range: h.bias_range,
-        });
-        push(Op::Activation {
+        }));
+        push(Op::Activation(Activation {
             bits: cfg.act_bits,
             tables,
-        });
+        }));
         s = act.scale()?;
     }
     let out = int_layer(&net.out, &s)?;
-    push(Op::Dense {
+    push(Op::Dense(Dense {
         out_features: g.classes,
         weights: out.weights,
         bias: out.bias,
         weight_range: cfg.weight_levels,
         bias_range: out.bias_range,
-    });
+    }));
 
     Ok(Model {
         format_version: MODEL_FORMAT_VERSION,
@@ -813,7 +814,7 @@ fn export(
 fn verify_tables(model: &Model) -> Result<(), TrainError> {
     let infos = model.infer()?;
     for (i, node) in model.nodes.iter().enumerate() {
-        if let Op::Activation { tables, .. } = &node.op {
+        if let Op::Activation(Activation { tables, .. }) = &node.op {
             let Kind::Acc { lo, hi } = infos[node.inputs[0]].kind else {
                 return Err(TrainError::Export(format!(
                     "node {i}: activation input is not an accumulator"

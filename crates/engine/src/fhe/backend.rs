@@ -14,6 +14,9 @@ pub const BLOCK: u64 = 16;
 /// is one programmable bootstrapping.
 pub trait Backend: Sync {
     type Ct: Clone + Send + Sync;
+    /// A lookup table the evaluator cannot read: on TFHE, an accumulator the owner encrypted
+    /// under the GLWE secret key. It holds one table, or `k` tables for a many-LUT PBS.
+    type Table: Clone + Send + Sync;
     /// A noiseless encryption of `v` (used for constants).
     fn trivial(&self, v: u64) -> Self::Ct;
     fn add_assign(&self, a: &mut Self::Ct, b: &Self::Ct);
@@ -28,6 +31,10 @@ pub trait Backend: Sync {
     /// One PBS reading the padding bit too: `+c` for a message in 0..16, `-c` (mod 32) for
     /// one in 16..32 — the negacyclic half of a constant table.
     fn sign_lut(&self, a: &Self::Ct, c: u64) -> Self::Ct;
+    /// One PBS with a secret table holding `k` tables: `[T_0[v], .., T_{k-1}[v]]` for the
+    /// input message v < 16 / k. The input must not be a trivial ciphertext (tfhe would
+    /// apply the table in the clear to it).
+    fn secret_lut(&self, a: &Self::Ct, table: &Self::Table, k: usize) -> Vec<Self::Ct>;
 }
 
 /// Plaintext model of the TFHE arithmetic: exact on messages, no noise.
@@ -36,6 +43,8 @@ pub struct ClearBackend;
 
 impl Backend for ClearBackend {
     type Ct = u64;
+    /// The tables themselves, 16 / k entries used of each.
+    type Table = Vec<[u64; BLOCK as usize]>;
     fn trivial(&self, v: u64) -> u64 {
         v % TORUS
     }
@@ -71,6 +80,15 @@ impl Backend for ClearBackend {
             (TORUS - c % TORUS) % TORUS
         }
     }
+    fn secret_lut(&self, a: &u64, table: &Self::Table, k: usize) -> Vec<u64> {
+        assert_eq!(
+            table.len(),
+            k,
+            "secret table holds {} tables, not {k}",
+            table.len()
+        );
+        self.many_lut(a, table)
+    }
 }
 
 /// Runs a circuit on nothing: only the PBS counting of the wrapping [`super::circuit::Engine`]
@@ -80,6 +98,7 @@ pub struct PlanBackend;
 
 impl Backend for PlanBackend {
     type Ct = ();
+    type Table = ();
     fn trivial(&self, _: u64) {}
     fn add_assign(&self, _: &mut (), _: &()) {}
     fn sub_assign(&self, _: &mut (), _: &()) {}
@@ -90,4 +109,7 @@ impl Backend for PlanBackend {
         vec![(); tables.len()]
     }
     fn sign_lut(&self, _: &(), _: u64) {}
+    fn secret_lut(&self, _: &(), _: &(), k: usize) -> Vec<()> {
+        vec![(); k]
+    }
 }

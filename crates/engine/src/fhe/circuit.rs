@@ -167,6 +167,24 @@ impl<B: Backend> Engine<B> {
         out
     }
 
+    /// One PBS with a table the owner encrypted, holding `k` tables (many-LUT for k > 1):
+    /// their entries at `a`, each in `0..=hi` with the noise of a secret-table output.
+    pub fn secret_lut(&self, a: &Val<B::Ct>, t: &B::Table, k: usize, hi: i64) -> Vec<Val<B::Ct>> {
+        // a trivial ciphertext would take tfhe's trivial path, which reads the encrypted
+        // accumulator as if it were clear
+        assert!(a.var > 0, "a secret table never reads a trivial ciphertext");
+        self.check_input(a, BLOCK / k as u64);
+        self.pbs.fetch_add(1, Ordering::Relaxed);
+        let outs = self.backend.secret_lut(&a.ct, t, k);
+        let val = |ct| Val {
+            ct,
+            lo: 0,
+            hi,
+            var: crate::layer::lut::SECRET_VAR,
+        };
+        outs.into_iter().map(val).collect()
+    }
+
     /// A fresh copy of `a` with variance 1 (one PBS).
     pub fn refresh(&self, a: &Val<B::Ct>) -> Val<B::Ct> {
         self.lut(a, |v| v)

@@ -30,6 +30,12 @@ pub fn seed_thread() {
 }
 
 /// 128 bits from RDSEED, if this CPU has it.
+/// A seeder for core_crypto's own encryptions (the owner's secret tables): the OS's
+/// entropy mixed with RDSEED, like [`seed_thread`].
+pub fn seeder() -> UnixSeeder {
+    UnixSeeder::new(hardware_seed().unwrap_or(0))
+}
+
 fn hardware_seed() -> Option<u128> {
     #[cfg(target_arch = "x86_64")]
     {

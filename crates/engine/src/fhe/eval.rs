@@ -2,9 +2,8 @@
 
 use super::backend::Backend;
 use super::circuit::{digits_for, Acc, CircuitError, Digits, Engine, Val};
-use super::geometry::{for_each_tap, pool_windows};
+use crate::layer::{lut, ClearFrame};
 use crate::model::{Kind, Model, ModelError, Op, ValueInfo};
-use crate::reference::add_mul;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -19,6 +18,10 @@ pub enum EvalError {
     Params(String),
     #[error("expected {expected} input ciphertexts, got {got}")]
     InputLen { expected: usize, got: usize },
+    /// A node whose input does not have the form its circuit reads (never for a model
+    /// `Model::infer` accepted).
+    #[error("{0}")]
+    Input(String),
     #[error("device-clear input needs the frame to feed Conv2d or Dense layers directly (or through Flatten); this model pools or adds it first: use input_mode = \"encrypted\"")]
     DeviceClearUnsupported,
 }
@@ -35,17 +38,43 @@ pub enum EvalError {
 /// encrypts base-4 digit `k` of `w_i·v − pmin_c` (see [`ClearTables`]). The device picks
 /// the digits of a whole product of weight and pixel without any PBS, and they carry as
 /// cheaply as any digit.
+///
+/// A secret-table layer (`lut`, `group_sum`) has `tables`, the owner-encrypted lookup
+/// tables its PBS read in circuit order (`layer::lut::secret_tables`), and, when it reads
+/// the frame, `clear_tables` holding every entry for the device to pick
+/// (`layer::lut::clear_entries`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct LayerParams<C> {
+pub struct LayerParams<C, T> {
     pub weights: Vec<C>,
     pub bias: Vec<Vec<C>>,
     pub clear_tables: Vec<C>,
+    #[serde(default)]
+    pub tables: Vec<T>,
 }
 
-impl<C> LayerParams<C> {
-    /// The same parameters with `f` applied to every ciphertext (stops at the first error).
-    pub fn try_map<D, E>(&self, f: impl Fn(&C) -> Result<D, E>) -> Result<LayerParams<D>, E> {
+/// The clear contents of one secret-table PBS: `k` tables of 16 entries (many-LUT).
+pub type ClearTable = Vec<[u64; 16]>;
+
+impl<C, T> LayerParams<C, T> {
+    /// The same parameters with other secret tables.
+    pub fn with_tables<U>(self, tables: Vec<U>) -> LayerParams<C, U> {
+        LayerParams {
+            weights: self.weights,
+            bias: self.bias,
+            clear_tables: self.clear_tables,
+            tables,
+        }
+    }
+
+    /// The same parameters with `f` applied to every ciphertext and `g` to every secret
+    /// table (stops at the first error).
+    pub fn try_map_all<D, U, E>(
+        &self,
+        f: impl Fn(&C) -> Result<D, E>,
+        g: impl Fn(&T) -> Result<U, E>,
+    ) -> Result<LayerParams<D, U>, E> {
         Ok(LayerParams {
+            tables: self.tables.iter().map(g).collect::<Result<_, _>>()?,
             weights: self.weights.iter().map(&f).collect::<Result<_, _>>()?,
             bias: self
                 .bias
@@ -88,10 +117,10 @@ fn clear_values(model: &Model) -> Option<Vec<bool>> {
             return None;
         }
         if clear[n.inputs[0]] {
-            match n.op {
-                Op::Flatten => clear[k + 1] = true,
-                Op::Conv2d { .. } | Op::Dense { .. } => {}
-                _ => return None,
+            match n.op.layer().clear_frame() {
+                ClearFrame::PassesThrough => clear[k + 1] = true,
+                ClearFrame::Consumes => {}
+                ClearFrame::Refuses => return None,
             }
         }
     }
@@ -107,9 +136,10 @@ pub fn check_device_clear(model: &Model) -> Result<(), EvalError> {
 
 /// Whether node `k` reads the clear frame in device-clear mode (then it has clear tables).
 fn reads_clear(model: &Model, clear: &Option<Vec<bool>>, k: usize) -> bool {
-    clear
-        .as_ref()
-        .is_some_and(|c| c[model.nodes[k].inputs[0]] && model.nodes[k].op.is_linear())
+    clear.as_ref().is_some_and(|c| {
+        c[model.nodes[k].inputs[0]]
+            && model.nodes[k].op.layer().clear_frame() == ClearFrame::Consumes
+    })
 }
 
 /// Shape of a layer's clear tables. The frame's values are read in chunks of up to 4 bits,
@@ -204,8 +234,31 @@ pub fn bias_digits(br: [i32; 2]) -> usize {
     digits_for((br[1] as i64 - br[0] as i64) as u64)
 }
 
-/// Checks that `params[k]` is present exactly for linear nodes and has the right sizes.
-pub fn check_params<C>(model: &Model, params: &[Option<LayerParams<C>>]) -> Result<(), EvalError> {
+/// What one node's parameters must hold: (weight digits, biases, digits per bias, clear
+/// entries, secret tables); `None` for nodes without parameters.
+fn param_shape(model: &Model, clear: &Option<Vec<bool>>, k: usize) -> Option<[usize; 5]> {
+    let op = &model.nodes[k].op;
+    let rc = reads_clear(model, clear, k);
+    if let Some(l) = op.linear() {
+        let per = ClearTables::of(model.input.bits, l.weight_range).per_weight();
+        return Some([
+            l.weights.len() * weight_digits(l.weight_range),
+            l.bias.len(),
+            bias_digits(l.bias_range),
+            if rc { l.weights.len() * per } else { 0 },
+            0,
+        ]);
+    }
+    let (tables, entries) = lut::param_counts(op)?;
+    Some([0, 0, 0, if rc { entries } else { 0 }, tables])
+}
+
+/// Checks that `params[k]` is present exactly for nodes with parameters and has the right
+/// sizes.
+pub fn check_params<C, T>(
+    model: &Model,
+    params: &[Option<LayerParams<C, T>>],
+) -> Result<(), EvalError> {
     if params.len() != model.nodes.len() {
         return Err(EvalError::Params(format!(
             "{} layers of parameters for {} nodes",
@@ -215,28 +268,14 @@ pub fn check_params<C>(model: &Model, params: &[Option<LayerParams<C>>]) -> Resu
     }
     let clear = clear_values(model);
     for (k, (node, p)) in model.nodes.iter().zip(params).enumerate() {
-        let nt = |weights: usize, wr: [i8; 2]| {
-            if reads_clear(model, &clear, k) {
-                weights * ClearTables::of(model.input.bits, wr).per_weight()
-            } else {
-                0
-            }
-        };
-        let want = node.op.linear().map(|l| {
-            (
-                l.weights.len() * weight_digits(l.weight_range),
-                l.bias.len(),
-                bias_digits(l.bias_range),
-                nt(l.weights.len(), l.weight_range),
-            )
-        });
-        match (want, p) {
+        match (param_shape(model, &clear, k), p) {
             (None, None) => {}
-            (Some((nw, nb, nd, ntab)), Some(p))
+            (Some([nw, nb, nd, ntab, nsec]), Some(p))
                 if p.weights.len() == nw
                     && p.bias.len() == nb
                     && p.bias.iter().all(|d| d.len() == nd)
-                    && p.clear_tables.len() == ntab => {}
+                    && p.clear_tables.len() == ntab
+                    && p.tables.len() == nsec => {}
             _ => {
                 return Err(EvalError::Params(format!(
                     "node {k} ({}) parameters have the wrong shape",
@@ -275,18 +314,23 @@ impl OutputLayout {
     }
 }
 
-enum Tensor<C> {
+#[derive(Clone)]
+pub(crate) enum Tensor<C> {
     /// Each element as its base-4 digits, least significant first.
     Act(Vec<Vec<Val<C>>>),
     Acc(Vec<Acc<C>>),
+    /// A secret-table layer's output: element `i` holds `place_i · v_i` in one block,
+    /// ready to be summed into its consumers' indices.
+    Scaled(Vec<Val<C>>),
     /// The frame as the device holds it, in the clear, and its bits per value.
     Clear(Vec<u8>, u8),
 }
 
-fn to_accs<C: Clone>(t: &Tensor<C>) -> Vec<Acc<C>> {
+pub(crate) fn to_accs<C: Clone>(t: &Tensor<C>) -> Vec<Acc<C>> {
     match t {
         Tensor::Acc(a) => a.clone(),
         Tensor::Clear(..) => unreachable!("clear values only reach linear layers (clear_values)"),
+        Tensor::Scaled(_) => unreachable!("lut outputs only reach secret-table layers (places)"),
         Tensor::Act(v) => v
             .iter()
             .map(|x| {
@@ -323,12 +367,48 @@ impl<C: Clone> RunOutput<C> {
     }
 }
 
+/// What a layer's circuit reads: the engine, its inputs as ciphertext tensors with their
+/// static types, its output's type and its encrypted parameters (linear layers).
+pub(crate) struct Cx<'a, B: Backend> {
+    pub e: &'a Engine<B>,
+    pub inputs: Vec<&'a Tensor<B::Ct>>,
+    pub infos: Vec<&'a ValueInfo>,
+    pub out: &'a ValueInfo,
+    pub params: Option<&'a LayerParams<B::Ct, B::Table>>,
+    /// The multiplier every element of the output is read with by secret-table layers
+    /// (`layer::lut::places`), when it feeds them.
+    pub place: Option<&'a [u16]>,
+}
+
+impl<B: Backend> Cx<'_, B> {
+    /// The layer's encrypted parameters (`check_params` made sure linear layers have them).
+    pub fn params(&self) -> Result<&LayerParams<B::Ct, B::Table>, EvalError> {
+        self.params
+            .ok_or_else(|| EvalError::Input("encrypted parameters missing".into()))
+    }
+    /// The first input as activation digits, or why the layer cannot read it.
+    pub fn act(&self) -> Result<&[Vec<Val<B::Ct>>], EvalError> {
+        match self.inputs[0] {
+            Tensor::Act(x) => Ok(x),
+            Tensor::Acc(_) | Tensor::Clear(..) | Tensor::Scaled(_) => {
+                Err(EvalError::Input("expects an encrypted activation".into()))
+            }
+        }
+    }
+}
+
+/// A layer kind's encrypted evaluation, written once for every [`Backend`]; implemented
+/// in the kind's own module beside its plaintext reference.
+pub(crate) trait Circuit {
+    fn circuit<B: Backend>(&self, cx: &Cx<'_, B>) -> Result<Tensor<B::Ct>, EvalError>;
+}
+
 /// Runs the model on encrypted (or clear-modelled) inputs. Uses the current rayon pool:
 /// output elements of a layer are independent and evaluated in parallel.
 pub fn run<B: Backend>(
     e: &Engine<B>,
     model: &Model,
-    params: &[Option<LayerParams<B::Ct>>],
+    params: &[Option<LayerParams<B::Ct, B::Table>>],
     input: Vec<B::Ct>,
 ) -> Result<RunOutput<B::Ct>, EvalError> {
     model.infer()?;
@@ -358,7 +438,7 @@ pub fn run<B: Backend>(
 pub fn run_device_clear<B: Backend>(
     e: &Engine<B>,
     model: &Model,
-    params: &[Option<LayerParams<B::Ct>>],
+    params: &[Option<LayerParams<B::Ct, B::Table>>],
     input: &[u8],
 ) -> Result<RunOutput<B::Ct>, EvalError> {
     model.infer()?;
@@ -380,156 +460,41 @@ pub fn run_device_clear<B: Backend>(
 fn run_from<B: Backend>(
     e: &Engine<B>,
     model: &Model,
-    params: &[Option<LayerParams<B::Ct>>],
+    params: &[Option<LayerParams<B::Ct, B::Table>>],
     first: Tensor<B::Ct>,
 ) -> Result<RunOutput<B::Ct>, EvalError> {
     let infos = model.infer()?;
     check_params(model, params)?;
+    let places = lut::places(model, &infos)?;
     let mut vals: Vec<Tensor<B::Ct>> = vec![first];
     let mut pbs_per_node = Vec::with_capacity(model.nodes.len());
     for (k, node) in model.nodes.iter().enumerate() {
         let before = e.pbs_count();
-        let ai = &infos[node.inputs[0]];
-        let out = match (&node.op, &vals[node.inputs[0]]) {
-            (
-                Op::Conv2d {
-                    out_channels,
-                    kernel,
-                    stride,
-                    padding,
-                    weight_range,
-                    bias_range,
-                    ..
-                },
-                t @ (Tensor::Act(_) | Tensor::Clear(..)),
-            ) => {
-                let p = params[k].as_ref().unwrap();
-                let [c, h, w] = ai.shape;
-                let o = &infos[k + 1];
-                let (oh, ow) = (o.shape[1], o.shape[2]);
-                let accs = (0..out_channels * oh * ow)
-                    .into_par_iter()
-                    .map(|idx| {
-                        let (oc, oy, ox) = (idx / (oh * ow), (idx / ow) % oh, idx % ow);
-                        let mut taps = Vec::new();
-                        for_each_tap(
-                            c,
-                            h,
-                            w,
-                            *kernel,
-                            *stride,
-                            *padding,
-                            oy,
-                            ox,
-                            |ic, ky, kx, i| {
-                                taps.push((((oc * c + ic) * kernel[0] + ky) * kernel[1] + kx, i));
-                            },
-                        );
-                        linear(e, &taps, t, ai, p, oc, *weight_range, *bias_range)
-                    })
-                    .collect();
-                Tensor::Acc(accs)
-            }
-            (
-                Op::Dense {
-                    out_features,
-                    weight_range,
-                    bias_range,
-                    ..
-                },
-                t @ (Tensor::Act(_) | Tensor::Clear(..)),
-            ) => {
-                let p = params[k].as_ref().unwrap();
-                let n = ai.len();
-                let accs = (0..*out_features)
-                    .into_par_iter()
-                    .map(|o| {
-                        let taps: Vec<_> = (0..n).map(|i| (o * n + i, i)).collect();
-                        linear(e, &taps, t, ai, p, o, *weight_range, *bias_range)
-                    })
-                    .collect();
-                Tensor::Acc(accs)
-            }
-            (Op::SumPool { kernel, stride }, t) => {
-                let accs = to_accs(t);
-                Tensor::Acc(
-                    pool_windows(ai, *kernel, *stride)
-                        .into_iter()
-                        .map(|win| {
-                            win.iter()
-                                .fold(Acc::zero(), |s, &i| s.merge(accs[i].clone()))
-                        })
-                        .collect(),
-                )
-            }
-            (Op::MaxPool { kernel, stride }, Tensor::Act(x)) => {
-                let wins = pool_windows(ai, *kernel, *stride);
-                Tensor::Act(
-                    wins.into_par_iter()
-                        .map(|win| {
-                            // balanced tree: keeps the refresh-free path (variance) likely
-                            let mut layer: Vec<Vec<Val<B::Ct>>> =
-                                win.iter().map(|&i| x[i].clone()).collect();
-                            while layer.len() > 1 {
-                                layer = layer
-                                    .chunks(2)
-                                    .map(|p| match p {
-                                        [a, b] if a.len() == 1 => vec![e.max(&a[0], &b[0])],
-                                        [a, b] => {
-                                            let bit = e.greater(a, b);
-                                            e.select(&bit, a, b)
-                                        }
-                                        _ => p[0].clone(),
-                                    })
-                                    .collect();
-                            }
-                            layer.pop().unwrap()
-                        })
-                        .collect(),
-                )
-            }
-            (Op::Activation { tables, .. }, t) => {
-                let accs = to_accs(t);
-                let Kind::Act { max } = infos[k + 1].kind else {
-                    unreachable!("an activation's output is an activation")
-                };
-                let out_digits = act_digits(max);
-                let ys: Result<Vec<_>, CircuitError> = accs
-                    .into_par_iter()
-                    .enumerate()
-                    .map(|(i, acc)| {
-                        let tab = &tables[if tables.len() == 1 {
-                            0
-                        } else {
-                            ai.channel_of(i)
-                        }];
-                        e.apply_table_digits(
-                            acc,
-                            &|s| tab.lookup(s) as i64,
-                            out_digits,
-                            Some((tab.min, tab.min + tab.values.len() as i64 - 1)),
-                        )
-                    })
-                    .collect();
-                Tensor::Act(ys?)
-            }
-            (Op::Add { mul }, a) => {
-                let (a, b) = (to_accs(a), to_accs(&vals[node.inputs[1]]));
-                let bi = &infos[node.inputs[1]];
-                Tensor::Acc(
-                    a.into_iter()
-                        .zip(b)
-                        .enumerate()
-                        .map(|(i, (x, y))| x.merge(y.times(add_mul(mul, bi, i) as u64)))
-                        .collect(),
-                )
-            }
-            (Op::Flatten, Tensor::Act(x)) => Tensor::Act(x.clone()),
-            (Op::Flatten, Tensor::Clear(x, b)) => Tensor::Clear(x.clone(), *b),
-            (Op::Flatten, Tensor::Acc(x)) => Tensor::Acc(x.clone()),
-            // infer() guarantees linear layers and max pooling read activations
-            _ => unreachable!("node kinds checked by Model::infer"),
+        let cx = Cx {
+            e,
+            inputs: node.inputs.iter().map(|&v| &vals[v]).collect(),
+            infos: node.inputs.iter().map(|&v| &infos[v]).collect(),
+            out: &infos[k + 1],
+            params: params[k].as_ref(),
+            place: places[k + 1].as_deref(),
         };
+        let out = match &node.op {
+            Op::Conv2d(l) => l.circuit(&cx),
+            Op::Dense(l) => l.circuit(&cx),
+            Op::SumPool(l) => l.circuit(&cx),
+            Op::MaxPool(l) => l.circuit(&cx),
+            Op::Activation(l) => l.circuit(&cx),
+            Op::Add(l) => l.circuit(&cx),
+            Op::Flatten(l) => l.circuit(&cx),
+            Op::Lut(l) => l.circuit(&cx),
+            Op::GroupSum(l) => l.circuit(&cx),
+        }
+        .map_err(|e| match e {
+            EvalError::Input(msg) => {
+                EvalError::Input(format!("node {k} ({}): {msg}", node.op.name()))
+            }
+            e => e,
+        })?;
         pbs_per_node.push(e.pbs_count() - before);
         vals.push(out);
     }
@@ -548,12 +513,12 @@ fn run_from<B: Backend>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn linear<B: Backend>(
+pub(crate) fn linear<B: Backend>(
     e: &Engine<B>,
     taps: &[(usize, usize)],
     t: &Tensor<B::Ct>,
     ai: &ValueInfo,
-    p: &LayerParams<B::Ct>,
+    p: &LayerParams<B::Ct, B::Table>,
     o: usize,
     wr: [i8; 2],
     br: [i32; 2],
@@ -589,7 +554,9 @@ fn linear<B: Backend>(
                 Tensor::Clear(x, bits) => {
                     return linear_clear(e, taps, x, *bits, p, o, wr, br);
                 }
-                Tensor::Acc(_) => unreachable!("infer() guarantees linear layers read activations"),
+                Tensor::Acc(_) | Tensor::Scaled(_) => {
+                    unreachable!("infer() and places() guarantee linear layers read activations")
+                }
             }
         }
     }
@@ -607,7 +574,7 @@ fn linear_clear<B: Backend>(
     taps: &[(usize, usize)],
     x: &[u8],
     bits: u8,
-    p: &LayerParams<B::Ct>,
+    p: &LayerParams<B::Ct, B::Table>,
     o: usize,
     wr: [i8; 2],
     br: [i32; 2],
@@ -636,7 +603,7 @@ fn linear_clear<B: Backend>(
 fn add_bias<B: Backend>(
     e: &Engine<B>,
     mut acc: Acc<B::Ct>,
-    p: &LayerParams<B::Ct>,
+    p: &LayerParams<B::Ct, B::Table>,
     o: usize,
     br: [i32; 2],
     bound: u64,
@@ -661,7 +628,7 @@ pub fn plan(model: &Model) -> Result<(Vec<u64>, OutputLayout), EvalError> {
 pub fn plan_mode(model: &Model, mode: InputMode) -> Result<(Vec<u64>, OutputLayout), EvalError> {
     use super::backend::PlanBackend;
     let e = Engine::new(PlanBackend);
-    let params = unit_params(model, &|| ())?;
+    let params = unit_params(model)?;
     let out = match mode {
         InputMode::Encrypted => run(&e, model, &params, vec![(); input_ciphertexts(model)])?,
         InputMode::DeviceClear => {
@@ -671,67 +638,111 @@ pub fn plan_mode(model: &Model, mode: InputMode) -> Result<(Vec<u64>, OutputLayo
     Ok((out.pbs_per_node.clone(), out.layout()))
 }
 
-/// Parameters built by calling `f(value)` on every stored digit: weight, bias and
-/// clear-table digits (for encryption, planning and tests).
+/// Parameters built by calling `f(value)` on every stored digit (weight, bias and
+/// clear-table digits, and secret-table entries), with the secret tables in the clear
+/// (for planning, the clear backend and tests).
 pub fn map_params<C>(
     model: &Model,
     f: &mut dyn FnMut(u64) -> C,
-) -> Result<Vec<Option<LayerParams<C>>>, EvalError> {
-    model.infer()?;
+) -> Result<Vec<Option<LayerParams<C, ClearTable>>>, EvalError> {
+    let f = std::cell::RefCell::new(f);
+    map_params_with(model, &mut |v| (f.borrow_mut())(v), &mut |v| {
+        (f.borrow_mut())(v)
+    })
+}
+
+/// [`map_params`] with `entry(v)` for the entries a device-clear secret-table layer picks
+/// (values up to 15, one block each; `f` gets base-4 digits).
+pub fn map_params_with<C>(
+    model: &Model,
+    f: &mut dyn FnMut(u64) -> C,
+    entry: &mut dyn FnMut(u64) -> C,
+) -> Result<Vec<Option<LayerParams<C, ClearTable>>>, EvalError> {
+    let infos = model.infer()?;
+    let places = lut::places(model, &infos)?;
     let clear = clear_values(model);
     Ok(model
         .nodes
         .iter()
         .enumerate()
         .map(|(k, n)| {
-            let l = n.op.linear()?;
-            let nd = bias_digits(l.bias_range);
-            let wd = weight_digits(l.weight_range);
-            let base = (l.weight_range[0] as i64).min(0);
-            let clear_tables = if reads_clear(model, &clear, k) {
-                let t = ClearTables::of(model.input.bits, l.weight_range);
-                l.weights
-                    .iter()
-                    .flat_map(|&w| {
-                        t.chunks.clone().into_iter().flat_map(move |ch| {
-                            (0..=ch.vmax).flat_map(move |v| {
-                                let e = w as i64 * v - ch.pmin;
-                                (0..ch.digits).map(move |k| ((e >> (2 * k)) & 3) as u64)
-                            })
-                        })
-                    })
-                    .map(&mut *f)
-                    .collect()
-            } else {
-                Vec::new()
+            let rc = reads_clear(model, &clear, k);
+            if let Some(l) = n.op.linear() {
+                return Some(linear_params(model.input.bits, &l, rc, f));
+            }
+            lut::param_counts(&n.op)?;
+            let place = places[k + 1].as_deref();
+            let entries = match rc {
+                true => lut::clear_entries(&n.op, place),
+                false => Vec::new(),
             };
             Some(LayerParams {
-                weights: l
-                    .weights
-                    .iter()
-                    .flat_map(|&w| {
-                        let v = (w as i64 - base) as u64;
-                        (0..wd).map(move |j| (v >> (2 * j)) & 3)
-                    })
-                    .map(&mut *f)
-                    .collect(),
-                bias: l
-                    .bias
-                    .iter()
-                    .map(|&b| {
-                        let v = (b as i64 - l.bias_range[0] as i64) as u64;
-                        (0..nd).map(|j| f((v >> (2 * j)) & 3)).collect()
-                    })
-                    .collect(),
-                clear_tables,
+                weights: Vec::new(),
+                bias: Vec::new(),
+                clear_tables: entries.into_iter().map(&mut *entry).collect(),
+                tables: lut::secret_tables(&n.op, place),
             })
         })
         .collect())
 }
 
-fn unit_params<C>(
-    model: &Model,
-    f: &dyn Fn() -> C,
-) -> Result<Vec<Option<LayerParams<C>>>, EvalError> {
-    map_params(model, &mut |_| f())
+/// A linear layer's digits: weights, biases and (reading the clear frame) clear tables.
+fn linear_params<C>(
+    bits: u8,
+    l: &crate::layer::Linear<'_>,
+    reads_clear: bool,
+    f: &mut dyn FnMut(u64) -> C,
+) -> LayerParams<C, ClearTable> {
+    let nd = bias_digits(l.bias_range);
+    let wd = weight_digits(l.weight_range);
+    let base = (l.weight_range[0] as i64).min(0);
+    let clear_tables = if reads_clear {
+        let t = ClearTables::of(bits, l.weight_range);
+        l.weights
+            .iter()
+            .flat_map(|&w| {
+                t.chunks.clone().into_iter().flat_map(move |ch| {
+                    (0..=ch.vmax).flat_map(move |v| {
+                        let e = w as i64 * v - ch.pmin;
+                        (0..ch.digits).map(move |k| ((e >> (2 * k)) & 3) as u64)
+                    })
+                })
+            })
+            .map(&mut *f)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    LayerParams {
+        weights: l
+            .weights
+            .iter()
+            .flat_map(|&w| {
+                let v = (w as i64 - base) as u64;
+                (0..wd).map(move |j| (v >> (2 * j)) & 3)
+            })
+            .map(&mut *f)
+            .collect(),
+        bias: l
+            .bias
+            .iter()
+            .map(|&b| {
+                let v = (b as i64 - l.bias_range[0] as i64) as u64;
+                (0..nd).map(|j| f((v >> (2 * j)) & 3)).collect()
+            })
+            .collect(),
+        clear_tables,
+        tables: Vec::new(),
+    }
+}
+
+fn unit_params(model: &Model) -> Result<Vec<Option<LayerParams<(), ()>>>, EvalError> {
+    let params = map_params(model, &mut |_| ())?;
+    let unit = |p: Option<LayerParams<(), ClearTable>>| {
+        p.map(|p| {
+            let n = p.tables.len();
+            p.with_tables(vec![(); n])
+        })
+    };
+    Ok(params.into_iter().map(unit).collect())
 }

@@ -10,9 +10,10 @@ pub mod circuit;
 pub mod entropy;
 pub mod eval;
 pub mod geometry;
+pub mod tables;
 pub mod tfhe_backend;
 
-use crate::model::{Model, Op};
+use crate::model::Model;
 use circuit::Engine;
 use eval::{LayerParams, OutputLayout};
 use serde::{Deserialize, Serialize};
@@ -47,8 +48,8 @@ pub const COMPRESSION_PARAMS_NAME: &str = "COMP_PARAM_MESSAGE_2_CARRY_2_KS_PBS_T
 /// Version of the encrypted model layout.
 /// 2 adds the clear tables of the layers that read the frame (device-clear input); 3 makes
 /// their entries the base-4 digits of whole products (2 held one value 0..=9 per weight
-/// digit and pixel digit).
-pub const ENCRYPTED_MODEL_FORMAT_VERSION: u32 = 3;
+/// digit and pixel digit); 4 adds every layer's secret tables (secret-table networks).
+pub const ENCRYPTED_MODEL_FORMAT_VERSION: u32 = 4;
 /// Version of the encrypted output layout: 2 is the logits' digits packed by list
 /// compression (1 was one 16 KiB ciphertext per digit plus an encrypted label).
 pub const OUTPUT_FORMAT_VERSION: u32 = 2;
@@ -70,6 +71,8 @@ pub mod limits {
     pub const PUBLIC_KEY: u64 = 16 << 20;
     /// The compressed server key (and the evaluation key holding it).
     pub const SERVER_KEY: u64 = 1 << 30;
+    /// One secret table: a seeded GLWE body of N = 2048 coefficients (16 KiB) and its seed.
+    pub const TABLE: u64 = 32 << 10;
     /// The compressed (seeded) compression key: 12.6 MB.
     pub const COMPRESSION_KEY: u64 = 64 << 20;
 }
@@ -386,7 +389,7 @@ impl PublicMaterial {
 #[derive(Clone)]
 pub struct EncryptedModel {
     pub arch: Model,
-    pub params: Vec<Option<LayerParams<CompressedCiphertext>>>,
+    pub params: Vec<Option<LayerParams<CompressedCiphertext, tables::SeededTable>>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -394,20 +397,15 @@ struct EncryptedModelFile {
     format_version: u32,
     /// JSON: the model's internally tagged enums are not a bincode layout.
     arch: String,
-    params: Vec<Option<LayerParams<Vec<u8>>>>,
+    params: Vec<Option<LayerParams<Vec<u8>, Vec<u8>>>>,
 }
 
-/// Copy of the model with every weight and bias replaced by its public lower bound.
+/// Copy of the model with every secret parameter replaced by a public placeholder
+/// (weights and biases by their range's lower bound, secret tables by zeros).
 pub fn strip_parameters(model: &Model) -> Model {
     let mut arch = model.clone();
     for n in &mut arch.nodes {
-        let Some((w0, b0)) = n.op.linear().map(|l| (l.weight_range[0], l.bias_range[0])) else {
-            continue;
-        };
-        if let Op::Conv2d { weights, bias, .. } | Op::Dense { weights, bias, .. } = &mut n.op {
-            weights.fill(w0);
-            bias.fill(b0);
-        }
+        n.op.layer_mut().strip();
     }
     arch
 }
@@ -418,7 +416,35 @@ impl EncryptedModel {
     /// layers that read the frame (base-4 digits of products, like every other digit).
     pub fn encrypt(model: &Model, keys: &OwnerKeys) -> Result<Self, FheError> {
         entropy::seed_thread();
-        let params = eval::map_params(model, &mut |v| keys.client.encrypt_compressed(v))?;
+        let sixteen = tfhe::shortint::parameters::MessageModulus(16);
+        let params = eval::map_params_with(
+            model,
+            &mut |v| keys.client.encrypt_compressed(v),
+            // a picked entry holds a whole 4-bit block (message and carry)
+            &mut |v| {
+                keys.client
+                    .encrypt_with_message_modulus_compressed(v, sixteen)
+            },
+        )?;
+        // shortint builds a table's clear accumulator with a server key
+        let has_tables = params.iter().flatten().any(|p| !p.tables.is_empty());
+        let sks = has_tables.then(|| ServerKey::new(&keys.client));
+        let params = params
+            .into_iter()
+            .map(|p| {
+                p.map(|p| {
+                    let tables = match &sks {
+                        Some(sks) => tables::encrypt_tables(&keys.client, sks, &p.tables)?,
+                        None => Vec::new(),
+                    };
+                    Ok::<_, FheError>(LayerParams {
+                        tables,
+                        ..p.with_tables(Vec::new())
+                    })
+                })
+                .transpose()
+            })
+            .collect::<Result<_, _>>()?;
         Ok(EncryptedModel {
             arch: strip_parameters(model),
             params,
@@ -435,10 +461,23 @@ impl EncryptedModel {
                     msg: e.to_string(),
                 })
         };
+        let ser_table = |t: &tables::SeededTable| -> Result<Vec<u8>, FheError> {
+            use bincode::Options;
+            bincode_opts(limits::TABLE)
+                .serialize(t)
+                .map_err(|e| FheError::Decode {
+                    what: "secret table",
+                    msg: e.to_string(),
+                })
+        };
         let params = self
             .params
             .iter()
-            .map(|p| p.as_ref().map(|p| p.try_map(ser)).transpose())
+            .map(|p| {
+                p.as_ref()
+                    .map(|p| p.try_map_all(ser, ser_table))
+                    .transpose()
+            })
             .collect::<Result<_, _>>()?;
         let file = EncryptedModelFile {
             format_version: ENCRYPTED_MODEL_FORMAT_VERSION,
@@ -460,6 +499,13 @@ impl EncryptedModel {
     /// Parses an untrusted encrypted model: size-limited, every ciphertext checked for
     /// conformance with the default parameters, shapes checked against the architecture.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, FheError> {
+        // the version leads the container (fixint u32): an older layout is named before
+        // its fields are read
+        check_len("encrypted model", bytes, limits::MODEL)?;
+        if let Some(v) = bytes.get(..4) {
+            let found = u32::from_le_bytes([v[0], v[1], v[2], v[3]]);
+            check_version("encrypted model", found, ENCRYPTED_MODEL_FORMAT_VERSION)?;
+        }
         let file: EncryptedModelFile = decode_container("encrypted model", bytes, limits::MODEL)?;
         check_version(
             "encrypted model",
@@ -494,12 +540,38 @@ impl EncryptedModel {
             }
             Ok(c)
         };
-        let params: Vec<Option<LayerParams<CompressedCiphertext>>> = file
+        // a device-clear secret-table entry is a whole 4-bit block
+        let entry_conf = CiphertextConformanceParams {
+            message_modulus: tfhe::shortint::parameters::MessageModulus(16),
+            carry_modulus: tfhe::shortint::parameters::CarryModulus(1),
+            degree: tfhe::shortint::ciphertext::Degree::new(15),
+            ..digit_conf
+        };
+        let de_table = |b: &Vec<u8>| -> Result<tables::SeededTable, FheError> {
+            use bincode::Options;
+            let t: tables::SeededTable =
+                bincode_opts(limits::TABLE)
+                    .deserialize(b)
+                    .map_err(|e| FheError::Decode {
+                        what: "secret table",
+                        msg: e.to_string(),
+                    })?;
+            tables::check_table(&t)?;
+            Ok(t)
+        };
+        let params: Vec<Option<LayerParams<CompressedCiphertext, tables::SeededTable>>> = file
             .params
             .iter()
             .map(|p| {
                 p.as_ref()
-                    .map(|p| p.try_map(|b| de(b, &digit_conf)))
+                    .map(|p| {
+                        let conf = if p.tables.is_empty() {
+                            &digit_conf
+                        } else {
+                            &entry_conf
+                        };
+                        p.try_map_all(|b| de(b, conf), de_table)
+                    })
                     .transpose()
             })
             .collect::<Result<_, _>>()?;
@@ -507,7 +579,8 @@ impl EncryptedModel {
         Ok(EncryptedModel { arch, params })
     }
 
-    fn decompress(&self) -> Vec<Option<LayerParams<Ciphertext>>> {
+    /// Expands every seeded ciphertext (tables stay seeded until the server key is there).
+    fn decompress(&self) -> Vec<Option<LayerParams<Ciphertext, tables::SeededTable>>> {
         use rayon::prelude::*;
         self.params
             .iter()
@@ -519,7 +592,18 @@ impl EncryptedModel {
                         .iter()
                         .map(|d| d.iter().map(|c| c.decompress()).collect())
                         .collect(),
-                    clear_tables: p.clear_tables.par_iter().map(|c| c.decompress()).collect(),
+                    clear_tables: p
+                        .clear_tables
+                        .par_iter()
+                        .map(|c| {
+                            let mut ct = c.decompress();
+                            // entries are encrypted with the full block as message space
+                            ct.message_modulus = PARAMS.message_modulus;
+                            ct.carry_modulus = PARAMS.carry_modulus;
+                            ct
+                        })
+                        .collect(),
+                    tables: p.tables.clone(),
                 })
             })
             .collect()
@@ -776,7 +860,7 @@ pub struct InferStats {
 /// pool. Nothing here can decrypt.
 pub struct EdgeRuntime {
     pub arch: Model,
-    params: Vec<Option<LayerParams<Ciphertext>>>,
+    params: Vec<Option<LayerParams<Ciphertext, tfhe_backend::SecretTable>>>,
     engine: Engine<TfheBackend>,
     public_key: CompactPublicKey,
     compression: CompressionKey,
@@ -855,6 +939,19 @@ impl EdgeRuntime {
             });
         }
         let public_key = public.public_key.into_raw_parts().0.into_raw_parts();
+        let params = params
+            .into_iter()
+            .map(|p| {
+                p.map(|p| {
+                    let t: Vec<_> = p
+                        .tables
+                        .iter()
+                        .map(|t| tables::expand_table(&server_key, t))
+                        .collect();
+                    p.with_tables(t)
+                })
+            })
+            .collect();
         Ok(EdgeRuntime {
             arch: model.arch.clone(),
             params,

@@ -10,7 +10,16 @@ use tfhe::core_crypto::prelude::{
     lwe_ciphertext_plaintext_add_assign, lwe_ciphertext_sub_assign, Cleartext, Plaintext,
 };
 use tfhe::shortint::ciphertext::Degree;
+use tfhe::shortint::server_key::{LookupTableOwned, ManyLookupTableOwned};
 use tfhe::shortint::{Ciphertext, ServerKey};
+
+/// A lookup table the owner encrypted: the accumulator of one table, or of `k` tables for
+/// a many-LUT PBS, as a GLWE under the client key's GLWE secret key.
+#[derive(Clone)]
+pub enum SecretTable {
+    One(LookupTableOwned),
+    Many(ManyLookupTableOwned),
+}
 
 /// Scaling of a message in Z_32 onto the 64-bit torus: 2^64 / 32.
 const DELTA: u64 = 1 << 59;
@@ -27,6 +36,7 @@ impl TfheBackend {
 
 impl Backend for TfheBackend {
     type Ct = Ciphertext;
+    type Table = SecretTable;
 
     fn trivial(&self, v: u64) -> Ciphertext {
         let mut ct = self.server_key.unchecked_create_trivial(0);
@@ -76,5 +86,16 @@ impl Backend for TfheBackend {
     fn sign_lut(&self, a: &Ciphertext, c: u64) -> Ciphertext {
         // A constant table: the blind rotation negates it for messages with the padding bit set.
         self.lut(a, &[c; BLOCK as usize])
+    }
+
+    fn secret_lut(&self, a: &Ciphertext, table: &SecretTable, k: usize) -> Vec<Ciphertext> {
+        let mut ct = a.clone();
+        ct.degree = Degree::new(BLOCK / k as u64 - 1);
+        // shortint's apply functions: keyswitch, modulus switch with its noise reduction,
+        // blind rotation of the (encrypted) accumulator, sample extraction
+        match table {
+            SecretTable::One(lut) => vec![self.server_key.apply_lookup_table(&ct, lut)],
+            SecretTable::Many(lut) => self.server_key.apply_many_lookup_table(&ct, lut),
+        }
     }
 }

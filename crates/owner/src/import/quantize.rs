@@ -11,8 +11,8 @@ use super::graph::{ActFn, FGraph, FOp, FShape, QSpec};
 use super::ImportError;
 use crate::npy::Array;
 use fhecam_engine::model::{
-    ActTable, InputSpec, Model, Node, Op, ValueInfo, MAX_ACT_BITS, MAX_INPUT_BITS,
-    MODEL_FORMAT_VERSION,
+    ActTable, Activation, Add, Conv2d, Dense, Flatten, InputSpec, MaxPool, Model, Node, Op,
+    SumPool, ValueInfo, MAX_ACT_BITS, MAX_INPUT_BITS, MODEL_FORMAT_VERSION,
 };
 
 /// Bit widths of the integer model.
@@ -206,7 +206,7 @@ impl Builder<'_> {
             .collect();
         let level = |c: usize, y: f32| (((y - z[c]) / s[c]).round() as i64).clamp(0, top);
         let tables = self.tables(rep, f, &level, &steps, true, origin)?;
-        let v = self.push(Op::Activation { bits, tables }, vec![rep.v()]);
+        let v = self.push(Op::Activation(Activation { bits, tables }), vec![rep.v()]);
         Ok(Rep::Act {
             v,
             z: z.to_vec(),
@@ -248,7 +248,7 @@ impl Builder<'_> {
             ));
         }
         let tables = self.tables(rep, f, &level, &vec![None; chans], k > 1, origin)?;
-        let v = self.push(Op::Activation { bits, tables }, vec![rep.v()]);
+        let v = self.push(Op::Activation(Activation { bits, tables }), vec![rep.v()]);
         Ok(Rep::Act {
             v,
             z: vec![z; chans],
@@ -494,7 +494,7 @@ impl Builder<'_> {
             *bq.iter().max().unwrap_or(&0),
         ];
         let op = match conv {
-            Some((kernel, stride, padding)) => Op::Conv2d {
+            Some((kernel, stride, padding)) => Op::Conv2d(Conv2d {
                 out_channels: out,
                 kernel,
                 stride,
@@ -503,14 +503,14 @@ impl Builder<'_> {
                 bias: bq,
                 weight_range: wr,
                 bias_range: br,
-            },
-            None => Op::Dense {
+            }),
+            None => Op::Dense(Dense {
                 out_features: out,
                 weights: wq,
                 bias: bq,
                 weight_range: wr,
                 bias_range: br,
-            },
+            }),
         };
         (op, scales, frac)
     }
@@ -540,7 +540,7 @@ impl Builder<'_> {
         if mul.iter().all(|&m| m == mul[0]) {
             mul.truncate(1);
         }
-        let out = self.push(Op::Add { mul }, vec![*v, *av]);
+        let out = self.push(Op::Add(Add { mul }), vec![*v, *av]);
         Some(Rep::Acc {
             v: out,
             a: forced,
@@ -791,10 +791,10 @@ pub fn quantize_noted(
                     unreachable!()
                 };
                 let v = b.push(
-                    Op::MaxPool {
+                    Op::MaxPool(MaxPool {
                         kernel: *kernel,
                         stride: *stride,
-                    },
+                    }),
                     vec![v],
                 );
                 Rep::Act { v, z, s }
@@ -803,10 +803,10 @@ pub fn quantize_noted(
                 let k = (kernel[0] * kernel[1]) as f32;
                 let (a, bb) = x.affine();
                 let v = b.push(
-                    Op::SumPool {
+                    Op::SumPool(SumPool {
                         kernel: *kernel,
                         stride: *stride,
-                    },
+                    }),
                     vec![x.v()],
                 );
                 Rep::Acc {
@@ -848,7 +848,10 @@ pub fn quantize_noted(
                         b.requantize(&r, ActFn::Identity, &z, &s, origin, true)?
                     });
                 }
-                let v = b.push(Op::Add { mul: vec![] }, vec![sides[0].v(), sides[1].v()]);
+                let v = b.push(
+                    Op::Add(Add { mul: vec![] }),
+                    vec![sides[0].v(), sides[1].v()],
+                );
                 Rep::Acc {
                     v,
                     a: s,
@@ -862,7 +865,7 @@ pub fn quantize_noted(
                         .flat_map(|x| std::iter::repeat_n(x, per))
                         .collect()
                 };
-                let v = b.push(Op::Flatten, vec![x.v()]);
+                let v = b.push(Op::Flatten(Flatten {}), vec![x.v()]);
                 match x {
                     Rep::Act { z, s, .. } => Rep::Act {
                         v,
