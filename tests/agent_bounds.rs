@@ -265,7 +265,8 @@ fn owner_db_replaced_by_rename_and_transient_refusals() {
 
 /// The default client id carries a random part kept beside the state database: stable
 /// across restarts, and a neighbour connecting with the predictable
-/// `fhecam-agent-<host>-<group>` and a clean session takes nothing from the agent.
+/// `fhecam-agent-<host>-<group>` and a clean session takes nothing from the agent; one
+/// connecting with the real id does wipe its session (how an orphan session is cleared).
 #[test]
 fn the_default_client_id_cannot_be_guessed_and_is_kept() {
     let dir = tempfile::tempdir().unwrap();
@@ -311,5 +312,30 @@ fn the_default_client_id_cannot_be_guessed_and_is_kept() {
         std::fs::read_to_string(&id_file).unwrap().trim(),
         id,
         "kept across restarts"
+    );
+
+    // whoever knows the id wipes the session: what clears an orphan, and why the id must
+    // not be guessable
+    for seq in 10..13u64 {
+        cams.send(&topic("cid", "c0"), o.envelope("cid", "c0", 1, seq), false);
+    }
+    clean_connect(port, &id);
+    let agent = spawn_agent(&cfg, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    cams.send(&topic("cid", "c0"), o.envelope("cid", "c0", 1, 99), false);
+    wait_for(
+        "the result published after the wipe",
+        Duration::from_secs(30),
+        || on(&cockpit, "cockpit/").iter().any(|r| r["sequence"] == 99),
+    );
+    stop_agent(agent, Duration::from_secs(10));
+    let seqs: Vec<u64> = on(&cockpit, "cockpit/")
+        .iter()
+        .map(|r| r["sequence"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs.len(),
+        11,
+        "the 3 queued for the wiped session are gone: {seqs:?}"
     );
 }

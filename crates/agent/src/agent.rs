@@ -13,8 +13,8 @@
 //! The I/O loop holds at most `limits.max_held` inferences (one device at most half), whatever
 //! the broker sends: we announce that as our MQTT v5 receive maximum, but mosquitto 2.0.11
 //! sends more after every acknowledgement. What arrives beyond the bound is dropped unread
-//! and unacknowledged; once room is made, the poller drops the connection and reconnects so
-//! that the broker redelivers it (the session is persistent). A burst or a backlog therefore
+//! and unacknowledged; once room is made, the agent disconnects (MQTT DISCONNECT, after its
+//! acknowledgements) and reconnects at once so that the broker redelivers it (the session is persistent). A burst or a backlog therefore
 //! waits at the broker, not in our memory.
 
 use super::config::AgentConfig;
@@ -28,7 +28,7 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::Outgoing as Out;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -370,34 +370,30 @@ enum Polled {
 
 /// Polls rumqttc's event loop and forwards every event; waits on nothing else but the
 /// reconnect backoff and the I/O loop taking the events (which never waits on us).
-/// A message on `reconnect` drops the connection: the next poll connects again.
+/// A DISCONNECT we send ends it, unless `redelivery` is set: then the broker's closing of
+/// the connection is answered by connecting again at once.
 async fn poll(
     mut eventloop: EventLoop,
     events: mpsc::Sender<Polled>,
-    mut reconnect: mpsc::UnboundedReceiver<()>,
+    redelivery: Arc<AtomicBool>,
     backoff: (Duration, Duration),
     endpoint: String,
 ) {
     let mut failures = 0u32;
     loop {
-        let r = tokio::select! {
-            r = eventloop.poll() => r,
-            Some(()) = reconnect.recv() => {
-                // what rumqttc held is kept for the new connection
-                eventloop.clean();
-                if events.send(Polled::Lost).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
-        match r {
+        match eventloop.poll().await {
             Ok(ev) => {
                 if matches!(ev, Event::Incoming(Packet::ConnAck(_))) {
                     failures = 0;
                 }
-                let bye = matches!(ev, Event::Outgoing(Out::Disconnect));
+                let bye = matches!(ev, Event::Outgoing(Out::Disconnect))
+                    && !redelivery.load(Ordering::Relaxed);
                 if events.send(Polled::Event(Box::new(ev))).await.is_err() || bye {
+                    return;
+                }
+            }
+            Err(_) if redelivery.swap(false, Ordering::Relaxed) => {
+                if events.send(Polled::Lost).await.is_err() {
                     return;
                 }
             }
@@ -428,9 +424,13 @@ struct Held {
     pkids: HashSet<u16>,
     /// Some inference was dropped unacknowledged since the last connection ...
     shed: bool,
-    /// ... and this many were let go since: reconnect (have the broker redeliver) once a
-    /// quarter of the bound was, not at every one (that would be a reconnect loop).
+    /// ... and this many were let go since: reconnect (have the broker redeliver) once half
+    /// the bound was, not at every one: each reconnection makes the broker resend all that is
+    /// unacknowledged.
     freed: usize,
+    /// Acknowledgements handed to rumqttc and not yet seen going out: a reconnection would
+    /// drop them (and the broker redeliver those inferences once more).
+    unsent_acks: usize,
 }
 
 enum Admit {
@@ -450,6 +450,7 @@ impl Held {
             pkids: HashSet::new(),
             shed: false,
             freed: 0,
+            unsent_acks: 0,
         }
     }
 
@@ -496,7 +497,7 @@ impl Held {
 
     /// Whether to reconnect now so that the broker redelivers what was shed.
     fn redeliver(&mut self) -> bool {
-        if self.shed && self.freed >= (self.max / 4).max(1) && self.count < self.max {
+        if self.shed && self.unsent_acks == 0 && self.freed >= self.max / 2 {
             self.shed = false;
             self.freed = 0;
             return true;
@@ -504,10 +505,12 @@ impl Held {
         false
     }
 
-    /// A new connection: the broker redelivers everything unacknowledged.
+    /// A new connection: the broker redelivers everything unacknowledged, and rumqttc
+    /// dropped the acknowledgements it had not sent.
     fn connected(&mut self) {
         self.shed = false;
         self.freed = 0;
+        self.unsent_acks = 0;
     }
 }
 
@@ -521,7 +524,8 @@ struct Io {
     /// A shared subscription (renewed at every connection).
     shared: bool,
     held: Held,
-    reconnect: mpsc::UnboundedSender<()>,
+    /// Set while a DISCONNECT of ours asks for a redelivery (the poller reconnects at once).
+    redelivery: Arc<AtomicBool>,
     counters: Arc<Counters>,
 }
 
@@ -549,16 +553,26 @@ impl Io {
                 break;
             }
             if let Some(p) = self.acks.pop_front() {
+                if p.qos != QoS::AtMostOnce {
+                    self.held.unsent_acks += 1;
+                }
                 self.held.done(&p);
             }
         }
-        if self.held.redeliver() {
+        // a reconnection now would make rumqttc send our unacknowledged results again; the
+        // DISCONNECT follows our acknowledgements on the connection, so the broker has them
+        if self.acks.is_empty() && !self.outgoing.in_flight() && self.held.redeliver() {
             tracing::info!(
                 "reconnecting: the broker redelivers the inferences dropped above limits.max_held"
             );
-            Counters::add(&self.counters.redelivery_reconnects);
-            self.connected = false;
-            let _ = self.reconnect.send(());
+            self.redelivery.store(true, Ordering::Relaxed);
+            if self.client.try_disconnect().is_ok() {
+                Counters::add(&self.counters.redelivery_reconnects);
+                self.connected = false;
+            } else {
+                self.redelivery.store(false, Ordering::Relaxed);
+                self.held.shed = true;
+            }
         }
     }
 
@@ -623,6 +637,9 @@ impl Io {
                 }
             },
             Event::Outgoing(Out::Publish(pkid)) => self.outgoing.went_out(pkid),
+            Event::Outgoing(Out::PubAck(_)) => {
+                self.held.unsent_acks = self.held.unsent_acks.saturating_sub(1);
+            }
             Event::Incoming(Packet::PubAck(ack)) => {
                 let ok = matches!(
                     ack.reason,
@@ -672,7 +689,7 @@ pub async fn run(
     // fills; if it did, `try_` calls keep the request for later
     let (client, eventloop) = AsyncClient::new(options, 4 * cfg.limits.max_held + 16);
     let (ev_tx, mut ev_rx) = mpsc::channel(EVENT_CAPACITY);
-    let (reconnect_tx, reconnect_rx) = mpsc::unbounded_channel();
+    let redelivery = Arc::new(AtomicBool::new(false));
     let backoff = (
         Duration::from_secs_f64(m.reconnect_backoff_initial_s),
         Duration::from_secs_f64(m.reconnect_backoff_max_s),
@@ -680,7 +697,7 @@ pub async fn run(
     let poller = tokio::spawn(poll(
         eventloop,
         ev_tx,
-        reconnect_rx,
+        redelivery.clone(),
         backoff,
         format!("{}:{}", m.host, m.port),
     ));
@@ -711,7 +728,7 @@ pub async fn run(
         jobs: job_tx,
         shared: cfg.mqtt.role.shared,
         held: Held::new(cfg.limits.max_held, cfg.mqtt.role.edge_prefix.clone()),
-        reconnect: reconnect_tx,
+        redelivery: redelivery.clone(),
         counters: counters.clone(),
     };
     let mut ready = ready;
@@ -744,6 +761,7 @@ pub async fn run(
     }
 
     // unacknowledged inferences stay with the broker for the next run
+    redelivery.store(false, Ordering::Relaxed);
     let _ = client.try_disconnect();
     drop(ev_rx);
     let abort = poller.abort_handle();
