@@ -14,8 +14,8 @@
 //! the broker sends: we announce that as our MQTT v5 receive maximum, but mosquitto 2.0.11
 //! sends more after every acknowledgement. What arrives beyond the bound is dropped unread
 //! and unacknowledged; once room is made, the agent disconnects (MQTT DISCONNECT, after its
-//! acknowledgements) and reconnects at once so that the broker redelivers it (the session is persistent). A burst or a backlog therefore
-//! waits at the broker, not in our memory.
+//! acknowledgements) and reconnects at once so that the broker redelivers it (the session
+//! is persistent). A burst or a backlog therefore waits at the broker, not in our memory.
 
 use super::config::AgentConfig;
 use super::guard::{parse_topic, RateLimiter};
