@@ -91,6 +91,7 @@ fn agent_base(d: &Path) -> Fields {
         ("limits", "max_payload_bytes", "60000".into()),
         ("limits", "per_device_per_minute", "60.0".into()),
         ("limits", "burst", "10.0".into()),
+        ("limits", "max_held", "64".into()),
     ]
 }
 
@@ -376,6 +377,7 @@ fn every_field_is_bounded_and_named() {
             ("limits", "max_payload_bytes", Int),
             ("limits", "per_device_per_minute", Float),
             ("limits", "burst", Float),
+            ("limits", "max_held", Int),
         ],
         &[
             ("", "logits_for", "[\"\"]"),
@@ -393,6 +395,8 @@ fn every_field_is_bounded_and_named() {
             ("limits", "per_device_per_minute", "2e6"),
             ("limits", "burst", "0.5"),
             ("limits", "max_payload_bytes", "1e9"),
+            ("limits", "max_held", "1"),
+            ("limits", "max_held", "5000"),
             ("mqtt.tls", "ca", "\"/nonexistent/ca.pem\""),
         ],
         &[("mqtt.password", "\"\"")],

@@ -420,3 +420,63 @@ fn a_rotation_during_a_broker_outage_loses_and_duplicates_nothing() {
     assert!(on(&msgs, "backend/deadletter").is_empty());
     common::stop_agent(agent, Duration::from_secs(60));
 }
+
+/// A retained report too large for one camera (1.5 MB: over the 1 MB a status may be; 5 MB:
+/// over what `fhecam fleet` accepts, so the broker does not send it) is that camera's note
+/// or absence, never a failure of the whole fleet view.
+#[test]
+fn an_oversized_retained_status_does_not_hide_the_fleet() {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _broker = Broker::start(dir.path(), port);
+    let mut o = MqttOptions::new("retainer", "127.0.0.1", port);
+    o.set_max_packet_size(16 << 20, 16 << 20);
+    let (client, mut conn) = Client::new(o, 16);
+    let messages: Vec<(String, Vec<u8>)> = vec![
+        ("fhecam/good/cam0/availability".into(), b"online".to_vec()),
+        ("fhecam/big/cam0/availability".into(), b"online".to_vec()),
+        ("fhecam/big/cam0/stats".into(), vec![b' '; 1_500_000]),
+        ("fhecam/huge/cam0/availability".into(), b"online".to_vec()),
+        ("fhecam/huge/cam0/stats".into(), vec![b'{'; 5_000_000]),
+    ];
+    for (t, p) in &messages {
+        client
+            .publish(t.clone(), QoS::AtLeastOnce, true, p.clone())
+            .unwrap();
+    }
+    let mut acked = 0;
+    for ev in conn.iter() {
+        if let Event::Incoming(Packet::PubAck(_)) = ev.unwrap() {
+            acked += 1;
+            if acked == messages.len() {
+                break;
+            }
+        }
+    }
+    let broker = format!("127.0.0.1:{port}");
+    let out = ok(&["fleet", "--broker", &broker, "--json", "--wait-s", "1"]);
+    let cams: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let devices: Vec<&str> = cams
+        .iter()
+        .map(|c| c["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(devices, ["big", "good", "huge"], "{out}");
+    for c in &cams {
+        assert_eq!(c["availability"], "online", "{c}");
+    }
+    let note = cams[0]["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("1500000 bytes, over the 1048576-byte limit"),
+        "{out}"
+    );
+    assert!(
+        cams[1]["note"].is_null() && cams[2]["note"].is_null(),
+        "{out}"
+    );
+    let table = ok(&["fleet", "--broker", &broker, "--wait-s", "1"]);
+    assert!(table.contains("over the 1048576-byte limit"), "{table}");
+}

@@ -38,7 +38,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
             p.models,
             p.unusable.len(),
             p.state,
-            cfg.client_id(),
+            agent::processor::client_id_preview(&cfg)?,
             cfg.subscription()
         );
         return Ok(());

@@ -44,8 +44,53 @@ pub struct FleetArgs {
     pub json: bool,
 }
 
+/// Largest packet `collect` accepts; it announces it to the broker (MQTT v5 maximum packet
+/// size), which then does not send a larger retained message at all. Reports up to this
+/// size but over `fleet::MAX_STATUS_BYTES` become a note.
+const COLLECT_MAX_PACKET: u32 = 4 << 20;
+
+/// What both MQTT versions' options are made of.
+struct Endpoint {
+    id: String,
+    host: String,
+    port: u16,
+    credentials: Option<(String, String)>,
+    transport: Option<rumqttc::Transport>,
+}
+
 impl BrokerArgs {
     fn options(&self, what: &str, max_packet: usize) -> Result<MqttOptions> {
+        let e = self.endpoint(what)?;
+        let mut o = MqttOptions::new(e.id, e.host, e.port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_clean_session(true);
+        o.set_max_packet_size(max_packet, max_packet);
+        if let Some((u, p)) = e.credentials {
+            o.set_credentials(u, p);
+        }
+        if let Some(t) = e.transport {
+            o.set_transport(t);
+        }
+        Ok(o)
+    }
+
+    /// MQTT v5 options, so that the broker knows our maximum packet size.
+    fn options_v5(&self, what: &str, max_packet: u32) -> Result<rumqttc::v5::MqttOptions> {
+        let e = self.endpoint(what)?;
+        let mut o = rumqttc::v5::MqttOptions::new(e.id, e.host, e.port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_clean_start(true);
+        o.set_max_packet_size(Some(max_packet));
+        if let Some((u, p)) = e.credentials {
+            o.set_credentials(u, p);
+        }
+        if let Some(t) = e.transport {
+            o.set_transport(t);
+        }
+        Ok(o)
+    }
+
+    fn endpoint(&self, what: &str) -> Result<Endpoint> {
         let Some(b) = &self.broker else {
             bail!("{what} needs the broker: give --broker HOST:PORT");
         };
@@ -60,23 +105,25 @@ impl BrokerArgs {
             std::process::id(),
             fhecam::ids::unix_now_ms()
         );
-        let mut o = MqttOptions::new(id, host, port);
-        o.set_keep_alive(Duration::from_secs(30));
-        o.set_clean_session(true);
-        o.set_max_packet_size(max_packet, max_packet);
-        if let Some(u) = &self.username {
+        let credentials = self.username.as_ref().map(|u| {
             let pass = std::env::var("FHECAM_BROKER_PASSWORD").unwrap_or_default();
-            o.set_credentials(u.clone(), pass);
-        }
-        if let Some(ca) = &self.ca {
-            let t = fhecam::mqtt::TlsConfig {
+            (u.clone(), pass)
+        });
+        let transport = match &self.ca {
+            Some(ca) => Some(fhecam::mqtt::tls_transport(&fhecam::mqtt::TlsConfig {
                 ca: ca.clone(),
                 client_cert: self.cert.clone(),
                 client_key: self.key.clone(),
-            };
-            o.set_transport(fhecam::mqtt::tls_transport(&t)?);
-        }
-        Ok(o)
+            })?),
+            None => None,
+        };
+        Ok(Endpoint {
+            id,
+            host: host.to_string(),
+            port,
+            credentials,
+            transport,
+        })
     }
 }
 
@@ -147,9 +194,13 @@ pub fn push(b: &BrokerArgs, topics: &[String], bundle: &[u8], timeout: Duration)
     Ok(())
 }
 
-/// The cameras' retained reports, collected for `wait` after subscribing.
+/// The cameras' retained reports, collected for `wait` after subscribing. A report too large
+/// for one camera is that camera's note (or, over `COLLECT_MAX_PACKET`, not sent by the
+/// broker), never a failure of the whole fleet.
 pub fn collect(b: &BrokerArgs, wait: Duration) -> Result<Vec<Camera>> {
-    let o = b.options("this command", 1 << 20)?;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{mqttbytes::QoS, Client, Event};
+    let o = b.options_v5("this command", COLLECT_MAX_PACKET)?;
     let (client, mut conn) = Client::new(o, 16);
     let mut msgs = Vec::new();
     let mut until: Option<Instant> = None;
@@ -177,11 +228,14 @@ pub fn collect(b: &BrokerArgs, wait: Duration) -> Result<Vec<Camera>> {
                 Event::Incoming(Packet::SubAck(_)) => {
                     until.get_or_insert_with(|| Instant::now() + wait);
                 }
-                Event::Incoming(Packet::Publish(p)) => msgs.push((p.topic, p.payload.to_vec())),
+                Event::Incoming(Packet::Publish(p)) => msgs.push((
+                    String::from_utf8_lossy(&p.topic).into_owned(),
+                    p.payload.to_vec(),
+                )),
                 _ => {}
             },
-            Err(rumqttc::RecvTimeoutError::Timeout) => {}
-            Err(rumqttc::RecvTimeoutError::Disconnected) => break,
+            Err(rumqttc::v5::RecvTimeoutError::Timeout) => {}
+            Err(rumqttc::v5::RecvTimeoutError::Disconnected) => break,
         }
     }
     let _ = client.try_disconnect();

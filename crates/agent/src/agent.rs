@@ -10,11 +10,15 @@
 //! - the **I/O loop** hands the worker's publishes to rumqttc with `try_` calls only and
 //!   acknowledges an inference once the broker has acknowledged its result or dead letter.
 //!
-//! Backpressure is MQTT's own: unacknowledged inferences count against the receive maximum
-//! we announce, so a burst or a backlog waits at the broker, not in our memory.
+//! The I/O loop holds at most `limits.max_held` inferences (one device at most half), whatever
+//! the broker sends: we announce that as our MQTT v5 receive maximum, but mosquitto 2.0.11
+//! sends more after every acknowledgement. What arrives beyond the bound is dropped unread
+//! and unacknowledged; once room is made, the agent disconnects (MQTT DISCONNECT, after its
+//! acknowledgements) and reconnects at once so that the broker redelivers it (the session
+//! is persistent). A burst or a backlog therefore waits at the broker, not in our memory.
 
 use super::config::AgentConfig;
-use super::guard::RateLimiter;
+use super::guard::{parse_topic, RateLimiter};
 use super::processor::{AgentError, Checked, Key, Processor, Refusal, RefusalCode, Step};
 use super::session::{Item, Outgoing};
 use fhecam_proto::ids::{rfc3339, ModelId};
@@ -23,20 +27,16 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::Outgoing as Out;
 use serde::Serialize;
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Inferences the broker may send us before we acknowledge one (MQTT v5 receive maximum):
-/// the bound on what the agent holds in memory (each up to ~1.5 MB).
-pub const RECEIVE_MAXIMUM: u16 = 32;
-/// rumqttc's request channel: each held inference makes at most one publish and one
-/// acknowledgement, so this never fills; if it did, `try_` calls keep the request for later.
-const REQUEST_CAPACITY: usize = 4 * RECEIVE_MAXIMUM as usize + 16;
+/// Events the poller may have read ahead of the I/O loop (each up to one envelope).
+const EVENT_CAPACITY: usize = 64;
 
 /// Counters of one run.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -49,6 +49,15 @@ pub struct AgentStats {
     pub rate_limited: u64,
     /// Cockpit results the broker acknowledged.
     pub published: u64,
+    /// Most inferences held at once (at most `limits.max_held`).
+    pub held_peak: u64,
+    /// Inferences dropped unread and unacknowledged because the agent held its bound (the
+    /// broker redelivers them; a redelivery dropped again counts again).
+    pub shed: u64,
+    /// Reconnections made so that the broker redelivers what was shed.
+    pub redelivery_reconnects: u64,
+    /// Inferences left unacknowledged for a later attempt (a key that does not unseal).
+    pub released: u64,
 }
 
 #[derive(Default)]
@@ -59,6 +68,10 @@ struct Counters {
     dead_lettered: AtomicU64,
     rate_limited: AtomicU64,
     published: AtomicU64,
+    held_peak: AtomicU64,
+    shed: AtomicU64,
+    redelivery_reconnects: AtomicU64,
+    released: AtomicU64,
 }
 
 impl Counters {
@@ -74,6 +87,10 @@ impl Counters {
             dead_lettered: g(&self.dead_lettered),
             rate_limited: g(&self.rate_limited),
             published: g(&self.published),
+            held_peak: g(&self.held_peak),
+            shed: g(&self.shed),
+            redelivery_reconnects: g(&self.redelivery_reconnects),
+            released: g(&self.released),
         }
     }
 }
@@ -98,6 +115,9 @@ enum Then {
 enum Decision {
     Publish(Item<Then>),
     Ack(Vec<Publish>),
+    /// Done with these without acknowledging them: the broker redelivers them on the next
+    /// connection.
+    Release(Vec<Publish>),
     /// The worker cannot go on (state database); the agent stops, unacknowledged work is
     /// redelivered by the broker to the next run.
     Fatal(AgentError),
@@ -116,6 +136,9 @@ struct DeadLetter<'a> {
 /// (a redelivery of it while it is in flight joins here instead of being decrypted twice).
 struct Flight {
     model: ModelId,
+    /// Payload size of the first, for its dead letter.
+    bytes: usize,
+    /// Payloads emptied: only packet ids are needed to acknowledge.
     acks: Vec<Publish>,
 }
 
@@ -139,7 +162,9 @@ impl Worker {
         self.out.send(d).is_ok()
     }
 
-    fn dead(&self, p: Publish, r: Refusal) {
+    /// Reports `r` to the dead-letter topic; the inference is acknowledged once the broker
+    /// has the report, or left unacknowledged (released) when the refusal is transient.
+    fn dead(&self, mut p: Publish, bytes: usize, r: Refusal) {
         Counters::add(&self.counters.dead_lettered);
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
         tracing::warn!("{topic}: refused: {}", r.reason);
@@ -147,23 +172,33 @@ impl Worker {
             code: r.code,
             reason: &r.reason,
             topic: &topic,
-            payload_bytes: p.payload.len(),
+            payload_bytes: bytes,
             time: rfc3339(fhecam_proto::ids::unix_now()),
         })
         .unwrap_or_default();
+        // only its packet id is needed from here on
+        p.payload = Default::default();
+        let then = if r.transient {
+            Counters::add(&self.counters.released);
+            self.send(Decision::Release(vec![p]));
+            Then::Ack(Vec::new())
+        } else {
+            Then::Ack(vec![p])
+        };
         self.send(Decision::Publish(Item {
             topic: self.dead_topic.clone(),
             payload: json,
-            then: Then::Ack(vec![p]),
+            then,
         }));
     }
 
-    fn message(&mut self, p: Publish, now: Instant) -> Result<(), AgentError> {
+    fn message(&mut self, mut p: Publish, now: Instant) -> Result<(), AgentError> {
         Counters::add(&self.counters.received);
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        let bytes = p.payload.len();
         let c = match self.processor.check(&topic, &p.payload) {
             Step::Dead(reason) => {
-                self.dead(p, reason);
+                self.dead(p, bytes, reason);
                 return Ok(());
             }
             Step::Duplicate => {
@@ -175,6 +210,8 @@ impl Worker {
             Step::Fatal(e) => return Err(e),
             Step::Ready(c) => c,
         };
+        // `c` holds what decryption needs
+        p.payload = Default::default();
         if let Some(f) = self.flights.get_mut(&c.key) {
             // the same inference again while it is in flight: answered with it
             Counters::add(&self.counters.duplicates);
@@ -188,6 +225,7 @@ impl Worker {
             c.key.clone(),
             Flight {
                 model: c.model,
+                bytes,
                 acks: vec![p],
             },
         );
@@ -227,9 +265,14 @@ impl Worker {
                 let mut acks = f.acks.into_iter();
                 if let Some(first) = acks.next() {
                     let rest: Vec<Publish> = acks.collect();
-                    self.dead(first, reason);
+                    let transient = reason.transient;
+                    self.dead(first, f.bytes, reason);
                     if !rest.is_empty() {
-                        self.send(Decision::Ack(rest));
+                        self.send(if transient {
+                            Decision::Release(rest)
+                        } else {
+                            Decision::Ack(rest)
+                        });
                     }
                 }
             }
@@ -294,16 +337,18 @@ impl Worker {
     }
 }
 
-fn mqtt_options(cfg: &AgentConfig) -> Result<MqttOptions, AgentError> {
+fn mqtt_options(cfg: &AgentConfig, client_id: String) -> Result<MqttOptions, AgentError> {
     let m = &cfg.mqtt.conn;
-    let mut o = MqttOptions::new(cfg.client_id(), m.host.clone(), m.port);
+    let mut o = MqttOptions::new(client_id, m.host.clone(), m.port);
     o.set_keep_alive(Duration::from_secs(m.keep_alive_s));
     // persistent session: what we have not acknowledged is redelivered after a crash or a
     // reconnect (and deduplicated), never lost
     o.set_clean_start(false);
     o.set_session_expiry_interval(Some(24 * 3600));
     o.set_manual_acks(true);
-    o.set_receive_maximum(Some(RECEIVE_MAXIMUM));
+    // what a broker that honours it sends before our acknowledgements; the I/O loop
+    // enforces the bound whatever the broker does
+    o.set_receive_maximum(Some(cfg.limits.max_held.min(u16::MAX as usize) as u16));
     o.set_max_packet_size(Some(
         (fhecam_proto::envelope::MAX_ENVELOPE_BYTES + 4096) as u32,
     ));
@@ -324,10 +369,13 @@ enum Polled {
 }
 
 /// Polls rumqttc's event loop and forwards every event; waits on nothing else but the
-/// reconnect backoff.
+/// reconnect backoff and the I/O loop taking the events (which never waits on us).
+/// A DISCONNECT we send ends it, unless `redelivery` is set: then the broker's closing of
+/// the connection is answered by connecting again at once.
 async fn poll(
     mut eventloop: EventLoop,
-    events: mpsc::UnboundedSender<Polled>,
+    events: mpsc::Sender<Polled>,
+    redelivery: Arc<AtomicBool>,
     backoff: (Duration, Duration),
     endpoint: String,
 ) {
@@ -338,8 +386,14 @@ async fn poll(
                 if matches!(ev, Event::Incoming(Packet::ConnAck(_))) {
                     failures = 0;
                 }
-                let bye = matches!(ev, Event::Outgoing(Out::Disconnect));
-                if events.send(Polled::Event(Box::new(ev))).is_err() || bye {
+                let bye = matches!(ev, Event::Outgoing(Out::Disconnect))
+                    && !redelivery.load(Ordering::Relaxed);
+                if events.send(Polled::Event(Box::new(ev))).await.is_err() || bye {
+                    return;
+                }
+            }
+            Err(_) if redelivery.swap(false, Ordering::Relaxed) => {
+                if events.send(Polled::Lost).await.is_err() {
                     return;
                 }
             }
@@ -350,12 +404,113 @@ async fn poll(
                     "agent MQTT {endpoint}: {e}; retrying in {:.1} s",
                     wait.as_secs_f64()
                 );
-                if events.send(Polled::Lost).is_err() {
+                if events.send(Polled::Lost).await.is_err() {
                     return;
                 }
                 tokio::time::sleep(wait).await;
             }
         }
+    }
+}
+
+/// The inferences the I/O loop handed to the worker and has not acknowledged (or released),
+/// bounded in total and per device. Pure bookkeeping.
+struct Held {
+    max: usize,
+    edge_prefix: String,
+    count: usize,
+    per_device: HashMap<String, usize>,
+    /// Packet ids held (QoS 1): a redelivery of one is not a new inference.
+    pkids: HashSet<u16>,
+    /// Some inference was dropped unacknowledged since the last connection ...
+    shed: bool,
+    /// ... and this many were let go since: reconnect (have the broker redeliver) once half
+    /// the bound was, not at every one: each reconnection makes the broker resend all that is
+    /// unacknowledged.
+    freed: usize,
+    /// Acknowledgements handed to rumqttc and not yet seen going out: a reconnection would
+    /// drop them (and the broker redeliver those inferences once more).
+    unsent_acks: usize,
+}
+
+enum Admit {
+    Take,
+    /// A redelivery of one held: the acknowledgement of the one held answers both.
+    AlreadyHeld,
+    Full,
+}
+
+impl Held {
+    fn new(max: usize, edge_prefix: String) -> Self {
+        Held {
+            max,
+            edge_prefix,
+            count: 0,
+            per_device: HashMap::new(),
+            pkids: HashSet::new(),
+            shed: false,
+            freed: 0,
+            unsent_acks: 0,
+        }
+    }
+
+    fn device(&self, p: &Publish) -> String {
+        let topic = String::from_utf8_lossy(&p.topic);
+        parse_topic(&self.edge_prefix, &topic)
+            .map(|(d, _)| d.to_string())
+            .unwrap_or_default()
+    }
+
+    fn admit(&mut self, p: &Publish) -> Admit {
+        let qos1 = p.qos != QoS::AtMostOnce;
+        if qos1 && self.pkids.contains(&p.pkid) {
+            return Admit::AlreadyHeld;
+        }
+        let device = self.device(p);
+        let mine = self.per_device.get(&device).copied().unwrap_or(0);
+        if self.count >= self.max || mine >= self.max / 2 {
+            self.shed = qos1 || self.shed;
+            return Admit::Full;
+        }
+        self.count += 1;
+        *self.per_device.entry(device).or_default() += 1;
+        if qos1 {
+            self.pkids.insert(p.pkid);
+        }
+        Admit::Take
+    }
+
+    fn done(&mut self, p: &Publish) {
+        if p.qos != QoS::AtMostOnce && !self.pkids.remove(&p.pkid) {
+            return;
+        }
+        let device = self.device(p);
+        if let Some(n) = self.per_device.get_mut(&device) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_device.remove(&device);
+            }
+        }
+        self.count = self.count.saturating_sub(1);
+        self.freed += 1;
+    }
+
+    /// Whether to reconnect now so that the broker redelivers what was shed.
+    fn redeliver(&mut self) -> bool {
+        if self.shed && self.unsent_acks == 0 && self.freed >= self.max / 2 {
+            self.shed = false;
+            self.freed = 0;
+            return true;
+        }
+        false
+    }
+
+    /// A new connection: the broker redelivers everything unacknowledged, and rumqttc
+    /// dropped the acknowledgements it had not sent.
+    fn connected(&mut self) {
+        self.shed = false;
+        self.freed = 0;
+        self.unsent_acks = 0;
     }
 }
 
@@ -368,6 +523,10 @@ struct Io {
     jobs: std_mpsc::Sender<Job>,
     /// A shared subscription (renewed at every connection).
     shared: bool,
+    held: Held,
+    /// Set while a DISCONNECT of ours asks for a redelivery (the poller reconnects at once).
+    redelivery: Arc<AtomicBool>,
+    counters: Arc<Counters>,
 }
 
 impl Io {
@@ -393,7 +552,33 @@ impl Io {
             if self.client.try_ack(p).is_err() {
                 break;
             }
-            self.acks.pop_front();
+            if let Some(p) = self.acks.pop_front() {
+                if p.qos != QoS::AtMostOnce {
+                    self.held.unsent_acks += 1;
+                }
+                self.held.done(&p);
+            }
+        }
+        // a reconnection now would make rumqttc send our unacknowledged results again; the
+        // DISCONNECT follows our acknowledgements on the connection, so the broker has them
+        if self.acks.is_empty() && !self.outgoing.in_flight() && self.held.redeliver() {
+            tracing::info!(
+                "reconnecting: the broker redelivers the inferences dropped above limits.max_held"
+            );
+            self.redelivery.store(true, Ordering::Relaxed);
+            if self.client.try_disconnect().is_ok() {
+                Counters::add(&self.counters.redelivery_reconnects);
+                self.connected = false;
+            } else {
+                self.redelivery.store(false, Ordering::Relaxed);
+                self.held.shed = true;
+            }
+        }
+    }
+
+    fn release(&mut self, ps: Vec<Publish>) {
+        for p in &ps {
+            self.held.done(p);
         }
     }
 
@@ -407,6 +592,7 @@ impl Io {
         match ev {
             Event::Incoming(Packet::ConnAck(ack)) => {
                 self.connected = true;
+                self.held.connected();
                 if !ack.session_present {
                     // rumqttc dropped what it held for the old session
                     self.outgoing.session_lost();
@@ -432,10 +618,28 @@ impl Io {
                     let _ = r.send(());
                 }
             }
-            Event::Incoming(Packet::Publish(p)) => {
-                return self.jobs.send(Job::Message(p)).is_ok();
-            }
+            Event::Incoming(Packet::Publish(p)) => match self.held.admit(&p) {
+                Admit::Take => {
+                    self.counters
+                        .held_peak
+                        .fetch_max(self.held.count as u64, Ordering::Relaxed);
+                    return self.jobs.send(Job::Message(p)).is_ok();
+                }
+                Admit::AlreadyHeld => {}
+                Admit::Full => {
+                    if self.counters.shed.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+                        tracing::warn!(
+                            "holding {} inferences (limits.max_held {}, half per device): what arrives beyond stays with the broker, unacknowledged, for a later redelivery",
+                            self.held.count,
+                            self.held.max
+                        );
+                    }
+                }
+            },
             Event::Outgoing(Out::Publish(pkid)) => self.outgoing.went_out(pkid),
+            Event::Outgoing(Out::PubAck(_)) => {
+                self.held.unsent_acks = self.held.unsent_acks.saturating_sub(1);
+            }
             Event::Incoming(Packet::PubAck(ack)) => {
                 let ok = matches!(
                     ack.reason,
@@ -475,13 +679,17 @@ pub async fn run(
 ) -> Result<AgentStats, AgentError> {
     let subscription = cfg.subscription();
     let m = cfg.mqtt.conn.clone();
-    let options = mqtt_options(&cfg)?;
-    tracing::info!("agent client id {}", cfg.client_id());
+    let client_id = super::processor::client_id(&cfg)?;
+    let options = mqtt_options(&cfg, client_id.clone())?;
+    tracing::info!("agent client id {client_id}");
     let processor = tokio::task::block_in_place(|| Processor::new(cfg.clone()))?;
     let counters = Arc::new(Counters::default());
 
-    let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
-    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    // each held inference makes at most one publish and one acknowledgement, so this never
+    // fills; if it did, `try_` calls keep the request for later
+    let (client, eventloop) = AsyncClient::new(options, 4 * cfg.limits.max_held + 16);
+    let (ev_tx, mut ev_rx) = mpsc::channel(EVENT_CAPACITY);
+    let redelivery = Arc::new(AtomicBool::new(false));
     let backoff = (
         Duration::from_secs_f64(m.reconnect_backoff_initial_s),
         Duration::from_secs_f64(m.reconnect_backoff_max_s),
@@ -489,6 +697,7 @@ pub async fn run(
     let poller = tokio::spawn(poll(
         eventloop,
         ev_tx,
+        redelivery.clone(),
         backoff,
         format!("{}:{}", m.host, m.port),
     ));
@@ -518,6 +727,9 @@ pub async fn run(
         acks: VecDeque::new(),
         jobs: job_tx,
         shared: cfg.mqtt.role.shared,
+        held: Held::new(cfg.limits.max_held, cfg.mqtt.role.edge_prefix.clone()),
+        redelivery: redelivery.clone(),
+        counters: counters.clone(),
     };
     let mut ready = ready;
     let mut fatal = None;
@@ -539,6 +751,7 @@ pub async fn run(
             d = dec_rx.recv() => match d {
                 Some(Decision::Publish(item)) => { io.outgoing.push(item); }
                 Some(Decision::Ack(ps)) => io.acks.extend(ps),
+                Some(Decision::Release(ps)) => io.release(ps),
                 Some(Decision::Fatal(e)) => { fatal = Some(e); break; }
                 None => break,
             },
@@ -548,6 +761,7 @@ pub async fn run(
     }
 
     // unacknowledged inferences stay with the broker for the next run
+    redelivery.store(false, Ordering::Relaxed);
     let _ = client.try_disconnect();
     drop(ev_rx);
     let abort = poller.abort_handle();

@@ -79,6 +79,11 @@ pub struct Limits {
     pub per_device_per_minute: f64,
     /// Burst allowance per device.
     pub burst: f64,
+    /// Most inferences the agent holds unacknowledged in memory (waiting for a rate-limit
+    /// token, being decrypted, or their result waiting for the broker), whatever the broker
+    /// sends; one device holds at most half of them. What arrives beyond is dropped unread
+    /// and unacknowledged: the broker redelivers it when the agent reconnects.
+    pub max_held: usize,
 }
 
 impl Default for Limits {
@@ -87,18 +92,25 @@ impl Default for Limits {
             max_payload_bytes: fhecam_proto::envelope::MAX_ENVELOPE_BYTES,
             per_device_per_minute: 60.0,
             burst: 10.0,
+            max_held: 64,
         }
     }
 }
 
 /// Largest rate and burst per device: beyond, the limiter limits nothing.
 pub const MAX_RATE: f64 = 1e6;
+/// Largest `limits.max_held`: each held inference costs up to about twice
+/// `max_payload_bytes`.
+pub const MAX_HELD: usize = 4096;
 /// Entries of `logits_for`.
 pub const MAX_LOGITS_FOR: usize = 10_000;
 /// Longest dead-letter topic.
 pub const MAX_DEAD_LETTER_TOPIC: usize = 1024;
 /// `fhecam-agent-` and the `-` before the group.
 const DEFAULT_ID_FIXED: usize = "fhecam-agent--".len();
+/// Hex digits of the default client id's random suffix (64 bits: not guessable by a
+/// neighbour that knows the host name and group).
+pub const CLIENT_ID_SUFFIX_HEX: usize = 16;
 
 /// This machine's host name (`/proc/sys/kernel/hostname`), or `localhost`.
 fn hostname() -> String {
@@ -109,10 +121,11 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// `fhecam-agent-<host>-<group>` with the host name sanitized to A-Z a-z 0-9 . _ : - and
-/// shortened so the id is at most 64 characters.
-fn default_client_id(host: &str, group: &str) -> String {
-    let room = fhecam_proto::mqtt::MAX_CLIENT_ID.saturating_sub(DEFAULT_ID_FIXED + group.len());
+/// `fhecam-agent-<host>-<group>-<suffix>` with the host name sanitized to A-Z a-z 0-9 . _ : -
+/// and the host and group shortened so the id is at most 64 characters.
+fn default_client_id(host: &str, group: &str, suffix: &str) -> String {
+    let max = fhecam_proto::mqtt::MAX_CLIENT_ID.saturating_sub(suffix.len() + 1);
+    let room = max.saturating_sub(DEFAULT_ID_FIXED + group.len());
     let host: String = host
         .chars()
         .map(|c| {
@@ -130,9 +143,9 @@ fn default_client_id(host: &str, group: &str) -> String {
         host
     };
     let mut id = format!("fhecam-agent-{host}-{group}");
-    // a group too long for any host name (refused by check) still gives a valid length
-    id.truncate(fhecam_proto::mqtt::MAX_CLIENT_ID);
-    id
+    // a long group leaves less or no room for the host name; the suffix always fits
+    id.truncate(max);
+    format!("{id}-{suffix}")
 }
 
 /// A plain topic outside every subscription of the system: a `$` topic would be a shared
@@ -217,6 +230,12 @@ impl AgentConfig {
             ));
         }
         fhecam_proto::mqtt::check_range("limits.burst", l.burst, 1.0..=MAX_RATE)?;
+        if !(2..=MAX_HELD).contains(&l.max_held) {
+            return Err(format!(
+                "limits.max_held must be 2..={MAX_HELD}, got {}",
+                l.max_held
+            ));
+        }
 
         if self.logits_for.len() > MAX_LOGITS_FOR {
             return Err(format!(
@@ -252,13 +271,21 @@ impl AgentConfig {
         check_dead_letter_topic(m)
     }
 
-    /// The configured client id, else `fhecam-agent-<hostname>-<group>`: stable across
-    /// restarts, distinct per host and group, at most 64 characters.
-    pub fn client_id(&self) -> String {
-        match &self.mqtt.conn.client_id {
-            Some(id) => id.clone(),
-            None => default_client_id(&hostname(), &self.mqtt.role.group),
-        }
+    /// Where the default client id is kept: `<state_db>.client-id`.
+    pub fn client_id_file(&self) -> PathBuf {
+        let mut p = self.state_db.clone().into_os_string();
+        p.push(".client-id");
+        p.into()
+    }
+
+    /// A new default client id, `fhecam-agent-<hostname>-<group>-<16 random hex digits>`
+    /// (at most 64 characters); the agent keeps it in [`Self::client_id_file`] so that its
+    /// persistent session survives restarts and host renames.
+    pub fn new_client_id(&self) -> String {
+        use rand::Rng;
+        let n: u64 = rand::rngs::OsRng.gen();
+        let suffix = format!("{n:0width$x}", width = CLIENT_ID_SUFFIX_HEX);
+        default_client_id(&hostname(), &self.mqtt.role.group, &suffix)
     }
 
     /// `<prefix>/+/+/inference`, or `$share/<group>/<prefix>/+/+/inference` when shared.
@@ -277,18 +304,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_client_id_is_sanitized_and_bounded() {
+    fn default_client_id_is_sanitized_bounded_and_random() {
         assert_eq!(
-            default_client_id("build host", "fhecam-agents"),
-            "fhecam-agent-build-host-fhecam-agents"
+            default_client_id("build host", "fhecam-agents", "0123"),
+            "fhecam-agent-build-host-fhecam-agents-0123"
         );
-        let id = default_client_id(&"h".repeat(300), "g");
+        let id = default_client_id(&"h".repeat(300), "g", &"f".repeat(16));
         assert_eq!(id.len(), 64);
+        assert!(id.ends_with(&format!("-{}", "f".repeat(16))));
         assert!(fhecam_proto::mqtt::valid_client_id(&id));
-        assert_eq!(default_client_id("", "g"), "fhecam-agent-localhost-g");
+        assert_eq!(
+            default_client_id("", "g", "1"),
+            "fhecam-agent-localhost-g-1"
+        );
+        let id = default_client_id("h", &"g".repeat(49), &"f".repeat(16));
+        assert!(id.len() <= 64 && id.ends_with("-ffffffffffffffff"), "{id}");
         let cfg = AgentConfig::new("db".into(), "state".into());
-        assert_eq!(cfg.client_id(), cfg.client_id());
-        assert!(fhecam_proto::mqtt::valid_client_id(&cfg.client_id()));
+        let (a, b) = (cfg.new_client_id(), cfg.new_client_id());
+        assert_ne!(a, b);
+        assert!(fhecam_proto::mqtt::valid_client_id(&a), "{a}");
+        assert_eq!(cfg.client_id_file(), PathBuf::from("state.client-id"));
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub enum RefusalCode {
 pub struct Refusal {
     pub code: RefusalCode,
     pub reason: String,
+    /// Not final: the inference is left unacknowledged, for the broker to redeliver at the
+    /// agent's next connection (e.g. after a restart with the right passphrase).
+    pub transient: bool,
 }
 
 impl Refusal {
@@ -91,6 +94,14 @@ impl Refusal {
         Refusal {
             code,
             reason: reason.into(),
+            transient: false,
+        }
+    }
+
+    pub fn transient(code: RefusalCode, reason: impl Into<String>) -> Self {
+        Refusal {
+            transient: true,
+            ..Refusal::new(code, reason)
         }
     }
 }
@@ -137,6 +148,9 @@ struct Known {
 pub struct Processor {
     cfg: AgentConfig,
     store: Store,
+    /// (device, inode) of the owner database opened: a file put in its place by rename
+    /// (rsync, Ansible, `mv`) is a new one to open.
+    db_file: Option<(u64, u64)>,
     state: rusqlite::Connection,
     pass: Passphrase,
     models: HashMap<ModelId, Known>,
@@ -197,6 +211,63 @@ fn open_state(path: &Path) -> Result<rusqlite::Connection, AgentError> {
         return Err(err(e));
     }
     Ok(c)
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The agent's client id: the configured one, else the one kept in
+/// [`AgentConfig::client_id_file`], created (0600) at the first start. `create = false`
+/// (`--check`) writes nothing and describes the id to come.
+pub fn client_id(cfg: &AgentConfig) -> Result<String, AgentError> {
+    client_id_with(cfg, true)
+}
+
+/// What `fhecam agent --check` shows as the client id.
+pub fn client_id_preview(cfg: &AgentConfig) -> Result<String, AgentError> {
+    client_id_with(cfg, false)
+}
+
+fn client_id_with(cfg: &AgentConfig, create: bool) -> Result<String, AgentError> {
+    if let Some(id) = &cfg.mqtt.conn.client_id {
+        return Ok(id.clone());
+    }
+    let path = cfg.client_id_file();
+    let err = |msg: String| AgentError::State {
+        path: path.display().to_string(),
+        msg,
+    };
+    if path.exists() {
+        use std::io::Read;
+        let mut text = String::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(256).read_to_string(&mut text))
+            .map_err(|e| err(e.to_string()))?;
+        let id = text.trim();
+        if !fhecam_proto::mqtt::valid_client_id(id) {
+            return Err(err(
+                "not a client id (1-64 of A-Z a-z 0-9 . _ : -); delete it for a new one".into(),
+            ));
+        }
+        return Ok(id.to_string());
+    }
+    if !create {
+        return Ok(format!(
+            "{} (created at start in {})",
+            cfg.new_client_id(),
+            path.display()
+        ));
+    }
+    let id = cfg.new_client_id();
+    let tmp = path.with_extension("client-id.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    fhecam_owner::store::create_private(&tmp)
+        .and_then(|_| std::fs::write(&tmp, format!("{id}\n")))
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(id)
 }
 
 /// The agent writes its state database; pointed at the owner's database it would write
@@ -284,6 +355,7 @@ pub fn preflight(cfg: &AgentConfig) -> Result<Preflight, AgentError> {
 
 impl Processor {
     pub fn new(cfg: AgentConfig) -> Result<Self, AgentError> {
+        let db_file = file_id(&cfg.db);
         let store = Store::open_read_only(&cfg.db)?;
         refuse_shared_file(&cfg)?;
         let state = open_state(&cfg.state_db)?;
@@ -293,25 +365,82 @@ impl Processor {
             .iter()
             .filter_map(|s| s.parse().ok())
             .collect();
-        Ok(Processor {
+        let mut p = Processor {
             cfg,
             store,
+            db_file,
             state,
             pass,
             models: HashMap::new(),
             logits_for,
-        })
+        };
+        p.unseal_all()?;
+        Ok(p)
+    }
+
+    /// Unseals every model's key at start: a wrong passphrase is fatal now, not a refusal of
+    /// every inference later. A key that unseals but cannot serve is only logged (its
+    /// inferences are refused; the agent runs for the others), as `--check` reports it.
+    fn unseal_all(&mut self) -> Result<(), AgentError> {
+        for m in self.store.list()? {
+            match self.known(&m.id) {
+                Ok(_) => {}
+                Err(r) if r.transient => {
+                    return Err(AgentError::Passphrase(format!(
+                        "cannot unseal the key of model {} ({} version {}) with this passphrase",
+                        m.id, m.name, m.version
+                    )))
+                }
+                Err(r) => tracing::warn!("{}; its inferences will be refused", r.reason),
+            }
+        }
+        Ok(())
+    }
+
+    /// The owner database was replaced by another file (rename): opens the new one. Whether
+    /// it did.
+    fn reopen_if_replaced(&mut self) -> bool {
+        let now = file_id(&self.cfg.db);
+        if now.is_none() || now == self.db_file {
+            return false;
+        }
+        match Store::open_read_only(&self.cfg.db) {
+            Ok(s) => {
+                tracing::info!(
+                    "owner database {} was replaced: reopened",
+                    self.cfg.db.display()
+                );
+                self.store = s;
+                self.db_file = now;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "owner database {} was replaced but does not open ({e}); still using the previous one",
+                    self.cfg.db.display()
+                );
+                false
+            }
+        }
     }
 
     fn known(&mut self, id: &ModelId) -> Result<&Known, Refusal> {
         let unusable = |reason: String| Refusal::new(RefusalCode::ModelUnusable, reason);
         if !self.models.contains_key(id) {
-            let rec = self.store.public_record(id).map_err(|_| {
+            let unknown = || {
                 Refusal::new(
                     RefusalCode::UnknownModel,
                     format!("model id {id} is not in the database"),
                 )
-            })?;
+            };
+            // a model protected after the agent started is in a replacing file, if any
+            let rec = match self.store.public_record(id) {
+                Ok(r) => r,
+                Err(_) if self.reopen_if_replaced() => {
+                    self.store.public_record(id).map_err(|_| unknown())?
+                }
+                Err(_) => return Err(unknown()),
+            };
             let (_, layout) = fhecam_engine::fhe::eval::plan(&rec.arch)
                 .map_err(|e| unusable(format!("model {id}: {e}")))?;
             let infos = rec
@@ -328,9 +457,16 @@ impl Processor {
                     tracing::error!("the key of model {id} cannot serve: {source}");
                     unusable(format!("the key of model {id} cannot serve: {source}"))
                 }
+                // another passphrase (a database replaced under a running agent): the
+                // inference waits at the broker for an agent with the right one
                 e => {
                     tracing::error!("cannot unseal the key of model {id}: {e}");
-                    unusable(format!("the key of model {id} cannot be unsealed"))
+                    Refusal::transient(
+                        RefusalCode::ModelUnusable,
+                        format!(
+                            "the key of model {id} cannot be unsealed with the agent's passphrase; left unacknowledged: the broker redelivers it at the agent's next connection"
+                        ),
+                    )
                 }
             })?;
             self.models.insert(

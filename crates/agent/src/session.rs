@@ -119,6 +119,12 @@ impl<T> Outgoing<T> {
         self.waiting = ids.into();
     }
 
+    /// Whether rumqttc holds a publish of ours not yet acknowledged by the broker: a
+    /// reconnection would make it send that one again (a duplicate for the subscribers).
+    pub fn in_flight(&self) -> bool {
+        !self.requested.is_empty() || !self.sent.is_empty()
+    }
+
     /// Items not yet acknowledged by the broker.
     pub fn len(&self) -> usize {
         self.items.len()
@@ -157,6 +163,7 @@ mod tests {
             o.push(item(n));
         }
         assert_eq!(hand_all(&mut o), vec![0, 1, 2]);
+        assert!(o.in_flight(), "handed over");
         o.went_out(7);
         o.went_out(8);
         o.went_out(7); // retransmission of item 0
@@ -204,5 +211,6 @@ mod tests {
         assert_eq!(hand_all(&mut o), vec![5]);
         o.went_out(4);
         assert_eq!(o.acked(4).unwrap().then, 5);
+        assert!(!o.in_flight());
     }
 }

@@ -6,6 +6,9 @@ use fhecam_proto::status::{Status, DEPLOY_LEVEL};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
+/// Largest status message read: a camera's is a few KB. A larger one is that camera's note.
+pub const MAX_STATUS_BYTES: usize = 1 << 20;
+
 /// The topic filters that carry the fleet's retained messages.
 pub fn filters(prefix: &str) -> [String; 2] {
     [
@@ -117,6 +120,12 @@ pub fn view(prefix: &str, messages: &[(String, Vec<u8>)], now_ms: u64) -> Vec<Ca
                     _ => "unknown".into(),
                 }
             }
+            "stats" if payload.len() > MAX_STATUS_BYTES => {
+                cam.note = Some(format!(
+                    "status of {} bytes, over the {MAX_STATUS_BYTES}-byte limit: skipped",
+                    payload.len()
+                ))
+            }
             "stats" => match serde_json::from_slice::<Status>(payload) {
                 Ok(s) => cam.set_status(&s, now_ms),
                 Err(e) => cam.note = Some(format!("status unreadable (an older fhecam?): {e}")),
@@ -152,6 +161,12 @@ mod tests {
         ];
         let v = view("fhecam", &msgs, 0);
         assert_eq!(v.len(), 2);
+        let big = vec![(
+            "fhecam/d3/cam0/stats".to_string(),
+            vec![b' '; MAX_STATUS_BYTES + 1],
+        )];
+        let n = view("fhecam", &big, 0)[0].note.clone().unwrap();
+        assert!(n.contains("over the 1048576-byte limit"), "{n}");
         assert_eq!(v[0].availability, "online");
         assert!(v[0].note.as_deref().unwrap().contains("unreadable"));
         assert_eq!(v[1].availability, "offline");
