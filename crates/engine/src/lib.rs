@@ -3,6 +3,7 @@
 //! GStreamer or files: the other crates bring the bytes and call it.
 
 pub mod fhe;
+pub mod lut;
 pub mod model;
 pub mod reference;
 pub mod testnet;

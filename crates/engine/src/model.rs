@@ -13,6 +13,8 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use crate::lut::{GroupSum, Lut, LutNeuron};
+
 /// Bumped whenever the serialized layout changes; older files are refused with a clear error.
 pub const MODEL_FORMAT_VERSION: u32 = 1;
 
@@ -134,6 +136,10 @@ pub enum Op {
     },
     /// (C, H, W) -> flat; a no-op on data.
     Flatten,
+    /// A layer of secret lookup tables (`crate::lut`).
+    Lut(Lut),
+    /// The secret-table output layer: per-group class-score tables, summed (`crate::lut`).
+    GroupSum(GroupSum),
 }
 
 /// The parameters a Conv2d or Dense layer has (what gets encrypted) and their public bounds.
@@ -185,6 +191,8 @@ impl Op {
             Op::Activation { .. } => "activation",
             Op::Add { .. } => "add",
             Op::Flatten => "flatten",
+            Op::Lut(_) => "lut",
+            Op::GroupSum(_) => "group_sum",
         }
     }
 }
@@ -430,6 +438,8 @@ impl Model {
                     flat: true,
                     kind: a.kind,
                 },
+                Op::Lut(l) => l.info(a).map_err(err)?,
+                Op::GroupSum(g) => g.info(a).map_err(err)?,
             };
             if let Kind::Acc { lo, hi } = out.kind {
                 if lo < -(1 << 40) || hi > 1 << 40 {
@@ -440,6 +450,7 @@ impl Model {
             }
             vals.push(out);
         }
+        crate::lut::check_multipliers(&self.nodes, &vals)?;
         Ok(vals)
     }
 

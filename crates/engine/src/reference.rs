@@ -85,6 +85,8 @@ pub fn evaluate_all(model: &Model, input: &[u8]) -> Result<Vec<Vec<i64>>, ModelE
                     .collect()
             }
             Op::Flatten => a.clone(),
+            Op::Lut(l) => l.eval(a),
+            Op::GroupSum(g) => g.eval(a),
         };
         vals.push(out);
     }

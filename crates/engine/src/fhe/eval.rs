@@ -206,6 +206,7 @@ pub fn bias_digits(br: [i32; 2]) -> usize {
 
 /// Checks that `params[k]` is present exactly for linear nodes and has the right sizes.
 pub fn check_params<C>(model: &Model, params: &[Option<LayerParams<C>>]) -> Result<(), EvalError> {
+    crate::lut::refuse_fhe(model)?;
     if params.len() != model.nodes.len() {
         return Err(EvalError::Params(format!(
             "{} layers of parameters for {} nodes",
@@ -678,6 +679,7 @@ pub fn map_params<C>(
     f: &mut dyn FnMut(u64) -> C,
 ) -> Result<Vec<Option<LayerParams<C>>>, EvalError> {
     model.infer()?;
+    crate::lut::refuse_fhe(model)?;
     let clear = clear_values(model);
     Ok(model
         .nodes
