@@ -50,6 +50,21 @@ enum Cmd {
         /// Tables family: bits of a class score in the output tables (1..=4).
         #[arg(long)]
         score_bits: Option<u8>,
+        /// Tables family: learned thresholds per pixel (layer 0).
+        #[arg(long)]
+        thresholds: Option<usize>,
+        /// Tables family: tables of layer 1.
+        #[arg(long)]
+        n1: Option<usize>,
+        /// Tables family: tables of layer 2.
+        #[arg(long)]
+        n2: Option<usize>,
+        /// Tables family: layer-2 bits per output group (2 or 4).
+        #[arg(long)]
+        group_size: Option<usize>,
+        /// Tables family: layer 1 reads 2x2 pixel patches (`local`) or any bits (`random`).
+        #[arg(long, value_enum)]
+        wiring: Option<train_tables::WiringKind>,
         /// Data set to train on (only `digits`: scikit-learn's 8x8 handwritten digits).
         #[arg(long, default_value = "digits")]
         dataset: String,
@@ -208,6 +223,11 @@ fn run(cli: Cli) -> Result<()> {
             family: Family::Tables,
             budget_pbs,
             score_bits,
+            thresholds,
+            n1,
+            n2,
+            group_size,
+            wiring,
             dataset,
             out,
             epochs,
@@ -240,16 +260,22 @@ fn run(cli: Cli) -> Result<()> {
                 epochs: epochs.unwrap_or(d.epochs),
                 learning_rate: lr.unwrap_or(d.learning_rate),
                 score_bits: score_bits.unwrap_or(d.score_bits),
+                thresholds: thresholds.unwrap_or(d.thresholds),
+                n1: n1.unwrap_or(d.n1),
+                n2: n2.unwrap_or(d.n2),
+                group_size: group_size.unwrap_or(d.group_size),
+                wiring: wiring.unwrap_or(d.wiring),
                 ..d
             };
             let r = with_progress(cfg.epochs, |p| train_tables::train(&cfg, &tr, &te, p))?;
             save_model(&r.model, &out, Some(r.accuracy_float))?;
             println!(
-                "wrote {}: accuracy float {:.4}, integer {:.4} on {} test images; tables {} thresholds/pixel, {} + {} hidden, {} groups of {}, {}-bit scores; provisional PBS estimate {} device-clear, {} encrypted; {:.1} s",
+                "wrote {}: accuracy float {:.4}, integer {:.4} on {} test images, final loss {:.4}; tables {} thresholds/pixel, {} + {} hidden, {} groups of {}, {}-bit scores; provisional PBS estimate {} device-clear, {} encrypted; {:.1} s",
                 out.display(),
                 r.accuracy_float,
                 r.accuracy_plain,
                 r.test_samples,
+                r.final_loss,
                 cfg.thresholds,
                 cfg.n1,
                 cfg.n2,
@@ -266,6 +292,11 @@ fn run(cli: Cli) -> Result<()> {
             family: Family::Cnn,
             budget_pbs,
             score_bits,
+            thresholds,
+            n1,
+            n2,
+            group_size,
+            wiring,
             dataset,
             out,
             epochs,
@@ -279,8 +310,15 @@ fn run(cli: Cli) -> Result<()> {
             weight_bits,
             preset,
         } => {
-            if budget_pbs.is_some() || score_bits.is_some() {
-                bail!("--budget-pbs and --score-bits size a secret-table network: add --family tables");
+            if budget_pbs.is_some()
+                || score_bits.is_some()
+                || thresholds.is_some()
+                || n1.is_some()
+                || n2.is_some()
+                || group_size.is_some()
+                || wiring.is_some()
+            {
+                bail!("--budget-pbs, --score-bits, --thresholds, --n1, --n2, --group-size and --wiring shape a secret-table network: add --family tables");
             }
             let (tr, te) = load_split(&dataset)?;
             let d = preset.config();

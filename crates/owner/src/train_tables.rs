@@ -59,6 +59,18 @@ pub struct TablesConfig {
     pub seed: u64,
     /// Bits per input pixel (the thresholds' tables have 2^bits entries).
     pub input_bits: u8,
+    /// How layer 1 picks its inputs.
+    pub wiring: WiringKind,
+}
+
+/// Layer 1's wiring (layer 2 is always random).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WiringKind {
+    /// Any 4 layer-0 bits, one from each of 4 random classes.
+    Random,
+    /// A random 2x2 patch of pixels, one bit (a random threshold) of each pixel; the
+    /// pixel's parity (y mod 2, x mod 2) is its class, so each bit keeps one multiplier.
+    Local,
 }
 
 impl Default for TablesConfig {
@@ -75,6 +87,7 @@ impl Default for TablesConfig {
             learning_rate: 0.02,
             seed: 42,
             input_bits: 4,
+            wiring: WiringKind::Local,
         }
     }
 }
@@ -117,7 +130,7 @@ impl TablesConfig {
         shape: [usize; 3],
         classes: usize,
     ) -> Result<u64, TrainError> {
-        let w = Wiring::new(self, shape.iter().product(), classes)?;
+        let w = Wiring::new(self, shape, classes)?;
         let model = w.model(self, &spec(self, shape), &Tables::zero(self, &w, classes));
         Ok(lut::estimate_pbs(&model, mode)?)
     }
@@ -220,9 +233,44 @@ fn wire(rng: &mut ChaCha8Rng, n_in: usize, n_out: usize) -> Vec<[u32; FAN_IN]> {
         .collect()
 }
 
+/// `n_out` neurons over 2x2 pixel patches of a (C, H, W) image with `t` bits per pixel
+/// (pixel-major): positions in shuffled rounds, thresholds at random; input k is the
+/// patch's pixel of parity class k (k = 2·(y mod 2) + x mod 2).
+fn wire_local(
+    rng: &mut ChaCha8Rng,
+    shape: [usize; 3],
+    t: usize,
+    n_out: usize,
+) -> Vec<[u32; FAN_IN]> {
+    let [c, h, w] = shape;
+    let positions: Vec<(usize, usize, usize)> = (0..c)
+        .flat_map(|ch| (0..h - 1).flat_map(move |y| (0..w - 1).map(move |x| (ch, y, x))))
+        .collect();
+    let mut out = Vec::with_capacity(n_out);
+    while out.len() < n_out {
+        let mut round = positions.clone();
+        round.shuffle(rng);
+        for (ch, y, x) in round.into_iter().take(n_out - out.len()) {
+            out.push(std::array::from_fn(|k| {
+                let (dy, dx) = ((k / 2 + y % 2) % 2, (k % 2 + x % 2) % 2);
+                let pixel = (ch * h + y + dy) * w + x + dx;
+                (pixel * t + rng.gen_range(0..t)) as u32
+            }));
+        }
+    }
+    out
+}
+
 impl Wiring {
-    fn new(cfg: &TablesConfig, pixels: usize, classes: usize) -> Result<Self, TrainError> {
+    fn new(cfg: &TablesConfig, shape: [usize; 3], classes: usize) -> Result<Self, TrainError> {
         cfg.check()?;
+        let pixels: usize = shape.iter().product();
+        if cfg.wiring == WiringKind::Local && (shape[1] < 2 || shape[2] < 2) {
+            return Err(TrainError::Config(format!(
+                "local wiring needs images of at least 2x2 pixels, got {}x{}",
+                shape[1], shape[2]
+            )));
+        }
         let bits0 = pixels * cfg.thresholds;
         if bits0 < FAN_IN || cfg.n1 < FAN_IN {
             return Err(TrainError::Config(format!(
@@ -233,7 +281,10 @@ impl Wiring {
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x0077_1e5a);
         Ok(Wiring {
             pixels,
-            l1: wire(&mut rng, bits0, cfg.n1),
+            l1: match cfg.wiring {
+                WiringKind::Random => wire(&mut rng, bits0, cfg.n1),
+                WiringKind::Local => wire_local(&mut rng, shape, cfg.thresholds, cfg.n1),
+            },
             l2: wire(&mut rng, cfg.n1, cfg.n2),
             classes,
         })
@@ -541,7 +592,7 @@ pub fn train(
     let started = Instant::now();
     cfg.check()?;
     let (shape, classes) = check_data(train, test)?;
-    let wiring = Wiring::new(cfg, shape.iter().product(), classes)?;
+    let wiring = Wiring::new(cfg, shape, classes)?;
     let spec = spec(cfg, shape);
     let dev = Device::Cpu;
     let net = Net::new(cfg, &wiring, &dev).ctx("building the network")?;
