@@ -65,6 +65,9 @@ enum Cmd {
         /// Tables family: layer 1 reads 2x2 pixel patches (`local`) or any bits (`random`).
         #[arg(long, value_enum)]
         wiring: Option<train_tables::WiringKind>,
+        /// Tables family: probability of flipping each hidden bit in training (0 ≤ p < 0.5).
+        #[arg(long)]
+        flip: Option<f64>,
         /// Data set to train on (only `digits`: scikit-learn's 8x8 handwritten digits).
         #[arg(long, default_value = "digits")]
         dataset: String,
@@ -228,6 +231,7 @@ fn run(cli: Cli) -> Result<()> {
             n2,
             group_size,
             wiring,
+            flip,
             dataset,
             out,
             epochs,
@@ -265,6 +269,7 @@ fn run(cli: Cli) -> Result<()> {
                 n2: n2.unwrap_or(d.n2),
                 group_size: group_size.unwrap_or(d.group_size),
                 wiring: wiring.unwrap_or(d.wiring),
+                flip: flip.unwrap_or(d.flip),
                 ..d
             };
             let r = with_progress(cfg.epochs, |p| train_tables::train(&cfg, &tr, &te, p))?;
@@ -297,6 +302,7 @@ fn run(cli: Cli) -> Result<()> {
             n2,
             group_size,
             wiring,
+            flip,
             dataset,
             out,
             epochs,
@@ -317,8 +323,9 @@ fn run(cli: Cli) -> Result<()> {
                 || n2.is_some()
                 || group_size.is_some()
                 || wiring.is_some()
+                || flip.is_some()
             {
-                bail!("--budget-pbs, --score-bits, --thresholds, --n1, --n2, --group-size and --wiring shape a secret-table network: add --family tables");
+                bail!("--budget-pbs, --score-bits, --thresholds, --n1, --n2, --group-size, --wiring and --flip shape a secret-table network: add --family tables");
             }
             let (tr, te) = load_split(&dataset)?;
             let d = preset.config();

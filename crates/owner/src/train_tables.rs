@@ -3,6 +3,7 @@
 //!
 //! The network, on 4-bit pixels:
 //! - layer 0: `thresholds` learned thresholds per pixel, bit = [x > t] (a 16-entry table);
+//!   in training, bits of layers 0–2 are flipped at random (`flip`) against overfitting;
 //! - layer 1: `n1` tables over 4 of those bits (index b0 + 2b1 + 4b2 + 8b3), binary output;
 //! - layer 2: `n2` tables over 4 layer-1 bits, binary output;
 //! - output: the layer-2 bits in groups of `group_size`, each group's table holding one
@@ -61,6 +62,9 @@ pub struct TablesConfig {
     pub input_bits: u8,
     /// How layer 1 picks its inputs.
     pub wiring: WiringKind,
+    /// In training, each bit of layers 0–2 is flipped with this probability (the tables
+    /// otherwise fit the training split exactly and generalise worse).
+    pub flip: f64,
 }
 
 /// Layer 1's wiring (layer 2 is always random).
@@ -77,7 +81,7 @@ impl Default for TablesConfig {
     /// The built-in preset.
     fn default() -> Self {
         TablesConfig {
-            thresholds: 3,
+            thresholds: 4,
             n1: 512,
             n2: 96,
             group_size: 4,
@@ -88,6 +92,7 @@ impl Default for TablesConfig {
             seed: 42,
             input_bits: 4,
             wiring: WiringKind::Local,
+            flip: 0.02,
         }
     }
 }
@@ -97,12 +102,12 @@ const LADDER: [usize; 9] = [192, 160, 128, 112, 96, 80, 64, 32, 16];
 
 impl TablesConfig {
     /// The preset, resized to the largest layer 2 whose device-clear PBS estimate
-    /// ([`lut::estimate_pbs`]) is at most `budget` (layer 1 has 4 tables per layer-2 table,
+    /// ([`lut::estimate_pbs`]) is at most `budget` (layer 1 has 8 tables per layer-2 table,
     /// at most 512, at least 64; the epochs shrink with the network for the tiny sizes).
     pub fn for_budget(budget: u64, classes: usize) -> Result<Self, TrainError> {
         for n2 in LADDER {
             let cfg = TablesConfig {
-                n1: (4 * n2).clamp(64, 512),
+                n1: (8 * n2).clamp(64, 512),
                 n2,
                 epochs: if n2 <= 32 { 30 } else { 120 },
                 ..TablesConfig::default()
@@ -151,6 +156,9 @@ impl TablesConfig {
         }
         if !(1..=4).contains(&self.score_bits) || !(1..=4).contains(&self.input_bits) {
             return bad("score_bits and input_bits must be 1..=4".into());
+        }
+        if !(0.0..0.5).contains(&self.flip) {
+            return bad(format!("flip must be in [0, 0.5), got {}", self.flip));
         }
         if self.epochs == 0
             || self.batch_size == 0
@@ -426,6 +434,15 @@ fn binarize(z: &Tensor, tau: f64, train: bool) -> candle_core::Result<Tensor> {
     ste(&soft, &hard)
 }
 
+/// `b` with each bit flipped with probability `p`: b + m·(1 − 2b) for a seeded mask m.
+fn flip_bits(b: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> candle_core::Result<Tensor> {
+    let m: Vec<f32> = (0..b.elem_count())
+        .map(|_| f32::from(u8::from(rng.gen_bool(p))))
+        .collect();
+    let m = Tensor::from_vec(m, b.shape(), b.device())?;
+    b + m.mul(&b.affine(-2.0, 1.0)?)?
+}
+
 /// Multilinear interpolation basis of neurons reading `cols` of `b` (N, n_in): (N, n, 2^k),
 /// entry idx = Π_k (b_k if bit k of idx else 1 − b_k).
 fn basis(b: &Tensor, cols: &[Tensor]) -> candle_core::Result<Tensor> {
@@ -530,11 +547,21 @@ impl Net {
         binarize(&z, TAU_TABLE, train)
     }
 
-    /// Logits (sums of integer scores in evaluation), before the temperature.
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let b0 = self.bits0(x, train)?;
-        let b1 = self.layer(&b0, &self.w1, &self.t1, train)?;
-        let b2 = self.layer(&b1, &self.w2, &self.t2, train)?;
+    /// Logits (sums of integer scores in evaluation), before the temperature; `noise`
+    /// (training only) flips bits at random with probability `flip`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        mut noise: Option<(&mut ChaCha8Rng, f64)>,
+    ) -> candle_core::Result<Tensor> {
+        let mut flip = |b: Tensor| match noise.as_mut() {
+            Some((rng, p)) if *p > 0.0 => flip_bits(&b, *p, rng),
+            _ => Ok(b),
+        };
+        let b0 = flip(self.bits0(x, train)?)?;
+        let b1 = flip(self.layer(&b0, &self.w1, &self.t1, train)?)?;
+        let b2 = flip(self.layer(&b1, &self.w2, &self.t2, train)?)?;
         let g = basis(&b2, &self.wg)?;
         let n = g.dim(0)?;
         let entries = self.groups * g.dim(2)?;
@@ -628,7 +655,7 @@ pub fn train(
             let xb = x_train.index_select(&idx, 0).ctx("batch inputs")?;
             let yb = y_train.index_select(&idx, 0).ctx("batch labels")?;
             let logits = net
-                .forward(&xb, true)
+                .forward(&xb, true, Some((&mut rng, cfg.flip)))
                 .and_then(|l| l.broadcast_mul(&net.log_temp.as_tensor().exp()?))
                 .ctx("forward pass")?;
             let loss = candle_nn::loss::cross_entropy(&logits, &yb).ctx("loss")?;
@@ -641,7 +668,7 @@ pub fn train(
     }
 
     let logits = net
-        .forward(&x_test, false)
+        .forward(&x_test, false, None)
         .and_then(|l| l.to_vec2::<f32>())
         .ctx("evaluating the test split")?;
     let predictions_float: Vec<usize> = logits.iter().map(|l| argmax_f32(l)).collect();
