@@ -12,13 +12,14 @@
 //! Each table is a differentiable lookup: the multilinear interpolation
 //! `Σ_idx T[idx] Π_k (b_k or 1 − b_k)`, which is exactly `T[idx]` for binary inputs, on bits
 //! binarized with a straight-through estimator (value of the step, gradient of a sigmoid).
-//! Class scores are rounded in the forward pass (quantization-aware: rounding after
-//! training loses 8–10 points). The evaluation forward pass uses the exact integers, so the
+//! Class scores are rounded in the forward pass (quantization-aware: in the issue's
+//! experiment, rounding after training lost 8–10 points). The evaluation forward pass uses the exact integers, so the
 //! exported tables classify like it; the integer model (`reference`) is the truth.
 //!
 //! Wiring is random (seeded) and respects the engine's rule that every element is read with
 //! one multiplier: a layer's input elements are split into 4 classes and the k-th input of
-//! every neuron (multiplier 2^k) comes from class k.
+//! every neuron (multiplier 2^k) comes from class k (for layer 1's default local wiring,
+//! the class of a pixel's bits is the pixel's parity, see [`WiringKind::Local`]).
 
 use std::time::Instant;
 
