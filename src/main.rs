@@ -37,7 +37,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     #[cfg(feature = "owner-tools")]
-    /// Train the built-in quantization-aware reference CNN on a data set.
+    /// Train a built-in model on a data set: a quantization-aware CNN (`--family cnn`, the
+    /// default) or a secret-table network (`--family tables`).
     Train {
         /// Model family: `cnn` (the quantized CNNs, --preset) or `tables` (secret-table
         /// network: every neuron a secret lookup table, issue 23).
