@@ -8,8 +8,8 @@
 pub use fhecam_agent as agent;
 pub use fhecam_edge as edge;
 pub use fhecam_edge::preprocess;
-pub use fhecam_engine::{fhe, model, reference, testnet};
+pub use fhecam_engine::{fhe, layer, model, reference, testnet};
 pub use fhecam_owner::{data, fleet, npy, secret, store};
 #[cfg(feature = "owner-tools")]
-pub use fhecam_owner::{import, train};
+pub use fhecam_owner::{import, train, train_tables};
 pub use fhecam_proto::{bundle, envelope, files, ids, mqtt, retry, settings, status};

@@ -7,7 +7,7 @@ use fhecam::data::{self, Dataset};
 use fhecam::fhe::eval;
 use fhecam::model::Model;
 #[cfg(feature = "owner-tools")]
-use fhecam::train;
+use fhecam::{train, train_tables};
 use std::path::{Path, PathBuf};
 
 #[cfg(feature = "owner-tools")]
@@ -37,8 +37,38 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     #[cfg(feature = "owner-tools")]
-    /// Train the built-in quantization-aware reference CNN on a data set.
+    /// Train a built-in model on a data set: a quantization-aware CNN (`--family cnn`, the
+    /// default) or a secret-table network (`--family tables`).
     Train {
+        /// Model family: `cnn` (the quantized CNNs, --preset) or `tables` (secret-table
+        /// network: every neuron a secret lookup table, issue 23).
+        #[arg(long, value_enum, default_value = "cnn")]
+        family: Family,
+        /// Tables family: the largest network whose planned PBS per frame with
+        /// device-clear input is at most N (default: the built-in preset).
+        #[arg(long)]
+        budget_pbs: Option<u64>,
+        /// Tables family: bits of a class score in the output tables (1..=4).
+        #[arg(long)]
+        score_bits: Option<u8>,
+        /// Tables family: learned thresholds per pixel (layer 0).
+        #[arg(long)]
+        thresholds: Option<usize>,
+        /// Tables family: tables of layer 1.
+        #[arg(long)]
+        n1: Option<usize>,
+        /// Tables family: tables of layer 2.
+        #[arg(long)]
+        n2: Option<usize>,
+        /// Tables family: layer-2 bits per output group (2 or 4).
+        #[arg(long)]
+        group_size: Option<usize>,
+        /// Tables family: layer 1 reads 2x2 pixel patches (`local`) or any bits (`random`).
+        #[arg(long, value_enum)]
+        wiring: Option<train_tables::WiringKind>,
+        /// Tables family: probability of flipping each hidden bit in training (0 ≤ p < 0.5).
+        #[arg(long)]
+        flip: Option<f64>,
         /// Data set to train on (only `digits`: scikit-learn's 8x8 handwritten digits).
         #[arg(long, default_value = "digits")]
         dataset: String,
@@ -194,6 +224,86 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         #[cfg(feature = "owner-tools")]
         Cmd::Train {
+            family: Family::Tables,
+            budget_pbs,
+            score_bits,
+            thresholds,
+            n1,
+            n2,
+            group_size,
+            wiring,
+            flip,
+            dataset,
+            out,
+            epochs,
+            seed,
+            lr,
+            channels,
+            stride,
+            padding,
+            pool,
+            hidden,
+            weight_bits,
+            ..
+        } => {
+            if channels.is_some()
+                || stride.is_some()
+                || padding.is_some()
+                || pool.is_some()
+                || hidden.is_some()
+                || weight_bits.is_some()
+            {
+                bail!("--channels, --stride, --padding, --pool, --hidden and --weight-bits shape a CNN; the tables family takes --budget-pbs and --score-bits");
+            }
+            let (tr, te) = load_split(&dataset)?;
+            let d = match budget_pbs {
+                Some(b) => train_tables::TablesConfig::for_budget(b, tr.num_classes())?,
+                None => train_tables::TablesConfig::default(),
+            };
+            let cfg = train_tables::TablesConfig {
+                seed,
+                epochs: epochs.unwrap_or(d.epochs),
+                learning_rate: lr.unwrap_or(d.learning_rate),
+                score_bits: score_bits.unwrap_or(d.score_bits),
+                thresholds: thresholds.unwrap_or(d.thresholds),
+                n1: n1.unwrap_or(d.n1),
+                n2: n2.unwrap_or(d.n2),
+                group_size: group_size.unwrap_or(d.group_size),
+                wiring: wiring.unwrap_or(d.wiring),
+                flip: flip.unwrap_or(d.flip),
+                ..d
+            };
+            let r = with_progress(cfg.epochs, |p| train_tables::train(&cfg, &tr, &te, p))?;
+            save_model(&r.model, &out, Some(r.accuracy_float))?;
+            println!(
+                "wrote {}: accuracy float {:.4}, integer {:.4} on {} test images, final loss {:.4}; tables {} thresholds/pixel, {} + {} hidden, {} groups of {}, {}-bit scores; PBS per frame (plan) {} device-clear, {} encrypted; {:.1} s",
+                out.display(),
+                r.accuracy_float,
+                r.accuracy_plain,
+                r.test_samples,
+                r.final_loss,
+                cfg.thresholds,
+                cfg.n1,
+                cfg.n2,
+                cfg.n2 / cfg.group_size,
+                cfg.group_size,
+                cfg.score_bits,
+                r.pbs_device_clear,
+                r.pbs_encrypted,
+                r.train_seconds
+            );
+        }
+        #[cfg(feature = "owner-tools")]
+        Cmd::Train {
+            family: Family::Cnn,
+            budget_pbs,
+            score_bits,
+            thresholds,
+            n1,
+            n2,
+            group_size,
+            wiring,
+            flip,
             dataset,
             out,
             epochs,
@@ -207,6 +317,17 @@ fn run(cli: Cli) -> Result<()> {
             weight_bits,
             preset,
         } => {
+            if budget_pbs.is_some()
+                || score_bits.is_some()
+                || thresholds.is_some()
+                || n1.is_some()
+                || n2.is_some()
+                || group_size.is_some()
+                || wiring.is_some()
+                || flip.is_some()
+            {
+                bail!("--budget-pbs, --score-bits, --thresholds, --n1, --n2, --group-size, --wiring and --flip shape a secret-table network: add --family tables");
+            }
             let (tr, te) = load_split(&dataset)?;
             let d = preset.config();
             let cfg = train::TrainConfig {
@@ -329,17 +450,36 @@ fn train_with_progress(
     tr: &Dataset,
     te: &Dataset,
 ) -> Result<train::TrainReport> {
-    let pb = indicatif::ProgressBar::new(cfg.epochs as u64);
+    with_progress(cfg.epochs, |p| train::train(cfg, tr, te, p))
+}
+
+/// Runs a trainer with a progress bar fed by its per-epoch callback.
+#[cfg(feature = "owner-tools")]
+fn with_progress<T>(
+    epochs: usize,
+    f: impl FnOnce(&dyn Fn(usize, f32)) -> Result<T, train::TrainError>,
+) -> Result<T> {
+    let pb = indicatif::ProgressBar::new(epochs as u64);
     pb.set_style(
         indicatif::ProgressStyle::with_template("training {bar:30} epoch {pos}/{len} {msg}")
             .unwrap(),
     );
-    let report = train::train(cfg, tr, te, &|epoch, loss| {
+    let report = f(&|epoch, loss| {
         pb.set_position(epoch as u64 + 1);
         pb.set_message(format!("loss {loss:.4}"));
     })?;
     pb.finish_and_clear();
     Ok(report)
+}
+
+/// The model families `fhecam train` builds.
+#[cfg(feature = "owner-tools")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Family {
+    /// Quantized CNNs (encrypted weights, --preset).
+    Cnn,
+    /// Secret-table networks (encrypted lookup tables).
+    Tables,
 }
 
 pub(crate) fn load_model(path: &Path) -> Result<Model> {

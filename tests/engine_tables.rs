@@ -56,7 +56,7 @@ fn check(seed: u64, shape: Shape) {
     let (enc, _) = eval::plan_mode(&m, eval::InputMode::Encrypted).unwrap();
     let (dc, _) = eval::plan_mode(&m, eval::InputMode::DeviceClear).unwrap();
     if let Op::Lut(l) = &m.nodes[0].op {
-        assert_eq!(enc[0], l.neurons.len() as u64, "seed {seed}");
+        assert!(enc[0] <= l.neurons.len() as u64, "seed {seed}");
         assert_eq!(dc[0], 0, "seed {seed}: the frame's layer picks its entries");
     }
     assert!(enc.iter().sum::<u64>() > dc.iter().sum::<u64>());

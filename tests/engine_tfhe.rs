@@ -137,13 +137,26 @@ fn device_clear_input_on_a_multi_digit_network_matches_reference() {
 fn random_secret_table_network_matches_reference_bit_for_bit() {
     // every table encrypted by the owner (a GLWE accumulator under the client key), through
     // the wire format; both input modes; the tables of another owner decrypt to other logits
-    let keys = keys();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let m = fhecam::testnet::random_table_model(&mut rng, Shape::tiny());
+    let mut m = fhecam::testnet::random_table_model(&mut rng, Shape::tiny());
+    if let fhecam::model::Op::Lut(l) = &mut m.nodes[0].op {
+        l.public = false;
+    }
+    let mut published = m.clone();
+    fhecam::layer::lut::publish_frame_tables(&mut published);
+    for m in [m, published] {
+        secret_tables_round_trip(&m, &mut rng);
+    }
+}
+
+fn secret_tables_round_trip(m: &fhecam::model::Model, rng: &mut ChaCha8Rng) {
+    let (keys, m) = (keys(), m.clone());
     let enc = EncryptedModel::encrypt(&m, keys).unwrap();
     assert!(
         enc.arch.nodes.iter().all(|n| match &n.op {
-            fhecam::model::Op::Lut(l) => l.neurons.iter().all(|n| n.table.iter().all(|&v| v == 0)),
+            fhecam::model::Op::Lut(l) => {
+                l.public || l.neurons.iter().all(|n| n.table.iter().all(|&v| v == 0))
+            }
             fhecam::model::Op::GroupSum(g) =>
                 g.groups.iter().all(|n| n.table.iter().all(|&v| v == 0)),
             _ => true,
@@ -153,7 +166,7 @@ fn random_secret_table_network_matches_reference_bit_for_bit() {
     let enc = EncryptedModel::from_bytes(&enc.to_bytes().unwrap()).unwrap();
     let rt = EdgeRuntime::new(&enc, keys.public_material(), 0).unwrap();
     for mode in [InputMode::Encrypted, InputMode::DeviceClear] {
-        let x = random_input(&mut rng, &m);
+        let x = random_input(rng, &m);
         let frame = rt.frame_input(mode, &x);
         let (out, stats) = rt.infer_frame(frame.as_frame()).unwrap();
         assert_eq!(

@@ -221,7 +221,13 @@ fn protect_and_deploy(args: &DemoArgs, model: &fhecam::model::Model, work: &Path
         f.write_all(pass.as_bytes())?;
     }
     let db = work.join("owner.db");
-    let id = super::owner::protect(&model_path, &db, Some("digits".into()), Some(&pass_file))?;
+    let id = super::owner::protect(
+        &model_path,
+        &db,
+        Some("digits".into()),
+        Some(&pass_file),
+        false,
+    )?;
     let bundle = work.join("digits.bundle");
     super::owner::deploy(&db, &id, &keys_dir.join("owner.key"), Some(&bundle), None)?;
     Ok(Owned {

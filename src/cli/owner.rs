@@ -42,6 +42,12 @@ pub enum OwnerCmd {
         /// FHECAM_OWNER_PASSPHRASE environment variable).
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
+        /// Secret-table models: publish the tables of the layers that read the frame (for
+        /// the built-in tables preset, the pixel thresholds) with the bundle. Cameras with
+        /// `input_mode = "device-clear"` then evaluate them in the clear and pick the next
+        /// layer's entries without any PBS; every camera can read those tables.
+        #[arg(long)]
+        publish_frame_tables: bool,
     },
     /// List the protected model versions in the owner database.
     Models {
@@ -175,7 +181,15 @@ pub fn run(cmd: OwnerCmd) -> Result<()> {
             db,
             name,
             passphrase_file,
-        } => protect(&model, &db, name, passphrase_file.as_deref()).map(|_| ()),
+            publish_frame_tables,
+        } => protect(
+            &model,
+            &db,
+            name,
+            passphrase_file.as_deref(),
+            publish_frame_tables,
+        )
+        .map(|_| ()),
         OwnerCmd::Models { db, json, fleet } => models(&db, json, &fleet),
         OwnerCmd::Deploy {
             db,
@@ -319,8 +333,15 @@ pub(crate) fn protect(
     db: &Path,
     name: Option<String>,
     pass_file: Option<&Path>,
+    publish_frame_tables: bool,
 ) -> Result<ModelId> {
-    let model = crate::load_model(model_path)?;
+    let mut model = crate::load_model(model_path)?;
+    if publish_frame_tables && fhecam::layer::lut::publish_frame_tables(&mut model) == 0 {
+        anyhow::bail!(
+            "--publish-frame-tables: {} has no secret-table (lut) layer reading the frame; protect it without the flag",
+            model_path.display()
+        );
+    }
     let name = name.unwrap_or_else(|| model.name.clone());
     store::validate_name(&name)?;
     // Everything that can fail cheaply fails before seconds of key generation.

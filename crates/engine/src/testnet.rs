@@ -305,10 +305,13 @@ pub fn random_table_model(rng: &mut impl Rng, shape: Shape) -> Model {
             LutNeuron { inputs, mul, table }
         })
         .collect();
+    // half of them published (device-clear cameras then evaluate them in the clear)
+    let public = rng.gen_bool(0.5);
     m.nodes.push(Node {
         op: Op::Lut(Lut {
             out_max: top0,
             neurons,
+            public,
         }),
         inputs: vec![0],
     });
@@ -382,6 +385,7 @@ pub fn random_table_model(rng: &mut impl Rng, shape: Shape) -> Model {
                 op: Op::Lut(Lut {
                     out_max: out,
                     neurons,
+                    public: false,
                 }),
                 inputs: vec![v],
             });

@@ -15,3 +15,5 @@ pub mod secret;
 pub mod store;
 #[cfg(feature = "train")]
 pub mod train;
+#[cfg(feature = "train")]
+pub mod train_tables;

@@ -139,7 +139,7 @@ pub enum TrainError {
     Export(String),
 }
 
-trait Ctx<T> {
+pub(crate) trait Ctx<T> {
     fn ctx(self, context: &'static str) -> Result<T, TrainError>;
 }
 
@@ -252,7 +252,7 @@ impl QLayer {
 }
 
 /// Straight-through estimator: the value of `q`, the gradient of `v`.
-fn ste(v: &Tensor, q: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn ste(v: &Tensor, q: &Tensor) -> candle_core::Result<Tensor> {
     v + (q - v)?.detach()
 }
 
@@ -373,30 +373,7 @@ fn check(cfg: &TrainConfig, train: &Dataset, test: &Dataset) -> Result<Geometry,
     if cfg.hidden == Some(0) || cfg.pool == Some(0) {
         return bad("hidden and pool must be positive when set".into());
     }
-    if train.is_empty() || test.is_empty() {
-        return Err(TrainError::Data(
-            "train and test splits must be non-empty".into(),
-        ));
-    }
-    let in_shape = [train.channels, train.height, train.width];
-    if [test.channels, test.height, test.width] != in_shape {
-        return Err(TrainError::Data(format!(
-            "train images are {in_shape:?} but test images are {:?}",
-            [test.channels, test.height, test.width]
-        )));
-    }
-    let n_px: usize = in_shape.iter().product();
-    for ds in [train, test] {
-        if ds.images.len() != ds.labels.len() || ds.images.iter().any(|i| i.len() != n_px) {
-            return Err(TrainError::Data(format!(
-                "every image must have {n_px} values and a label"
-            )));
-        }
-    }
-    let classes = train.num_classes().max(test.num_classes());
-    if classes < 2 {
-        return Err(TrainError::Data("need at least two classes".into()));
-    }
+    let (in_shape, classes) = check_data(train, test)?;
     let dim = |n| fhecam_engine::model::out_dim(n, cfg.kernel, cfg.stride, cfg.padding);
     let (Some(oh), Some(ow)) = (dim(train.height), dim(train.width)) else {
         return bad(format!(
@@ -421,6 +398,39 @@ fn check(cfg: &TrainConfig, train: &Dataset, test: &Dataset) -> Result<Geometry,
         features: cfg.conv_channels * ph * pw,
         classes,
     })
+}
+
+/// Both splits non-empty, of the same image shape, one label per image, ≥ 2 classes;
+/// returns the image shape (C, H, W) and the number of classes.
+pub(crate) fn check_data(
+    train: &Dataset,
+    test: &Dataset,
+) -> Result<([usize; 3], usize), TrainError> {
+    if train.is_empty() || test.is_empty() {
+        return Err(TrainError::Data(
+            "train and test splits must be non-empty".into(),
+        ));
+    }
+    let in_shape = [train.channels, train.height, train.width];
+    if [test.channels, test.height, test.width] != in_shape {
+        return Err(TrainError::Data(format!(
+            "train images are {in_shape:?} but test images are {:?}",
+            [test.channels, test.height, test.width]
+        )));
+    }
+    let n_px: usize = in_shape.iter().product();
+    for ds in [train, test] {
+        if ds.images.len() != ds.labels.len() || ds.images.iter().any(|i| i.len() != n_px) {
+            return Err(TrainError::Data(format!(
+                "every image must have {n_px} values and a label"
+            )));
+        }
+    }
+    let classes = train.num_classes().max(test.num_classes());
+    if classes < 2 {
+        return Err(TrainError::Data("need at least two classes".into()));
+    }
+    Ok((in_shape, classes))
 }
 
 /// Uniform(-b, b) with b = sqrt(3 / fan_in) (unit output variance for unit inputs).
@@ -514,7 +524,11 @@ fn build_net(
 }
 
 /// Integer inputs (as f32) of a data set, shape (N, C, H, W).
-fn input_tensor(ds: &Dataset, spec: &InputSpec, dev: &Device) -> candle_core::Result<Tensor> {
+pub(crate) fn input_tensor(
+    ds: &Dataset,
+    spec: &InputSpec,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
     let v: Vec<f32> = ds
         .images
         .iter()
@@ -525,7 +539,7 @@ fn input_tensor(ds: &Dataset, spec: &InputSpec, dev: &Device) -> candle_core::Re
 }
 
 /// Index of the largest value, ties to the lowest index (as `reference::argmax`).
-fn argmax_f32(v: &[f32]) -> usize {
+pub(crate) fn argmax_f32(v: &[f32]) -> usize {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
         if x > v[best] {

@@ -118,7 +118,7 @@ fn clear_values(model: &Model) -> Option<Vec<bool>> {
         }
         if clear[n.inputs[0]] {
             match n.op.layer().clear_frame() {
-                ClearFrame::PassesThrough => clear[k + 1] = true,
+                ClearFrame::PassesThrough | ClearFrame::Computes => clear[k + 1] = true,
                 ClearFrame::Consumes => {}
                 ClearFrame::Refuses => return None,
             }

@@ -48,6 +48,25 @@ pub struct LutNeuron {
 pub struct Lut {
     pub out_max: u8,
     pub neurons: Vec<LutNeuron>,
+    /// Tables the owner published with the bundle (`fhecam protect
+    /// --publish-frame-tables`): a camera holding the frame in the clear evaluates them in
+    /// the clear, so the next layer's index is clear too and it picks its entries; with an
+    /// encrypted frame each neuron is one PBS with a clear table.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub public: bool,
+}
+
+/// Marks the `lut` layers that read the frame as published; returns how many.
+pub fn publish_frame_tables(model: &mut Model) -> usize {
+    let frame_luts = model.nodes.iter_mut().filter(|n| n.inputs == [0]);
+    let mut published = 0;
+    for node in frame_luts {
+        if let Op::Lut(l) = &mut node.op {
+            l.public = true;
+            published += 1;
+        }
+    }
+    published
 }
 
 /// The output layer: each group's secret tables give one score per class, summed per class
@@ -148,7 +167,9 @@ impl Layer for Lut {
     }
 
     fn strip(&mut self) {
-        self.neurons.iter_mut().for_each(|n| n.table.fill(0));
+        if !self.public {
+            self.neurons.iter_mut().for_each(|n| n.table.fill(0));
+        }
     }
 
     fn reference(&self, inputs: &[&[i64]], _infos: &[&ValueInfo]) -> Vec<i64> {
@@ -158,7 +179,10 @@ impl Layer for Lut {
     }
 
     fn clear_frame(&self) -> ClearFrame {
-        ClearFrame::Consumes
+        match self.public {
+            true => ClearFrame::Computes,
+            false => ClearFrame::Consumes,
+        }
     }
 }
 
@@ -229,8 +253,8 @@ fn neurons(op: &Op) -> Option<&[LutNeuron]> {
 }
 
 /// The *place* of every element of every value: the one multiplier the secret-table
-/// layers read it with (`None` for values no such layer reads, and for the frame, which
-/// arrives as digits). Refuses a wiring the circuit cannot evaluate within the noise
+/// layers read it with, 0 for an element no layer reads (its neuron is never evaluated);
+/// `None` for values no such layer reads, and for the frame, which arrives as digits. Refuses a wiring the circuit cannot evaluate within the noise
 /// budget: an element read with two multipliers, a `lut` output read by another kind of
 /// layer, or an index over the noise budget.
 pub fn places(model: &Model, infos: &[ValueInfo]) -> Result<Vec<Option<Vec<u16>>>, ModelError> {
@@ -289,8 +313,7 @@ pub fn places(model: &Model, infos: &[ValueInfo]) -> Result<Vec<Option<Vec<u16>>
     }
     for (v, place) in places.iter_mut().enumerate() {
         if let (Some(p), Kind::Act { max }) = (place.as_mut(), infos[v].kind) {
-            for m in p.iter_mut() {
-                *m = (*m).max(1);
+            for m in p.iter() {
                 if *m as u64 * max as u64 >= BLOCK {
                     return Err(ModelError::Node {
                         node: v - 1,
@@ -359,6 +382,7 @@ pub fn secret_tables(op: &Op, place: Option<&[u16]>) -> Vec<Vec<[u64; BLOCK as u
 /// kinds. Entries are only stored for a node that reads the frame (device-clear input).
 pub fn param_counts(op: &Op) -> Option<(usize, usize)> {
     match op {
+        Op::Lut(l) if l.public => None,
         Op::Lut(l) => Some((l.neurons.len(), l.neurons.len() * BLOCK as usize)),
         Op::GroupSum(g) => {
             let per_group = |n: &LutNeuron| g.classes.div_ceil(per_pbs(n.table.len() / g.classes));
@@ -436,11 +460,40 @@ fn clear_index(x: &[u8], n: &LutNeuron) -> usize {
         .sum()
 }
 
+impl Lut {
+    /// A published layer: in the clear on a clear frame, else one PBS per neuron with its
+    /// clear table (multiplied by the output's place).
+    fn public_circuit<B: Backend>(&self, cx: &Cx<'_, B>) -> Result<Tensor<B::Ct>, EvalError> {
+        let e = cx.e;
+        if let Tensor::Clear(x, _) = cx.inputs[0] {
+            let out = self.neurons.iter().map(|n| n.table[clear_index(x, n)]);
+            let bits = (8 - self.out_max.leading_zeros()) as u8;
+            return Ok(Tensor::Clear(out.collect(), bits));
+        }
+        let outs = self.neurons.par_iter().enumerate().map(|(n, neuron)| {
+            let m = cx.place.map_or(1, |p| p[n]) as i64;
+            if m == 0 {
+                return Ok(e.constant(0));
+            }
+            let idx = index(e, cx.inputs[0], neuron)?;
+            Ok(e.lut(&idx, |v| m * neuron.table[v as usize] as i64))
+        });
+        Ok(Tensor::Scaled(outs.collect::<Result<_, EvalError>>()?))
+    }
+}
+
 impl Circuit for Lut {
     fn circuit<B: Backend>(&self, cx: &Cx<'_, B>) -> Result<Tensor<B::Ct>, EvalError> {
+        if self.public {
+            return self.public_circuit(cx);
+        }
         let (e, p) = (cx.e, cx.params()?);
         let hi = |n: usize| cx.place.map_or(1, |p| p[n]) as i64 * self.out_max as i64;
         let outs = self.neurons.par_iter().enumerate().map(|(n, neuron)| {
+            if cx.place.is_some_and(|p| p[n] == 0) {
+                // nothing reads this neuron: it costs nothing (a constant nobody sees)
+                return Ok(e.constant(0));
+            }
             if let Tensor::Clear(x, _) = cx.inputs[0] {
                 // device-clear: the owner encrypted every entry; the clear index picks one
                 let ct = p.clear_tables[n * BLOCK as usize + clear_index(x, neuron)].clone();

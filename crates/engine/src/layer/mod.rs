@@ -60,6 +60,8 @@ pub enum ClearFrame {
     Consumes,
     /// The layer passes it on unchanged, still clear.
     PassesThrough,
+    /// The layer computes on it in the clear (published tables); its output stays clear.
+    Computes,
 }
 
 /// The parameters a Conv2d or Dense layer has (what gets encrypted) and their public bounds.
