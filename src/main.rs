@@ -597,9 +597,16 @@ fn print_plan_mode(m: &Model, mode: eval::InputMode) -> Result<()> {
     );
     let total: u64 = pbs.iter().sum();
     let macs = m.macs()?;
+    // secret-table networks multiply nothing encrypted: their cost is per table
+    let per_mac = match macs {
+        0 => "no encrypted multiply-accumulates".to_string(),
+        _ => format!(
+            "{macs} multiply-accumulates ({:.2} PBS per MAC all-in)",
+            total as f64 / macs as f64
+        ),
+    };
     println!(
-        "total {total} PBS for {macs} multiply-accumulates ({:.2} PBS per MAC all-in), {} input; output {} digits packed for the owner, who takes the argmax",
-        total as f64 / macs.max(1) as f64,
+        "total {total} PBS for {per_mac}, {} input; output {} digits packed for the owner, who takes the argmax",
         mode.name(),
         layout.ciphertexts()
     );

@@ -146,7 +146,7 @@ impl TablesConfig {
     ) -> Result<u64, TrainError> {
         let w = Wiring::new(self, shape, classes)?;
         let model = w.model(self, &spec(self, shape), &Tables::zero(self, &w, classes));
-        Ok(planned_pbs(&model, mode)?)
+        planned_pbs(&model, mode)
     }
 
     fn check(&self) -> Result<(), TrainError> {

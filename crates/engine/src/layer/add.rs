@@ -4,7 +4,6 @@ use serde::{Deserialize, Serialize};
 
 use super::Layer;
 use crate::fhe::backend::Backend;
-use crate::fhe::circuit::Acc;
 use crate::fhe::eval::{to_accs, Circuit, Cx, EvalError, Tensor};
 use crate::model::{Kind, ValueInfo};
 
@@ -74,11 +73,8 @@ impl Layer for Add {
 impl Circuit for Add {
     fn circuit<B: Backend>(&self, cx: &Cx<'_, B>) -> Result<Tensor<B::Ct>, EvalError> {
         let (a, b) = (to_accs(cx.inputs[0]), to_accs(cx.inputs[1]));
-        let sum = |(i, (x, y)): (usize, (Acc<B::Ct>, Acc<B::Ct>))| {
-            x.merge(y.times(self.mul_of(cx.infos[1], i) as u64))
-        };
-        Ok(Tensor::Acc(
-            a.into_iter().zip(b).enumerate().map(sum).collect(),
-        ))
+        let sums = a.into_iter().zip(b).enumerate();
+        let sum = sums.map(|(i, (x, y))| x.merge(y.times(self.mul_of(cx.infos[1], i) as u64)));
+        Ok(Tensor::Acc(sum.collect()))
     }
 }
