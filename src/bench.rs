@@ -20,8 +20,9 @@ pub struct BenchReport {
     pub pbs_planned: u64,
     /// How the frame was fed: `encrypted` (public key) or `device-clear`.
     pub input_mode: &'static str,
-    /// PBS per ciphertext × ciphertext multiply-accumulate, all layers included.
-    pub pbs_per_mac: f64,
+    /// PBS per ciphertext × ciphertext multiply-accumulate, all layers included (null for
+    /// a secret-table network, which has none).
+    pub pbs_per_mac: Option<f64>,
     /// The same count as tfhe's own PBS counter saw it (feature `pbs-stats`).
     pub pbs_counted_by_tfhe: u64,
     pub pbs_per_layer: Vec<u64>,
@@ -239,7 +240,9 @@ pub fn run(
         pbs_per_inference: pbs,
         pbs_planned,
         input_mode: mode.name(),
-        pbs_per_mac: pbs as f64 / model.macs()?.max(1) as f64,
+        pbs_per_mac: Some(model.macs()?)
+            .filter(|&m| m > 0)
+            .map(|m| pbs as f64 / m as f64),
         pbs_counted_by_tfhe: pbs_tfhe,
         pbs_per_layer: pbs_per_layer.clone(),
         macs_ct_ct: model.macs()?,

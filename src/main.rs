@@ -618,8 +618,14 @@ fn print_bench(r: &bench::BenchReport) {
     println!("model               {}", r.model);
     println!("parameters          {} ({} threads)", r.params, r.threads);
     println!(
-        "PBS / inference     {} (planned {}), {} ct x ct MACs, {:.2} PBS per MAC, {} input",
-        r.pbs_per_inference, r.pbs_planned, r.macs_ct_ct, r.pbs_per_mac, r.input_mode
+        "PBS / inference     {} (planned {}), {} ct x ct MACs{}, {} input",
+        r.pbs_per_inference,
+        r.pbs_planned,
+        r.macs_ct_ct,
+        r.pbs_per_mac
+            .map(|p| format!(", {p:.2} PBS per MAC"))
+            .unwrap_or_default(),
+        r.input_mode
     );
     println!("one PBS (1 thread)  {:.1} ms median", r.pbs_ms_median);
     println!(

@@ -627,7 +627,12 @@ impl Io {
                 }
                 Admit::AlreadyHeld => {}
                 Admit::Full => {
-                    if self.counters.shed.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
+                    if self
+                        .counters
+                        .shed
+                        .fetch_add(1, Ordering::Relaxed)
+                        .is_multiple_of(1000)
+                    {
                         tracing::warn!(
                             "holding {} inferences (limits.max_held {}, half per device): what arrives beyond stays with the broker, unacknowledged, for a later redelivery",
                             self.held.count,
