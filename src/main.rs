@@ -149,6 +149,10 @@ enum Cmd {
         /// How each test image enters the encrypted network.
         #[arg(long, value_enum, default_value_t)]
         input_mode: cli::InputModeArg,
+        /// Instead of a model: measure the output noise of N secret-table PBS against N
+        /// clear-table PBS (fresh keys, random tables and inputs; docs/DESIGN.md).
+        #[arg(long, value_name = "N", conflicts_with_all = ["model", "reference"])]
+        table_noise: Option<usize>,
     },
     #[command(flatten)]
     Owner(cli::owner::OwnerCmd),
@@ -374,7 +378,11 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             json,
             input_mode,
+            table_noise,
         } => {
+            if let Some(n) = table_noise {
+                return table_noise_report(n.clamp(2, 1 << 20), json);
+            }
             let (m, acc_float) = match (model, reference) {
                 (Some(p), _) => (load_model(&p)?, read_float_accuracy(&p)),
                 (None, Some(ds)) => reference_model(&ds, preset)?,
@@ -560,6 +568,27 @@ fn reference_model(ds: &str, preset: train::Preset) -> Result<(Model, Option<f64
     let report = train_with_progress(&cfg, &tr, &te)?;
     save_model(&report.model, &path, Some(report.accuracy_float))?;
     Ok((report.model, Some(report.accuracy_float)))
+}
+
+#[cfg(feature = "owner-tools")]
+/// `bench --table-noise N`: secret-table PBS output noise against clear tables.
+fn table_noise_report(n: usize, json: bool) -> Result<()> {
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_message(format!("{n} secret-table and {n} clear-table PBS"));
+    pb.enable_steady_tick(std::time::Duration::from_millis(200));
+    let keys = fhecam::fhe::OwnerKeys::generate();
+    // on rayon's global pool: one worker per core
+    let r = fhecam::fhe::tables::measure_noise(&keys.client, n)?;
+    pb.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} evaluations each: output noise std 2^{:.2} (secret table) vs 2^{:.2} (clear table), variance ratio {:.3}, {} wrong",
+            r.evaluations, r.std_log2_secret, r.std_log2_clear, r.variance_ratio, r.wrong
+        );
+    }
+    Ok(())
 }
 
 #[cfg(feature = "owner-tools")]

@@ -126,3 +126,77 @@ pub fn expand_table(sks: &ServerKey, t: &SeededTable) -> SecretTable {
         }
     }
 }
+
+/// Output noise of secret-table PBS against clear-table PBS with the same keys, inputs and
+/// tables (`fhecam bench --table-noise N`).
+#[derive(Clone, Debug, Serialize)]
+pub struct NoiseReport {
+    pub evaluations: usize,
+    /// Standard deviation of the output error, log2 of 64-bit torus units.
+    pub std_log2_secret: f64,
+    pub std_log2_clear: f64,
+    /// (std secret / std clear)², the factor `layer::lut::SECRET_VAR` must cover.
+    pub variance_ratio: f64,
+    /// Outputs that decrypted to another value (for either table).
+    pub wrong: usize,
+}
+
+/// Runs `n` secret-table PBS and `n` clear-table PBS on random 4-bit inputs and random
+/// 4-bit tables (a fresh encrypted table each time) and measures each output's error with
+/// the secret key. Uses the current rayon pool.
+pub fn measure_noise(client: &ClientKey, n: usize) -> Result<NoiseReport, FheError> {
+    use rand::Rng;
+    use rayon::prelude::*;
+    use tfhe::core_crypto::prelude::decrypt_lwe_ciphertext;
+    let AtomicPatternClientKey::Standard(std) = &client.atomic_pattern else {
+        return Err(FheError::Decode {
+            what: "client key",
+            msg: "secret tables need the standard (KS-PBS) atomic pattern".into(),
+        });
+    };
+    let sks = ServerKey::new(client);
+    let big = std.large_lwe_secret_key();
+    const DELTA: u64 = 1 << 59;
+    let err = |ct: &tfhe::shortint::Ciphertext, want: u64| {
+        decrypt_lwe_ciphertext(&big, &ct.ct)
+            .0
+            .wrapping_sub(want * DELTA) as i64 as f64
+    };
+    let errs: Vec<(f64, f64)> = (0..n)
+        .into_par_iter()
+        .map(|_| {
+            super::entropy::seed_thread();
+            let mut rng = rand::thread_rng();
+            let mut t = [0u64; 16];
+            t.iter_mut().for_each(|v| *v = rng.gen_range(0..16));
+            let x = rng.gen_range(0..16u64);
+            let ct = client.unchecked_encrypt(x);
+            let secret = encrypt_tables(client, &sks, &[vec![t]])?;
+            let SecretTable::One(lut) = expand_table(&sks, &secret[0]) else {
+                unreachable!("one table per PBS")
+            };
+            let clear = sks.generate_lookup_table(|v| t[(v % 16) as usize]);
+            let want = t[x as usize];
+            Ok((
+                err(&sks.apply_lookup_table(&ct, &lut), want),
+                err(&sks.apply_lookup_table(&ct, &clear), want),
+            ))
+        })
+        .collect::<Result<_, FheError>>()?;
+    let std = |f: &dyn Fn(&(f64, f64)) -> f64| {
+        let mean = errs.iter().map(f).sum::<f64>() / n as f64;
+        (errs.iter().map(|e| (f(e) - mean).powi(2)).sum::<f64>() / n as f64).sqrt()
+    };
+    let (s, c) = (std(&|e| e.0), std(&|e| e.1));
+    let half = (DELTA / 2) as f64;
+    Ok(NoiseReport {
+        evaluations: n,
+        std_log2_secret: s.log2(),
+        std_log2_clear: c.log2(),
+        variance_ratio: (s / c).powi(2),
+        wrong: errs
+            .iter()
+            .filter(|e| e.0.abs() >= half || e.1.abs() >= half)
+            .count(),
+    })
+}

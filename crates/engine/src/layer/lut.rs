@@ -25,9 +25,9 @@ use rayon::prelude::*;
 pub const MAX_FAN_IN: usize = 4;
 /// Most neurons (or groups) in one layer.
 pub const MAX_NEURONS: usize = 1 << 16;
-/// Noise variance of a secret-table PBS output, in units of a fresh ciphertext's: the
-/// owner's encrypted accumulator adds its own GLWE noise to the blind rotation's
-/// (docs/DESIGN.md, "Secret tables", gives the measurement behind the factor 2).
+/// Noise variance of a secret-table PBS output, in units of a fresh ciphertext's: twice
+/// what `fhecam bench --table-noise 10000` measured (a ratio of 0.97 to a clear table's;
+/// docs/DESIGN.md, "Secret tables").
 pub const SECRET_VAR: u64 = 2;
 
 /// One neuron (or one output group): `table[Σ_k mul[k]·x[inputs[k]]]`.
