@@ -2,7 +2,6 @@
 //! without blocking: a FIFO or a device put in place of a file must not hang a stage.
 
 use fhecam_proto::files::ReadError;
-use std::io::Read;
 use std::path::Path;
 
 /// Reads a regular file of at most `limit` bytes. It is opened non-blocking (a FIFO opens
@@ -23,18 +22,7 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
             "not a regular file",
         )));
     }
-    let too_large = |size| ReadError::TooLarge { size, limit };
-    if m.len() > limit {
-        return Err(too_large(m.len()));
-    }
-    let mut buf = Vec::with_capacity(m.len() as usize);
-    f.take(limit + 1)
-        .read_to_end(&mut buf)
-        .map_err(ReadError::Io)?;
-    if buf.len() as u64 > limit {
-        return Err(too_large(buf.len() as u64));
-    }
-    Ok(buf)
+    fhecam_proto::files::read_opened(f, m.len(), limit)
 }
 
 #[cfg(test)]

@@ -17,6 +17,12 @@ pub enum ReadError {
 pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
     let f = std::fs::File::open(path).map_err(ReadError::Io)?;
     let len = f.metadata().map_err(ReadError::Io)?.len();
+    read_opened(f, len, limit)
+}
+
+/// Reads an open file whose size was `len` when checked, at most `limit` bytes: refused
+/// before reading when `len` is over, and the read itself is capped in case it grew.
+pub fn read_opened(f: std::fs::File, len: u64, limit: u64) -> Result<Vec<u8>, ReadError> {
     let too_large = |size| ReadError::TooLarge { size, limit };
     if len > limit {
         return Err(too_large(len));
