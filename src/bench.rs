@@ -199,9 +199,9 @@ pub fn run(
         let out_file = out.to_bytes()?;
         out_bytes = out_file.len();
         digits = out.layout.ciphertexts();
-        payload_bytes = fhecam::envelope::encode(&fhecam::envelope::Envelope {
-            device_id: "d".repeat(fhecam::envelope::MAX_ID_LEN),
-            camera_id: "c".repeat(fhecam::envelope::MAX_ID_LEN),
+        payload_bytes = fhecam::wire::envelope::encode(&fhecam::wire::envelope::Envelope {
+            device_id: "d".repeat(fhecam::wire::envelope::MAX_ID_LEN),
+            camera_id: "c".repeat(fhecam::wire::envelope::MAX_ID_LEN),
             model_id: fhecam::ids::ModelId([0; 16]),
             model_version: 1,
             sequence: i as u64,

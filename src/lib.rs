@@ -12,4 +12,4 @@ pub use fhecam_engine::{fhe, layer, model, reference, testnet};
 pub use fhecam_owner::{data, fleet, npy, secret, store};
 #[cfg(feature = "owner-tools")]
 pub use fhecam_owner::{import, train, train_tables};
-pub use fhecam_proto::{bundle, envelope, files, ids, mqtt, retry, settings, status};
+pub use fhecam_proto::{bundle, files, ids, mqtt, retry, settings, wire};

@@ -6,9 +6,9 @@
 //! gets all its results, later; and the agents keep running.
 
 use fhecam::bundle;
-use fhecam::envelope::{self, Envelope};
 use fhecam::fhe::eval::OutputLayout;
 use fhecam::fhe::{pack_digits, EncryptedOutput};
+use fhecam::wire::envelope::{self, Envelope};
 use rumqttc::{Client, MqttOptions, QoS};
 use std::time::Duration;
 

@@ -165,7 +165,7 @@ fn new_version(o: &Owner, db: &Path, pass: &str, name: &str) -> (String, u32, Ve
 }
 
 fn envelope_of(id: &str, version: u32, ct: &[u8], device: &str, seq: u64) -> Vec<u8> {
-    fhecam::envelope::encode(&fhecam::envelope::Envelope {
+    fhecam::wire::envelope::encode(&fhecam::wire::envelope::Envelope {
         device_id: device.into(),
         camera_id: "c0".into(),
         model_id: id.parse().unwrap(),

@@ -5,7 +5,7 @@
 //! are reported clearly.
 
 use fhecam::data::{load_digits, stratified_split};
-use fhecam::envelope;
+use fhecam::wire::envelope;
 use fhecam::{preprocess, reference};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{daemon, free_port, log, s, stop_daemon as stop, wait_for, Broker, Messages};
-use fhecam::envelope;
+use fhecam::wire::envelope;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,7 +4,7 @@
 //! a restart keeps the pushed model; a rotation during a broker outage loses and
 //! duplicates nothing; `fhecam fleet` and `fhecam models --broker` show who runs what.
 
-use fhecam::envelope;
+use fhecam::wire::envelope;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -134,8 +134,8 @@ fn packed_output_round_trips_small_and_refuses_damage_and_old_formats() {
 
 #[test]
 fn ten_logits_of_up_to_256_digits_publish_in_at_most_4_kb() {
-    use fhecam::envelope::{encode, Envelope, MAX_ID_LEN};
     use fhecam::fhe::eval::OutputLayout;
+    use fhecam::wire::envelope::{encode, Envelope, MAX_ID_LEN};
     let keys = OwnerKeys::generate();
     // one GLWE holds 256 digits: its mask is fixed, each digit adds 12 bits
     for digits in [10usize, 60, 90, 256] {

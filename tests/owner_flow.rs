@@ -4,10 +4,10 @@
 //! input. Then the refusals: tampered, foreign-signed and oversized bundles, a result of an
 //! unknown model, a wrong passphrase, files readable by others.
 
-use fhecam::envelope;
 use fhecam::ids::ModelId;
 use fhecam::secret::{self, KdfParams, Passphrase};
 use fhecam::store::{NewModel, Store, StoreError};
+use fhecam::wire::envelope;
 use fhecam::{bundle, preprocess, reference};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

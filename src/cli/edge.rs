@@ -83,10 +83,10 @@ fn validate(path: &Path) -> Result<()> {
         check_outbox_dir(&cfg.outbox.dir)?
     );
     println!(
-        "broker {}:{} (not contacted by validate), topics {}",
+        "broker {}:{} (not contacted by validate), topics {}/*",
         cfg.mqtt.conn.host,
         cfg.mqtt.conn.port,
-        cfg.topic("*")
+        cfg.topic_base()
     );
     match &cfg.deploy {
         None => println!("deploy: off (runs the bundle file; SIGHUP re-reads it)"),

@@ -14,7 +14,7 @@ pub struct BrokerArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub broker: Option<String>,
     /// The cameras' first topic level (their mqtt.topic_prefix).
-    #[arg(long, default_value = "fhecam")]
+    #[arg(long, default_value = fhecam::wire::DEFAULT_EDGE_PREFIX)]
     pub prefix: String,
     /// Broker user name; the password is read from FHECAM_BROKER_PASSWORD.
     #[arg(long)]
@@ -99,7 +99,7 @@ impl BrokerArgs {
             .and_then(|(h, p)| Some((h, p.parse::<u16>().ok().filter(|&p| p > 0)?)))
             .filter(|(h, _)| !h.is_empty())
             .with_context(|| format!("--broker {b:?}: expected HOST:PORT, e.g. localhost:1883"))?;
-        fhecam::envelope::check_id("--prefix", &self.prefix)?;
+        fhecam::wire::envelope::check_id("--prefix", &self.prefix)?;
         let id = format!(
             "fhecam-owner-{}-{}",
             std::process::id(),
@@ -246,7 +246,7 @@ pub fn collect(b: &BrokerArgs, wait: Duration) -> Result<Vec<Camera>> {
 pub fn online(b: &BrokerArgs) -> Result<Vec<String>> {
     let mut d: Vec<String> = collect(b, Duration::from_secs(2))?
         .into_iter()
-        .filter(|c| c.availability == "online")
+        .filter(|c| c.availability == fhecam::wire::Availability::Online.as_str())
         .map(|c| c.device_id)
         .collect();
     d.dedup();

@@ -3,12 +3,12 @@
 
 use anyhow::{bail, Context, Result};
 use fhecam::bundle;
-use fhecam::envelope::{self, Envelope};
 use fhecam::fhe::EdgeRuntime;
 use fhecam::ids::{rfc3339, ModelId};
 use fhecam::preprocess;
 use fhecam::secret::{KdfParams, Passphrase};
 use fhecam::store::{self, Store};
+use fhecam::wire::envelope::{self, Envelope};
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -508,18 +508,18 @@ fn push_target(
         }
     }
     let topics = if all {
-        vec![fhecam::status::deploy_topic(&b.prefix, None)]
+        vec![fhecam::wire::deploy_topic(&b.prefix, None)]
     } else if devices.is_empty() {
         bail!("--push needs the cameras: --devices a,b or --all");
     } else {
         devices
             .iter()
             .map(|d| {
-                fhecam::envelope::check_id("--devices", d)?;
-                if d == fhecam::edge::config::DEPLOY_LEVEL || d == "all" {
+                fhecam::wire::envelope::check_id("--devices", d)?;
+                if fhecam::wire::reserved_device_id(d) {
                     bail!("--devices: {d:?} is reserved, not a device id (--all pushes to every camera)");
                 }
-                Ok(fhecam::status::deploy_topic(&b.prefix, Some(d)))
+                Ok(fhecam::wire::deploy_topic(&b.prefix, Some(d)))
             })
             .collect::<Result<_>>()?
     };

@@ -327,7 +327,7 @@ pub fn owner(dir: &Path) -> Owner {
 impl Owner {
     /// An envelope of this model's inference as camera `device`/`camera` would send it.
     pub fn envelope(&self, device: &str, camera: &str, epoch: u64, seq: u64) -> Vec<u8> {
-        fhecam::envelope::encode(&fhecam::envelope::Envelope {
+        fhecam::wire::envelope::encode(&fhecam::wire::envelope::Envelope {
             device_id: device.into(),
             camera_id: camera.into(),
             model_id: self.header.model_id,

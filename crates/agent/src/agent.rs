@@ -18,10 +18,11 @@
 //! is persistent). A burst or a backlog therefore waits at the broker, not in our memory.
 
 use super::config::AgentConfig;
-use super::guard::{parse_topic, RateLimiter};
-use super::processor::{AgentError, Checked, Key, Processor, Refusal, RefusalCode, Step};
+use super::guard::RateLimiter;
+use super::processor::{AgentError, Checked, Key, Processor, Refusal, Step};
 use super::session::{Item, Outgoing};
 use fhecam_proto::ids::{rfc3339, ModelId};
+use fhecam_proto::wire::{self, DeadLetter, Leaf};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
@@ -123,15 +124,6 @@ enum Decision {
     Fatal(AgentError),
 }
 
-#[derive(Serialize)]
-struct DeadLetter<'a> {
-    code: RefusalCode,
-    reason: &'a str,
-    topic: &'a str,
-    payload_bytes: usize,
-    time: String,
-}
-
 /// An inference being worked on: the incoming publishes to acknowledge when it is done
 /// (a redelivery of it while it is in flight joins here instead of being decrypted twice).
 struct Flight {
@@ -170,8 +162,8 @@ impl Worker {
         tracing::warn!("{topic}: refused: {}", r.reason);
         let json = serde_json::to_vec(&DeadLetter {
             code: r.code,
-            reason: &r.reason,
-            topic: &topic,
+            reason: r.reason,
+            topic,
             payload_bytes: bytes,
             time: rfc3339(fhecam_proto::ids::unix_now()),
         })
@@ -350,7 +342,7 @@ fn mqtt_options(cfg: &AgentConfig, client_id: String) -> Result<MqttOptions, Age
     // enforces the bound whatever the broker does
     o.set_receive_maximum(Some(cfg.limits.max_held.min(u16::MAX as usize) as u16));
     o.set_max_packet_size(Some(
-        (fhecam_proto::envelope::MAX_ENVELOPE_BYTES + 4096) as u32,
+        (fhecam_proto::wire::envelope::MAX_ENVELOPE_BYTES + 4096) as u32,
     ));
     if let Some(user) = &m.username {
         o.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
@@ -456,8 +448,9 @@ impl Held {
 
     fn device(&self, p: &Publish) -> String {
         let topic = String::from_utf8_lossy(&p.topic);
-        parse_topic(&self.edge_prefix, &topic)
-            .map(|(d, _)| d.to_string())
+        wire::parse_camera_topic(&self.edge_prefix, &topic)
+            .filter(|t| t.leaf == Leaf::Inference)
+            .map(|t| t.device.to_string())
             .unwrap_or_default()
     }
 

@@ -1,6 +1,7 @@
 //! The backend agent's configuration (`backend.toml`, `FHECAM_`-prefixed overrides such as
 //! `FHECAM_MQTT__HOST`). Unknown fields are errors.
 
+use fhecam_proto::wire;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -62,9 +63,9 @@ impl Default for AgentTopics {
         AgentTopics {
             group: "fhecam-agents".into(),
             shared: false,
-            edge_prefix: "fhecam".into(),
-            cockpit_prefix: "cockpit".into(),
-            dead_letter_topic: "backend/deadletter".into(),
+            edge_prefix: wire::DEFAULT_EDGE_PREFIX.into(),
+            cockpit_prefix: wire::DEFAULT_COCKPIT_PREFIX.into(),
+            dead_letter_topic: wire::DEFAULT_DEAD_LETTER_TOPIC.into(),
         }
     }
 }
@@ -89,7 +90,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_payload_bytes: fhecam_proto::envelope::MAX_ENVELOPE_BYTES,
+            max_payload_bytes: fhecam_proto::wire::envelope::MAX_ENVELOPE_BYTES,
             per_device_per_minute: 60.0,
             burst: 10.0,
             max_held: 64,
@@ -213,7 +214,7 @@ impl AgentConfig {
         check_path("state_db", &self.state_db)?;
 
         let l = &self.limits;
-        let max = fhecam_proto::envelope::MAX_ENVELOPE_BYTES;
+        let max = fhecam_proto::wire::envelope::MAX_ENVELOPE_BYTES;
         if !(1..=max).contains(&l.max_payload_bytes) {
             return Err(format!(
                 "limits.max_payload_bytes must be 1..={max}, got {}",
@@ -255,7 +256,7 @@ impl AgentConfig {
             ("mqtt.edge_prefix", &m.edge_prefix),
             ("mqtt.cockpit_prefix", &m.cockpit_prefix),
         ] {
-            fhecam_proto::envelope::check_id(name, v).map_err(|e| e.to_string())?;
+            fhecam_proto::wire::envelope::check_id(name, v).map_err(|e| e.to_string())?;
         }
         if m.cockpit_prefix == m.edge_prefix {
             return Err("mqtt.cockpit_prefix must differ from mqtt.edge_prefix: results never go to edge topics".into());
@@ -290,12 +291,8 @@ impl AgentConfig {
 
     /// `<prefix>/+/+/inference`, or `$share/<group>/<prefix>/+/+/inference` when shared.
     pub fn subscription(&self) -> String {
-        let plain = format!("{}/+/+/inference", self.mqtt.role.edge_prefix);
-        if self.mqtt.role.shared {
-            format!("$share/{}/{plain}", self.mqtt.role.group)
-        } else {
-            plain
-        }
+        let r = &self.mqtt.role;
+        wire::inference_subscription(&r.edge_prefix, r.shared.then_some(r.group.as_str()))
     }
 }
 

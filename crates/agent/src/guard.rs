@@ -1,20 +1,9 @@
-//! Pure checks of the decryption agent, no I/O: topic parsing, per-device rate limiting,
-//! and the post-decryption range check. Together with the layout check in `agent.rs` they
+//! Pure checks of the decryption agent, no I/O: per-device rate limiting and the
+//! post-decryption range check. Together with the layout check in `agent.rs` they
 //! keep the agent from being a decryption oracle for the edge.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-
-/// `<prefix>/<device>/<camera>/inference` → (device, camera).
-pub fn parse_topic<'a>(prefix: &str, topic: &'a str) -> Option<(&'a str, &'a str)> {
-    let rest = topic.strip_prefix(prefix)?.strip_prefix('/')?;
-    let mut parts = rest.split('/');
-    let (device, camera, leaf) = (parts.next()?, parts.next()?, parts.next()?);
-    if leaf != "inference" || parts.next().is_some() {
-        return None;
-    }
-    Some((device, camera))
-}
 
 /// A token bucket per device: `burst` decryptions at once, refilled at `per_minute`.
 pub struct RateLimiter {
@@ -92,18 +81,6 @@ pub fn check_range(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn topics() {
-        assert_eq!(
-            parse_topic("fhecam", "fhecam/d1/c:0/inference"),
-            Some(("d1", "c:0"))
-        );
-        assert_eq!(parse_topic("fhecam", "fhecam/d1/c0/stats"), None);
-        assert_eq!(parse_topic("fhecam", "fhecam/d1/inference"), None);
-        assert_eq!(parse_topic("fhecam", "other/d1/c0/inference"), None);
-        assert_eq!(parse_topic("fhecam", "fhecam/d1/c0/inference/x"), None);
-    }
 
     #[test]
     fn bucket_refills() {

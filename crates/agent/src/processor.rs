@@ -3,15 +3,15 @@
 //! the cockpit. Owns the databases; synchronous, run on the agent's worker thread.
 
 use super::config::AgentConfig;
-use super::guard::{check_range, parse_topic};
+use super::guard::check_range;
 use fhecam_engine::fhe::eval::OutputLayout;
 use fhecam_engine::fhe::{EncryptedOutput, OwnerKeys};
 use fhecam_engine::model::Kind;
 use fhecam_owner::secret::Passphrase;
 use fhecam_owner::store::{Store, StoreError};
-use fhecam_proto::envelope::{self, Envelope};
 use fhecam_proto::ids::{rfc3339, ModelId};
-use serde::Serialize;
+use fhecam_proto::wire::envelope::{self, Envelope};
+use fhecam_proto::wire::{self, CockpitResult, Leaf};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -48,36 +48,7 @@ pub struct Checked {
     out: EncryptedOutput,
 }
 
-/// Why an inference was refused: a stable code for programs (the dead-letter message's
-/// `code`) and the text for people.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RefusalCode {
-    /// Larger than `limits.max_payload_bytes`.
-    Oversized,
-    /// The topic is not `<edge_prefix>/<device>/<camera>/inference`.
-    NotInferenceTopic,
-    /// The envelope does not parse (bad magic, old schema, truncated, bad fields).
-    MalformedEnvelope,
-    /// The envelope names another device or camera than its topic.
-    WrongSender,
-    /// The model id is not in the database.
-    UnknownModel,
-    /// The model is in the database but cannot serve (its key is unusable or sealed).
-    ModelUnusable,
-    /// The envelope's model version is not the database's.
-    WrongVersion,
-    /// The encrypted output does not parse or conform.
-    MalformedCiphertext,
-    /// The encrypted output's layout is not the model's own.
-    WrongLayout,
-    /// A decrypted digit failed its padding check (another key, or forged).
-    DecryptionCheck,
-    /// Decrypted logits or label outside what the model can produce.
-    ImpossibleValues,
-    /// The agent could not encode its own result.
-    Internal,
-}
+pub use fhecam_proto::wire::RefusalCode;
 
 /// A refused inference.
 #[derive(Clone, Debug, PartialEq)]
@@ -115,25 +86,6 @@ pub enum Step {
     Ready(Box<Checked>),
     /// The agent's own state failed: stop without acknowledging (the broker redelivers).
     Fatal(AgentError),
-}
-
-/// A cockpit result.
-#[derive(Serialize)]
-pub struct CockpitResult<'a> {
-    pub device_id: &'a str,
-    pub camera_id: &'a str,
-    pub model_id: String,
-    pub model_version: u32,
-    /// With `sequence`, identifies the inference: a consumer that must see each result
-    /// once deduplicates on (device_id, camera_id, epoch, sequence).
-    pub epoch: u64,
-    pub sequence: u64,
-    pub label: usize,
-    pub frame_timestamp_ms: u64,
-    pub frame_time: String,
-    pub decrypt_ms: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub logits: Option<Vec<i64>>,
 }
 
 struct Known {
@@ -520,7 +472,12 @@ impl Processor {
                 ),
             );
         }
-        let Some((device, camera)) = parse_topic(&self.cfg.mqtt.role.edge_prefix, topic) else {
+        let Some(wire::CameraTopic {
+            device,
+            camera,
+            leaf: Leaf::Inference,
+        }) = wire::parse_camera_topic(&self.cfg.mqtt.role.edge_prefix, topic)
+        else {
             return dead(C::NotInferenceTopic, "not an inference topic".into());
         };
         let env = match envelope::decode(payload) {
@@ -597,8 +554,8 @@ impl Processor {
         })?;
         let env = &c.env;
         let r = CockpitResult {
-            device_id: &env.device_id,
-            camera_id: &env.camera_id,
+            device_id: env.device_id.clone(),
+            camera_id: env.camera_id.clone(),
             model_id: c.model.to_string(),
             model_version: env.model_version,
             epoch: env.epoch,
@@ -616,9 +573,10 @@ impl Processor {
             )
         })?;
         Ok((
-            format!(
-                "{}/{}/{}",
-                self.cfg.mqtt.role.cockpit_prefix, env.device_id, env.camera_id
+            wire::cockpit_topic(
+                &self.cfg.mqtt.role.cockpit_prefix,
+                &env.device_id,
+                &env.camera_id,
             ),
             json,
         ))

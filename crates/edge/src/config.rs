@@ -2,6 +2,7 @@
 //! overrides (`FHECAM_MQTT__HOST=broker` sets `mqtt.host`). Unknown fields are errors, so a
 //! typo never silently falls back to a default.
 
+use fhecam_proto::wire::{self, Leaf};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -145,7 +146,7 @@ pub struct EdgeTopics {
 impl Default for EdgeTopics {
     fn default() -> Self {
         EdgeTopics {
-            topic_prefix: "fhecam".into(),
+            topic_prefix: wire::DEFAULT_EDGE_PREFIX.into(),
             stats_interval_s: 60.0,
         }
     }
@@ -211,8 +212,6 @@ fn default_scan_interval() -> f64 {
     2.0
 }
 
-pub use fhecam_proto::status::DEPLOY_LEVEL;
-
 /// Top-level fields, so that other `FHECAM_*` variables (the owner's passphrase, the
 /// data directory) are not mistaken for unknown configuration fields.
 const FIELDS: &[&str] = &[
@@ -249,10 +248,10 @@ impl EdgeConfig {
     fn check_fields(&self) -> Result<(), String> {
         use fhecam_proto::mqtt::{check_path, check_range, BACKOFF_S};
         let id = |name: &'static str, v: &str| {
-            fhecam_proto::envelope::check_id(name, v).map_err(|e| e.to_string())
+            fhecam_proto::wire::envelope::check_id(name, v).map_err(|e| e.to_string())
         };
         id("device_id", &self.device_id)?;
-        if self.device_id == DEPLOY_LEVEL || self.device_id == "all" {
+        if wire::reserved_device_id(&self.device_id) {
             return Err(format!(
                 "device_id {:?} is reserved for deployment topics; choose another",
                 self.device_id
@@ -409,11 +408,7 @@ impl EdgeConfig {
 
     /// The topics a camera takes pushed bundles from: the whole fleet's and its device's.
     pub fn deploy_topics(&self) -> [String; 2] {
-        let p = &self.mqtt.role.topic_prefix;
-        [
-            fhecam_proto::status::deploy_topic(p, None),
-            fhecam_proto::status::deploy_topic(p, Some(&self.device_id)),
-        ]
+        wire::deploy_topics(&self.mqtt.role.topic_prefix, &self.device_id)
     }
 
     pub fn client_id(&self) -> String {
@@ -424,10 +419,22 @@ impl EdgeConfig {
             .unwrap_or_else(|| format!("fhecam-{}-{}", self.device_id, self.camera_id))
     }
 
-    pub fn topic(&self, leaf: &str) -> String {
-        format!(
-            "{}/{}/{}/{leaf}",
-            self.mqtt.role.topic_prefix, self.device_id, self.camera_id
+    /// This camera's topic `leaf`.
+    pub fn topic(&self, leaf: Leaf) -> String {
+        wire::camera_topic(
+            &self.mqtt.role.topic_prefix,
+            &self.device_id,
+            &self.camera_id,
+            leaf,
+        )
+    }
+
+    /// `<prefix>/<device>/<camera>`, the level all of this camera's topics start with.
+    pub fn topic_base(&self) -> String {
+        wire::camera_base(
+            &self.mqtt.role.topic_prefix,
+            &self.device_id,
+            &self.camera_id,
         )
     }
 }
@@ -525,7 +532,7 @@ mod tests {
         let c = EdgeConfig::load(&write(d.path(), MINIMAL)).unwrap();
         assert_eq!(c.camera_id, "cam0");
         assert_eq!(c.infer.max_in_flight, 1);
-        assert_eq!(c.topic("inference"), "fhecam/dev1/cam0/inference");
+        assert_eq!(c.topic(Leaf::Inference), "fhecam/dev1/cam0/inference");
         assert_eq!(c.client_id(), "fhecam-dev1-cam0");
     }
 

@@ -30,7 +30,7 @@ use super::source::{self, Frame, SourceEnd, SourceOptions};
 use super::stats::{Snapshot, Stats};
 use fhecam_engine::fhe::FheError;
 use fhecam_proto::bundle;
-use fhecam_proto::envelope::Envelope;
+use fhecam_proto::wire::envelope::Envelope;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
@@ -389,7 +389,7 @@ pub async fn run(
     let outbox = Outbox::open(
         &cfg.outbox.dir,
         cfg.outbox.max_entries,
-        fhecam_proto::envelope::MAX_ENVELOPE_BYTES as u64,
+        fhecam_proto::wire::envelope::MAX_ENVELOPE_BYTES as u64,
     )?;
     let header = &first.header;
     tracing::info!(

@@ -11,9 +11,10 @@ use super::health::{Stage, BEAT};
 use super::intake::{Offer, Origin};
 use super::outbox::{Outbox, OutboxError};
 use super::stats::Stats;
-use fhecam_proto::envelope::{self, Envelope};
 use fhecam_proto::retry::backoff;
-use fhecam_proto::status::Status;
+use fhecam_proto::wire::envelope::{self, Envelope};
+use fhecam_proto::wire::Status;
+use fhecam_proto::wire::{Availability, Leaf};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
 };
@@ -30,7 +31,7 @@ pub enum PublishError {
     #[error(transparent)]
     Outbox(#[from] OutboxError),
     #[error("envelope: {0}")]
-    Envelope(#[from] fhecam_proto::envelope::EnvelopeError),
+    Envelope(#[from] fhecam_proto::wire::envelope::EnvelopeError),
     #[error("MQTT: {0}")]
     Setup(#[from] fhecam_proto::mqtt::MqttSetupError),
 }
@@ -150,8 +151,8 @@ pub fn mqtt_options(cfg: &EdgeConfig) -> Result<MqttOptions, PublishError> {
     o.set_max_packet_size(incoming, max);
     o.set_inflight(MAX_HANDED as u16 + 4);
     o.set_last_will(LastWill::new(
-        cfg.topic("availability"),
-        "offline",
+        cfg.topic(Leaf::Availability),
+        Availability::Offline.as_str(),
         QoS::AtLeastOnce,
         true,
     ));
@@ -323,15 +324,15 @@ impl Publisher<'_> {
         }
     }
 
-    fn announce(&mut self, payload: &'static str) {
+    fn announce(&mut self, a: Availability) {
         match self.client.try_publish(
-            self.cfg.topic("availability"),
+            self.cfg.topic(Leaf::Availability),
             QoS::AtLeastOnce,
             true,
-            payload,
+            a.as_str(),
         ) {
             Ok(()) => self.flight.requested(None),
-            Err(e) => self.request_failed("availability", e),
+            Err(e) => self.request_failed(Leaf::Availability.as_str(), e),
         }
     }
 
@@ -364,10 +365,10 @@ impl Publisher<'_> {
         };
         match self
             .client
-            .try_publish(self.cfg.topic("stats"), QoS::AtMostOnce, true, json)
+            .try_publish(self.cfg.topic(Leaf::Stats), QoS::AtMostOnce, true, json)
         {
             Ok(()) => self.flight.requested(None),
-            Err(e) => self.request_failed("stats", e),
+            Err(e) => self.request_failed(Leaf::Stats.as_str(), e),
         }
     }
 
@@ -414,7 +415,7 @@ impl Publisher<'_> {
                         "new"
                     }
                 );
-                self.announce("online");
+                self.announce(Availability::Online);
                 self.publish_stats();
                 if self.offers.is_some() && (!self.subscribed || !ack.session_present) {
                     let filters = self
@@ -474,7 +475,7 @@ pub async fn run(
         offers: links.offers,
         deploy_topics: cfg.deploy_topics(),
         subscribed: false,
-        topic: cfg.topic("inference"),
+        topic: cfg.topic(Leaf::Inference),
         connected: false,
         unstored: VecDeque::new(),
         store_failures: 0,
@@ -569,7 +570,7 @@ pub async fn run(
         }
     }
     if p.connected {
-        p.announce("offline");
+        p.announce(Availability::Offline);
         let _ = p.client.try_disconnect();
         // let rumqttc write the last messages and the DISCONNECT
         let _ = tokio::time::timeout(Duration::from_secs(5), async {

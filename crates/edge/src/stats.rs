@@ -1,7 +1,7 @@
 //! The daemon's counters: every frame and every inference is accounted for, and published
 //! periodically on the stats topic.
 
-pub use fhecam_proto::status::Snapshot;
+pub use fhecam_proto::wire::status::Snapshot;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 

@@ -4,8 +4,8 @@
 use crate::secret::Passphrase;
 use crate::store::{ModelSummary, Store, StoreError};
 use fhecam_engine::fhe::{EncryptedOutput, FheError, OwnerKeys};
-use fhecam_proto::envelope::{self, Envelope, EnvelopeError};
 use fhecam_proto::ids::ModelId;
+use fhecam_proto::wire::envelope::{self, Envelope, EnvelopeError};
 use std::collections::HashMap;
 use thiserror::Error;
 

@@ -2,7 +2,7 @@
 //! last status (the model it runs, its counters). Pure: messages in, rows out; the MQTT
 //! client is the binary's (`fhecam fleet`, `fhecam models --broker`).
 
-use fhecam_proto::status::{Status, DEPLOY_LEVEL};
+use fhecam_proto::wire::{self, Availability, CameraTopic, Leaf, Status};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -12,8 +12,8 @@ pub const MAX_STATUS_BYTES: usize = 1 << 20;
 /// The topic filters that carry the fleet's retained messages.
 pub fn filters(prefix: &str) -> [String; 2] {
     [
-        format!("{prefix}/+/+/availability"),
-        format!("{prefix}/+/+/stats"),
+        wire::camera_filter(prefix, Leaf::Availability),
+        wire::camera_filter(prefix, Leaf::Stats),
     ]
 }
 
@@ -89,21 +89,18 @@ impl Camera {
     }
 }
 
-/// `(device, camera, leaf)` of a camera topic under `prefix`.
-fn parse_topic<'a>(prefix: &str, topic: &'a str) -> Option<(&'a str, &'a str, &'a str)> {
-    let rest = topic.strip_prefix(prefix)?.strip_prefix('/')?;
-    let mut it = rest.split('/');
-    let (d, c, leaf) = (it.next()?, it.next()?, it.next()?);
-    (it.next().is_none() && d != DEPLOY_LEVEL).then_some((d, c, leaf))
-}
-
 /// The cameras seen in `messages` (topic, payload), by device and camera. A message that
 /// cannot be read becomes the camera's `note`, never an error: one bad camera must not
 /// hide the others.
 pub fn view(prefix: &str, messages: &[(String, Vec<u8>)], now_ms: u64) -> Vec<Camera> {
     let mut cams: BTreeMap<(String, String), Camera> = BTreeMap::new();
     for (topic, payload) in messages {
-        let Some((d, c, leaf)) = parse_topic(prefix, topic) else {
+        let Some(CameraTopic {
+            device: d,
+            camera: c,
+            leaf,
+        }) = wire::parse_camera_topic(prefix, topic)
+        else {
             continue;
         };
         if payload.is_empty() {
@@ -113,24 +110,22 @@ pub fn view(prefix: &str, messages: &[(String, Vec<u8>)], now_ms: u64) -> Vec<Ca
             .entry((d.into(), c.into()))
             .or_insert_with(|| Camera::new(d, c));
         match leaf {
-            "availability" => {
-                cam.availability = match payload.as_slice() {
-                    b"online" => "online".into(),
-                    b"offline" => "offline".into(),
-                    _ => "unknown".into(),
-                }
+            Leaf::Availability => {
+                cam.availability = Availability::parse(payload)
+                    .map_or("unknown", Availability::as_str)
+                    .into()
             }
-            "stats" if payload.len() > MAX_STATUS_BYTES => {
+            Leaf::Stats if payload.len() > MAX_STATUS_BYTES => {
                 cam.note = Some(format!(
                     "status of {} bytes, over the {MAX_STATUS_BYTES}-byte limit: skipped",
                     payload.len()
                 ))
             }
-            "stats" => match serde_json::from_slice::<Status>(payload) {
+            Leaf::Stats => match serde_json::from_slice::<Status>(payload) {
                 Ok(s) => cam.set_status(&s, now_ms),
                 Err(e) => cam.note = Some(format!("status unreadable (an older fhecam?): {e}")),
             },
-            _ => {}
+            Leaf::Inference => {}
         }
     }
     cams.into_values().collect()
@@ -141,13 +136,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn topics_parse_and_bad_status_is_a_note() {
-        assert_eq!(
-            parse_topic("fhecam", "fhecam/d1/cam0/stats"),
-            Some(("d1", "cam0", "stats"))
-        );
-        assert_eq!(parse_topic("fhecam", "fhecam/_deploy/all"), None);
-        assert_eq!(parse_topic("fhecam", "other/d1/cam0/stats"), None);
+    fn bad_status_is_a_note() {
         let msgs = vec![
             (
                 "fhecam/d1/cam0/availability".to_string(),

@@ -11,7 +11,7 @@ use fhecam_owner::decrypt::{DecryptError, Decryptor};
 use fhecam_owner::secret::{KdfParams, Passphrase};
 use fhecam_owner::store::Store;
 use fhecam_owner::{deploy, protect};
-use fhecam_proto::{bundle, envelope};
+use fhecam_proto::{bundle, wire::envelope};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 

@@ -1,17 +1,7 @@
-//! What a camera reports about itself and where bundles are pushed: the retained status on
-//! `<prefix>/<device>/<camera>/stats` (written by the edge, read by `fhecam fleet`), and the
-//! deployment topics.
+//! What a camera reports about itself: the retained status on
+//! `<prefix>/<device>/<camera>/stats` (written by the edge, read by `fhecam fleet`).
 
 use serde::{Deserialize, Serialize};
-
-/// The topic a bundle is pushed to: every camera (`None`) or one device's cameras.
-pub fn deploy_topic(prefix: &str, device: Option<&str>) -> String {
-    format!("{prefix}/{DEPLOY_LEVEL}/{}", device.unwrap_or("all"))
-}
-
-/// The device id under which deployment topics live (`<prefix>/_deploy/...`): no camera
-/// may use it.
-pub const DEPLOY_LEVEL: &str = "_deploy";
 
 /// A camera's counters at one moment (the edge's `stats::Stats`), as JSON on the stats topic.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
