@@ -6,7 +6,7 @@
 mod common;
 
 use common::{bin, finish, free_port, s, wait_for, Broker};
-use fhecam::edge::daemon::{drain_extension, frame_estimate, ASSUMED_PBS_S};
+use fhecam::edge::infer::{drain_extension, frame_estimate, ASSUMED_PBS_S};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};

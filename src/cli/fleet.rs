@@ -137,8 +137,8 @@ fn connect_error(b: &BrokerArgs, e: impl std::fmt::Display) -> anyhow::Error {
 /// Publishes `bundle` retained at QoS 1 on each topic and waits for the broker's
 /// acknowledgements.
 pub fn push(b: &BrokerArgs, topics: &[String], bundle: &[u8], timeout: Duration) -> Result<()> {
-    let o = b.options("--push", fhecam::edge::publish::MQTT_MAX_PACKET)?;
-    if bundle.len() + 1024 > fhecam::edge::publish::MQTT_MAX_PACKET {
+    let o = b.options("--push", fhecam::mqtt::MAX_PACKET)?;
+    if bundle.len() + 1024 > fhecam::mqtt::MAX_PACKET {
         bail!(
             "the bundle is {} bytes: over what one MQTT message carries (256 MB)",
             bundle.len()

@@ -379,8 +379,19 @@ impl Deployer {
 
     /// Verifies, parses and starts the runtime of a bundle; no rule applied.
     fn load(&self, bytes: &[u8]) -> Result<Deployed, Refusal> {
+        let v = bundle::verify(bytes, &self.owner).map_err(|e| Refusal::Invalid(e.to_string()))?;
+        self.start_runtime(v, Sha256::digest(bytes).into(), bytes.len())
+    }
+
+    /// Parses a verified bundle (`sha256` of its `len` bytes) and starts its runtime.
+    fn start_runtime(
+        &self,
+        v: bundle::VerifiedBundle<'_>,
+        sha256: [u8; 32],
+        len: usize,
+    ) -> Result<Deployed, Refusal> {
         let invalid = |e: &dyn std::fmt::Display| Refusal::Invalid(e.to_string());
-        let b = bundle::load(bytes, &self.owner).map_err(|e| invalid(&e))?;
+        let b = bundle::load_verified(v, len as u64).map_err(|e| invalid(&e))?;
         let rt = EdgeRuntime::new(&b.model, b.public, self.threads).map_err(|e| invalid(&e))?;
         let planned_pbs = rt
             .planned_pbs_in(self.input_mode)
@@ -389,14 +400,15 @@ impl Deployer {
             .sum();
         Ok(Deployed {
             header: b.header,
-            sha256: Sha256::digest(bytes).into(),
+            sha256,
             rt,
             planned_pbs,
         })
     }
 
     /// Judges an offer and, if it is newer, loads it and records it (state first, so a
-    /// swapped-in model is never forgotten by a restart).
+    /// swapped-in model is never forgotten by a restart). The signature is checked and the
+    /// bytes hashed once: a bundle is ~43 MB.
     pub fn offer(&mut self, bytes: &[u8], running: Option<&Deployed>) -> Result<Outcome, Refusal> {
         let v = bundle::verify(bytes, &self.owner).map_err(|e| Refusal::Invalid(e.to_string()))?;
         let sha256: [u8; 32] = Sha256::digest(bytes).into();
@@ -404,7 +416,7 @@ impl Deployer {
             Verdict::Running => return Ok(Outcome::Running),
             Verdict::Newer => {}
         }
-        let d = self.load(bytes)?;
+        let d = self.start_runtime(v, sha256, bytes.len())?;
         let mut marks = self.marks.clone();
         marks.record(&d.header, &sha256);
         if let Some(s) = &self.state {

@@ -8,10 +8,14 @@ pub mod deploy;
 pub mod files;
 pub mod gate;
 pub mod health;
+pub mod infer;
+pub mod inflight;
 pub mod intake;
+pub mod link;
 pub mod outbox;
+pub mod prepare;
 pub mod preprocess;
-pub mod publish;
+pub mod push;
 pub mod source;
 pub mod stats;
 

@@ -306,7 +306,12 @@ pub fn verify<'a>(
 
 /// Verifies a bundle, then parses its tfhe contents with conformance checks.
 pub fn load(bytes: &[u8], owner: &VerifyingKey) -> Result<LoadedBundle, BundleError> {
-    let v = verify(bytes, owner)?;
+    load_verified(verify(bytes, owner)?, bytes.len() as u64)
+}
+
+/// Parses the tfhe contents of a bundle [`verify`] accepted (of `total_bytes`), with
+/// conformance checks: a caller that judged the header first does not verify twice.
+pub fn load_verified(v: VerifiedBundle<'_>, total_bytes: u64) -> Result<LoadedBundle, BundleError> {
     let model =
         EncryptedModel::from_bytes(v.encrypted_model).map_err(|source| BundleError::Content {
             section: SECTION_MODEL,
@@ -334,7 +339,7 @@ pub fn load(bytes: &[u8], owner: &VerifyingKey) -> Result<LoadedBundle, BundleEr
         header: v.header,
         model,
         public,
-        total_bytes: bytes.len() as u64,
+        total_bytes,
     })
 }
 

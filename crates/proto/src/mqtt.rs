@@ -276,6 +276,9 @@ fn in_section(e: config::ConfigError) -> config::ConfigError {
     e.extend_with_key(&key)
 }
 
+/// Largest packet MQTT can carry (its remaining-length field): a pushed bundle must fit.
+pub const MAX_PACKET: usize = 268_435_455;
+
 /// Longest host name (DNS limit).
 pub const MAX_HOST: usize = 253;
 /// Longest client id: MQTT 3.1.1 promises 23, mosquitto takes far more; 64 leaves room for

@@ -1,6 +1,8 @@
-//! The publish stage: outbox first, then MQTT QoS 1 on a persistent session. The I/O loop
-//! (`run`) is kept apart from the pure bookkeeping of which outbox entry is in flight under
-//! which packet id (`InFlight`).
+//! The MQTT link, the publish stage: finished inferences sealed into envelopes and written
+//! to the outbox first, then published at QoS 1 on a persistent session; the camera's
+//! availability and status; and the subscription through which pushed bundles enter
+//! ([`crate::push`]). The I/O loop (`run`) is kept apart from the pure bookkeeping of which
+//! outbox entry is in flight under which packet id ([`InFlight`]).
 //!
 //! rumqttc forgets unacknowledged publishes when the broker answers a reconnect without the
 //! old session, and has no reconnect backoff of its own: both are handled here.
@@ -8,8 +10,11 @@
 use super::config::{secs, EdgeConfig};
 use super::deploy::Current;
 use super::health::{Stage, BEAT};
-use super::intake::{Offer, Origin};
+use super::infer::Finished;
+use super::inflight::InFlight;
+use super::intake::Offer;
 use super::outbox::{Outbox, OutboxError};
+use super::push::Pushes;
 use super::stats::Stats;
 use fhecam_proto::retry::backoff;
 use fhecam_proto::wire::envelope::{self, Envelope};
@@ -18,7 +23,7 @@ use fhecam_proto::wire::{Availability, Leaf};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
 };
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +32,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 #[derive(Debug, Error)]
-pub enum PublishError {
+pub enum LinkError {
     #[error(transparent)]
     Outbox(#[from] OutboxError),
     #[error("envelope: {0}")]
@@ -36,73 +41,9 @@ pub enum PublishError {
     Setup(#[from] fhecam_proto::mqtt::MqttSetupError),
 }
 
-/// Publishes handed to rumqttc (in request order) and the packet ids they got.
-#[derive(Default, Debug)]
-pub struct InFlight {
-    /// One entry per publish request not yet seen going out: `Some(seq)` for an outbox
-    /// entry, `None` for availability and stats messages.
-    requested: VecDeque<Option<u64>>,
-    /// Packet id → outbox sequence, for publishes sent and not yet acknowledged.
-    sent: HashMap<u16, u64>,
-    /// Outbox sequences handed to rumqttc and not yet acknowledged.
-    handed: BTreeSet<u64>,
-}
-
-impl InFlight {
-    pub fn requested(&mut self, seq: Option<u64>) {
-        if let Some(s) = seq {
-            self.handed.insert(s);
-        }
-        self.requested.push_back(seq);
-    }
-
-    /// A publish went out with `pkid`. A packet id still awaiting its PUBACK is a
-    /// retransmission by rumqttc (session resumed), not a new request.
-    pub fn sent(&mut self, pkid: u16) {
-        if pkid != 0 && self.sent.contains_key(&pkid) {
-            return;
-        }
-        if let Some(Some(seq)) = self.requested.pop_front() {
-            if pkid != 0 {
-                self.sent.insert(pkid, seq);
-            }
-        }
-    }
-
-    /// The broker acknowledged `pkid`: the outbox entry it carried, if any.
-    pub fn acked(&mut self, pkid: u16) -> Option<u64> {
-        let seq = self.sent.remove(&pkid)?;
-        self.handed.remove(&seq);
-        Some(seq)
-    }
-
-    /// The broker has no session for us: rumqttc dropped everything it held.
-    pub fn session_lost(&mut self) {
-        *self = InFlight::default();
-    }
-
-    pub fn is_handed(&self, seq: u64) -> bool {
-        self.handed.contains(&seq)
-    }
-
-    pub fn handed_len(&self) -> usize {
-        self.handed.len()
-    }
-
-    /// An entry the outbox dropped (full) can no longer be acknowledged usefully.
-    pub fn forget(&mut self, seq: u64) {
-        self.handed.remove(&seq);
-    }
-}
-
-/// A finished inference on its way to the outbox (the sequence number is given there).
-pub struct Finished {
-    pub envelope: Envelope,
-}
-
 /// Events the daemon's supervisor cares about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PublishEvent {
+pub enum LinkEvent {
     Connected,
     Disconnected,
 }
@@ -120,9 +61,6 @@ pub struct Links {
     pub beat: Arc<Stage>,
 }
 
-/// Largest packet MQTT can carry (its remaining-length field): a pushed bundle must fit.
-pub const MQTT_MAX_PACKET: usize = 268_435_455;
-
 /// Entries handed to rumqttc at once at most (each is up to ~1 MB of ciphertext).
 const MAX_HANDED: usize = 16;
 /// Request channel between our loop and rumqttc's event loop.
@@ -134,7 +72,7 @@ pub const MAX_UNSTORED: usize = 8;
 const STORE_RETRY_INITIAL: Duration = Duration::from_millis(500);
 const STORE_RETRY_MAX: Duration = Duration::from_secs(10);
 
-pub fn mqtt_options(cfg: &EdgeConfig) -> Result<MqttOptions, PublishError> {
+pub fn mqtt_options(cfg: &EdgeConfig) -> Result<MqttOptions, LinkError> {
     let m = &cfg.mqtt.conn;
     let mut o = MqttOptions::new(cfg.client_id(), m.host.clone(), m.port);
     o.set_keep_alive(Duration::from_secs(m.keep_alive_s));
@@ -144,7 +82,7 @@ pub fn mqtt_options(cfg: &EdgeConfig) -> Result<MqttOptions, PublishError> {
     let max = envelope::MAX_ENVELOPE_BYTES + 4096;
     // incoming: only pushed bundles are large
     let incoming = if cfg.deploy.as_ref().is_some_and(|d| d.push) {
-        MQTT_MAX_PACKET
+        fhecam_proto::mqtt::MAX_PACKET
     } else {
         64 << 10
     };
@@ -172,21 +110,105 @@ struct Publisher<'a> {
     flight: InFlight,
     stats: Arc<Stats>,
     current: Arc<Current>,
-    offers: Option<mpsc::Sender<Offer>>,
-    deploy_topics: [String; 2],
-    /// Subscribed to the deployment topics in this process (a resumed session keeps the
-    /// subscription; a new process subscribes again to get the retained bundle).
-    subscribed: bool,
+    /// Bundles pushed over MQTT, when taken.
+    pushes: Option<Pushes>,
     topic: String,
     connected: bool,
     /// Finished inferences not yet in the outbox (its writes failed), oldest first.
-    unstored: VecDeque<Envelope>,
+    unstored: VecDeque<Finished>,
     store_failures: u32,
     /// When the next outbox write of `unstored` is tried.
     store_retry_at: Option<Instant>,
 }
 
-impl Publisher<'_> {
+impl<'a> Publisher<'a> {
+    fn new(cfg: &'a EdgeConfig, client: AsyncClient, outbox: Outbox, links: Links) -> Self {
+        let mut p = Publisher {
+            cfg,
+            client,
+            outbox,
+            flight: InFlight::default(),
+            stats: links.stats,
+            current: links.current,
+            pushes: links.offers.map(|o| Pushes::new(cfg, o)),
+            topic: cfg.topic(Leaf::Inference),
+            connected: false,
+            unstored: VecDeque::new(),
+            store_failures: 0,
+            store_retry_at: None,
+        };
+        p.stats
+            .outbox_quarantined
+            .fetch_add(p.outbox.take_quarantined_at_open(), Ordering::Relaxed);
+        p.gauge();
+        p
+    }
+
+    /// The connection failed (`failures` times in a row before this): how long to wait
+    /// before the next attempt.
+    fn connection_lost(
+        &mut self,
+        e: &ConnectionError,
+        failures: u32,
+        events: &mpsc::UnboundedSender<LinkEvent>,
+    ) -> Duration {
+        if self.connected {
+            let _ = events.send(LinkEvent::Disconnected);
+        }
+        self.connected = false;
+        self.stats.mqtt_errors.fetch_add(1, Ordering::Relaxed);
+        let c = &self.cfg.mqtt.conn;
+        let wait = backoff(
+            secs(c.reconnect_backoff_initial_s),
+            secs(c.reconnect_backoff_max_s),
+            failures,
+        );
+        tracing::warn!(
+            "MQTT {}:{}: {}; retrying in {:.1} s ({} inference(s) kept in the outbox)",
+            c.host,
+            c.port,
+            describe(e),
+            wait.as_secs_f64(),
+            self.outbox.len()
+        );
+        wait
+    }
+
+    /// Announces `offline` and disconnects; inferences the outbox still refuses are lost,
+    /// their numbers left as gaps.
+    async fn close(&mut self, eventloop: &mut EventLoop) {
+        if self.connected {
+            self.announce(Availability::Offline);
+            let _ = self.client.try_disconnect();
+            // let rumqttc write the last messages and the DISCONNECT
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+        }
+        if !self.unstored.is_empty() {
+            self.store_waiting(true);
+        }
+        if !self.unstored.is_empty() {
+            // the outbox still refuses writes: these are lost, their numbers left as gaps
+            let n = self.unstored.len();
+            for _ in 0..n {
+                self.outbox.skip();
+            }
+            self.stats
+                .outbox_dropped
+                .fetch_add(n as u64, Ordering::Relaxed);
+            tracing::error!("outbox: {n} inference(s) never stored are lost at exit");
+            self.unstored.clear();
+        }
+        self.gauge();
+    }
+
     /// Takes a finished inference: into the outbox at once, or kept in memory (bounded)
     /// while the outbox refuses writes.
     fn store(&mut self, f: Finished) {
@@ -194,7 +216,7 @@ impl Publisher<'_> {
         self.stats
             .last_inference_unix_ms
             .store(fhecam_proto::ids::unix_now_ms(), Ordering::Relaxed);
-        self.unstored.push_back(f.envelope);
+        self.unstored.push_back(f);
         if self.unstored.len() > MAX_UNSTORED {
             self.unstored.pop_front();
             let seq = self.outbox.skip();
@@ -215,12 +237,11 @@ impl Publisher<'_> {
         }
         self.store_retry_at = None;
         let epoch = self.outbox.epoch();
-        while let Some(env) = self.unstored.front_mut() {
-            env.epoch = epoch;
+        let cfg = self.cfg;
+        while let Some(f) = self.unstored.front() {
             let mut encode_err = None;
             let pushed = self.outbox.push(|seq| {
-                env.sequence = seq;
-                envelope::encode(env).unwrap_or_else(|e| {
+                envelope::encode(&seal(cfg, f, epoch, seq)).unwrap_or_else(|e| {
                     encode_err = Some(e);
                     Vec::new()
                 })
@@ -372,31 +393,8 @@ impl Publisher<'_> {
         }
     }
 
-    /// A message on a subscribed topic: a pushed bundle for the intake. A full queue
-    /// refuses it (the owner pushes again); the retained copy comes back with the next
-    /// process.
-    fn pushed(&mut self, p: rumqttc::Publish) {
-        let Some(offers) = &self.offers else { return };
-        if !self.deploy_topics.contains(&p.topic) {
-            return;
-        }
-        if p.payload.is_empty() {
-            // an empty retained message clears the topic: nothing to deploy
-            return;
-        }
-        let origin = Origin::Push(p.topic.clone());
-        let offer = Offer {
-            origin: origin.clone(),
-            bytes: p.payload,
-        };
-        if offers.try_send(offer).is_err() {
-            tracing::warn!("{origin} refused: {} bundles are already waiting to be checked; push it again later", super::intake::OFFER_QUEUE);
-            self.stats.refused(format!("{origin}: busy"));
-        }
-    }
-
     /// One event from rumqttc's loop.
-    fn on_event(&mut self, ev: Event, events: &mpsc::UnboundedSender<PublishEvent>) {
+    fn on_event(&mut self, ev: Event, events: &mpsc::UnboundedSender<LinkEvent>) {
         match ev {
             Event::Incoming(Packet::ConnAck(ack)) => {
                 self.connected = true;
@@ -417,21 +415,18 @@ impl Publisher<'_> {
                 );
                 self.announce(Availability::Online);
                 self.publish_stats();
-                if self.offers.is_some() && (!self.subscribed || !ack.session_present) {
-                    let filters = self
-                        .deploy_topics
-                        .iter()
-                        .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
-                    match self.client.try_subscribe_many(filters) {
-                        Ok(()) => self.subscribed = true,
-                        Err(e) => tracing::warn!("cannot subscribe to pushed bundles: {e}"),
-                    }
+                if let Some(p) = &mut self.pushes {
+                    p.subscribe(&self.client, ack.session_present);
                 }
                 self.send_waiting();
-                let _ = events.send(PublishEvent::Connected);
+                let _ = events.send(LinkEvent::Connected);
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => self.flight.sent(pkid),
-            Event::Incoming(Packet::Publish(p)) => self.pushed(p),
+            Event::Incoming(Packet::Publish(p)) => {
+                if let Some(pushes) = &self.pushes {
+                    pushes.take(p, &self.stats);
+                }
+            }
             Event::Incoming(Packet::PubAck(ack)) => {
                 if let Some(seq) = self.flight.acked(ack.pkid) {
                     if self.outbox.contains(seq) {
@@ -448,6 +443,21 @@ impl Publisher<'_> {
     }
 }
 
+/// The envelope of a finished inference, entry `sequence` of the outbox of `epoch`: the one
+/// place an envelope is made.
+fn seal(cfg: &EdgeConfig, f: &Finished, epoch: u64, sequence: u64) -> Envelope {
+    Envelope {
+        device_id: cfg.device_id.clone(),
+        camera_id: cfg.camera_id.clone(),
+        model_id: f.model_id,
+        model_version: f.model_version,
+        sequence,
+        epoch,
+        frame_timestamp_ms: f.frame_timestamp_ms,
+        ciphertext: f.ciphertext.clone(),
+    }
+}
+
 /// Runs until `input` closes (every inference stage ended) or `stop` fires, and the outbox is empty, or
 /// `linger` after `input` closed; then announces `offline` and disconnects. Whatever is
 /// still in the outbox then is published by the next run.
@@ -456,35 +466,15 @@ pub async fn run(
     outbox: Outbox,
     links: Links,
     mut input: mpsc::Receiver<Finished>,
-    events: mpsc::UnboundedSender<PublishEvent>,
+    events: mpsc::UnboundedSender<LinkEvent>,
     linger: Duration,
     stop: tokio_util::sync::CancellationToken,
-) -> Result<(), PublishError> {
+) -> Result<(), LinkError> {
     let (client, mut eventloop): (AsyncClient, EventLoop) =
         AsyncClient::new(mqtt_options(cfg)?, CLIENT_CAPACITY);
-    let stats = links.stats.clone();
     let changed = links.changed.clone();
     let beat = links.beat.clone();
-    let mut p = Publisher {
-        cfg,
-        client,
-        outbox,
-        flight: InFlight::default(),
-        stats: links.stats,
-        current: links.current,
-        offers: links.offers,
-        deploy_topics: cfg.deploy_topics(),
-        subscribed: false,
-        topic: cfg.topic(Leaf::Inference),
-        connected: false,
-        unstored: VecDeque::new(),
-        store_failures: 0,
-        store_retry_at: None,
-    };
-    stats
-        .outbox_quarantined
-        .fetch_add(p.outbox.take_quarantined_at_open(), Ordering::Relaxed);
-    p.gauge();
+    let mut p = Publisher::new(cfg, client, outbox, links);
     let mut beat_tick = tokio::time::interval(BEAT);
     let mut failures = 0u32;
     let mut retry_at: Option<Instant> = None;
@@ -524,26 +514,8 @@ pub async fn run(
                     p.on_event(ev, &events);
                 }
                 Err(e) => {
-                    if p.connected {
-                        let _ = events.send(PublishEvent::Disconnected);
-                    }
-                    p.connected = false;
-                    stats.mqtt_errors.fetch_add(1, Ordering::Relaxed);
-                    let wait = backoff(
-                        secs(cfg.mqtt.conn.reconnect_backoff_initial_s),
-                        secs(cfg.mqtt.conn.reconnect_backoff_max_s),
-                        failures,
-                    );
+                    retry_at = Some(Instant::now() + p.connection_lost(&e, failures, &events));
                     failures += 1;
-                    tracing::warn!(
-                        "MQTT {}:{}: {}; retrying in {:.1} s ({} inference(s) kept in the outbox)",
-                        cfg.mqtt.conn.host,
-                        cfg.mqtt.conn.port,
-                        describe(&e),
-                        wait.as_secs_f64(),
-                        p.outbox.len()
-                    );
-                    retry_at = Some(Instant::now() + wait);
                 }
             },
             _ = tokio::time::sleep_until(sleep_until), if retry_at.is_some() || closing_deadline.is_some() => {
@@ -569,34 +541,7 @@ pub async fn run(
             }
         }
     }
-    if p.connected {
-        p.announce(Availability::Offline);
-        let _ = p.client.try_disconnect();
-        // let rumqttc write the last messages and the DISCONNECT
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
-    }
-    if !p.unstored.is_empty() {
-        p.store_waiting(true);
-    }
-    if !p.unstored.is_empty() {
-        // the outbox still refuses writes: these are lost, their numbers left as gaps
-        let n = p.unstored.len();
-        for _ in 0..n {
-            p.outbox.skip();
-        }
-        stats.outbox_dropped.fetch_add(n as u64, Ordering::Relaxed);
-        tracing::error!("outbox: {n} inference(s) never stored are lost at exit");
-        p.unstored.clear();
-    }
-    p.gauge();
+    p.close(&mut eventloop).await;
     Ok(())
 }
 
@@ -604,36 +549,5 @@ fn describe(e: &ConnectionError) -> String {
     match e {
         ConnectionError::Io(io) => format!("broker unreachable ({io})"),
         other => other.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packet_ids_map_to_outbox_entries_across_retransmissions() {
-        let mut f = InFlight::default();
-        f.requested(None); // availability
-        f.requested(Some(7));
-        f.requested(Some(8));
-        f.sent(1); // availability
-        f.sent(2); // 7
-        assert!(f.is_handed(8));
-        // reconnect with the session: rumqttc re-sends 2 before the request for 8 goes out
-        f.sent(2);
-        f.sent(3); // 8
-        assert_eq!(f.acked(3), Some(8));
-        assert_eq!(f.acked(1), None);
-        assert_eq!(f.acked(2), Some(7));
-        assert_eq!(f.handed_len(), 0);
-        // stats at QoS 0 go out with packet id 0 and are never acknowledged
-        f.requested(None);
-        f.requested(Some(9));
-        f.sent(0);
-        f.sent(4);
-        f.session_lost();
-        assert!(!f.is_handed(9));
-        assert_eq!(f.acked(4), None);
     }
 }
