@@ -205,103 +205,114 @@ fn run_daemon(path: &Path) -> Result<()> {
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
         let cancel = CancellationToken::new();
-        let state = Arc::new(AtomicU8::new(0));
-        let milestone = {
-            let state = state.clone();
-            Arc::new(move |m: Milestone| {
-                let bit = match m {
-                    Milestone::BundleLoaded => LOADED,
-                    Milestone::PipelinePlaying => PLAYING,
-                    Milestone::BrokerConnected => CONNECTED,
-                    Milestone::BrokerDisconnected => {
-                        state.fetch_and(!CONNECTED, Ordering::SeqCst);
-                        return;
-                    }
-                    Milestone::Draining(left) => {
-                        // past TimeoutStopSec systemd would SIGKILL the frame being drained;
-                        // the margin covers publishing the outbox and `offline`
-                        let usec = (left + DRAIN_NOTIFY_MARGIN).as_micros();
-                        let usec = u32::try_from(usec).unwrap_or(u32::MAX);
-                        let _ = sd_notify::notify(&[NotifyState::ExtendTimeoutUsec(usec)]);
-                        return;
-                    }
-                };
-                let before = state.fetch_or(bit, Ordering::SeqCst);
-                let all = LOADED | PLAYING | CONNECTED;
-                if before & all != all && (before | bit) & all == all {
-                    tracing::info!("ready: bundle loaded, pipeline playing, broker connected");
-                    let _ = sd_notify::notify(&[NotifyState::Ready]);
-                }
-            })
-        };
-        // SIGTERM (systemd stop) and SIGINT (Ctrl-C): the one cancellation path
-        {
-            let cancel = cancel.clone();
-            tokio::spawn(async move {
-                let mut term =
-                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    {
-                        Ok(s) => s,
-                        Err(e) => {
-                            tracing::error!("cannot watch SIGTERM: {e}");
-                            return;
-                        }
-                    };
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-                }
-                let _ = sd_notify::notify(&[NotifyState::Stopping]);
-                cancel.cancel();
-            });
-        }
-        // SIGHUP (systemctl reload): offer the configured bundle file again
-        let reload = Arc::new(tokio::sync::Notify::new());
-        {
-            let reload = reload.clone();
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                Ok(mut hup) => {
-                    tokio::spawn(async move {
-                        while hup.recv().await.is_some() {
-                            reload.notify_one();
-                        }
-                    });
-                }
-                Err(e) => tracing::error!("cannot watch SIGHUP: {e}"),
-            }
-        }
-        // The watchdog is fed from here, so a wedged runtime stops feeding it, and only
-        // while every stage of the daemon is alive and beating.
+        watch_stop_signals(&cancel);
+        let reload = watch_reload();
         let health = Arc::new(edge::health::Health::default());
-        if let Some(period) = sd_notify::watchdog_enabled() {
-            let health = health.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(period / 2);
-                let mut fed = true;
-                loop {
-                    tick.tick().await;
-                    match health.check(period) {
-                        Ok(()) => {
-                            if !fed {
-                                tracing::info!("watchdog: every stage alive again; fed again");
-                            }
-                            fed = true;
-                            let _ = sd_notify::notify(&[NotifyState::Watchdog]);
-                        }
-                        Err(why) if fed => {
-                            fed = false;
-                            tracing::error!(
-                                "watchdog: {why}; no longer fed (systemd restarts the service)"
-                            );
-                        }
-                        Err(_) => {}
-                    }
-                }
-            });
-        }
-        let report = edge::run(cfg, cancel, reload, milestone, health).await?;
+        feed_watchdog(&health);
+        let report = edge::run(cfg, cancel, reload, systemd_milestones(), health).await?;
         tracing::info!("stopped ({:?}): {:?}", report.end, report.stats);
         println!("{}", serde_json::to_string(&report.stats)?);
         Ok(())
     })
+}
+
+/// The daemon's milestones told to systemd: READY=1 once the bundle is loaded, the
+/// pipeline plays and the broker is connected; the drain deadline as EXTEND_TIMEOUT_USEC.
+fn systemd_milestones() -> Arc<dyn Fn(Milestone) + Send + Sync> {
+    let state = AtomicU8::new(0);
+    Arc::new(move |m: Milestone| {
+        let bit = match m {
+            Milestone::BundleLoaded => LOADED,
+            Milestone::PipelinePlaying => PLAYING,
+            Milestone::BrokerConnected => CONNECTED,
+            Milestone::BrokerDisconnected => {
+                state.fetch_and(!CONNECTED, Ordering::SeqCst);
+                return;
+            }
+            Milestone::Draining(left) => {
+                // past TimeoutStopSec systemd would SIGKILL the frame being drained;
+                // the margin covers publishing the outbox and `offline`
+                let usec = (left + DRAIN_NOTIFY_MARGIN).as_micros();
+                let usec = u32::try_from(usec).unwrap_or(u32::MAX);
+                let _ = sd_notify::notify(&[NotifyState::ExtendTimeoutUsec(usec)]);
+                return;
+            }
+        };
+        let before = state.fetch_or(bit, Ordering::SeqCst);
+        let all = LOADED | PLAYING | CONNECTED;
+        if before & all != all && (before | bit) & all == all {
+            tracing::info!("ready: bundle loaded, pipeline playing, broker connected");
+            let _ = sd_notify::notify(&[NotifyState::Ready]);
+        }
+    })
+}
+
+/// SIGTERM (systemd stop) and SIGINT (Ctrl-C): the one cancellation path.
+fn watch_stop_signals(cancel: &CancellationToken) {
+    let cancel = cancel.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot watch SIGTERM: {e}");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        }
+        let _ = sd_notify::notify(&[NotifyState::Stopping]);
+        cancel.cancel();
+    });
+}
+
+/// SIGHUP (systemctl reload): offer the configured bundle file again.
+fn watch_reload() -> Arc<tokio::sync::Notify> {
+    let reload = Arc::new(tokio::sync::Notify::new());
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            let reload = reload.clone();
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    reload.notify_one();
+                }
+            });
+        }
+        Err(e) => tracing::error!("cannot watch SIGHUP: {e}"),
+    }
+    reload
+}
+
+/// The watchdog is fed from here, so a wedged runtime stops feeding it, and only while
+/// every stage of the daemon is alive and beating.
+fn feed_watchdog(health: &Arc<edge::health::Health>) {
+    let Some(period) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let health = health.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period / 2);
+        let mut fed = true;
+        loop {
+            tick.tick().await;
+            match health.check(period) {
+                Ok(()) => {
+                    if !fed {
+                        tracing::info!("watchdog: every stage alive again; fed again");
+                    }
+                    fed = true;
+                    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                }
+                Err(why) if fed => {
+                    fed = false;
+                    tracing::error!(
+                        "watchdog: {why}; no longer fed (systemd restarts the service)"
+                    );
+                }
+                Err(_) => {}
+            }
+        }
+    });
 }

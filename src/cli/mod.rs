@@ -2,6 +2,8 @@
 
 pub mod agent;
 #[cfg(feature = "owner-tools")]
+pub mod bench;
+#[cfg(feature = "owner-tools")]
 pub mod demo;
 pub mod edge;
 pub mod fleet;
@@ -9,6 +11,8 @@ pub mod fleet;
 pub mod import;
 pub mod owner;
 pub mod selftest;
+#[cfg(feature = "owner-tools")]
+pub mod train;
 
 /// `--input-mode` on the command line.
 #[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use fhecam::edge::source::{self, SourceOptions};
 use fhecam::edge::stats::Stats;
 use fhecam::fhe::{eval, EdgeRuntime, EncryptedModel, EncryptedOutput, OwnerKeys};
+use fhecam::model::Model;
 use fhecam::{preprocess, reference, testnet};
 use opencv::prelude::*;
 use rand::SeedableRng;
@@ -56,60 +57,9 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         std::env::consts::OS
     );
 
-    let frame = step("camera", || {
-        let opts = SourceOptions {
-            pipeline: args.pipeline.clone(),
-            // back-pressure: the one frame must not be dropped before it is pulled
-            every_frame: true,
-            stall_timeout: Duration::from_secs(args.frame_timeout_s),
-            backoff_initial: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(1),
-        };
-        let mut frame = None;
-        source::run(
-            &opts,
-            &Stats::default(),
-            &CancellationToken::new(),
-            &mut || {},
-            &mut |f| {
-                frame = Some(f);
-                false
-            },
-        )
-        .context(
-            "no frame from GStreamer: are gstreamer1.0-plugins-base (videotestsrc, \
-             videoconvert, appsink) and its libraries installed?",
-        )?;
-        let Some(frame) = frame else {
-            bail!("pipeline {:?} ended without a frame", args.pipeline);
-        };
-        let m = &frame.image;
-        let detail = format!(
-            "{}x{} frame, {} channel(s), from `{}`",
-            m.cols(),
-            m.rows(),
-            m.channels(),
-            args.pipeline
-        );
-        Ok((frame, detail))
-    })?;
+    let frame = step("camera", || camera(&args))?;
 
-    let model = step("network", || {
-        let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
-        let m = testnet::random_model(&mut rng, testnet::Shape::tiny());
-        let (pbs, _) = eval::plan(&m)?;
-        let detail = format!(
-            "tiny random CNN (seed {}): {} nodes, input {}x{}x{} at {} bit(s), {} PBS planned",
-            args.seed,
-            m.nodes.len(),
-            m.input.channels,
-            m.input.height,
-            m.input.width,
-            m.input.bits,
-            pbs.iter().sum::<u64>()
-        );
-        Ok((m, detail))
-    })?;
+    let model = step("network", || network(args.seed))?;
 
     let input = step("preprocess", || {
         let x = preprocess::preprocess(&frame.image, &model.input)?;
@@ -148,44 +98,115 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         Ok((rt, detail))
     })?;
 
-    let output = step("infer", || {
-        let (out, stats) = runtime.infer(&runtime.encrypt(&input))?;
-        let planned: u64 = runtime.planned_pbs().iter().sum();
-        if stats.pbs != planned {
-            bail!("ran {} PBS but {planned} were planned", stats.pbs);
-        }
-        let detail = format!(
-            "input encrypted with the public key, {} PBS in {:.2} s ({:.1} ms wall per PBS)",
-            stats.pbs,
-            stats.eval_s,
-            stats.eval_s * 1e3 / stats.pbs.max(1) as f64
-        );
-        Ok((EncryptedOutput::from_bytes(&out.to_bytes()?)?, detail))
-    })?;
+    let output = step("infer", || infer(&runtime, &input))?;
 
     step("check", || {
-        let got = output.decrypt(&keys)?;
-        let mut want = reference::evaluate(&model, &input)?;
-        if args.inject_mismatch {
-            want[0] += 1;
-        }
-        let want_label = reference::argmax(&want);
-        if got.logits != want || got.label != want_label {
-            bail!(
-                "decrypted logits {:?} (label {}) differ from the plaintext reference {want:?} \
-                 (label {want_label}): this device does not compute TFHE correctly; do not \
-                 deploy it, report the output of `fhecam selftest` with its build",
-                got.logits,
-                got.label
-            );
-        }
-        let detail = format!(
-            "decrypted logits {:?}, label {} == plaintext reference, bit for bit",
-            got.logits, got.label
-        );
-        Ok(((), detail))
+        check(&output, &keys, &model, &input, args.inject_mismatch)
     })?;
 
     println!("selftest passed in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// One frame through the daemon's own GStreamer source.
+fn camera(args: &SelftestArgs) -> Result<(source::Frame, String)> {
+    let opts = SourceOptions {
+        pipeline: args.pipeline.clone(),
+        // back-pressure: the one frame must not be dropped before it is pulled
+        every_frame: true,
+        stall_timeout: Duration::from_secs(args.frame_timeout_s),
+        backoff_initial: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(1),
+    };
+    let mut frame = None;
+    source::run(
+        &opts,
+        &Stats::default(),
+        &CancellationToken::new(),
+        &mut || {},
+        &mut |f| {
+            frame = Some(f);
+            false
+        },
+    )
+    .context(
+        "no frame from GStreamer: are gstreamer1.0-plugins-base (videotestsrc, \
+         videoconvert, appsink) and its libraries installed?",
+    )?;
+    let Some(frame) = frame else {
+        bail!("pipeline {:?} ended without a frame", args.pipeline);
+    };
+    let m = &frame.image;
+    let detail = format!(
+        "{}x{} frame, {} channel(s), from `{}`",
+        m.cols(),
+        m.rows(),
+        m.channels(),
+        args.pipeline
+    );
+    Ok((frame, detail))
+}
+
+/// The tiny random network of `seed`, and its plan.
+fn network(seed: u64) -> Result<(Model, String)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let m = testnet::random_model(&mut rng, testnet::Shape::tiny());
+    let (pbs, _) = eval::plan(&m)?;
+    let detail = format!(
+        "tiny random CNN (seed {}): {} nodes, input {}x{}x{} at {} bit(s), {} PBS planned",
+        seed,
+        m.nodes.len(),
+        m.input.channels,
+        m.input.height,
+        m.input.width,
+        m.input.bits,
+        pbs.iter().sum::<u64>()
+    );
+    Ok((m, detail))
+}
+
+/// The frame encrypted with the public key and run; the output through its wire format.
+fn infer(runtime: &EdgeRuntime, input: &[u8]) -> Result<(EncryptedOutput, String)> {
+    let (out, stats) = runtime.infer(&runtime.encrypt(input))?;
+    let planned: u64 = runtime.planned_pbs().iter().sum();
+    if stats.pbs != planned {
+        bail!("ran {} PBS but {planned} were planned", stats.pbs);
+    }
+    let detail = format!(
+        "input encrypted with the public key, {} PBS in {:.2} s ({:.1} ms wall per PBS)",
+        stats.pbs,
+        stats.eval_s,
+        stats.eval_s * 1e3 / stats.pbs.max(1) as f64
+    );
+    Ok((EncryptedOutput::from_bytes(&out.to_bytes()?)?, detail))
+}
+
+/// The decrypted logits against the plaintext reference, bit for bit.
+fn check(
+    output: &EncryptedOutput,
+    keys: &OwnerKeys,
+    model: &Model,
+    input: &[u8],
+    inject_mismatch: bool,
+) -> Result<((), String)> {
+    let got = output.decrypt(keys)?;
+    let mut want = reference::evaluate(model, input)?;
+    if inject_mismatch {
+        want[0] += 1;
+    }
+    let want_label = reference::argmax(&want);
+    if got.logits != want || got.label != want_label {
+        bail!(
+            "decrypted logits {:?} (label {}) differ from the plaintext reference {want:?} \
+             (label {want_label}): this device does not compute TFHE correctly; do not \
+             deploy it, report the output of `fhecam selftest` with its build",
+            got.logits,
+            got.label
+        );
+    }
+    let detail = format!(
+        "decrypted logits {:?}, label {} == plaintext reference, bit for bit",
+        got.logits, got.label
+    );
+    Ok(((), detail))
 }
