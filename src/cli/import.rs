@@ -179,16 +179,7 @@ pub fn import(a: ImportArgs) -> Result<()> {
     let t = Instant::now();
     let parsed = import::read_onnx(&a.onnx)
         .with_context(|| format!("cannot import {}", a.onnx.display()))?;
-    let (data, labels) = match (&a.calibration, &a.dataset) {
-        (Some(p), _) => read_data(p, a.labels.as_deref())?,
-        (None, Some(name)) => {
-            let (train, _) = crate::load_split(name)?;
-            let (d, l) = dataset_array(&train);
-            (d, Some(l))
-        }
-        (None, None) => bail!("give --calibration X.npy or --dataset digits"),
-    };
-    let (data, labels) = take(data, labels, a.max_calibration);
+    let (data, labels) = calibration_data(&a)?;
     let ranges = parsed.calibrate(&data).context("calibration data")?;
     let name = a.name.clone().unwrap_or_else(|| {
         a.onnx
@@ -241,45 +232,10 @@ pub fn import(a: ImportArgs) -> Result<()> {
         "agreement with float"
     };
     let chosen = match a.search {
-        true => {
-            let mut tried: Vec<Candidate> = Vec::new();
-            for (w, act) in CANDIDATES {
-                match make(w, act) {
-                    Ok(c) => {
-                        eprintln!(
-                            "  {w}-bit weights, {act}-bit activations: {what} {:.4}, {} PBS",
-                            c.score, c.pbs
-                        );
-                        tried.push(c);
-                    }
-                    Err(e) => {
-                        eprintln!("  {w}-bit weights, {act}-bit activations: skipped ({e:#})")
-                    }
-                }
-            }
-            if tried.is_empty() {
-                bail!("no bit width could quantize this model (see above)");
-            }
-            tried.sort_by_key(|c| c.pbs);
-            let pick = tried
-                .iter()
-                .position(|c| c.score >= target - AUTO_TOLERANCE)
-                .unwrap_or_else(|| {
-                    // none keeps the float accuracy: the most accurate, cheapest on ties
-                    let best = tried.iter().map(|c| c.score).fold(0.0, f64::max);
-                    tried.iter().position(|c| c.score == best).unwrap()
-                });
-            tried.swap_remove(pick)
-        }
+        true => search(&make, target, what)?,
         false => make(a.weight_bits, a.act_bits)?,
     };
-    let Candidate {
-        cfg,
-        model,
-        pbs,
-        notes,
-        ..
-    } = chosen;
+    let notes = &chosen.notes;
     if parsed.is_quantized() {
         eprintln!(
             "quantized model (QDQ): its quantized weights and quantizers are taken as they are{}",
@@ -290,12 +246,77 @@ pub fn import(a: ImportArgs) -> Result<()> {
             }
         );
     }
-    for n in &notes {
+    for n in notes {
         eprintln!("note: {n}");
     }
-    crate::save_model(&model, &a.out, None)?;
-    crate::print_plan(&model)?;
-    let int = predict_int(&model, &data)?;
+    crate::save_model(&chosen.model, &a.out, None)?;
+    crate::print_plan(&chosen.model)?;
+    report(&a, &chosen, &data, labels.as_deref(), &float, t)
+}
+
+/// The calibration samples (`--calibration` or the training split of `--dataset`), with
+/// their labels when known, at most `--max-calibration`.
+fn calibration_data(a: &ImportArgs) -> Result<(Array, Option<Vec<usize>>)> {
+    let (data, labels) = match (&a.calibration, &a.dataset) {
+        (Some(p), _) => read_data(p, a.labels.as_deref())?,
+        (None, Some(name)) => {
+            let (train, _) = crate::load_split(name)?;
+            let (d, l) = dataset_array(&train);
+            (d, Some(l))
+        }
+        (None, None) => bail!("give --calibration X.npy or --dataset digits"),
+    };
+    Ok(take(data, labels, a.max_calibration))
+}
+
+/// `--search`: every candidate bit width; the cheapest within [`AUTO_TOLERANCE`] of
+/// `target`, else the most accurate.
+fn search(
+    make: &dyn Fn(u8, u8) -> Result<Candidate>,
+    target: f64,
+    what: &str,
+) -> Result<Candidate> {
+    let mut tried: Vec<Candidate> = Vec::new();
+    for (w, act) in CANDIDATES {
+        match make(w, act) {
+            Ok(c) => {
+                eprintln!(
+                    "  {w}-bit weights, {act}-bit activations: {what} {:.4}, {} PBS",
+                    c.score, c.pbs
+                );
+                tried.push(c);
+            }
+            Err(e) => {
+                eprintln!("  {w}-bit weights, {act}-bit activations: skipped ({e:#})")
+            }
+        }
+    }
+    if tried.is_empty() {
+        bail!("no bit width could quantize this model (see above)");
+    }
+    tried.sort_by_key(|c| c.pbs);
+    let pick = tried
+        .iter()
+        .position(|c| c.score >= target - AUTO_TOLERANCE)
+        .unwrap_or_else(|| {
+            // none keeps the float accuracy: the most accurate, cheapest on ties
+            let best = tried.iter().map(|c| c.score).fold(0.0, f64::max);
+            tried.iter().position(|c| c.score == best).unwrap()
+        });
+    Ok(tried.swap_remove(pick))
+}
+
+/// What was written, and what quantizing cost on the calibration samples.
+fn report(
+    a: &ImportArgs,
+    chosen: &Candidate,
+    data: &Array,
+    labels: Option<&[usize]>,
+    float: &[usize],
+    t: Instant,
+) -> Result<()> {
+    let (model, cfg) = (&chosen.model, &chosen.cfg);
+    let int = predict_int(model, data)?;
     println!(
         "wrote {} ({} nodes; {} weight bits, {} activation bits, {} input bits, {} weight scales; {} PBS per encrypted inference) in {:.1} s",
         a.out.display(),
@@ -304,20 +325,20 @@ pub fn import(a: ImportArgs) -> Result<()> {
         cfg.act_bits,
         cfg.input_bits,
         if cfg.per_channel { "per-channel" } else { "per-layer" },
-        pbs,
+        chosen.pbs,
         t.elapsed().as_secs_f64()
     );
     println!(
         "on the {} calibration samples: integer model agrees with the float model on {:.1}%",
         data.samples(),
-        100.0 * accuracy(&int, &float)
+        100.0 * accuracy(&int, float)
     );
     if let Some(l) = labels {
         println!(
             "calibration accuracy: float {:.4}, integer {:.4} (cost {:+.2} points); measure on held-out data with `fhecam eval`",
-            accuracy(&float, &l),
-            accuracy(&int, &l),
-            100.0 * (accuracy(&int, &l) - accuracy(&float, &l))
+            accuracy(float, l),
+            accuracy(&int, l),
+            100.0 * (accuracy(&int, l) - accuracy(float, l))
         );
     }
     Ok(())
@@ -357,73 +378,99 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     if let Some(onnx) = &a.onnx {
-        let t = Instant::now();
-        let parsed =
-            import::read_onnx(onnx).with_context(|| format!("cannot read {}", onnx.display()))?;
-        let nhwc = parsed.graph.input_nhwc;
-        if parsed.is_quantized() {
-            // a quantized (QDQ) model: fhecam's own reading of its graph, quantizers applied
-            // as ONNX defines them, next to tract's
-            let own = parsed.predict_float(&data);
-            let (acc, same) = (accuracy(&own, &labels), accuracy(&int, &own));
-            println!(
-                "quantized ONNX model as fhecam reads it (its QuantizeLinear/DequantizeLinear applied in float): accuracy {acc:.4}; integer − ONNX = {:+.2} points; same class on {:.1}%",
-                100.0 * (accuracy_plain - acc),
-                100.0 * same
-            );
-            out["accuracy_onnx_fhecam"] = json!(acc);
-            out["onnx_fhecam_int_same_class"] = json!(same);
-        }
-        match predict_tract(onnx, &data, nhwc) {
-            Ok(float) => {
-                let accuracy_float = accuracy(&float, &labels);
-                let same = accuracy(&int, &float);
-                println!(
-            "float ONNX model (tract) accuracy {:.4}; integer − float = {:+.2} points; same class on {:.1}% ({:.1} s)",
-            accuracy_float,
-            100.0 * (accuracy_plain - accuracy_float),
-            100.0 * same,
-            t.elapsed().as_secs_f64()
-        );
-                out["accuracy_float"] = json!(accuracy_float);
-                out["float_int_same_class"] = json!(same);
-            }
-            Err(e) if parsed.is_quantized() => {
-                println!("tract cannot run this quantized model ({e}); the line above is fhecam's own reading");
-                out["tract_error"] = json!(e.to_string());
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("running {} with tract", onnx.display()))
-            }
-        }
+        compare_onnx(onnx, &data, &labels, &int, &mut out)?;
     }
     if a.fhe > 0 {
-        let n = a.fhe.min(data.samples());
-        let ds = Dataset {
-            images: (0..n).map(|i| data.sample(i).to_vec()).collect(),
-            labels: labels[..n]
-                .iter()
-                .map(|&l| u8::try_from(l).context("class index over 255"))
-                .collect::<Result<_>>()?,
-            channels: c,
-            height: h,
-            width: w,
-        };
-        eprintln!("encrypting {n} samples end to end (fresh keys)...");
-        let r = crate::bench::run(&model, &ds, n, a.threads, None, a.json, a.input_mode.into())?;
-        println!(
-            "FHE: {n} samples, decrypted = plaintext integer model on {:.0}%, {} PBS each, median {:.1} s per inference",
-            100.0 * r.agreement,
-            r.pbs_per_inference,
-            r.latency_s_median
-        );
-        out["agreement"] = json!(r.agreement);
-        out["fhe_samples"] = json!(n);
-        out["fhe_latency_s_median"] = json!(r.latency_s_median);
-        out["pbs_counted_by_tfhe"] = json!(r.pbs_counted_by_tfhe);
+        check_fhe(&a, &model, &data, &labels, &mut out)?;
     }
     if a.json {
         println!("{out}");
     }
+    Ok(())
+}
+
+/// The integer model's predictions `int` next to the ONNX model's: fhecam's own float
+/// reading of a quantized (QDQ) model, and tract's.
+fn compare_onnx(
+    onnx: &Path,
+    data: &Array,
+    labels: &[usize],
+    int: &[usize],
+    out: &mut serde_json::Value,
+) -> Result<()> {
+    let accuracy_plain = accuracy(int, labels);
+    let t = Instant::now();
+    let parsed =
+        import::read_onnx(onnx).with_context(|| format!("cannot read {}", onnx.display()))?;
+    let nhwc = parsed.graph.input_nhwc;
+    if parsed.is_quantized() {
+        // a quantized (QDQ) model: fhecam's own reading of its graph, quantizers applied
+        // as ONNX defines them, next to tract's
+        let own = parsed.predict_float(data);
+        let (acc, same) = (accuracy(&own, labels), accuracy(int, &own));
+        println!(
+            "quantized ONNX model as fhecam reads it (its QuantizeLinear/DequantizeLinear applied in float): accuracy {acc:.4}; integer − ONNX = {:+.2} points; same class on {:.1}%",
+            100.0 * (accuracy_plain - acc),
+            100.0 * same
+        );
+        out["accuracy_onnx_fhecam"] = json!(acc);
+        out["onnx_fhecam_int_same_class"] = json!(same);
+    }
+    match predict_tract(onnx, data, nhwc) {
+        Ok(float) => {
+            let accuracy_float = accuracy(&float, labels);
+            let same = accuracy(int, &float);
+            println!(
+        "float ONNX model (tract) accuracy {:.4}; integer − float = {:+.2} points; same class on {:.1}% ({:.1} s)",
+        accuracy_float,
+        100.0 * (accuracy_plain - accuracy_float),
+        100.0 * same,
+        t.elapsed().as_secs_f64()
+    );
+            out["accuracy_float"] = json!(accuracy_float);
+            out["float_int_same_class"] = json!(same);
+        }
+        Err(e) if parsed.is_quantized() => {
+            println!("tract cannot run this quantized model ({e}); the line above is fhecam's own reading");
+            out["tract_error"] = json!(e.to_string());
+        }
+        Err(e) => return Err(e).with_context(|| format!("running {} with tract", onnx.display())),
+    }
+    Ok(())
+}
+
+/// `--fhe N`: the first N samples encrypted end to end with fresh keys, checked against
+/// the plaintext integer model.
+fn check_fhe(
+    a: &EvalArgs,
+    model: &Model,
+    data: &Array,
+    labels: &[usize],
+    out: &mut serde_json::Value,
+) -> Result<()> {
+    let [c, h, w] = [model.input.channels, model.input.height, model.input.width];
+    let n = a.fhe.min(data.samples());
+    let ds = Dataset {
+        images: (0..n).map(|i| data.sample(i).to_vec()).collect(),
+        labels: labels[..n]
+            .iter()
+            .map(|&l| u8::try_from(l).context("class index over 255"))
+            .collect::<Result<_>>()?,
+        channels: c,
+        height: h,
+        width: w,
+    };
+    eprintln!("encrypting {n} samples end to end (fresh keys)...");
+    let r = crate::bench::run(model, &ds, n, a.threads, None, a.json, a.input_mode.into())?;
+    println!(
+        "FHE: {n} samples, decrypted = plaintext integer model on {:.0}%, {} PBS each, median {:.1} s per inference",
+        100.0 * r.agreement,
+        r.pbs_per_inference,
+        r.latency_s_median
+    );
+    out["agreement"] = json!(r.agreement);
+    out["fhe_samples"] = json!(n);
+    out["fhe_latency_s_median"] = json!(r.latency_s_median);
+    out["pbs_counted_by_tfhe"] = json!(r.pbs_counted_by_tfhe);
     Ok(())
 }

@@ -669,6 +669,31 @@ impl Io {
     }
 }
 
+/// The worker thread: the checks, the rate limit and the decryptions, off the I/O loop.
+fn spawn_worker(
+    cfg: &AgentConfig,
+    processor: Processor,
+    jobs: std_mpsc::Receiver<Job>,
+    out: mpsc::UnboundedSender<Decision>,
+    counters: &Arc<Counters>,
+) -> Result<std::thread::JoinHandle<()>, AgentError> {
+    let worker = Worker {
+        processor,
+        limiter: RateLimiter::new(cfg.limits.per_device_per_minute, cfg.limits.burst),
+        dead_topic: cfg.mqtt.role.dead_letter_topic.clone(),
+        flights: HashMap::new(),
+        deferred: HashMap::new(),
+        out,
+        counters: counters.clone(),
+        abort_after_decrypt: std::env::var("FHECAM_FAILPOINT").as_deref()
+            == Ok("agent-after-decrypt"),
+    };
+    std::thread::Builder::new()
+        .name("fhecam-agent-worker".into())
+        .spawn(move || worker.run(jobs))
+        .map_err(AgentError::Worker)
+}
+
 /// Runs until `shutdown`. `ready` is told once the subscription is acknowledged or resumed.
 pub async fn run(
     cfg: AgentConfig,
@@ -702,21 +727,7 @@ pub async fn run(
 
     let (job_tx, job_rx) = std_mpsc::channel();
     let (dec_tx, mut dec_rx) = mpsc::unbounded_channel();
-    let worker = Worker {
-        processor,
-        limiter: RateLimiter::new(cfg.limits.per_device_per_minute, cfg.limits.burst),
-        dead_topic: cfg.mqtt.role.dead_letter_topic.clone(),
-        flights: HashMap::new(),
-        deferred: HashMap::new(),
-        out: dec_tx,
-        counters: counters.clone(),
-        abort_after_decrypt: std::env::var("FHECAM_FAILPOINT").as_deref()
-            == Ok("agent-after-decrypt"),
-    };
-    let worker = std::thread::Builder::new()
-        .name("fhecam-agent-worker".into())
-        .spawn(move || worker.run(job_rx))
-        .map_err(AgentError::Worker)?;
+    let worker = spawn_worker(&cfg, processor, job_rx, dec_tx, &counters)?;
 
     let mut io = Io {
         client: client.clone(),

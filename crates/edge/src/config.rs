@@ -246,7 +246,7 @@ impl EdgeConfig {
     }
 
     fn check_fields(&self) -> Result<(), String> {
-        use fhecam_proto::mqtt::{check_path, check_range, BACKOFF_S};
+        use fhecam_proto::mqtt::{check_path, check_range};
         let id = |name: &'static str, v: &str| {
             fhecam_proto::wire::envelope::check_id(name, v).map_err(|e| e.to_string())
         };
@@ -261,36 +261,7 @@ impl EdgeConfig {
         check_path("bundle", &self.bundle)?;
         check_path("owner_key", &self.owner_key)?;
 
-        let s = &self.source;
-        if s.pipeline.len() > MAX_PIPELINE || s.pipeline.contains('\0') {
-            return Err(format!(
-                "source.pipeline must be at most {MAX_PIPELINE} bytes without NUL, got {} bytes",
-                s.pipeline.len()
-            ));
-        }
-        if !s.pipeline.contains("appsink") {
-            return Err(format!(
-                "source.pipeline must end in an appsink, got {:?}",
-                s.pipeline
-            ));
-        }
-        check_range("source.stall_timeout_s", s.stall_timeout_s, STALL_TIMEOUT_S)?;
-        check_range(
-            "source.restart_backoff_initial_s",
-            s.restart_backoff_initial_s,
-            BACKOFF_S,
-        )?;
-        check_range(
-            "source.restart_backoff_max_s",
-            s.restart_backoff_max_s,
-            BACKOFF_S,
-        )?;
-        if s.restart_backoff_initial_s > s.restart_backoff_max_s {
-            return Err(format!(
-                "source.restart_backoff_initial_s ({}) must not exceed source.restart_backoff_max_s ({})",
-                s.restart_backoff_initial_s, s.restart_backoff_max_s
-            ));
-        }
+        self.source.check()?;
 
         let p = &self.preprocess;
         check_range(
@@ -300,20 +271,7 @@ impl EdgeConfig {
         )?;
         check_range("preprocess.motion_threshold", p.motion_threshold, 0.0..=1.0)?;
 
-        let i = &self.infer;
-        if !(1..=MAX_IN_FLIGHT).contains(&i.max_in_flight) {
-            return Err(format!(
-                "infer.max_in_flight must be 1..={MAX_IN_FLIGHT}, got {}",
-                i.max_in_flight
-            ));
-        }
-        if i.threads > MAX_THREADS {
-            return Err(format!(
-                "infer.threads must be 0..={MAX_THREADS} (0 = one per core), got {}",
-                i.threads
-            ));
-        }
-        check_range("infer.drain_timeout_s", i.drain_timeout_s, 0.0..=MAX_S)?;
+        self.infer.check()?;
 
         fhecam_proto::mqtt::check_connection("mqtt", &self.mqtt.conn)?;
         let m = &self.mqtt.role;
@@ -341,20 +299,7 @@ impl EdgeConfig {
             ));
         }
         if let Some(d) = &self.deploy {
-            check_path("deploy.state_dir", &d.state_dir)?;
-            if let Some(p) = &d.drop_dir {
-                check_path("deploy.drop_dir", p)?;
-                if *p == d.state_dir {
-                    return Err("deploy.drop_dir must not be deploy.state_dir".into());
-                }
-            }
-            check_range("deploy.scan_interval_s", d.scan_interval_s, 0.1..=3600.0)?;
-            if d.keep_refused > MAX_KEEP_REFUSED {
-                return Err(format!(
-                    "deploy.keep_refused must be 0..={MAX_KEEP_REFUSED}, got {}",
-                    d.keep_refused
-                ));
-            }
+            d.check()?;
         }
         self.check_dirs()
     }
@@ -436,6 +381,89 @@ impl EdgeConfig {
             &self.device_id,
             &self.camera_id,
         )
+    }
+}
+
+impl SourceConfig {
+    /// `[source]`: the pipeline and the restart timing.
+    fn check(&self) -> Result<(), String> {
+        use fhecam_proto::mqtt::{check_range, BACKOFF_S};
+        let s = self;
+        if s.pipeline.len() > MAX_PIPELINE || s.pipeline.contains('\0') {
+            return Err(format!(
+                "source.pipeline must be at most {MAX_PIPELINE} bytes without NUL, got {} bytes",
+                s.pipeline.len()
+            ));
+        }
+        if !s.pipeline.contains("appsink") {
+            return Err(format!(
+                "source.pipeline must end in an appsink, got {:?}",
+                s.pipeline
+            ));
+        }
+        check_range("source.stall_timeout_s", s.stall_timeout_s, STALL_TIMEOUT_S)?;
+        check_range(
+            "source.restart_backoff_initial_s",
+            s.restart_backoff_initial_s,
+            BACKOFF_S,
+        )?;
+        check_range(
+            "source.restart_backoff_max_s",
+            s.restart_backoff_max_s,
+            BACKOFF_S,
+        )?;
+        if s.restart_backoff_initial_s > s.restart_backoff_max_s {
+            return Err(format!(
+                "source.restart_backoff_initial_s ({}) must not exceed source.restart_backoff_max_s ({})",
+                s.restart_backoff_initial_s, s.restart_backoff_max_s
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl InferConfig {
+    /// `[infer]`: slots, threads and the drain floor.
+    fn check(&self) -> Result<(), String> {
+        use fhecam_proto::mqtt::check_range;
+        let i = self;
+        if !(1..=MAX_IN_FLIGHT).contains(&i.max_in_flight) {
+            return Err(format!(
+                "infer.max_in_flight must be 1..={MAX_IN_FLIGHT}, got {}",
+                i.max_in_flight
+            ));
+        }
+        if i.threads > MAX_THREADS {
+            return Err(format!(
+                "infer.threads must be 0..={MAX_THREADS} (0 = one per core), got {}",
+                i.threads
+            ));
+        }
+        check_range("infer.drain_timeout_s", i.drain_timeout_s, 0.0..=MAX_S)?;
+        Ok(())
+    }
+}
+
+impl DeployConfig {
+    /// `[deploy]`: the state and drop directories, the scan and the refused files kept.
+    fn check(&self) -> Result<(), String> {
+        use fhecam_proto::mqtt::{check_path, check_range};
+        let d = self;
+        check_path("deploy.state_dir", &d.state_dir)?;
+        if let Some(p) = &d.drop_dir {
+            check_path("deploy.drop_dir", p)?;
+            if *p == d.state_dir {
+                return Err("deploy.drop_dir must not be deploy.state_dir".into());
+            }
+        }
+        check_range("deploy.scan_interval_s", d.scan_interval_s, 0.1..=3600.0)?;
+        if d.keep_refused > MAX_KEEP_REFUSED {
+            return Err(format!(
+                "deploy.keep_refused must be 0..={MAX_KEEP_REFUSED}, got {}",
+                d.keep_refused
+            ));
+        }
+        Ok(())
     }
 }
 
