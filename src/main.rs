@@ -178,10 +178,11 @@ enum Cmd {
         /// FHE worker threads (0 = one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
-        /// Built-in model: `fast` (4 channels, ~0.93, about a minute per frame on 2 cores)
-        /// or `reference` (16 channels, ≥ 0.95, about 3–4 minutes per frame).
-        #[arg(long, value_enum, default_value = "fast")]
-        preset: train::Preset,
+        /// Built-in model: `tables` (secret lookup tables, 0.9645, about 20 s per frame on
+        /// 2 cores), `fast` (CNN, 4 channels, ~0.93, about 30 s per frame) or `reference`
+        /// (CNN, 16 channels, ≥ 0.95, about 3–4 minutes per frame).
+        #[arg(long, value_enum, default_value = "tables")]
+        preset: cli::demo::DemoModel,
         /// Use this MQTT broker (HOST:PORT) instead of starting mosquitto on a free port.
         #[arg(long)]
         broker: Option<String>,
@@ -420,7 +421,7 @@ fn run(cli: Cli) -> Result<()> {
             broker,
             keep,
         } => {
-            let (model, _) = reference_model("digits", preset)?;
+            let model = preset.model()?;
             let (_, te) = load_split("digits")?;
             cli::demo::run(
                 cli::demo::DemoArgs {
@@ -463,7 +464,7 @@ fn train_with_progress(
 
 /// Runs a trainer with a progress bar fed by its per-epoch callback.
 #[cfg(feature = "owner-tools")]
-fn with_progress<T>(
+pub(crate) fn with_progress<T>(
     epochs: usize,
     f: impl FnOnce(&dyn Fn(usize, f32)) -> Result<T, train::TrainError>,
 ) -> Result<T> {
@@ -541,7 +542,7 @@ fn read_float_accuracy(path: &Path) -> Option<f64> {
 
 #[cfg(feature = "owner-tools")]
 /// The cached reference model, trained on first use.
-fn reference_model(ds: &str, preset: train::Preset) -> Result<(Model, Option<f64>)> {
+pub(crate) fn reference_model(ds: &str, preset: train::Preset) -> Result<(Model, Option<f64>)> {
     if ds != "digits" {
         bail!("no reference model for {ds:?}: the built-in one is `digits`");
     }
@@ -592,7 +593,7 @@ fn table_noise_report(n: usize, json: bool) -> Result<()> {
 }
 
 #[cfg(feature = "owner-tools")]
-fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     std::env::var_os("FHECAM_CACHE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(".cache"))
