@@ -162,6 +162,10 @@ enum Cmd {
     /// v5 shared subscription), validates and decrypts them with the owner database, and
     /// publishes labels for the city cockpit; refusals go to a dead-letter topic.
     Agent(cli::agent::AgentArgs),
+    /// The live fleet page for a city operator: every camera's state, model, last label,
+    /// latency and refusals, updated as results arrive (`/api/cameras` for programs).
+    #[cfg(feature = "cockpit")]
+    Cockpit(cli::cockpit::CockpitArgs),
     /// The cameras on a broker, from their retained reports: availability, the model
     /// name and version each runs, frames, inferences, drops, outbox depth, and how long
     /// ago the last inference finished.
@@ -437,6 +441,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Selftest(args) => cli::selftest::run(args)?,
         Cmd::Agent(args) => cli::agent::run(args)?,
+        #[cfg(feature = "cockpit")]
+        Cmd::Cockpit(args) => cli::cockpit::run(args)?,
         Cmd::Fleet(args) => cli::fleet::run(args)?,
         Cmd::Owner(cmd) => cli::owner::run(cmd)?,
         Cmd::Edge(cmd) => cli::edge::run(cmd)?,

@@ -1,6 +1,8 @@
 //! Subcommand groups of the `fhecam` binary that live outside `main.rs`.
 
 pub mod agent;
+#[cfg(feature = "cockpit")]
+pub mod cockpit;
 #[cfg(feature = "owner-tools")]
 pub mod demo;
 pub mod edge;
