@@ -190,7 +190,8 @@ enum Cmd {
         /// Use this MQTT broker (HOST:PORT) instead of starting mosquitto on a free port.
         #[arg(long)]
         broker: Option<String>,
-        /// Keep the work directory (database, keys, bundle, frames) here.
+        /// Keep the work directory (database, keys, bundle, frames) here, and stay up after
+        /// the frames (broker, agent and cockpit page) until Ctrl-C.
         #[arg(long)]
         keep: Option<PathBuf>,
     },

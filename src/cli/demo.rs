@@ -199,7 +199,7 @@ fn run_in(
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (got, edge_s) = rt.block_on(async move {
+    rt.block_on(async move {
         let shutdown = CancellationToken::new();
         let mut results = subscribe_cockpit(&host, port).await?;
 
@@ -213,6 +213,8 @@ fn run_in(
         acfg.logits_for = vec![owned.id.to_string()];
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let agent = tokio::spawn(fhecam::agent::run(acfg, shutdown.clone(), Some(ready_tx)));
+        let (cockpit, url) = start_cockpit(&host, port, &shutdown).await?;
+        println!("[cockpit] {url} (the live fleet page)");
         tokio::time::timeout(Duration::from_secs(30), ready_rx)
             .await
             .context("the backend agent did not subscribe in time")?
@@ -237,15 +239,20 @@ fn run_in(
         );
 
         let got = collect_results(&mut results, args.frames).await;
+        let report = print_report(&got, &plain, te, edge_s);
+        if args.keep.is_some() {
+            println!("[cockpit] staying up at {url} with the broker and the agent; Ctrl-C stops");
+            tokio::signal::ctrl_c().await?;
+        }
         shutdown.cancel();
+        cockpit.await??;
         let stats = agent.await??;
         println!(
             "[backend] agent: {} received, {} decrypted, {} duplicates, {} refused",
             stats.received, stats.decrypted, stats.duplicates, stats.dead_lettered
         );
-        anyhow::Ok((got, edge_s))
-    })?;
-    print_report(&got, &plain, te, edge_s)
+        report
+    })
 }
 
 /// The owner's side: the model written out, an owner key, a passphrase file, the model
@@ -297,6 +304,25 @@ fn protect_and_deploy(args: &DemoArgs, model: &fhecam::model::Model, work: &Path
         pass_file,
         bundle,
     })
+}
+
+/// The cockpit page on a free loopback port, fed by the demo's broker.
+async fn start_cockpit(
+    host: &str,
+    port: u16,
+    shutdown: &CancellationToken,
+) -> Result<(
+    tokio::task::JoinHandle<Result<(), fhecam_cockpit::CockpitError>>,
+    String,
+)> {
+    let mut cfg = fhecam_cockpit::CockpitConfig::default();
+    cfg.mqtt.conn.host = host.into();
+    cfg.mqtt.conn.port = port;
+    cfg.http.listen = "127.0.0.1:0".into();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(fhecam_cockpit::run(cfg, shutdown.clone(), Some(tx)));
+    let addr = rx.await.context("the cockpit did not start")?;
+    Ok((task, format!("http://{addr}/")))
 }
 
 /// The camera's frames: real test digits as PNG files `frame<i>.png`, and the plaintext

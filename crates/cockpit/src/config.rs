@@ -187,4 +187,26 @@ mod tests {
         let e = c.check().unwrap_err().to_string();
         assert!(e.contains("mqtt.dead_letter_topic"), "{e}");
     }
+
+    #[test]
+    fn the_example_config_loads_and_states_the_defaults() {
+        let p = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../config/cockpit.example.toml"
+        );
+        let c = CockpitConfig::load(Path::new(p)).unwrap();
+        let d = CockpitConfig::default();
+        assert_eq!(c.http.listen, d.http.listen);
+        assert_eq!(c.http.allow_remote, d.http.allow_remote);
+        assert_eq!(c.mqtt.role.edge_prefix, d.mqtt.role.edge_prefix);
+        assert_eq!(c.mqtt.role.cockpit_prefix, d.mqtt.role.cockpit_prefix);
+        assert_eq!(c.mqtt.role.dead_letter_topic, d.mqtt.role.dead_letter_topic);
+        assert_eq!(c.limits.max_cameras, d.limits.max_cameras);
+        assert_eq!(c.limits.max_payload_bytes, d.limits.max_payload_bytes);
+        assert_eq!(c.limits.max_streams, d.limits.max_streams);
+        assert_eq!(
+            (c.mqtt.conn.host, c.mqtt.conn.port),
+            (d.mqtt.conn.host, d.mqtt.conn.port)
+        );
+    }
 }
