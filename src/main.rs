@@ -65,6 +65,10 @@ enum Cmd {
     /// v5 shared subscription), validates and decrypts them with the owner database, and
     /// publishes labels for the city cockpit; refusals go to a dead-letter topic.
     Agent(cli::agent::AgentArgs),
+    /// The live fleet page for a city operator: every camera's state, model, last label,
+    /// latency and refusals, updated as results arrive (`/api/cameras` for programs).
+    #[cfg(feature = "cockpit")]
+    Cockpit(cli::cockpit::CockpitArgs),
     /// The cameras on a broker, from their retained reports: availability, the model
     /// name and version each runs, frames, inferences, drops, outbox depth, and how long
     /// ago the last inference finished.
@@ -81,14 +85,16 @@ enum Cmd {
         /// FHE worker threads (0 = one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
-        /// Built-in model: `fast` (4 channels, ~0.93, about a minute per frame on 2 cores)
-        /// or `reference` (16 channels, ≥ 0.95, about 3–4 minutes per frame).
-        #[arg(long, value_enum, default_value = "fast")]
-        preset: train::Preset,
+        /// Built-in model: `tables` (secret lookup tables, 0.9645, about 20 s per frame on
+        /// 2 cores), `fast` (CNN, 4 channels, ~0.93, about 30 s per frame) or `reference`
+        /// (CNN, 16 channels, ≥ 0.95, about 3–4 minutes per frame).
+        #[arg(long, value_enum, default_value = "tables")]
+        preset: cli::demo::DemoModel,
         /// Use this MQTT broker (HOST:PORT) instead of starting mosquitto on a free port.
         #[arg(long)]
         broker: Option<String>,
-        /// Keep the work directory (database, keys, bundle, frames) here.
+        /// Keep the work directory (database, keys, bundle, frames) here, and stay up after
+        /// the frames (broker, agent and cockpit page) until Ctrl-C.
         #[arg(long)]
         keep: Option<PathBuf>,
     },
@@ -149,7 +155,7 @@ fn run(cli: Cli) -> Result<()> {
             broker,
             keep,
         } => {
-            let (model, _) = reference_model("digits", preset)?;
+            let model = preset.model()?;
             let (_, te) = load_split("digits")?;
             cli::demo::run(
                 cli::demo::DemoArgs {
@@ -165,6 +171,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Selftest(args) => cli::selftest::run(args)?,
         Cmd::Agent(args) => cli::agent::run(args)?,
+        #[cfg(feature = "cockpit")]
+        Cmd::Cockpit(args) => cli::cockpit::run(args)?,
         Cmd::Fleet(args) => cli::fleet::run(args)?,
         Cmd::Owner(cmd) => cli::owner::run(cmd)?,
         Cmd::Edge(cmd) => cli::edge::run(cmd)?,
@@ -262,7 +270,7 @@ pub(crate) fn reference_model(ds: &str, preset: train::Preset) -> Result<(Model,
 }
 
 #[cfg(feature = "owner-tools")]
-fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     std::env::var_os("FHECAM_CACHE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(".cache"))

@@ -1,5 +1,6 @@
-//! Every numeric and string field of both configurations, set to out-of-range and hostile
-//! values through the real binary (`fhecam validate`, `fhecam agent --check`): each is refused
+//! Every numeric and string field of the three configurations, set to out-of-range and
+//! hostile values through the real binary (`fhecam validate`, `fhecam agent --check`,
+//! `fhecam cockpit --check`): each is refused
 //! with an error naming the field, and nothing panics. Values that are legitimately valid
 //! (0 for `sample_interval_s`, an empty password) are not refused for that field.
 
@@ -92,6 +93,25 @@ fn agent_base(d: &Path) -> Fields {
         ("limits", "per_device_per_minute", "60.0".into()),
         ("limits", "burst", "10.0".into()),
         ("limits", "max_held", "64".into()),
+    ]
+}
+
+fn cockpit_base() -> Fields {
+    vec![
+        ("mqtt", "host", q("localhost")),
+        ("mqtt", "port", "1883".into()),
+        ("mqtt", "client_id", q("cockpit-1")),
+        ("mqtt", "edge_prefix", q("fhecam")),
+        ("mqtt", "cockpit_prefix", q("cockpit")),
+        ("mqtt", "dead_letter_topic", q("backend/deadletter")),
+        ("mqtt", "keep_alive_s", "30".into()),
+        ("mqtt", "reconnect_backoff_initial_s", "0.5".into()),
+        ("mqtt", "reconnect_backoff_max_s", "30.0".into()),
+        ("http", "listen", q("127.0.0.1:9480")),
+        ("http", "allow_remote", "false".into()),
+        ("limits", "max_cameras", "1000".into()),
+        ("limits", "max_payload_bytes", "1048576".into()),
+        ("limits", "max_streams", "64".into()),
     ]
 }
 
@@ -238,6 +258,7 @@ fn check_all(dir: &Path, cases: Vec<Case>) -> Vec<String> {
                 let f = file.to_str().unwrap();
                 let (code, err) = match c.what {
                     "edge" => run(&["validate", "--config", f]),
+                    "cockpit" => run(&["cockpit", "--config", f, "--check"]),
                     _ => run(&["agent", "--config", f, "--check"]),
                 };
                 let value = c
@@ -401,10 +422,49 @@ fn every_field_is_bounded_and_named() {
         ],
         &[("mqtt.password", "\"\"")],
     );
-    let n = edge.len() + agent.len();
+    let cockpit = cases(
+        "cockpit",
+        &cockpit_base(),
+        &[
+            ("mqtt", "host", Str),
+            ("mqtt", "port", Int),
+            ("mqtt", "client_id", Str),
+            ("mqtt", "edge_prefix", Str),
+            ("mqtt", "cockpit_prefix", Str),
+            ("mqtt", "dead_letter_topic", Str),
+            ("mqtt", "keep_alive_s", Int),
+            ("mqtt", "reconnect_backoff_initial_s", Float),
+            ("mqtt", "reconnect_backoff_max_s", Float),
+            ("mqtt", "username", Str),
+            ("mqtt", "password", Str),
+            ("mqtt.tls", "ca", Path),
+            ("http", "listen", Str),
+            ("limits", "max_cameras", Int),
+            ("limits", "max_payload_bytes", Int),
+            ("limits", "max_streams", Int),
+        ],
+        &[
+            ("mqtt", "port", "70000"),
+            ("mqtt", "dead_letter_topic", "\"cockpit/x\""),
+            ("mqtt", "dead_letter_topic", "\"a/#\""),
+            ("mqtt", "cockpit_prefix", "\"fhecam\""),
+            ("http", "listen", "\"0.0.0.0:9480\""),
+            ("http", "listen", "\"127.0.0.1:70000\""),
+            ("http", "listen", "\"localhost\""),
+            ("http", "allow_remote", "\"maybe\""),
+            ("limits", "max_cameras", "100001"),
+            ("limits", "max_payload_bytes", "1023"),
+            ("limits", "max_payload_bytes", "16777217"),
+            ("limits", "max_streams", "10001"),
+            ("mqtt.tls", "ca", "\"/nonexistent/ca.pem\""),
+        ],
+        &[("mqtt.password", "\"\"")],
+    );
+    let n = edge.len() + agent.len() + cockpit.len();
     let t = Instant::now();
     let mut failures = check_all(dir, edge);
     failures.extend(check_all(dir, agent));
+    failures.extend(check_all(dir, cockpit));
     assert!(
         failures.is_empty(),
         "{} of {n} cases failed:\n{}",

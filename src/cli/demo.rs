@@ -1,5 +1,5 @@
-//! `fhecam demo`: the whole product on one machine. The owner trains (or loads) the digits
-//! model, protects and deploys it; a broker starts on a free loopback port (or `--broker`);
+//! `fhecam demo`: the whole product on one machine. The owner trains (or loads) a built-in
+//! digits model (by default the secret-table network), protects and deploys it; a broker starts on a free loopback port (or `--broker`);
 //! the edge daemon plays real test digits through a GStreamer pipeline and publishes
 //! encrypted inferences; the backend agent decrypts them and feeds the cockpit topic, where
 //! this command listens and compares each label with the truth and the plaintext model.
@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use fhecam::edge::config::{
     EdgeConfig, EdgeTopics, InferConfig, MqttConfig, OutboxConfig, PreprocessConfig, SourceConfig,
 };
-use fhecam::{preprocess, reference, train};
+use fhecam::{preprocess, reference, train, train_tables};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,10 +16,64 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// The built-in models the demo can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoModel {
+    /// Secret-table network: every neuron one lookup table the owner encrypts (0.9645,
+    /// 1,136 PBS per frame with encrypted input).
+    Tables,
+    /// CNN, 4 channels (0.93, about 3,200 PBS per frame).
+    Fast,
+    /// CNN, 16 channels (0.956, about 12,900 PBS per frame).
+    Reference,
+}
+
+impl DemoModel {
+    pub fn name(self) -> &'static str {
+        match self {
+            DemoModel::Tables => "tables",
+            DemoModel::Fast => "fast",
+            DemoModel::Reference => "reference",
+        }
+    }
+
+    /// The model, from the cache or trained on first use.
+    pub fn model(self) -> Result<fhecam::model::Model> {
+        match self {
+            DemoModel::Tables => tables_model(&train_tables::TablesConfig::default()),
+            DemoModel::Fast => Ok(crate::reference_model("digits", train::Preset::Fast)?.0),
+            DemoModel::Reference => {
+                Ok(crate::reference_model("digits", train::Preset::Reference)?.0)
+            }
+        }
+    }
+}
+
+/// The tables preset, cached under a name that hashes its whole recipe, so a changed
+/// recipe never reuses a stale model.
+fn tables_model(cfg: &train_tables::TablesConfig) -> Result<fhecam::model::Model> {
+    use sha2::Digest;
+    let recipe = hex::encode(&sha2::Sha256::digest(format!("{cfg:?}").as_bytes())[..8]);
+    let path = crate::cache_dir()
+        .join("models")
+        .join(format!("digits-tables-{recipe}.json"));
+    if let Ok(m) = crate::load_model(&path) {
+        return Ok(m);
+    }
+    eprintln!(
+        "training the secret-table digits model (about a minute; cached in {})",
+        path.display()
+    );
+    let (tr, te) = crate::load_split("digits")?;
+    let r = super::train::with_progress(cfg.epochs, |p| train_tables::train(cfg, &tr, &te, p))?;
+    crate::save_model(&r.model, &path, Some(r.accuracy_float))?;
+    Ok(r.model)
+}
+
 pub struct DemoArgs {
     pub frames: usize,
     pub threads: usize,
-    pub preset: train::Preset,
+    pub preset: DemoModel,
     pub broker: Option<String>,
     pub keep: Option<PathBuf>,
 }
@@ -71,18 +125,6 @@ fn parse_broker(s: &str) -> Result<(String, u16)> {
     Ok((h.to_string(), p.parse().context("--broker: bad port")?))
 }
 
-/// One cockpit result as the demo reads it.
-#[derive(Debug, serde::Deserialize)]
-struct CockpitResult {
-    label: usize,
-    /// Released because the demo's agent lists its model in `logits_for`.
-    #[serde(default)]
-    logits: Option<Vec<i64>>,
-    sequence: u64,
-    #[serde(default)]
-    frame_timestamp_ms: Option<u64>,
-}
-
 pub fn run(args: DemoArgs, model: fhecam::model::Model, te: fhecam::data::Dataset) -> Result<()> {
     if args.frames == 0 || args.frames > te.len() {
         bail!("--frames must be 1..={}", te.len());
@@ -114,7 +156,7 @@ struct Owned {
 }
 
 /// A cockpit result as received, with its latency from capture (s).
-type Received = Option<(CockpitResult, f64)>;
+type Received = Option<(fhecam::wire::CockpitResult, f64)>;
 
 fn run_in(
     args: &DemoArgs,
@@ -145,7 +187,7 @@ fn run_in(
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (got, edge_s) = rt.block_on(async move {
+    rt.block_on(async move {
         let shutdown = CancellationToken::new();
         let mut results = subscribe_cockpit(&host, port).await?;
 
@@ -159,6 +201,8 @@ fn run_in(
         acfg.logits_for = vec![owned.id.to_string()];
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let agent = tokio::spawn(fhecam::agent::run(acfg, shutdown.clone(), Some(ready_tx)));
+        let (cockpit, url) = start_cockpit(&host, port, &shutdown).await?;
+        println!("[cockpit] {url} (the live fleet page)");
         tokio::time::timeout(Duration::from_secs(30), ready_rx)
             .await
             .context("the backend agent did not subscribe in time")?
@@ -183,26 +227,37 @@ fn run_in(
         );
 
         let got = collect_results(&mut results, args.frames).await;
+        let report = print_report(&got, &plain, te, edge_s);
+        if args.keep.is_some() {
+            println!("[cockpit] staying up at {url} with the broker and the agent; Ctrl-C stops");
+            tokio::signal::ctrl_c().await?;
+        }
         shutdown.cancel();
+        cockpit.await??;
         let stats = agent.await??;
         println!(
             "[backend] agent: {} received, {} decrypted, {} duplicates, {} refused",
             stats.received, stats.decrypted, stats.duplicates, stats.dead_lettered
         );
-        anyhow::Ok((got, edge_s))
-    })?;
-    print_report(&got, &plain, te, edge_s)
+        report
+    })
 }
 
 /// The owner's side: the model written out, an owner key, a passphrase file, the model
 /// protected into a fresh database and deployed as a signed bundle.
 fn protect_and_deploy(args: &DemoArgs, model: &fhecam::model::Model, work: &Path) -> Result<Owned> {
-    println!(
-        "[owner] {} digits model {:?}: {} ct x ct MACs",
-        args.preset.name(),
-        model.name,
-        model.macs()?
-    );
+    match model.macs()? {
+        0 => println!(
+            "[owner] {} digits model {:?}: secret lookup tables, no ct x ct MACs",
+            args.preset.name(),
+            model.name
+        ),
+        macs => println!(
+            "[owner] {} digits model {:?}: {macs} ct x ct MACs",
+            args.preset.name(),
+            model.name
+        ),
+    }
     crate::print_plan(model)?;
     let model_path = work.join("model.json");
     std::fs::write(&model_path, serde_json::to_vec(model)?)?;
@@ -237,6 +292,25 @@ fn protect_and_deploy(args: &DemoArgs, model: &fhecam::model::Model, work: &Path
         pass_file,
         bundle,
     })
+}
+
+/// The cockpit page on a free loopback port, fed by the demo's broker.
+async fn start_cockpit(
+    host: &str,
+    port: u16,
+    shutdown: &CancellationToken,
+) -> Result<(
+    tokio::task::JoinHandle<Result<(), fhecam_cockpit::CockpitError>>,
+    String,
+)> {
+    let mut cfg = fhecam_cockpit::CockpitConfig::default();
+    cfg.mqtt.conn.host = host.into();
+    cfg.mqtt.conn.port = port;
+    cfg.http.listen = "127.0.0.1:0".into();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(fhecam_cockpit::run(cfg, shutdown.clone(), Some(tx)));
+    let addr = rx.await.context("the cockpit did not start")?;
+    Ok((task, format!("http://{addr}/")))
 }
 
 /// The camera's frames: real test digits as PNG files `frame<i>.png`, and the plaintext
@@ -321,7 +395,8 @@ async fn subscribe_cockpit(
     let mut o = MqttOptions::new(format!("demo-cockpit-{}", std::process::id()), host, port);
     o.set_max_packet_size(1 << 20, 1 << 20);
     let (cockpit, mut cockpit_loop) = AsyncClient::new(o, 16);
-    cockpit.subscribe("cockpit/#", QoS::AtLeastOnce).await?;
+    let results = fhecam::wire::cockpit_filter(fhecam::wire::DEFAULT_COCKPIT_PREFIX);
+    cockpit.subscribe(results, QoS::AtLeastOnce).await?;
     let (res_tx, res_rx) = tokio::sync::mpsc::unbounded_channel();
     let (sub_tx, sub_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -362,21 +437,19 @@ async fn collect_results(
         else {
             break;
         };
-        let r: CockpitResult = match serde_json::from_slice(&payload) {
+        let r: fhecam::wire::CockpitResult = match serde_json::from_slice(&payload) {
             Ok(r) => r,
             Err(e) => {
                 println!("[cockpit] {topic}: unreadable result ({e})");
                 continue;
             }
         };
-        let latency = r
-            .frame_timestamp_ms
-            .map(|ts| {
-                let now_ms = fhecam::ids::unix_now_ms();
-                let elapsed_since = at.elapsed().as_millis() as u64;
-                (now_ms.saturating_sub(elapsed_since).saturating_sub(ts)) as f64 / 1000.0
-            })
-            .unwrap_or(f64::NAN);
+        let latency = {
+            let now_ms = fhecam::ids::unix_now_ms();
+            let elapsed_since = at.elapsed().as_millis() as u64;
+            (now_ms.saturating_sub(elapsed_since)).saturating_sub(r.frame_timestamp_ms) as f64
+                / 1000.0
+        };
         let seq = r.sequence as usize;
         if seq < got.len() && got[seq].is_none() {
             got[seq] = Some((r, latency));

@@ -3,6 +3,8 @@
 pub mod agent;
 #[cfg(feature = "owner-tools")]
 pub mod bench;
+#[cfg(feature = "cockpit")]
+pub mod cockpit;
 #[cfg(feature = "owner-tools")]
 pub mod demo;
 pub mod edge;

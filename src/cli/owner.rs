@@ -381,10 +381,11 @@ pub(crate) fn protect(
     }
     let p = p?;
     eprintln!(
-        "protected {name} version {} in {}: {} encrypted parameters ({}), public key {}, evaluation key {} (compressed server key and compression key), secret keys sealed ({} B)",
+        "protected {name} version {} in {}: {} encrypted parameters and {} secret tables ({}), public key {}, evaluation key {} (compressed server key and compression key), secret keys sealed ({} B)",
         p.version,
         db.display(),
         p.ciphertexts,
+        p.tables,
         mb(p.encrypted_model_bytes as u64),
         mb(p.public_key_bytes as u64),
         mb(p.evaluation_key_bytes as u64),

@@ -246,7 +246,7 @@ pub(crate) fn train_with_progress(
 }
 
 /// Runs a trainer with a progress bar fed by its per-epoch callback.
-fn with_progress<T>(
+pub(crate) fn with_progress<T>(
     epochs: usize,
     f: impl FnOnce(&dyn Fn(usize, f32)) -> Result<T, train::TrainError>,
 ) -> Result<T> {

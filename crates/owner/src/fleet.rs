@@ -48,7 +48,7 @@ pub struct Camera {
 }
 
 impl Camera {
-    fn new(device_id: &str, camera_id: &str) -> Self {
+    pub fn new(device_id: &str, camera_id: &str) -> Self {
         Camera {
             device_id: device_id.into(),
             camera_id: camera_id.into(),

@@ -37,6 +37,8 @@ pub struct Protected {
     pub version: u32,
     /// Encrypted parameters (compressed ciphertexts).
     pub ciphertexts: usize,
+    /// Secret tables: owner-encrypted GLWE accumulators, one per secret-table PBS.
+    pub tables: usize,
     pub encrypted_model_bytes: usize,
     pub public_key_bytes: usize,
     /// The evaluation key: compressed server key and compression key.
@@ -73,6 +75,7 @@ pub fn protect(
         .flatten()
         .map(|p| p.weights.len() + p.bias.iter().map(Vec::len).sum::<usize>())
         .sum();
+    let tables = enc.params.iter().flatten().map(|p| p.tables.len()).sum();
     let enc_bytes = enc.to_bytes()?;
     let pk_bytes = public.public_key_bytes()?;
     let sk_bytes = public.server_key_bytes()?;
@@ -96,6 +99,7 @@ pub fn protect(
         name: name.into(),
         version,
         ciphertexts,
+        tables,
         encrypted_model_bytes: enc_bytes.len(),
         public_key_bytes: pk_bytes.len(),
         evaluation_key_bytes: sk_bytes.len(),

@@ -136,6 +136,17 @@ pub fn cockpit_topic(cockpit_prefix: &str, device: &str, camera: &str) -> String
     camera_base(cockpit_prefix, device, camera)
 }
 
+/// `(device, camera)` of a result topic `<cockpit_prefix>/<device>/<camera>`; `None` for
+/// anything else.
+pub fn parse_cockpit_topic<'a>(cockpit_prefix: &str, topic: &'a str) -> Option<(&'a str, &'a str)> {
+    let mut parts = topic
+        .strip_prefix(cockpit_prefix)?
+        .strip_prefix('/')?
+        .split('/');
+    let (device, camera) = (parts.next()?, parts.next()?);
+    (parts.next().is_none() && !device.is_empty() && !camera.is_empty()).then_some((device, camera))
+}
+
 /// `<cockpit_prefix>/#`: every camera's results, for a cockpit.
 pub fn cockpit_filter(cockpit_prefix: &str) -> String {
     format!("{cockpit_prefix}/#")
