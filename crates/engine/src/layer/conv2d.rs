@@ -33,22 +33,13 @@ impl Layer for Conv2d {
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo, String> {
         let a = inputs[0];
         let max = act_max(a)?;
-        if a.flat {
-            return Err("input is flat; conv2d needs (C,H,W)".into());
-        }
-        let ([c, h, w], k, s, p) = (a.shape, self.kernel, self.stride, self.padding);
-        let (Some(oh), Some(ow)) = (out_dim(h, k[0], s[0], p[0]), out_dim(w, k[1], s[1], p[1]))
-        else {
-            return Err(format!(
-                "kernel {k:?} stride {s:?} padding {p:?} does not fit input {h}x{w}"
-            ));
-        };
-        let fan_in = c * k[0] * k[1];
+        let shape = conv_shape(a, self.out_channels, self.kernel, self.stride, self.padding)?;
+        let fan_in = a.shape[0] * self.kernel[0] * self.kernel[1];
         let l = self.linear().expect("conv2d is linear");
         check_params(&l, self.out_channels * fan_in, self.out_channels)?;
         let (lo, hi) = dot_range(fan_in, max as i64, self.weight_range, self.bias_range);
         Ok(ValueInfo {
-            shape: [self.out_channels, oh, ow],
+            shape,
             flat: false,
             kind: Kind::Acc { lo, hi },
         })
@@ -120,6 +111,27 @@ impl Layer for Conv2d {
     fn clear_frame(&self) -> ClearFrame {
         ClearFrame::Consumes
     }
+}
+
+/// The (C,H,W) output of a convolution over `a`, or why its window does not fit: the one
+/// geometry both the integer layer and the importer's float layer use.
+pub fn conv_shape(
+    a: &ValueInfo,
+    out_channels: usize,
+    k: [usize; 2],
+    s: [usize; 2],
+    p: [usize; 2],
+) -> Result<[usize; 3], String> {
+    if a.flat {
+        return Err("input is flat; conv2d needs (C,H,W)".into());
+    }
+    let [_, h, w] = a.shape;
+    let (Some(oh), Some(ow)) = (out_dim(h, k[0], s[0], p[0]), out_dim(w, k[1], s[1], p[1])) else {
+        return Err(format!(
+            "kernel {k:?} stride {s:?} padding {p:?} does not fit input {h}x{w}"
+        ));
+    };
+    Ok([out_channels, oh, ow])
 }
 
 impl Circuit for Conv2d {

@@ -14,7 +14,7 @@ mod pool;
 
 pub use activation::{ActTable, Activation};
 pub use add::Add;
-pub use conv2d::Conv2d;
+pub use conv2d::{conv_shape, Conv2d};
 pub use dense::Dense;
 pub use flatten::Flatten;
 pub use lut::{GroupSum, Lut, LutNeuron};

@@ -2,7 +2,8 @@
 //! already folded, Identity/Dropout gone), with a plain float forward pass for calibration.
 
 use fhecam_engine::fhe::geometry::{for_each_tap, pool_windows};
-use fhecam_engine::model::{out_dim, Kind, ValueInfo};
+use fhecam_engine::layer::conv_shape;
+use fhecam_engine::model::{out_dim, Flatten, Kind, Layer, MaxPool, SumPool, ValueInfo};
 
 /// Element-wise activation functions (all monotone non-decreasing: quantized, they become
 /// monotone tables, so max pooling commutes with them).
@@ -62,6 +63,9 @@ impl QSpec {
     }
 }
 
+/// A float layer. The weightless kinds are the engine's own layer types (same parameters,
+/// same shape inference); the linear ones keep float weights until `quantize`, and share the
+/// engine's geometry ([`conv_shape`]).
 #[derive(Clone, Debug, PartialEq)]
 pub enum FOp {
     Conv {
@@ -86,16 +90,11 @@ pub enum FOp {
     Act(ActFn),
     /// A quantizer (QuantizeLinear → Clip → DequantizeLinear) on a computed value.
     Quant(QSpec),
-    MaxPool {
-        kernel: [usize; 2],
-        stride: [usize; 2],
-    },
-    AvgPool {
-        kernel: [usize; 2],
-        stride: [usize; 2],
-    },
+    MaxPool(MaxPool),
+    /// Average pooling: the engine's sum pool, divided by the window.
+    AvgPool(SumPool),
     Add,
-    Flatten,
+    Flatten(Flatten),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -146,6 +145,14 @@ impl FShape {
             kind: Kind::Act { max: 0 },
         }
     }
+    /// The output shape of an engine layer that takes this value.
+    fn through(&self, layer: &impl Layer) -> Result<FShape, String> {
+        let out = layer.infer(&[&self.info()])?;
+        Ok(FShape {
+            chw: out.shape,
+            flat: out.flat,
+        })
+    }
 }
 
 impl FGraph {
@@ -186,23 +193,16 @@ impl FGraph {
                 weights,
                 ..
             } => {
-                let [c, h, w] = a.chw;
-                if a.flat || weights.len() != out_channels * c * kernel[0] * kernel[1] {
+                if a.flat || weights.len() != out_channels * a.chw[0] * kernel[0] * kernel[1] {
                     return Err(format!(
                         "weights for {} input channels, the input is {:?}",
                         weights.len() / (out_channels * kernel[0] * kernel[1]).max(1),
                         a.chw
                     ));
                 }
-                match (
-                    out_dim(h, kernel[0], stride[0], padding[0]),
-                    out_dim(w, kernel[1], stride[1], padding[1]),
-                ) {
-                    (Some(oh), Some(ow)) => FShape {
-                        chw: [*out_channels, oh, ow],
-                        flat: false,
-                    },
-                    _ => return Err(format!("kernel {kernel:?} does not fit {h}x{w}")),
+                FShape {
+                    chw: conv_shape(&a.info(), *out_channels, *kernel, *stride, *padding)?,
+                    flat: false,
                 }
             }
             FOp::Dense {
@@ -222,19 +222,8 @@ impl FGraph {
                     flat: true,
                 }
             }
-            FOp::MaxPool { kernel, stride } | FOp::AvgPool { kernel, stride } => {
-                let [c, h, w] = a.chw;
-                match (
-                    out_dim(h, kernel[0], stride[0], 0),
-                    out_dim(w, kernel[1], stride[1], 0),
-                ) {
-                    (Some(oh), Some(ow)) if !a.flat => FShape {
-                        chw: [c, oh, ow],
-                        flat: false,
-                    },
-                    _ => return Err(format!("window {kernel:?} does not fit {h}x{w}")),
-                }
-            }
+            FOp::MaxPool(p) => a.through(p)?,
+            FOp::AvgPool(p) => a.through(p)?,
             FOp::Act(_) | FOp::Quant(_) => a,
             FOp::Add => {
                 let b = shapes[node.inputs[1]];
@@ -246,10 +235,7 @@ impl FGraph {
                 }
                 a
             }
-            FOp::Flatten => FShape {
-                chw: [a.len(), 1, 1],
-                flat: true,
-            },
+            FOp::Flatten(f) => a.through(f)?,
         })
     }
 
@@ -318,11 +304,11 @@ impl FGraph {
                 }
                 FOp::Act(f) => a.iter().map(|&v| f.apply(v)).collect(),
                 FOp::Quant(q) => a.iter().map(|&v| q.fake(v)).collect(),
-                FOp::MaxPool { kernel, stride } => pool_windows(&ai.info(), *kernel, *stride)
+                FOp::MaxPool(p) => pool_windows(&ai.info(), p.kernel, p.stride)
                     .iter()
                     .map(|win| win.iter().map(|&i| a[i]).fold(f32::NEG_INFINITY, f32::max))
                     .collect(),
-                FOp::AvgPool { kernel, stride } => pool_windows(&ai.info(), *kernel, *stride)
+                FOp::AvgPool(p) => pool_windows(&ai.info(), p.kernel, p.stride)
                     .iter()
                     .map(|win| win.iter().map(|&i| a[i]).sum::<f32>() / win.len() as f32)
                     .collect(),
@@ -331,7 +317,7 @@ impl FGraph {
                     .zip(&vals[node.inputs[1]])
                     .map(|(x, y)| x + y)
                     .collect(),
-                FOp::Flatten => a.clone(),
+                FOp::Flatten(_) => a.clone(),
             };
             vals.push(out);
         }

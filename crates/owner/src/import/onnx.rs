@@ -5,6 +5,7 @@
 
 use super::graph::{ActFn, FGraph, FNode, FOp, FShape, QSpec};
 use super::ImportError;
+use fhecam_engine::model::{Flatten, MaxPool, SumPool};
 use std::collections::HashMap;
 use tract_onnx::pb::{self, tensor_proto::DataType, NodeProto, TensorProto};
 use tract_onnx::prelude::Framework;
@@ -744,7 +745,7 @@ fn gemm(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
     let x = if cx.shapes[x].flat {
         x
     } else {
-        cx.push(g, FOp::Flatten, vec![x])
+        cx.push(g, FOp::Flatten(Flatten {}), vec![x])
     };
     Ok(Sym::Val(cx.push(
         g,
@@ -845,9 +846,9 @@ fn pool(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
         return Err(cx.invalid("MaxPool indices output is not supported".into()));
     }
     let op = if cx.node.op_type == "MaxPool" {
-        FOp::MaxPool { kernel, stride }
+        FOp::MaxPool(MaxPool { kernel, stride })
     } else {
-        FOp::AvgPool { kernel, stride }
+        FOp::AvgPool(SumPool { kernel, stride })
     };
     Ok(Sym::Val(cx.push(g, op, vec![x])))
 }
@@ -858,10 +859,10 @@ fn global_average_pool(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> 
     let [_, h, w] = cx.shapes[x].chw;
     Ok(Sym::Val(cx.push(
         g,
-        FOp::AvgPool {
+        FOp::AvgPool(SumPool {
             kernel: [h, w],
             stride: [1, 1],
-        },
+        }),
         vec![x],
     )))
 }
@@ -922,7 +923,7 @@ fn flatten(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
             cx.a.int("axis", 1)
         )));
     }
-    Ok(Sym::Val(cx.push(g, FOp::Flatten, vec![x])))
+    Ok(Sym::Val(cx.push(g, FOp::Flatten(Flatten {}), vec![x])))
 }
 
 /// A Reshape that flattens to (batch, n).
@@ -933,7 +934,7 @@ fn reshape(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
         .ok_or_else(|| cx.invalid("target shape is missing".into()))?;
     let n = cx.shapes[x].len() as i64;
     Ok(match shape.i[..] {
-        [_, d] if d == -1 || d == n => Sym::Val(cx.push(g, FOp::Flatten, vec![x])),
+        [_, d] if d == -1 || d == n => Sym::Val(cx.push(g, FOp::Flatten(Flatten {}), vec![x])),
         _ => {
             return Err(cx.invalid(format!(
                 "target shape {:?}: only flattening to (batch, {n}) is supported",
