@@ -538,17 +538,6 @@ pub(crate) fn input_tensor(
     Tensor::from_vec(v, (ds.len(), ds.channels, ds.height, ds.width), dev)
 }
 
-/// Index of the largest value, ties to the lowest index (as `reference::argmax`).
-pub(crate) fn argmax_f32(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best
-}
-
 pub fn train(
     cfg: &TrainConfig,
     train: &Dataset,
@@ -602,7 +591,7 @@ pub fn train(
         .forward(&x_test, Mode::Eval)
         .and_then(|l| l.to_vec2::<f32>())
         .ctx("evaluating the test split")?;
-    let predictions_float: Vec<usize> = logits.iter().map(|l| argmax_f32(l)).collect();
+    let predictions_float: Vec<usize> = logits.iter().map(|l| reference::argmax(l)).collect();
     let model = export(&net, cfg, &g, spec).ctx("exporting the model")?;
     verify_tables(&model)?;
     let predictions_plain = plain_predictions(&model, test)?;

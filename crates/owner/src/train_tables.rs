@@ -30,8 +30,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::data::Dataset;
 use crate::train::{
-    accuracy, argmax_f32, check_data, input_tensor, label_tensor, plain_predictions, ste,
-    unit_input, Ctx, Epochs, TrainError,
+    accuracy, check_data, input_tensor, label_tensor, plain_predictions, ste, unit_input, Ctx,
+    Epochs, TrainError,
 };
 use fhecam_engine::fhe::eval;
 use fhecam_engine::fhe::eval::InputMode;
@@ -652,7 +652,10 @@ pub fn train(
         .forward(&x_test, false, None)
         .and_then(|l| l.to_vec2::<f32>())
         .ctx("evaluating the test split")?;
-    let predictions_float: Vec<usize> = logits.iter().map(|l| argmax_f32(l)).collect();
+    let predictions_float: Vec<usize> = logits
+        .iter()
+        .map(|l| fhecam_engine::reference::argmax(l))
+        .collect();
     let tables = net.tables(cfg, classes).ctx("exporting the tables")?;
     let model = wiring.model(cfg, &spec, &tables);
     model.infer()?;

@@ -3,7 +3,7 @@
 //! The protobuf is decoded by tract-onnx's generated types; the graph is walked here so
 //! that every node either maps onto a layer the engine runs or is refused by name.
 
-use super::graph::{ActFn, FGraph, FNode, FOp, FShape, QSpec};
+use super::graph::{ActFn, FConv, FDense, FGraph, FNode, FOp, FShape, QSpec};
 use super::ImportError;
 use fhecam_engine::model::{Flatten, MaxPool, SumPool};
 use std::collections::HashMap;
@@ -677,7 +677,7 @@ fn conv(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
     let weight_scale = out_scales(&w, 0, o);
     Ok(Sym::Val(cx.push(
         g,
-        FOp::Conv {
+        FOp::Conv(FConv {
             out_channels: o,
             kernel: [kh, kw],
             stride,
@@ -685,7 +685,7 @@ fn conv(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
             weights: w.f,
             bias,
             weight_scale,
-        },
+        }),
         vec![x],
     )))
 }
@@ -768,12 +768,12 @@ fn gemm(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
     };
     Ok(Sym::Val(cx.push(
         g,
-        FOp::Dense {
+        FOp::Dense(FDense {
             out_features: out,
             weights,
             bias,
             weight_scale,
-        },
+        }),
         vec![x],
     )))
 }
@@ -795,7 +795,7 @@ fn batch_norm(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
     let owner = x.checked_sub(1).map(|n| &mut g.nodes[n]);
     let sole = cx.node.input[0].as_str();
     match owner {
-        Some(FNode { op: FOp::Conv { weights, bias, weight_scale, .. } | FOp::Dense { weights, bias, weight_scale, .. }, .. })
+        Some(FNode { op: FOp::Conv(FConv { weights, bias, weight_scale, .. }) | FOp::Dense(FDense { weights, bias, weight_scale, .. }), .. })
             if cx.uses.get(sole) == Some(&1) =>
         {
             let per = weights.len() / c;
@@ -988,7 +988,7 @@ fn add(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
             let sole = cx.uses.get(name.as_str()) == Some(&1);
             let chans = cx.shapes[x].channels();
             match x.checked_sub(1).map(|n| &mut g.nodes[n]) {
-                Some(FNode { op: FOp::Dense { bias, .. } | FOp::Conv { bias, .. }, .. })
+                Some(FNode { op: FOp::Dense(FDense { bias, .. }) | FOp::Conv(FConv { bias, .. }), .. })
                     if sole && (c.f.len() == chans || c.f.len() == 1) =>
                 {
                     for (ch, b) in bias.iter_mut().enumerate() {

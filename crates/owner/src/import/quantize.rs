@@ -731,8 +731,8 @@ impl Builder<'_> {
             })
             .and_then(|(k, n)| match n.op {
                 FOp::Quant(q) => (q.levels() <= 1 << MAX_INPUT_BITS).then_some((k, q)),
-                FOp::Conv { .. }
-                | FOp::Dense { .. }
+                FOp::Conv(_)
+                | FOp::Dense(_)
                 | FOp::Act(_)
                 | FOp::MaxPool(_)
                 | FOp::AvgPool(_)
@@ -774,47 +774,44 @@ impl Builder<'_> {
         let origin = node.origin.as_str();
         let last = fv == g.output;
         match &node.op {
-            FOp::Conv {
-                out_channels,
-                kernel,
-                stride,
-                padding,
-                weights,
-                bias,
-                weight_scale,
-            } => {
+            FOp::Conv(l) => {
                 let x = self.ensure_act(x, node.inputs[0], origin)?;
                 if let Rep::Act { z, .. } = &x {
-                    if *padding != [0, 0] && z.iter().any(|z| *z != 0.0) {
+                    if l.padding != [0, 0] && z.iter().any(|z| *z != 0.0) {
                         self.notes.push(format!(
                             "{origin}: zero padding reads level 0 of its input, the value {} and not 0 (approximation at the borders)",
                             z[0]
                         ));
                     }
                 }
-                let geometry = Some((*kernel, *stride, *padding));
-                let ws = weight_scale.as_deref();
+                let geometry = Some((l.kernel, l.stride, l.padding));
+                let ws = l.weight_scale.as_deref();
                 self.linear(
                     &x,
                     xs,
-                    *out_channels,
-                    weights,
-                    bias,
+                    l.out_channels,
+                    &l.weights,
+                    &l.bias,
                     last,
                     geometry,
                     ws,
                     origin,
                 )
             }
-            FOp::Dense {
-                out_features,
-                weights,
-                bias,
-                weight_scale,
-            } => {
+            FOp::Dense(l) => {
                 let x = self.ensure_act(x, node.inputs[0], origin)?;
-                let ws = weight_scale.as_deref();
-                self.linear(&x, xs, *out_features, weights, bias, last, None, ws, origin)
+                let ws = l.weight_scale.as_deref();
+                self.linear(
+                    &x,
+                    xs,
+                    l.out_features,
+                    &l.weights,
+                    &l.bias,
+                    last,
+                    None,
+                    ws,
+                    origin,
+                )
             }
             FOp::Act(f)
                 if pass.readers[fv] == 1
