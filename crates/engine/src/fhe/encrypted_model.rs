@@ -2,8 +2,8 @@
 
 use super::eval::{self, LayerParams};
 use super::{
-    bincode_opts, check_len, check_version, ct_conformance, decode_container, entropy, limits,
-    tables, FheError, OwnerKeys, ENCRYPTED_MODEL_FORMAT_VERSION, PARAMS, PARAMS_NAME,
+    check_len, check_version, ct_conformance, decode_container, decode_part, encode, entropy,
+    limits, tables, FheError, OwnerKeys, ENCRYPTED_MODEL_FORMAT_VERSION, PARAMS, PARAMS_NAME,
 };
 use crate::model::Model;
 use serde::{Deserialize, Serialize};
@@ -79,24 +79,8 @@ impl EncryptedModel {
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>, FheError> {
-        let ser = |c: &CompressedCiphertext| -> Result<Vec<u8>, FheError> {
-            use bincode::Options;
-            bincode_opts(limits::CIPHERTEXT)
-                .serialize(c)
-                .map_err(|e| FheError::Decode {
-                    what: "encrypted parameter",
-                    msg: e.to_string(),
-                })
-        };
-        let ser_table = |t: &tables::SeededTable| -> Result<Vec<u8>, FheError> {
-            use bincode::Options;
-            bincode_opts(limits::TABLE)
-                .serialize(t)
-                .map_err(|e| FheError::Decode {
-                    what: "secret table",
-                    msg: e.to_string(),
-                })
-        };
+        let ser = |c: &CompressedCiphertext| encode("encrypted parameter", c, limits::CIPHERTEXT);
+        let ser_table = |t: &tables::SeededTable| encode("secret table", t, limits::TABLE);
         let params = self
             .params
             .iter()
@@ -114,13 +98,7 @@ impl EncryptedModel {
             })?,
             params,
         };
-        use bincode::Options;
-        bincode_opts(limits::MODEL)
-            .serialize(&file)
-            .map_err(|e| FheError::Decode {
-                what: "encrypted model",
-                msg: e.to_string(),
-            })
+        encode("encrypted model", &file, limits::MODEL)
     }
 
     /// Parses an untrusted encrypted model: size-limited, every ciphertext checked for
@@ -150,15 +128,9 @@ impl EncryptedModel {
         let de = |b: &Vec<u8>,
                   conf: &CiphertextConformanceParams|
          -> Result<CompressedCiphertext, FheError> {
-            use bincode::Options;
             use tfhe::conformance::ParameterSetConformant;
             let c: CompressedCiphertext =
-                bincode_opts(limits::CIPHERTEXT)
-                    .deserialize(b)
-                    .map_err(|e| FheError::Decode {
-                        what: "encrypted parameter",
-                        msg: e.to_string(),
-                    })?;
+                decode_part("encrypted parameter", b, limits::CIPHERTEXT)?;
             if !c.is_conformant(conf) {
                 return Err(FheError::Decode {
                     what: "encrypted parameter",
@@ -175,14 +147,7 @@ impl EncryptedModel {
             ..digit_conf
         };
         let de_table = |b: &Vec<u8>| -> Result<tables::SeededTable, FheError> {
-            use bincode::Options;
-            let t: tables::SeededTable =
-                bincode_opts(limits::TABLE)
-                    .deserialize(b)
-                    .map_err(|e| FheError::Decode {
-                        what: "secret table",
-                        msg: e.to_string(),
-                    })?;
+            let t: tables::SeededTable = decode_part("secret table", b, limits::TABLE)?;
             tables::check_table(&t)?;
             Ok(t)
         };

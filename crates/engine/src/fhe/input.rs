@@ -1,6 +1,6 @@
 //! A frame as the edge runtime takes it: encrypted, or held in the clear.
 
-use super::{bincode_opts, limits, FheError};
+use super::{encode, limits, FheError};
 use tfhe::shortint::ciphertext::CompactCiphertextList;
 
 /// A frame prepared for one input mode (owned; see [`Frame`] for the borrowed view).
@@ -24,13 +24,7 @@ pub struct EncryptedInput(pub CompactCiphertextList);
 impl EncryptedInput {
     /// Wire size of the list (it is produced and consumed on the device itself).
     pub fn to_bytes(&self) -> Result<Vec<u8>, FheError> {
-        use bincode::Options;
-        bincode_opts(limits::INPUT)
-            .serialize(&self.0)
-            .map_err(|e| FheError::Decode {
-                what: "encrypted input",
-                msg: e.to_string(),
-            })
+        encode("encrypted input", &self.0, limits::INPUT)
     }
 }
 

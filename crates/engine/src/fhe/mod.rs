@@ -142,6 +142,38 @@ fn check_len(what: &'static str, bytes: &[u8], limit: u64) -> Result<(), FheErro
     Ok(())
 }
 
+/// A bincode failure on (a part of) one of fhecam's own containers.
+fn bincode_err(what: &'static str) -> impl Fn(bincode::Error) -> FheError {
+    move |e| FheError::Decode {
+        what,
+        msg: e.to_string(),
+    }
+}
+
+/// Bincode encoding of one of fhecam's own containers (or a part of one) within `limit`.
+fn encode<T: Serialize + ?Sized>(
+    what: &'static str,
+    value: &T,
+    limit: u64,
+) -> Result<Vec<u8>, FheError> {
+    use bincode::Options;
+    bincode_opts(limit)
+        .serialize(value)
+        .map_err(bincode_err(what))
+}
+
+/// Bincode decoding of a part of a container (the container's size is checked already).
+fn decode_part<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+    limit: u64,
+) -> Result<T, FheError> {
+    use bincode::Options;
+    bincode_opts(limit)
+        .deserialize(bytes)
+        .map_err(bincode_err(what))
+}
+
 /// Size-checked bincode decoding of one of fhecam's own containers.
 fn decode_container<T: serde::de::DeserializeOwned>(
     what: &'static str,

@@ -3,7 +3,7 @@
 
 use super::eval::OutputLayout;
 use super::{
-    bincode_opts, check_len, check_version, decode_container, entropy, limits, u32_le, FheError,
+    check_len, check_version, decode_container, encode, entropy, limits, u32_le, FheError,
     OwnerKeys, COMPRESSION_PARAMS, COMPRESSION_PARAMS_NAME, OUTPUT_FORMAT_VERSION, PARAMS,
 };
 use serde::{Deserialize, Serialize};
@@ -77,18 +77,12 @@ pub fn pack_digits(
 
 impl EncryptedOutput {
     pub fn to_bytes(&self) -> Result<Vec<u8>, FheError> {
-        use bincode::Options;
         let file = EncryptedOutputFile {
             format_version: OUTPUT_FORMAT_VERSION,
             layout: self.layout.clone(),
             packed: self.packed.clone(),
         };
-        bincode_opts(limits::OUTPUT)
-            .serialize(&file)
-            .map_err(|e| FheError::Decode {
-                what: "encrypted output",
-                msg: e.to_string(),
-            })
+        encode("encrypted output", &file, limits::OUTPUT)
     }
 
     /// Parses an untrusted output: size-limited, versioned, every packed GLWE checked
