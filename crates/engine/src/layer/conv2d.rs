@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{act_max, check_params, dot_range, ClearFrame, Layer, Linear};
+use super::{act_max, check_params, dot_range, linear_params, Layer};
 use crate::fhe::backend::Backend;
 use crate::fhe::eval::{linear, Circuit, Cx, EvalError, Tensor};
 use crate::fhe::geometry::for_each_tap;
@@ -94,23 +94,7 @@ impl Layer for Conv2d {
             .collect()
     }
 
-    fn strip(&mut self) {
-        self.weights.fill(self.weight_range[0]);
-        self.bias.fill(self.bias_range[0]);
-    }
-
-    fn linear(&self) -> Option<Linear<'_>> {
-        Some(Linear {
-            weights: &self.weights,
-            bias: &self.bias,
-            weight_range: self.weight_range,
-            bias_range: self.bias_range,
-        })
-    }
-
-    fn clear_frame(&self) -> ClearFrame {
-        ClearFrame::Consumes
-    }
+    linear_params!();
 }
 
 /// The (C,H,W) output of a convolution over `a`, or why its window does not fit: the one
@@ -136,10 +120,7 @@ pub fn conv_shape(
 
 impl Circuit for Conv2d {
     fn circuit<B: Backend>(&self, cx: &Cx<'_, B>) -> Result<Tensor<B::Ct>, EvalError> {
-        let (t, ai, p) = (cx.inputs[0], cx.infos[0], cx.params()?);
-        if let Tensor::Acc(_) = t {
-            return Err(EvalError::Input("reads an accumulator".into()));
-        }
+        let (t, ai, p) = cx.linear_input()?;
         let [c, h, w] = ai.shape;
         let (oh, ow) = (cx.out.shape[1], cx.out.shape[2]);
         let (k, s, pad) = (self.kernel, self.stride, self.padding);
