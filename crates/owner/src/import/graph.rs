@@ -80,6 +80,43 @@ pub enum FOp {
     Flatten(Flatten),
 }
 
+/// The float parameters of a layer with weights, where a following BatchNorm or bias folds in.
+pub struct FLinearMut<'a> {
+    pub weights: &'a mut Vec<f32>,
+    pub bias: &'a mut Vec<f32>,
+    pub weight_scale: &'a mut Option<Vec<f32>>,
+}
+
+impl FOp {
+    /// The parameters of a layer with weights; `None` for the other kinds.
+    pub fn linear_mut(&mut self) -> Option<FLinearMut<'_>> {
+        match self {
+            FOp::Conv(FConv {
+                weights,
+                bias,
+                weight_scale,
+                ..
+            })
+            | FOp::Dense(FDense {
+                weights,
+                bias,
+                weight_scale,
+                ..
+            }) => Some(FLinearMut {
+                weights,
+                bias,
+                weight_scale,
+            }),
+            FOp::Act(_)
+            | FOp::Quant(_)
+            | FOp::MaxPool(_)
+            | FOp::AvgPool(_)
+            | FOp::Add
+            | FOp::Flatten(_) => None,
+        }
+    }
+}
+
 /// A float convolution: the engine's geometry ([`conv_shape`]) with float weights.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FConv {

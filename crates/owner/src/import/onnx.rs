@@ -3,7 +3,7 @@
 //! The protobuf is decoded by tract-onnx's generated types; the graph is walked here so
 //! that every node either maps onto a layer the engine runs or is refused by name.
 
-use super::graph::{ActFn, FConv, FDense, FGraph, FNode, FOp, FShape, QSpec};
+use super::graph::{ActFn, FConv, FDense, FGraph, FLinearMut, FNode, FOp, FShape, QSpec};
 use super::ImportError;
 use fhecam_engine::model::{Flatten, MaxPool, SumPool};
 use std::collections::HashMap;
@@ -792,34 +792,36 @@ fn batch_norm(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
     if p.iter().any(|t| t.f.len() != c) {
         return Err(cx.invalid(format!("parameters do not have {c} channels")));
     }
-    let owner = x.checked_sub(1).map(|n| &mut g.nodes[n]);
     let sole = cx.node.input[0].as_str();
-    match owner {
-        Some(FNode { op: FOp::Conv(FConv { weights, bias, weight_scale, .. }) | FOp::Dense(FDense { weights, bias, weight_scale, .. }), .. })
-            if cx.uses.get(sole) == Some(&1) =>
-        {
-            let per = weights.len() / c;
-            for ch in 0..c {
-                let k = p[0].f[ch] / (p[3].f[ch] + eps).sqrt();
-                // quantized weights stay integers, on a scale |k| times theirs
-                // (a negative k negates them)
-                if let Some(ws) = weight_scale.as_mut() {
-                    ws[ch] *= k.abs();
-                    if k == 0.0 || !k.is_finite() {
-                        *weight_scale = None;
-                    }
-                }
-                for w in &mut weights[ch * per..(ch + 1) * per] {
-                    *w *= k;
-                }
-                bias[ch] = (bias[ch] - p[2].f[ch]) * k + p[1].f[ch];
+    let owner = x
+        .checked_sub(1)
+        .filter(|_| cx.uses.get(sole) == Some(&1))
+        .and_then(|n| g.nodes[n].op.linear_mut());
+    let Some(FLinearMut {
+        weights,
+        bias,
+        weight_scale,
+    }) = owner
+    else {
+        return Err(cx.invalid(
+            "BatchNormalization must directly follow a Conv or Gemm whose output nothing else reads (it is folded into that layer)".into(),
+        ));
+    };
+    let per = weights.len() / c;
+    for ch in 0..c {
+        let k = p[0].f[ch] / (p[3].f[ch] + eps).sqrt();
+        // quantized weights stay integers, on a scale |k| times theirs
+        // (a negative k negates them)
+        if let Some(ws) = weight_scale.as_mut() {
+            ws[ch] *= k.abs();
+            if k == 0.0 || !k.is_finite() {
+                *weight_scale = None;
             }
         }
-        _ => {
-            return Err(cx.invalid(
-                "BatchNormalization must directly follow a Conv or Gemm whose output nothing else reads (it is folded into that layer)".into(),
-            ))
+        for w in &mut weights[ch * per..(ch + 1) * per] {
+            *w *= k;
         }
+        bias[ch] = (bias[ch] - p[2].f[ch]) * k + p[1].f[ch];
     }
     if !g.notes.iter().any(|n| n.starts_with("BatchNormalization")) {
         g.notes
@@ -987,21 +989,20 @@ fn add(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
             };
             let sole = cx.uses.get(name.as_str()) == Some(&1);
             let chans = cx.shapes[x].channels();
-            match x.checked_sub(1).map(|n| &mut g.nodes[n]) {
-                Some(FNode { op: FOp::Dense(FDense { bias, .. }) | FOp::Conv(FConv { bias, .. }), .. })
-                    if sole && (c.f.len() == chans || c.f.len() == 1) =>
-                {
-                    for (ch, b) in bias.iter_mut().enumerate() {
-                        *b += c.f[if c.f.len() == 1 { 0 } else { ch }];
-                    }
-                    Sym::Val(x)
-                }
-                _ => {
-                    return Err(cx.invalid(
-                        "adding a constant is only supported as the bias of the MatMul, Gemm or Conv right before it".into(),
-                    ))
-                }
+            let fits = sole && (c.f.len() == chans || c.f.len() == 1);
+            let Some(l) = x
+                .checked_sub(1)
+                .filter(|_| fits)
+                .and_then(|n| g.nodes[n].op.linear_mut())
+            else {
+                return Err(cx.invalid(
+                    "adding a constant is only supported as the bias of the MatMul, Gemm or Conv right before it".into(),
+                ));
+            };
+            for (ch, b) in l.bias.iter_mut().enumerate() {
+                *b += c.f[if c.f.len() == 1 { 0 } else { ch }];
             }
+            Sym::Val(x)
         }
         _ => return Err(cx.invalid("adds two constants".into())),
     })
