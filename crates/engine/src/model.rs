@@ -107,36 +107,35 @@ pub enum Op {
     GroupSum(GroupSum),
 }
 
+/// `$body` with `$l` bound to the layer type behind whichever arm `$op` is: the one list of
+/// arms that `Op::layer`, `Op::layer_mut` and the circuit dispatch (`fhe::eval`) expand.
+macro_rules! each_kind {
+    ($op:expr, $l:ident => $body:expr) => {
+        match $op {
+            $crate::model::Op::Conv2d($l) => $body,
+            $crate::model::Op::Dense($l) => $body,
+            $crate::model::Op::SumPool($l) => $body,
+            $crate::model::Op::MaxPool($l) => $body,
+            $crate::model::Op::Activation($l) => $body,
+            $crate::model::Op::Add($l) => $body,
+            $crate::model::Op::Flatten($l) => $body,
+            $crate::model::Op::Lut($l) => $body,
+            $crate::model::Op::GroupSum($l) => $body,
+        }
+    };
+}
+pub(crate) use each_kind;
+
 impl Op {
     /// The layer kind behind the arm: every question the engine asks of a node that does
     /// not need ciphertexts goes through here.
     pub fn layer(&self) -> &dyn Layer {
-        match self {
-            Op::Conv2d(l) => l,
-            Op::Dense(l) => l,
-            Op::SumPool(l) => l,
-            Op::MaxPool(l) => l,
-            Op::Activation(l) => l,
-            Op::Add(l) => l,
-            Op::Flatten(l) => l,
-            Op::Lut(l) => l,
-            Op::GroupSum(l) => l,
-        }
+        each_kind!(self, l => l)
     }
 
     /// [`Op::layer`], to change the parameters in place.
     pub fn layer_mut(&mut self) -> &mut dyn Layer {
-        match self {
-            Op::Conv2d(l) => l,
-            Op::Dense(l) => l,
-            Op::SumPool(l) => l,
-            Op::MaxPool(l) => l,
-            Op::Activation(l) => l,
-            Op::Add(l) => l,
-            Op::Flatten(l) => l,
-            Op::Lut(l) => l,
-            Op::GroupSum(l) => l,
-        }
+        each_kind!(self, l => l)
     }
 
     /// Conv2d or Dense: the layers with (encrypted) weights.

@@ -37,11 +37,12 @@ pub fn evaluate(model: &Model, input: &[u8]) -> Result<Vec<i64>, ModelError> {
     Ok(evaluate_all(model, input)?.pop().unwrap())
 }
 
-/// Index of the largest logit; ties go to the lowest index (the owner's agent decides the same way).
-pub fn argmax(logits: &[i64]) -> usize {
+/// Index of the largest logit; ties go to the lowest index (the owner's agent decides the same
+/// way, and so do the importer and trainer on their float logits).
+pub fn argmax<T: PartialOrd>(logits: &[T]) -> usize {
     let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
+    for (i, v) in logits.iter().enumerate() {
+        if *v > logits[best] {
             best = i;
         }
     }

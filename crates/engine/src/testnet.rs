@@ -113,6 +113,83 @@ fn table(rng: &mut (impl Rng + ?Sized), lo: i64, hi: i64, bits: u8) -> ActTable 
     }
 }
 
+/// A model with a random frame of `channels` × `hw` × `hw` pixels of `bits`, and no layer.
+fn empty_model(name: &str, channels: usize, shape: Shape, bits: u8) -> Model {
+    Model {
+        format_version: MODEL_FORMAT_VERSION,
+        name: name.into(),
+        input: crate::model::InputSpec {
+            channels,
+            height: shape.hw,
+            width: shape.hw,
+            bits,
+            scale: 1.0 / ((1 << bits) - 1) as f32,
+            zero: 0.0,
+        },
+        nodes: vec![],
+        num_classes: shape.classes,
+    }
+}
+
+/// A convolution with random parameters.
+fn random_conv(rng: &mut impl Rng, geometry: [usize; 5], wide: bool) -> Op {
+    let [ic, oc, k, s, p] = geometry;
+    let (weights, bias, weight_range, bias_range) = linear_params(rng, oc * ic * k * k, oc, wide);
+    Op::Conv2d(Conv2d {
+        out_channels: oc,
+        kernel: [k, k],
+        stride: [s, s],
+        padding: [p, p],
+        weights,
+        bias,
+        weight_range,
+        bias_range,
+    })
+}
+
+impl Model {
+    fn push(&mut self, op: Op, inputs: Vec<usize>) -> usize {
+        self.nodes.push(Node { op, inputs });
+        self.nodes.len()
+    }
+
+    /// A random activation of value `v` (one table, or one per channel).
+    fn push_act(&mut self, rng: &mut impl Rng, v: usize, wide: bool) -> usize {
+        let infos = self.infer_partial();
+        let info = &infos[v];
+        let (lo, hi) = info.range();
+        let bits = bits(rng, wide);
+        let n = if rng.gen_bool(0.5) { 1 } else { info.shape[0] };
+        let tables = (0..n).map(|_| table(rng, lo, hi, bits)).collect();
+        self.push(Op::Activation(Activation { bits, tables }), vec![v])
+    }
+
+    /// Max pooling, sum pooling and an activation, when the map is at least 2 high.
+    fn push_pools(&mut self, rng: &mut impl Rng, v: usize, wide: bool) -> usize {
+        if self.infer_partial()[v].shape[1] < 2 {
+            return v;
+        }
+        let kernel = [2, 2];
+        let v = self.push(
+            Op::MaxPool(MaxPool {
+                kernel,
+                stride: [1, 1],
+            }),
+            vec![v],
+        );
+        let w = self.infer_partial()[v].shape[2];
+        let kernel = [1, w.min(2)];
+        let v = self.push(
+            Op::SumPool(SumPool {
+                kernel,
+                stride: [1, 1],
+            }),
+            vec![v],
+        );
+        self.push_act(rng, v, wide)
+    }
+}
+
 /// A random network: conv → act → conv(same) → add(residual) → act → maxpool → sumpool →
 /// act → flatten → dense.
 pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
@@ -122,38 +199,8 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
     } else {
         bits(rng, shape.wide)
     };
-    let c = shape.channels;
-    let mut m = Model {
-        format_version: MODEL_FORMAT_VERSION,
-        name: "random".into(),
-        input: crate::model::InputSpec {
-            channels: rng.gen_range(1..=c),
-            height: shape.hw,
-            width: shape.hw,
-            bits: in_bits,
-            scale: 1.0 / ((1 << in_bits) - 1) as f32,
-            zero: 0.0,
-        },
-        nodes: vec![],
-        num_classes: shape.classes,
-    };
-    let push = |m: &mut Model, op: Op, inputs: Vec<usize>| -> usize {
-        m.nodes.push(Node { op, inputs });
-        m.nodes.len()
-    };
-    let act = |m: &mut Model, rng: &mut dyn rand::RngCore, v: usize| -> usize {
-        let infos = m.infer_partial();
-        let info = &infos[v];
-        let (lo, hi) = info.range();
-        let bits = bits(rng, shape.wide);
-        let n = if rng.gen_bool(0.5) { 1 } else { info.shape[0] };
-        let tables = (0..n).map(|_| table(rng, lo, hi, bits)).collect();
-        m.nodes.push(Node {
-            op: Op::Activation(Activation { bits, tables }),
-            inputs: vec![v],
-        });
-        m.nodes.len()
-    };
+    let (c, wide) = (shape.channels, shape.wide);
+    let mut m = empty_model("random", rng.gen_range(1..=c), shape, in_bits);
     // conv 1: kernel 2 or 3, stride 1 or 2, padding 0 or 1 (keeping at least 2x2 out)
     let k = rng.gen_range(2..=3usize.min(shape.hw));
     let (s, p) = (rng.gen_range(1..=2), rng.gen_range(0..=1));
@@ -164,80 +211,30 @@ pub fn random_model(rng: &mut impl Rng, shape: Shape) -> Model {
     };
     let oc = rng.gen_range(1..=c);
     let ic = m.input.channels;
-    let (w, b, wr, br) = linear_params(rng, oc * ic * k * k, oc, shape.wide);
-    let v = push(
-        &mut m,
-        Op::Conv2d(Conv2d {
-            out_channels: oc,
-            kernel: [k, k],
-            stride: [s, s],
-            padding: [p, p],
-            weights: w,
-            bias: b,
-            weight_range: wr,
-            bias_range: br,
-        }),
-        vec![0],
-    );
-    let a1 = act(&mut m, rng, v);
+    let v = m.push(random_conv(rng, [ic, oc, k, s, p], wide), vec![0]);
+    let a1 = m.push_act(rng, v, wide);
     // residual block: same-size conv, added to its input
-    let (w, b, wr, br) = linear_params(rng, oc * oc * 9, oc, shape.wide);
-    let v = push(
-        &mut m,
-        Op::Conv2d(Conv2d {
-            out_channels: oc,
-            kernel: [3, 3],
-            stride: [1, 1],
-            padding: [1, 1],
-            weights: w,
-            bias: b,
-            weight_range: wr,
-            bias_range: br,
-        }),
-        vec![a1],
-    );
-    let mul = if shape.wide && rng.gen_bool(0.5) {
+    let v = m.push(random_conv(rng, [oc, oc, 3, 1, 1], wide), vec![a1]);
+    let mul = if wide && rng.gen_bool(0.5) {
         vec![rng.gen_range(1..=20)]
     } else {
         vec![]
     };
-    let v = push(&mut m, Op::Add(Add { mul }), vec![v, a1]);
-    let mut v = act(&mut m, rng, v);
-    let hw = m.infer_partial()[v].shape[1];
-    if hw >= 2 {
-        v = push(
-            &mut m,
-            Op::MaxPool(MaxPool {
-                kernel: [2, 2],
-                stride: [1, 1],
-            }),
-            vec![v],
-        );
-        let w = m.infer_partial()[v].shape[2];
-        v = push(
-            &mut m,
-            Op::SumPool(SumPool {
-                kernel: [1, w.min(2)],
-                stride: [1, 1],
-            }),
-            vec![v],
-        );
-        v = act(&mut m, rng, v);
-    }
-    let v = push(&mut m, Op::Flatten(Flatten {}), vec![v]);
+    let v = m.push(Op::Add(Add { mul }), vec![v, a1]);
+    let v = m.push_act(rng, v, wide);
+    let v = m.push_pools(rng, v, wide);
+    let v = m.push(Op::Flatten(Flatten {}), vec![v]);
     let n_in = m.infer_partial()[v].len();
-    let (w, b, wr, br) = linear_params(rng, shape.classes * n_in, shape.classes, shape.wide);
-    push(
-        &mut m,
-        Op::Dense(Dense {
-            out_features: shape.classes,
-            weights: w,
-            bias: b,
-            weight_range: wr,
-            bias_range: br,
-        }),
-        vec![v],
-    );
+    let (weights, bias, weight_range, bias_range) =
+        linear_params(rng, shape.classes * n_in, shape.classes, wide);
+    let dense = Dense {
+        out_features: shape.classes,
+        weights,
+        bias,
+        weight_range,
+        bias_range,
+    };
+    m.push(Op::Dense(dense), vec![v]);
     m.infer().expect("random model is valid");
     m
 }
@@ -259,31 +256,15 @@ pub fn kinds(m: &Model) -> Vec<Kind> {
     m.infer().unwrap().into_iter().map(|v| v.kind).collect()
 }
 
-/// A random secret-table network: a `lut` layer reading the frame (one pixel, or two
-/// 2-bit pixels, per neuron), one or two more `lut` layers, and a `group_sum` over
-/// groups of the last one. Every element is read with the one multiplier of its class
-/// (`layer::lut::places`).
-pub fn random_table_model(rng: &mut impl Rng, shape: Shape) -> Model {
-    let bits = if rng.gen_bool(0.5) { 4 } else { 2 };
-    let mut m = Model {
-        format_version: MODEL_FORMAT_VERSION,
-        name: "random-tables".into(),
-        input: crate::model::InputSpec {
-            channels: 1,
-            height: shape.hw,
-            width: shape.hw,
-            bits,
-            scale: 1.0 / ((1 << bits) - 1) as f32,
-            zero: 0.0,
-        },
-        nodes: vec![],
-        num_classes: shape.classes,
-    };
+/// Random table entries: `len` of them in `0..=top`.
+fn entries(rng: &mut (impl Rng + ?Sized), len: usize, top: u8) -> Vec<u8> {
+    (0..len).map(|_| rng.gen_range(0..=top)).collect()
+}
+
+/// Layer 0 of a table network: each neuron reads one pixel's digits (multiplier 1), or two
+/// 2-bit pixels (multipliers 1 and 4).
+fn frame_lut(rng: &mut impl Rng, shape: Shape, bits: u8) -> Lut {
     let n_in = shape.hw * shape.hw;
-    let table = |rng: &mut dyn rand::RngCore, len: usize, top: u8| -> Vec<u8> {
-        (0..len).map(|_| rng.gen_range(0..=top)).collect()
-    };
-    // layer 0: reads the frame's digits, multiplier 1 (and 4 for a second 2-bit pixel)
     let top0 = if rng.gen_bool(0.5) { 1 } else { 3 };
     let n0 = rng.gen_range(4..=4 * shape.channels.max(2) + 4);
     let neurons = (0..n0)
@@ -301,94 +282,91 @@ pub fn random_table_model(rng: &mut impl Rng, shape: Shape) -> Model {
                 .map(|&k| k as usize * ((1 << bits) - 1))
                 .sum::<usize>()
                 + 1;
-            let table = table(rng, span, top0);
+            let table = entries(rng, span, top0);
             LutNeuron { inputs, mul, table }
         })
         .collect();
     // half of them published (device-clear cameras then evaluate them in the clear)
-    let public = rng.gen_bool(0.5);
-    m.nodes.push(Node {
-        op: Op::Lut(Lut {
-            out_max: top0,
-            neurons,
-            public,
-        }),
-        inputs: vec![0],
-    });
-    let mut top = top0;
+    Lut {
+        out_max: top0,
+        neurons,
+        public: rng.gen_bool(0.5),
+    }
+}
+
+/// The inputs of one neuron over a value of `len` elements in `0..=top`, at most one per
+/// class of multipliers (1,2,4,8 for bits, 1,4 for 2-bit values; element i is in class
+/// i % classes), their multipliers, and the span of the table they index.
+fn pick_inputs(rng: &mut (impl Rng + ?Sized), len: usize, top: u8) -> (Vec<u32>, Vec<u16>, usize) {
+    let muls: &[u16] = if top == 1 { &[1, 2, 4, 8] } else { &[1, 4] };
+    let classes = muls.len().min(len);
+    let k = rng.gen_range(1..=classes);
+    let mut chosen: Vec<usize> = (0..classes).collect();
+    for i in 0..classes {
+        chosen.swap(i, rng.gen_range(i..classes));
+    }
+    chosen.truncate(k);
+    chosen.sort();
+    let inputs = chosen
+        .iter()
+        .map(|&c| {
+            let slots = (len - c).div_ceil(classes);
+            (c + classes * rng.gen_range(0..slots)) as u32
+        })
+        .collect::<Vec<u32>>();
+    let mul: Vec<u16> = chosen.iter().map(|&c| muls[c]).collect();
+    let span = mul
+        .iter()
+        .map(|&k| k as usize * top as usize)
+        .sum::<usize>()
+        + 1;
+    (inputs, mul, span)
+}
+
+/// A random secret-table network: a `lut` layer reading the frame (one pixel, or two
+/// 2-bit pixels, per neuron), one or two more `lut` layers, and a `group_sum` over
+/// groups of the last one. Every element is read with the one multiplier of its class
+/// (`layer::lut::places`).
+pub fn random_table_model(rng: &mut impl Rng, shape: Shape) -> Model {
+    let bits = if rng.gen_bool(0.5) { 4 } else { 2 };
+    let mut m = empty_model("random-tables", 1, shape, bits);
+    let lut = frame_lut(rng, shape, bits);
+    let mut top = lut.out_max;
+    m.push(Op::Lut(lut), vec![0]);
     let layers = rng.gen_range(1..=2);
     for l in 0..=layers {
-        let len = m
-            .infer_values()
-            .expect("partial model is valid")
-            .last()
-            .unwrap()
-            .len();
-        // the classes of multipliers a value's elements are read with: 1,2,4,8 for bits,
-        // 1,4 for 2-bit values; element i is in class i % classes
-        let muls: &[u16] = if top == 1 { &[1, 2, 4, 8] } else { &[1, 4] };
-        let classes = muls.len().min(len);
-        let pick = |rng: &mut dyn rand::RngCore| {
-            let k = rng.gen_range(1..=classes);
-            let mut chosen: Vec<usize> = (0..classes).collect();
-            for i in 0..classes {
-                chosen.swap(i, rng.gen_range(i..classes));
-            }
-            chosen.truncate(k);
-            chosen.sort();
-            let inputs = chosen
-                .iter()
-                .map(|&c| {
-                    let slots = (len - c).div_ceil(classes);
-                    (c + classes * rng.gen_range(0..slots)) as u32
-                })
-                .collect::<Vec<u32>>();
-            let mul: Vec<u16> = chosen.iter().map(|&c| muls[c]).collect();
-            let span = mul
-                .iter()
-                .map(|&k| k as usize * top as usize)
-                .sum::<usize>()
-                + 1;
-            (inputs, mul, span)
-        };
+        let len = m.infer_partial().last().unwrap().len();
         let v = m.nodes.len();
         if l == layers {
             let (classes, score_max) = (shape.classes, rng.gen_range(1..=3));
             let groups = (0..rng.gen_range(1..=4 + shape.channels))
                 .map(|_| {
-                    let (inputs, mul, span) = pick(rng);
-                    let table = table(rng, span * classes, score_max);
+                    let (inputs, mul, span) = pick_inputs(rng, len, top);
+                    let table = entries(rng, span * classes, score_max);
                     LutNeuron { inputs, mul, table }
                 })
                 .collect();
-            m.nodes.push(Node {
-                op: Op::GroupSum(GroupSum {
-                    classes,
-                    score_max,
-                    groups,
-                }),
-                inputs: vec![v],
+            let op = Op::GroupSum(GroupSum {
+                classes,
+                score_max,
+                groups,
             });
+            m.push(op, vec![v]);
         } else {
             let out = if rng.gen_bool(0.5) { 1 } else { 3 };
             let neurons = (0..rng.gen_range(2..=8 + 2 * shape.channels))
                 .map(|_| {
-                    let (inputs, mul, span) = pick(rng);
-                    LutNeuron {
-                        inputs,
-                        mul,
-                        table: table(rng, span, out),
-                    }
+                    let (inputs, mul, span) = pick_inputs(rng, len, top);
+                    let table = entries(rng, span, out);
+                    LutNeuron { inputs, mul, table }
                 })
                 .collect();
-            m.nodes.push(Node {
-                op: Op::Lut(Lut {
-                    out_max: out,
-                    neurons,
-                    public: false,
-                }),
-                inputs: vec![v],
+            let op = Op::Lut(Lut {
+                out_max: out,
+                neurons,
+                public: false,
             });
+            m.push(op, vec![v]);
             top = out;
         }
     }

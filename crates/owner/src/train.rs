@@ -538,17 +538,6 @@ pub(crate) fn input_tensor(
     Tensor::from_vec(v, (ds.len(), ds.channels, ds.height, ds.width), dev)
 }
 
-/// Index of the largest value, ties to the lowest index (as `reference::argmax`).
-pub(crate) fn argmax_f32(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best
-}
-
 pub fn train(
     cfg: &TrainConfig,
     train: &Dataset,
@@ -558,20 +547,12 @@ pub fn train(
     let started = Instant::now();
     let g = check(cfg, train, test)?;
     let dev = Device::Cpu;
-    let spec = InputSpec {
-        channels: g.in_shape[0],
-        height: g.in_shape[1],
-        width: g.in_shape[2],
-        bits: cfg.input_bits,
-        scale: 1.0 / ((1u32 << cfg.input_bits) - 1) as f32,
-        zero: 0.0,
-    };
+    let spec = unit_input(g.in_shape, cfg.input_bits);
     let varmap = VarMap::new();
     let net = build_net(cfg, &g, spec.scale, &varmap, &dev).ctx("building the network")?;
 
     let x_train = input_tensor(train, &spec, &dev).ctx("train inputs")?;
-    let y_train: Vec<u32> = train.labels.iter().map(|&l| l as u32).collect();
-    let y_train = Tensor::new(y_train.as_slice(), &dev).ctx("train labels")?;
+    let y_train = label_tensor(train, &dev)?;
     let x_test = input_tensor(test, &spec, &dev).ctx("test inputs")?;
 
     // Scales from the data before the first step; the temperature so that the initial
@@ -593,67 +574,30 @@ pub fn train(
         .set(&Tensor::new(temp, &dev).ctx("temperature")?)
         .ctx("setting temperature")?;
 
-    let mut opt = AdamW::new(
+    let epochs = Epochs {
+        learning_rate: cfg.learning_rate,
+        batch_size: cfg.batch_size,
+        epochs: cfg.epochs,
+        seed: cfg.seed,
+    };
+    let final_loss = epochs.run(
         varmap.all_vars(),
-        ParamsAdamW {
-            lr: cfg.learning_rate,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )
-    .ctx("creating the optimizer")?;
-
-    let n = train.len();
-    let steps_per_epoch = n.div_ceil(cfg.batch_size);
-    let total_steps = (steps_per_epoch * cfg.epochs) as f64;
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x005e_ed0f_da7a);
-    let mut order: Vec<u32> = (0..n as u32).collect();
-    let mut step = 0usize;
-    let mut final_loss = f32::NAN;
-    for epoch in 0..cfg.epochs {
-        order.shuffle(&mut rng);
-        let mut loss_sum = 0f64;
-        for batch in order.chunks(cfg.batch_size) {
-            // Cosine decay: large steps to find the ternary pattern, small ones to settle it.
-            let t = step as f64 / total_steps;
-            opt.set_learning_rate(
-                cfg.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()),
-            );
-            let idx = Tensor::new(batch, &dev).ctx("batch indices")?;
-            let xb = x_train.index_select(&idx, 0).ctx("batch inputs")?;
-            let yb = y_train.index_select(&idx, 0).ctx("batch labels")?;
-            let logits = net.loss_logits(&xb, Mode::Train).ctx("forward pass")?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &yb).ctx("loss")?;
-            opt.backward_step(&loss).ctx("backward pass")?;
-            loss_sum += loss.to_scalar::<f32>().ctx("loss value")? as f64 * batch.len() as f64;
-            step += 1;
-        }
-        final_loss = (loss_sum / n as f64) as f32;
-        progress(epoch, final_loss);
-    }
+        (&x_train, &y_train),
+        progress,
+        &mut |xb, _| net.loss_logits(xb, Mode::Train),
+    )?;
 
     let logits = net
         .forward(&x_test, Mode::Eval)
         .and_then(|l| l.to_vec2::<f32>())
         .ctx("evaluating the test split")?;
-    let predictions_float: Vec<usize> = logits.iter().map(|l| argmax_f32(l)).collect();
+    let predictions_float: Vec<usize> = logits.iter().map(|l| reference::argmax(l)).collect();
     let model = export(&net, cfg, &g, spec).ctx("exporting the model")?;
     verify_tables(&model)?;
-    let mut predictions_plain = Vec::with_capacity(test.len());
-    for img in &test.images {
-        let logits = reference::evaluate(&model, &model.input.quantize(img))?;
-        predictions_plain.push(reference::argmax(&logits));
-    }
-    let acc = |p: &[usize]| {
-        p.iter()
-            .zip(&test.labels)
-            .filter(|(&p, &l)| p == l as usize)
-            .count() as f64
-            / test.len() as f64
-    };
+    let predictions_plain = plain_predictions(&model, test)?;
     Ok(TrainReport {
-        accuracy_float: acc(&predictions_float),
-        accuracy_plain: acc(&predictions_plain),
+        accuracy_float: accuracy(&predictions_float, test),
+        accuracy_plain: accuracy(&predictions_plain, test),
         model,
         train_samples: train.len(),
         test_samples: test.len(),
@@ -662,6 +606,103 @@ pub fn train(
         final_loss,
         train_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The input of a built-in model: `bits` levels over the data's [0, 1].
+pub(crate) fn unit_input(shape: [usize; 3], bits: u8) -> InputSpec {
+    InputSpec {
+        channels: shape[0],
+        height: shape[1],
+        width: shape[2],
+        bits,
+        scale: 1.0 / ((1u32 << bits) - 1) as f32,
+        zero: 0.0,
+    }
+}
+
+pub(crate) fn label_tensor(ds: &Dataset, dev: &Device) -> Result<Tensor, TrainError> {
+    let y: Vec<u32> = ds.labels.iter().map(|&l| l as u32).collect();
+    Tensor::new(y.as_slice(), dev).ctx("train labels")
+}
+
+/// The mini-batch schedule both built-in families train with: AdamW, shuffled batches,
+/// cosine learning-rate decay (large steps to find the weight or table pattern, small ones
+/// to settle it).
+pub(crate) struct Epochs {
+    pub learning_rate: f64,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub seed: u64,
+}
+
+impl Epochs {
+    /// Trains `vars` on `(x, y)` with the logits `logits(batch, rng)` gives (the batch
+    /// order's generator, which a forward pass may draw from too); `progress(epoch, mean
+    /// loss)` after every epoch. Returns the last epoch's mean loss.
+    pub(crate) fn run(
+        &self,
+        vars: Vec<Var>,
+        (x, y): (&Tensor, &Tensor),
+        progress: &dyn Fn(usize, f32),
+        logits: &mut dyn FnMut(&Tensor, &mut ChaCha8Rng) -> candle_core::Result<Tensor>,
+    ) -> Result<f32, TrainError> {
+        let mut opt = AdamW::new(
+            vars,
+            ParamsAdamW {
+                lr: self.learning_rate,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        )
+        .ctx("creating the optimizer")?;
+        let n = y.dim(0).ctx("train labels")?;
+        let total_steps = (n.div_ceil(self.batch_size) * self.epochs) as f64;
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x005e_ed0f_da7a);
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        let (mut step, mut final_loss) = (0usize, f32::NAN);
+        for epoch in 0..self.epochs {
+            order.shuffle(&mut rng);
+            let mut loss_sum = 0f64;
+            for batch in order.chunks(self.batch_size) {
+                let t = step as f64 / total_steps;
+                opt.set_learning_rate(
+                    self.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()),
+                );
+                let idx = Tensor::new(batch, x.device()).ctx("batch indices")?;
+                let xb = x.index_select(&idx, 0).ctx("batch inputs")?;
+                let yb = y.index_select(&idx, 0).ctx("batch labels")?;
+                let logits = logits(&xb, &mut rng).ctx("forward pass")?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &yb).ctx("loss")?;
+                opt.backward_step(&loss).ctx("backward pass")?;
+                loss_sum += loss.to_scalar::<f32>().ctx("loss value")? as f64 * batch.len() as f64;
+                step += 1;
+            }
+            final_loss = (loss_sum / n as f64) as f32;
+            progress(epoch, final_loss);
+        }
+        Ok(final_loss)
+    }
+}
+
+/// Per test sample, the class the integer model picks (`reference::argmax`).
+pub(crate) fn plain_predictions(model: &Model, test: &Dataset) -> Result<Vec<usize>, TrainError> {
+    test.images
+        .iter()
+        .map(|img| {
+            let logits = reference::evaluate(model, &model.input.quantize(img))?;
+            Ok(reference::argmax(&logits))
+        })
+        .collect()
+}
+
+/// The share of `predictions` that match the test labels.
+pub(crate) fn accuracy(predictions: &[usize], test: &Dataset) -> f64 {
+    predictions
+        .iter()
+        .zip(&test.labels)
+        .filter(|(&p, &l)| p == l as usize)
+        .count() as f64
+        / test.len() as f64
 }
 
 /// Integer parameters of a layer: ternary weights, integer biases, the public bias bound and

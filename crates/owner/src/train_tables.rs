@@ -24,19 +24,20 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::Dataset;
-use crate::train::{argmax_f32, check_data, input_tensor, ste, Ctx, TrainError};
+use crate::train::{
+    accuracy, check_data, input_tensor, label_tensor, plain_predictions, ste, unit_input, Ctx,
+    Epochs, TrainError,
+};
 use fhecam_engine::fhe::eval;
 use fhecam_engine::fhe::eval::InputMode;
 use fhecam_engine::model::{
     GroupSum, InputSpec, Lut, LutNeuron, Model, Node, Op, MODEL_FORMAT_VERSION,
 };
-use fhecam_engine::reference;
 
 /// Inputs of a hidden table (binary inputs, multipliers 1, 2, 4, 8: one 4-bit index).
 const FAN_IN: usize = 4;
@@ -145,7 +146,11 @@ impl TablesConfig {
         classes: usize,
     ) -> Result<u64, TrainError> {
         let w = Wiring::new(self, shape, classes)?;
-        let model = w.model(self, &spec(self, shape), &Tables::zero(self, &w, classes));
+        let model = w.model(
+            self,
+            &unit_input(shape, self.input_bits),
+            &Tables::zero(self, &w, classes),
+        );
         planned_pbs(&model, mode)
     }
 
@@ -181,17 +186,6 @@ impl TablesConfig {
 
     fn score_max(&self) -> u8 {
         (1u8 << self.score_bits) - 1
-    }
-}
-
-fn spec(cfg: &TablesConfig, shape: [usize; 3]) -> InputSpec {
-    InputSpec {
-        channels: shape[0],
-        height: shape[1],
-        width: shape[2],
-        bits: cfg.input_bits,
-        scale: 1.0 / ((1u32 << cfg.input_bits) - 1) as f32,
-        zero: 0.0,
     }
 }
 
@@ -631,81 +625,44 @@ pub fn train(
     cfg.check()?;
     let (shape, classes) = check_data(train, test)?;
     let wiring = Wiring::new(cfg, shape, classes)?;
-    let spec = spec(cfg, shape);
+    let spec = unit_input(shape, cfg.input_bits);
     let dev = Device::Cpu;
     let net = Net::new(cfg, &wiring, &dev).ctx("building the network")?;
     let flat = |ds: &Dataset| input_tensor(ds, &spec, &dev).and_then(|t| t.flatten_from(1));
     let x_train = flat(train).ctx("train inputs")?;
-    let y: Vec<u32> = train.labels.iter().map(|&l| l as u32).collect();
-    let y_train = Tensor::new(y.as_slice(), &dev).ctx("train labels")?;
+    let y_train = label_tensor(train, &dev)?;
     let x_test = flat(test).ctx("test inputs")?;
-
-    let mut opt = AdamW::new(
+    let epochs = Epochs {
+        learning_rate: cfg.learning_rate,
+        batch_size: cfg.batch_size,
+        epochs: cfg.epochs,
+        seed: cfg.seed,
+    };
+    let final_loss = epochs.run(
         net.vars(),
-        ParamsAdamW {
-            lr: cfg.learning_rate,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )
-    .ctx("creating the optimizer")?;
-    let n = train.len();
-    let total_steps = (n.div_ceil(cfg.batch_size) * cfg.epochs) as f64;
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x005e_ed0f_da7a);
-    let mut order: Vec<u32> = (0..n as u32).collect();
-    let (mut step, mut final_loss) = (0usize, f32::NAN);
-    for epoch in 0..cfg.epochs {
-        order.shuffle(&mut rng);
-        let mut loss_sum = 0f64;
-        for batch in order.chunks(cfg.batch_size) {
-            let t = step as f64 / total_steps;
-            opt.set_learning_rate(
-                cfg.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()),
-            );
-            let idx = Tensor::new(batch, &dev).ctx("batch indices")?;
-            let xb = x_train.index_select(&idx, 0).ctx("batch inputs")?;
-            let yb = y_train.index_select(&idx, 0).ctx("batch labels")?;
-            let logits = net
-                .forward(&xb, true, Some((&mut rng, cfg.flip)))
+        (&x_train, &y_train),
+        progress,
+        &mut |xb, rng| {
+            net.forward(xb, true, Some((rng, cfg.flip)))
                 .and_then(|l| l.broadcast_mul(&net.log_temp.as_tensor().exp()?))
-                .ctx("forward pass")?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &yb).ctx("loss")?;
-            opt.backward_step(&loss).ctx("backward pass")?;
-            loss_sum += loss.to_scalar::<f32>().ctx("loss value")? as f64 * batch.len() as f64;
-            step += 1;
-        }
-        final_loss = (loss_sum / n as f64) as f32;
-        progress(epoch, final_loss);
-    }
+        },
+    )?;
 
     let logits = net
         .forward(&x_test, false, None)
         .and_then(|l| l.to_vec2::<f32>())
         .ctx("evaluating the test split")?;
-    let predictions_float: Vec<usize> = logits.iter().map(|l| argmax_f32(l)).collect();
+    let predictions_float: Vec<usize> = logits
+        .iter()
+        .map(|l| fhecam_engine::reference::argmax(l))
+        .collect();
     let tables = net.tables(cfg, classes).ctx("exporting the tables")?;
     let model = wiring.model(cfg, &spec, &tables);
     model.infer()?;
-    let predictions_plain = test
-        .images
-        .iter()
-        .map(|img| {
-            Ok(reference::argmax(&reference::evaluate(
-                &model,
-                &spec.quantize(img),
-            )?))
-        })
-        .collect::<Result<Vec<usize>, TrainError>>()?;
-    let acc = |p: &[usize]| {
-        p.iter()
-            .zip(&test.labels)
-            .filter(|(&p, &l)| p == l as usize)
-            .count() as f64
-            / test.len() as f64
-    };
+    let predictions_plain = plain_predictions(&model, test)?;
     Ok(TablesReport {
-        accuracy_float: acc(&predictions_float),
-        accuracy_plain: acc(&predictions_plain),
+        accuracy_float: accuracy(&predictions_float, test),
+        accuracy_plain: accuracy(&predictions_plain, test),
         pbs_device_clear: planned_pbs(&model, InputMode::DeviceClear)?,
         pbs_encrypted: planned_pbs(&model, InputMode::Encrypted)?,
         model,

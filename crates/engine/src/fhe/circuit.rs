@@ -394,81 +394,16 @@ impl<B: Backend> Engine<B> {
             Some((a, b)) => ((a + 1 - offset).max(1), (b - offset).min(range)),
             None => (1, range),
         };
-        let mut changes = Vec::new();
-        if from <= to {
-            let mut prev = g(from - 1 + offset);
-            for t in from..=to {
-                let cur = g(t + offset);
-                if cur != prev {
-                    changes.push(t);
-                    prev = cur;
-                }
-            }
-        }
+        let changes = level_changes(g, offset, from, to);
         let Some(&first) = changes.first() else {
             let y = g(offset);
             return Ok((0..nd).map(|k| self.constant(digit_of(y, k))).collect());
         };
-        let dmax = digits_for(range as u64);
-        let mut m = 0;
-        while m + 1 < dmax {
-            let q = 1i64 << (2 * (m + 1));
-            if changes
-                .iter()
-                .all(|c| c.rem_euclid(q) == first.rem_euclid(q))
-            {
-                m += 1;
-            } else {
-                break;
-            }
-        }
+        let m = common_residue_digits(&changes, digits_for(range as u64));
         let q = 1i64 << (2 * m);
         let mut sh = (q - first.rem_euclid(q)) % q;
-        // In units of U = floor(T'/4^m), g changes only on U_a..=U_b. When the window
-        // U_a - 1..=U_b is at most 16 values, a further shift puts it inside one block of
-        // 16 (two digits of U), so the higher digits only say below / in / above the block.
-        let last = *changes.last().unwrap();
-        let (ua, ub) = ((first + sh) / q, (last + sh) / q);
-        let len = ub - ua + 2;
-        // the extra shift (in units of U) that puts the window's start at offset `o` of a
-        // block, and that block's start (in units of U, after the shift)
-        let at = |o: i64| {
-            let s2 = (o - (ua - 1)).rem_euclid(16);
-            (s2, (ua - 1 + s2) - o)
-        };
-        // g at U = base + v once shifted by s2
-        let g_at = |s2: i64, u: i64| g((u * q - s2 * q - sh).clamp(0, range) + offset);
-        let window = (len <= 16).then(|| {
-            // the block offset at which g on the block is the identity, if any: then the
-            // output digits are U's own two low digits
-            let ident = (nd == 2)
-                .then(|| {
-                    (0..=16 - len).find(|&o| {
-                        let (s2, base) = at(o);
-                        (0..16).all(|v| g_at(s2, base + v) == v)
-                    })
-                })
-                .flatten();
-            // otherwise the offset that needs the least extra shift
-            let fit = (ua - 1).rem_euclid(16);
-            let o = ident.unwrap_or(if fit <= 16 - len { fit } else { 0 });
-            let (s2, base) = at(o);
-            (s2, base, ident.is_some())
-        });
-        // A 16-level quantizer on a step of 2·4^m spans two blocks: positions i = 0..32 of
-        // blocks k, k+1 give level i/2 when aligned so (see `table_in_two_blocks`).
-        let two_blocks = (window.is_none() && nd == 2 && len <= 32)
-            .then(|| {
-                (0..=32 - len).find_map(|o| {
-                    let (s2, base) = at(o % 16);
-                    let base = base - 16 * (o / 16);
-                    let fits = base >= 0
-                        && digits_for(((range + sh + s2 * q) >> (2 * m)) as u64) >= 3
-                        && (0..32).all(|i| g_at(s2, base + i) == i >> 1);
-                    fits.then_some((s2, base))
-                })
-            })
-            .flatten();
+        let fit = BlockFit::find(g, nd, &changes, m, sh, range, offset);
+        let (window, two_blocks) = (fit.window, fit.two_blocks);
         if let Some((s2, _, _)) = window {
             sh += s2 * q;
         }
@@ -957,6 +892,110 @@ pub struct Digits<C> {
     pub d: Vec<Val<C>>,
     pub offset: i64,
     pub range: u64,
+}
+
+/// The level changes of `g` at `t + offset` for `t` in `from..=to` (where `g(t) != g(t-1)`).
+fn level_changes(g: &dyn Fn(i64) -> i64, offset: i64, from: i64, to: i64) -> Vec<i64> {
+    let mut changes = Vec::new();
+    if from <= to {
+        let mut prev = g(from - 1 + offset);
+        for t in from..=to {
+            let cur = g(t + offset);
+            if cur != prev {
+                changes.push(t);
+                prev = cur;
+            }
+        }
+    }
+    changes
+}
+
+/// The most low base-4 digits (below `dmax`) on which every change has the same residue:
+/// a comparison then reads only the digits above them.
+fn common_residue_digits(changes: &[i64], dmax: usize) -> usize {
+    let first = changes[0];
+    let mut m = 0;
+    while m + 1 < dmax {
+        let q = 1i64 << (2 * (m + 1));
+        if changes
+            .iter()
+            .all(|c| c.rem_euclid(q) == first.rem_euclid(q))
+        {
+            m += 1;
+        } else {
+            break;
+        }
+    }
+    m
+}
+
+/// Where the changes of a table fit blocks of 16 values of `U = floor(T'/4^m)`, if they do:
+/// the extra shift (in units of U) and the block's start.
+struct BlockFit {
+    /// All changes inside one block: (shift, block start, g is the identity on it).
+    window: Option<(i64, i64, bool)>,
+    /// A 16-level quantizer on a step of 2·4^m over two blocks: (shift, first block start).
+    two_blocks: Option<(i64, i64)>,
+}
+
+impl BlockFit {
+    fn find(
+        g: &dyn Fn(i64) -> i64,
+        nd: usize,
+        changes: &[i64],
+        m: usize,
+        sh: i64,
+        range: i64,
+        offset: i64,
+    ) -> Self {
+        let (q, first) = (1i64 << (2 * m), changes[0]);
+        // In units of U = floor(T'/4^m), g changes only on U_a..=U_b. When the window
+        // U_a - 1..=U_b is at most 16 values, a further shift puts it inside one block of
+        // 16 (two digits of U), so the higher digits only say below / in / above the block.
+        let last = *changes.last().unwrap();
+        let (ua, ub) = ((first + sh) / q, (last + sh) / q);
+        let len = ub - ua + 2;
+        // the extra shift (in units of U) that puts the window's start at offset `o` of a
+        // block, and that block's start (in units of U, after the shift)
+        let at = |o: i64| {
+            let s2 = (o - (ua - 1)).rem_euclid(16);
+            (s2, (ua - 1 + s2) - o)
+        };
+        // g at U = base + v once shifted by s2
+        let g_at = |s2: i64, u: i64| g((u * q - s2 * q - sh).clamp(0, range) + offset);
+        let window = (len <= 16).then(|| {
+            // the block offset at which g on the block is the identity, if any: then the
+            // output digits are U's own two low digits
+            let ident = (nd == 2)
+                .then(|| {
+                    (0..=16 - len).find(|&o| {
+                        let (s2, base) = at(o);
+                        (0..16).all(|v| g_at(s2, base + v) == v)
+                    })
+                })
+                .flatten();
+            // otherwise the offset that needs the least extra shift
+            let fit = (ua - 1).rem_euclid(16);
+            let o = ident.unwrap_or(if fit <= 16 - len { fit } else { 0 });
+            let (s2, base) = at(o);
+            (s2, base, ident.is_some())
+        });
+        // A 16-level quantizer on a step of 2·4^m spans two blocks: positions i = 0..32 of
+        // blocks k, k+1 give level i/2 when aligned so (see `table_in_two_blocks`).
+        let two_blocks = (window.is_none() && nd == 2 && len <= 32)
+            .then(|| {
+                (0..=32 - len).find_map(|o| {
+                    let (s2, base) = at(o % 16);
+                    let base = base - 16 * (o / 16);
+                    let fits = base >= 0
+                        && digits_for(((range + sh + s2 * q) >> (2 * m)) as u64) >= 3
+                        && (0..32).all(|i| g_at(s2, base + i) == i >> 1);
+                    fits.then_some((s2, base))
+                })
+            })
+            .flatten();
+        BlockFit { window, two_blocks }
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 use super::backend::Backend;
 use super::circuit::{digits_for, Acc, CircuitError, Digits, Engine, Val};
 use crate::layer::{lut, ClearFrame};
-use crate::model::{Kind, Model, ModelError, Op, ValueInfo};
+use crate::model::{Kind, Model, ModelError, ValueInfo};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -386,6 +386,18 @@ impl<B: Backend> Cx<'_, B> {
         self.params
             .ok_or_else(|| EvalError::Input("encrypted parameters missing".into()))
     }
+    /// What a linear layer reads: its input (an activation, encrypted or clear) with its
+    /// type, and its encrypted weights and biases.
+    #[allow(clippy::type_complexity)]
+    pub fn linear_input(
+        &self,
+    ) -> Result<(&Tensor<B::Ct>, &ValueInfo, &LayerParams<B::Ct, B::Table>), EvalError> {
+        let (t, ai, p) = (self.inputs[0], self.infos[0], self.params()?);
+        if let Tensor::Acc(_) = t {
+            return Err(EvalError::Input("reads an accumulator".into()));
+        }
+        Ok((t, ai, p))
+    }
     /// The first input as activation digits, or why the layer cannot read it.
     pub fn act(&self) -> Result<&[Vec<Val<B::Ct>>], EvalError> {
         match self.inputs[0] {
@@ -478,18 +490,7 @@ fn run_from<B: Backend>(
             params: params[k].as_ref(),
             place: places[k + 1].as_deref(),
         };
-        let out = match &node.op {
-            Op::Conv2d(l) => l.circuit(&cx),
-            Op::Dense(l) => l.circuit(&cx),
-            Op::SumPool(l) => l.circuit(&cx),
-            Op::MaxPool(l) => l.circuit(&cx),
-            Op::Activation(l) => l.circuit(&cx),
-            Op::Add(l) => l.circuit(&cx),
-            Op::Flatten(l) => l.circuit(&cx),
-            Op::Lut(l) => l.circuit(&cx),
-            Op::GroupSum(l) => l.circuit(&cx),
-        }
-        .map_err(|e| match e {
+        let out = crate::model::each_kind!(&node.op, l => l.circuit(&cx)).map_err(|e| match e {
             EvalError::Input(msg) => {
                 EvalError::Input(format!("node {k} ({}): {msg}", node.op.name()))
             }

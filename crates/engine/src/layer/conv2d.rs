@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{act_max, check_params, dot_range, ClearFrame, Layer, Linear};
+use super::{act_max, check_params, dot_range, linear_params, Layer};
 use crate::fhe::backend::Backend;
 use crate::fhe::eval::{linear, Circuit, Cx, EvalError, Tensor};
 use crate::fhe::geometry::for_each_tap;
@@ -33,22 +33,13 @@ impl Layer for Conv2d {
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo, String> {
         let a = inputs[0];
         let max = act_max(a)?;
-        if a.flat {
-            return Err("input is flat; conv2d needs (C,H,W)".into());
-        }
-        let ([c, h, w], k, s, p) = (a.shape, self.kernel, self.stride, self.padding);
-        let (Some(oh), Some(ow)) = (out_dim(h, k[0], s[0], p[0]), out_dim(w, k[1], s[1], p[1]))
-        else {
-            return Err(format!(
-                "kernel {k:?} stride {s:?} padding {p:?} does not fit input {h}x{w}"
-            ));
-        };
-        let fan_in = c * k[0] * k[1];
+        let shape = conv_shape(a, self.out_channels, self.kernel, self.stride, self.padding)?;
+        let fan_in = a.shape[0] * self.kernel[0] * self.kernel[1];
         let l = self.linear().expect("conv2d is linear");
         check_params(&l, self.out_channels * fan_in, self.out_channels)?;
         let (lo, hi) = dot_range(fan_in, max as i64, self.weight_range, self.bias_range);
         Ok(ValueInfo {
-            shape: [self.out_channels, oh, ow],
+            shape,
             flat: false,
             kind: Kind::Acc { lo, hi },
         })
@@ -103,31 +94,33 @@ impl Layer for Conv2d {
             .collect()
     }
 
-    fn strip(&mut self) {
-        self.weights.fill(self.weight_range[0]);
-        self.bias.fill(self.bias_range[0]);
-    }
+    linear_params!();
+}
 
-    fn linear(&self) -> Option<Linear<'_>> {
-        Some(Linear {
-            weights: &self.weights,
-            bias: &self.bias,
-            weight_range: self.weight_range,
-            bias_range: self.bias_range,
-        })
+/// The (C,H,W) output of a convolution over `a`, or why its window does not fit: the one
+/// geometry both the integer layer and the importer's float layer use.
+pub fn conv_shape(
+    a: &ValueInfo,
+    out_channels: usize,
+    k: [usize; 2],
+    s: [usize; 2],
+    p: [usize; 2],
+) -> Result<[usize; 3], String> {
+    if a.flat {
+        return Err("input is flat; conv2d needs (C,H,W)".into());
     }
-
-    fn clear_frame(&self) -> ClearFrame {
-        ClearFrame::Consumes
-    }
+    let [_, h, w] = a.shape;
+    let (Some(oh), Some(ow)) = (out_dim(h, k[0], s[0], p[0]), out_dim(w, k[1], s[1], p[1])) else {
+        return Err(format!(
+            "kernel {k:?} stride {s:?} padding {p:?} does not fit input {h}x{w}"
+        ));
+    };
+    Ok([out_channels, oh, ow])
 }
 
 impl Circuit for Conv2d {
     fn circuit<B: Backend>(&self, cx: &Cx<'_, B>) -> Result<Tensor<B::Ct>, EvalError> {
-        let (t, ai, p) = (cx.inputs[0], cx.infos[0], cx.params()?);
-        if let Tensor::Acc(_) = t {
-            return Err(EvalError::Input("reads an accumulator".into()));
-        }
+        let (t, ai, p) = cx.linear_input()?;
         let [c, h, w] = ai.shape;
         let (oh, ow) = (cx.out.shape[1], cx.out.shape[2]);
         let (k, s, pad) = (self.kernel, self.stride, self.padding);

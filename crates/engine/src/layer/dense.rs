@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{act_max, check_params, dot_range, ClearFrame, Layer, Linear};
+use super::{act_max, check_params, dot_range, linear_params, Layer};
 use crate::fhe::backend::Backend;
 use crate::fhe::eval::{linear, Circuit, Cx, EvalError, Tensor};
 use crate::model::{Kind, ValueInfo};
@@ -53,31 +53,12 @@ impl Layer for Dense {
             .collect()
     }
 
-    fn strip(&mut self) {
-        self.weights.fill(self.weight_range[0]);
-        self.bias.fill(self.bias_range[0]);
-    }
-
-    fn linear(&self) -> Option<Linear<'_>> {
-        Some(Linear {
-            weights: &self.weights,
-            bias: &self.bias,
-            weight_range: self.weight_range,
-            bias_range: self.bias_range,
-        })
-    }
-
-    fn clear_frame(&self) -> ClearFrame {
-        ClearFrame::Consumes
-    }
+    linear_params!();
 }
 
 impl Circuit for Dense {
     fn circuit<B: Backend>(&self, cx: &Cx<'_, B>) -> Result<Tensor<B::Ct>, EvalError> {
-        let (t, ai, p) = (cx.inputs[0], cx.infos[0], cx.params()?);
-        if let Tensor::Acc(_) = t {
-            return Err(EvalError::Input("reads an accumulator".into()));
-        }
+        let (t, ai, p) = cx.linear_input()?;
         let n = ai.len();
         let accs = (0..self.out_features)
             .into_par_iter()

@@ -142,6 +142,22 @@ fn check_count(n: usize, what: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks every neuron (or group) of a layer against its input `a` in `0..=x_max`.
+fn check_each(
+    neurons: &[LutNeuron],
+    noun: &str,
+    (a, x_max): (&ValueInfo, u8),
+    per_index: usize,
+    top: u8,
+) -> Result<(), String> {
+    for (n, neuron) in neurons.iter().enumerate() {
+        neuron
+            .check(a.len(), x_max, per_index, top)
+            .map_err(|e| format!("{noun} {n}: {e}"))?;
+    }
+    Ok(())
+}
+
 impl Layer for Lut {
     fn name(&self) -> &'static str {
         "lut"
@@ -154,11 +170,7 @@ impl Layer for Lut {
         if top == 0 || top as u64 >= BLOCK {
             return Err(format!("out_max must be 1..=15, got {top}"));
         }
-        for (n, neuron) in self.neurons.iter().enumerate() {
-            neuron
-                .check(a.len(), x_max, 1, top)
-                .map_err(|e| format!("neuron {n}: {e}"))?;
-        }
+        check_each(&self.neurons, "neuron", (a, x_max), 1, top)?;
         Ok(ValueInfo {
             shape: [self.neurons.len(), 1, 1],
             flat: true,
@@ -201,11 +213,7 @@ impl Layer for GroupSum {
         if top as u64 >= BLOCK {
             return Err(format!("score_max must be 0..=15, got {top}"));
         }
-        for (g, group) in self.groups.iter().enumerate() {
-            group
-                .check(a.len(), x_max, self.classes, top)
-                .map_err(|e| format!("group {g}: {e}"))?;
-        }
+        check_each(&self.groups, "group", (a, x_max), self.classes, top)?;
         Ok(ValueInfo {
             shape: [self.classes, 1, 1],
             flat: true,
@@ -237,18 +245,34 @@ impl Layer for GroupSum {
     }
 }
 
+/// A secret-table node, whatever its kind: the one place that sorts `Op`'s arms into the
+/// kinds made of secret tables and the others.
+enum TableLayer<'a> {
+    Lut(&'a Lut),
+    GroupSum(&'a GroupSum),
+}
+
+impl<'a> TableLayer<'a> {
+    fn of(op: &'a Op) -> Option<Self> {
+        match op {
+            Op::Lut(l) => Some(TableLayer::Lut(l)),
+            Op::GroupSum(g) => Some(TableLayer::GroupSum(g)),
+            Op::Conv2d(_)
+            | Op::Dense(_)
+            | Op::SumPool(_)
+            | Op::MaxPool(_)
+            | Op::Activation(_)
+            | Op::Add(_)
+            | Op::Flatten(_) => None,
+        }
+    }
+}
+
 /// The neurons of a secret-table node, whatever its kind.
 fn neurons(op: &Op) -> Option<&[LutNeuron]> {
-    match op {
-        Op::Lut(l) => Some(&l.neurons),
-        Op::GroupSum(g) => Some(&g.groups),
-        Op::Conv2d(_)
-        | Op::Dense(_)
-        | Op::SumPool(_)
-        | Op::MaxPool(_)
-        | Op::Activation(_)
-        | Op::Add(_)
-        | Op::Flatten(_) => None,
+    match TableLayer::of(op)? {
+        TableLayer::Lut(l) => Some(&l.neurons),
+        TableLayer::GroupSum(g) => Some(&g.groups),
     }
 }
 
@@ -338,8 +362,8 @@ pub fn secret_tables(op: &Op, place: Option<&[u16]>) -> Vec<Vec<[u64; BLOCK as u
         }
         out
     };
-    match op {
-        Op::Lut(l) => l
+    match TableLayer::of(op) {
+        Some(TableLayer::Lut(l)) => l
             .neurons
             .iter()
             .enumerate()
@@ -348,7 +372,7 @@ pub fn secret_tables(op: &Op, place: Option<&[u16]>) -> Vec<Vec<[u64; BLOCK as u
                 vec![one(&|i| m * neuron.table[i] as u64, neuron.table.len())]
             })
             .collect(),
-        Op::GroupSum(g) => g
+        Some(TableLayer::GroupSum(g)) => g
             .groups
             .iter()
             .flat_map(|group| {
@@ -368,34 +392,21 @@ pub fn secret_tables(op: &Op, place: Option<&[u16]>) -> Vec<Vec<[u64; BLOCK as u
                     .collect::<Vec<_>>()
             })
             .collect(),
-        Op::Conv2d(_)
-        | Op::Dense(_)
-        | Op::SumPool(_)
-        | Op::MaxPool(_)
-        | Op::Activation(_)
-        | Op::Add(_)
-        | Op::Flatten(_) => Vec::new(),
+        None => Vec::new(),
     }
 }
 
 /// (secret tables, clear entries) a secret-table node's parameters hold; `None` for other
 /// kinds. Entries are only stored for a node that reads the frame (device-clear input).
 pub fn param_counts(op: &Op) -> Option<(usize, usize)> {
-    match op {
-        Op::Lut(l) if l.public => None,
-        Op::Lut(l) => Some((l.neurons.len(), l.neurons.len() * BLOCK as usize)),
-        Op::GroupSum(g) => {
+    match TableLayer::of(op)? {
+        TableLayer::Lut(l) if l.public => None,
+        TableLayer::Lut(l) => Some((l.neurons.len(), l.neurons.len() * BLOCK as usize)),
+        TableLayer::GroupSum(g) => {
             let per_group = |n: &LutNeuron| g.classes.div_ceil(per_pbs(n.table.len() / g.classes));
             let tables = g.groups.iter().map(per_group).sum();
             Some((tables, g.groups.len() * BLOCK as usize * g.classes))
         }
-        Op::Conv2d(_)
-        | Op::Dense(_)
-        | Op::SumPool(_)
-        | Op::MaxPool(_)
-        | Op::Activation(_)
-        | Op::Add(_)
-        | Op::Flatten(_) => None,
     }
 }
 
@@ -547,8 +558,8 @@ impl Circuit for GroupSum {
 /// value `i`, entry `n·16 + i` (`group_sum`: `(n·16 + i)·classes + c`), already multiplied
 /// by the output's place. Padding entries beyond a table's span are 0.
 pub fn clear_entries(op: &Op, place: Option<&[u16]>) -> Vec<u64> {
-    match op {
-        Op::Lut(l) => l
+    match TableLayer::of(op) {
+        Some(TableLayer::Lut(l)) => l
             .neurons
             .iter()
             .enumerate()
@@ -557,7 +568,7 @@ pub fn clear_entries(op: &Op, place: Option<&[u16]>) -> Vec<u64> {
                 (0..BLOCK as usize).map(move |i| m * *neuron.table.get(i).unwrap_or(&0) as u64)
             })
             .collect(),
-        Op::GroupSum(g) => g
+        Some(TableLayer::GroupSum(g)) => g
             .groups
             .iter()
             .flat_map(|group| {
@@ -565,12 +576,6 @@ pub fn clear_entries(op: &Op, place: Option<&[u16]>) -> Vec<u64> {
                     .map(move |i| *group.table.get(i).unwrap_or(&0) as u64)
             })
             .collect(),
-        Op::Conv2d(_)
-        | Op::Dense(_)
-        | Op::SumPool(_)
-        | Op::MaxPool(_)
-        | Op::Activation(_)
-        | Op::Add(_)
-        | Op::Flatten(_) => Vec::new(),
+        None => Vec::new(),
     }
 }

@@ -14,7 +14,7 @@ mod pool;
 
 pub use activation::{ActTable, Activation};
 pub use add::Add;
-pub use conv2d::Conv2d;
+pub use conv2d::{conv_shape, Conv2d};
 pub use dense::Dense;
 pub use flatten::Flatten;
 pub use lut::{GroupSum, Lut, LutNeuron};
@@ -71,6 +71,33 @@ pub struct Linear<'a> {
     pub weight_range: [i8; 2],
     pub bias_range: [i32; 2],
 }
+
+/// The `Layer` methods of the kinds whose parameters are encrypted weights and biases
+/// (`weights`, `bias`, `weight_range`, `bias_range`): Conv2d and Dense answer alike.
+macro_rules! linear_params {
+    () => {
+        fn linear(&self) -> Option<$crate::layer::Linear<'_>> {
+            Some($crate::layer::Linear {
+                weights: &self.weights,
+                bias: &self.bias,
+                weight_range: self.weight_range,
+                bias_range: self.bias_range,
+            })
+        }
+
+        /// Weights and biases become their range's lower bound.
+        fn strip(&mut self) {
+            self.weights.fill(self.weight_range[0]);
+            self.bias.fill(self.bias_range[0]);
+        }
+
+        /// A clear frame is read through clear tables of encrypted products.
+        fn clear_frame(&self) -> $crate::layer::ClearFrame {
+            $crate::layer::ClearFrame::Consumes
+        }
+    };
+}
+pub(crate) use linear_params;
 
 /// The input of a layer that reads one activation, or why it is not one.
 pub(crate) fn act_max(a: &ValueInfo) -> Result<u8, String> {

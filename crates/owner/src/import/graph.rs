@@ -2,7 +2,8 @@
 //! already folded, Identity/Dropout gone), with a plain float forward pass for calibration.
 
 use fhecam_engine::fhe::geometry::{for_each_tap, pool_windows};
-use fhecam_engine::model::{out_dim, Kind, ValueInfo};
+use fhecam_engine::layer::conv_shape;
+use fhecam_engine::model::{Flatten, Kind, Layer, MaxPool, SumPool, ValueInfo};
 
 /// Element-wise activation functions (all monotone non-decreasing: quantized, they become
 /// monotone tables, so max pooling commutes with them).
@@ -62,40 +63,144 @@ impl QSpec {
     }
 }
 
+/// A float layer. The weightless kinds are the engine's own layer types (same parameters,
+/// same shape inference); the linear ones keep float weights until `quantize`, and share the
+/// engine's geometry ([`conv_shape`]).
 #[derive(Clone, Debug, PartialEq)]
 pub enum FOp {
-    Conv {
-        out_channels: usize,
-        kernel: [usize; 2],
-        stride: [usize; 2],
-        padding: [usize; 2],
-        /// [out][in][kh][kw]
-        weights: Vec<f32>,
-        bias: Vec<f32>,
-        /// Quantized weights (DequantizeLinear): every weight is an integer times its
-        /// output channel's scale here, taken as is instead of quantized again.
-        weight_scale: Option<Vec<f32>>,
-    },
-    Dense {
-        out_features: usize,
-        /// [out][in]
-        weights: Vec<f32>,
-        bias: Vec<f32>,
-        weight_scale: Option<Vec<f32>>,
-    },
+    Conv(FConv),
+    Dense(FDense),
     Act(ActFn),
     /// A quantizer (QuantizeLinear → Clip → DequantizeLinear) on a computed value.
     Quant(QSpec),
-    MaxPool {
-        kernel: [usize; 2],
-        stride: [usize; 2],
-    },
-    AvgPool {
-        kernel: [usize; 2],
-        stride: [usize; 2],
-    },
+    MaxPool(MaxPool),
+    /// Average pooling: the engine's sum pool, divided by the window.
+    AvgPool(SumPool),
     Add,
-    Flatten,
+    Flatten(Flatten),
+}
+
+/// The float parameters of a layer with weights, where a following BatchNorm or bias folds in.
+pub struct FLinearMut<'a> {
+    pub weights: &'a mut Vec<f32>,
+    pub bias: &'a mut Vec<f32>,
+    pub weight_scale: &'a mut Option<Vec<f32>>,
+}
+
+impl FOp {
+    /// The parameters of a layer with weights; `None` for the other kinds.
+    pub fn linear_mut(&mut self) -> Option<FLinearMut<'_>> {
+        match self {
+            FOp::Conv(FConv {
+                weights,
+                bias,
+                weight_scale,
+                ..
+            })
+            | FOp::Dense(FDense {
+                weights,
+                bias,
+                weight_scale,
+                ..
+            }) => Some(FLinearMut {
+                weights,
+                bias,
+                weight_scale,
+            }),
+            FOp::Act(_)
+            | FOp::Quant(_)
+            | FOp::MaxPool(_)
+            | FOp::AvgPool(_)
+            | FOp::Add
+            | FOp::Flatten(_) => None,
+        }
+    }
+}
+
+/// A float convolution: the engine's geometry ([`conv_shape`]) with float weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FConv {
+    pub out_channels: usize,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    /// [out][in][kh][kw]
+    pub weights: Vec<f32>,
+    pub bias: Vec<f32>,
+    /// Quantized weights (DequantizeLinear): every weight is an integer times its output
+    /// channel's scale here, taken as is instead of quantized again.
+    pub weight_scale: Option<Vec<f32>>,
+}
+
+impl FConv {
+    fn shape(&self, a: FShape) -> Result<FShape, String> {
+        let (o, k) = (self.out_channels, self.kernel);
+        if a.flat || self.weights.len() != o * a.chw[0] * k[0] * k[1] {
+            return Err(format!(
+                "weights for {} input channels, the input is {:?}",
+                self.weights.len() / (o * k[0] * k[1]).max(1),
+                a.chw
+            ));
+        }
+        Ok(FShape {
+            chw: conv_shape(&a.info(), o, k, self.stride, self.padding)?,
+            flat: false,
+        })
+    }
+
+    fn forward(&self, a: &[f32], ai: FShape, out: FShape) -> Vec<f32> {
+        let ([c, h, w], [_, oh, ow]) = (ai.chw, out.chw);
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let mut out = Vec::with_capacity(self.out_channels * oh * ow);
+        for o in 0..self.out_channels {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut sum = self.bias[o];
+                    for_each_tap(c, h, w, k, s, p, oy, ox, |ic, ky, kx, i| {
+                        sum += self.weights[((o * c + ic) * k[0] + ky) * k[1] + kx] * a[i];
+                    });
+                    out.push(sum);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A float fully connected layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FDense {
+    pub out_features: usize,
+    /// [out][in]
+    pub weights: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub weight_scale: Option<Vec<f32>>,
+}
+
+impl FDense {
+    fn shape(&self, a: FShape) -> Result<FShape, String> {
+        if self.weights.len() != self.out_features * a.len() {
+            return Err(format!(
+                "expects {} inputs, the input has {} values",
+                self.weights.len() / self.out_features.max(1),
+                a.len()
+            ));
+        }
+        Ok(FShape {
+            chw: [self.out_features, 1, 1],
+            flat: true,
+        })
+    }
+
+    fn forward(&self, a: &[f32]) -> Vec<f32> {
+        let n = a.len();
+        (0..self.out_features)
+            .map(|o| {
+                let row = &self.weights[o * n..(o + 1) * n];
+                self.bias[o] + row.iter().zip(a).map(|(w, x)| w * x).sum::<f32>()
+            })
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -146,6 +251,14 @@ impl FShape {
             kind: Kind::Act { max: 0 },
         }
     }
+    /// The output shape of an engine layer that takes this value.
+    fn through(&self, layer: &impl Layer) -> Result<FShape, String> {
+        let out = layer.infer(&[&self.info()])?;
+        Ok(FShape {
+            chw: out.shape,
+            flat: out.flat,
+        })
+    }
 }
 
 impl FGraph {
@@ -178,63 +291,10 @@ impl FGraph {
         let node = &self.nodes[n];
         let a = shapes[node.inputs[0]];
         Ok(match &node.op {
-            FOp::Conv {
-                out_channels,
-                kernel,
-                stride,
-                padding,
-                weights,
-                ..
-            } => {
-                let [c, h, w] = a.chw;
-                if a.flat || weights.len() != out_channels * c * kernel[0] * kernel[1] {
-                    return Err(format!(
-                        "weights for {} input channels, the input is {:?}",
-                        weights.len() / (out_channels * kernel[0] * kernel[1]).max(1),
-                        a.chw
-                    ));
-                }
-                match (
-                    out_dim(h, kernel[0], stride[0], padding[0]),
-                    out_dim(w, kernel[1], stride[1], padding[1]),
-                ) {
-                    (Some(oh), Some(ow)) => FShape {
-                        chw: [*out_channels, oh, ow],
-                        flat: false,
-                    },
-                    _ => return Err(format!("kernel {kernel:?} does not fit {h}x{w}")),
-                }
-            }
-            FOp::Dense {
-                out_features,
-                weights,
-                ..
-            } => {
-                if weights.len() != out_features * a.len() {
-                    return Err(format!(
-                        "expects {} inputs, the input has {} values",
-                        weights.len() / out_features.max(&1),
-                        a.len()
-                    ));
-                }
-                FShape {
-                    chw: [*out_features, 1, 1],
-                    flat: true,
-                }
-            }
-            FOp::MaxPool { kernel, stride } | FOp::AvgPool { kernel, stride } => {
-                let [c, h, w] = a.chw;
-                match (
-                    out_dim(h, kernel[0], stride[0], 0),
-                    out_dim(w, kernel[1], stride[1], 0),
-                ) {
-                    (Some(oh), Some(ow)) if !a.flat => FShape {
-                        chw: [c, oh, ow],
-                        flat: false,
-                    },
-                    _ => return Err(format!("window {kernel:?} does not fit {h}x{w}")),
-                }
-            }
+            FOp::Conv(l) => l.shape(a)?,
+            FOp::Dense(l) => l.shape(a)?,
+            FOp::MaxPool(p) => a.through(p)?,
+            FOp::AvgPool(p) => a.through(p)?,
             FOp::Act(_) | FOp::Quant(_) => a,
             FOp::Add => {
                 let b = shapes[node.inputs[1]];
@@ -246,10 +306,7 @@ impl FGraph {
                 }
                 a
             }
-            FOp::Flatten => FShape {
-                chw: [a.len(), 1, 1],
-                flat: true,
-            },
+            FOp::Flatten(f) => a.through(f)?,
         })
     }
 
@@ -260,69 +317,15 @@ impl FGraph {
             let a = &vals[node.inputs[0]];
             let ai = shapes[node.inputs[0]];
             let out = match &node.op {
-                FOp::Conv {
-                    out_channels,
-                    kernel,
-                    stride,
-                    padding,
-                    weights,
-                    bias,
-                    ..
-                } => {
-                    let [c, h, w] = ai.chw;
-                    let oh = out_dim(h, kernel[0], stride[0], padding[0]).unwrap();
-                    let ow = out_dim(w, kernel[1], stride[1], padding[1]).unwrap();
-                    let mut out = Vec::with_capacity(out_channels * oh * ow);
-                    for o in 0..*out_channels {
-                        for oy in 0..oh {
-                            for ox in 0..ow {
-                                let mut s = bias[o];
-                                for_each_tap(
-                                    c,
-                                    h,
-                                    w,
-                                    *kernel,
-                                    *stride,
-                                    *padding,
-                                    oy,
-                                    ox,
-                                    |ic, ky, kx, i| {
-                                        s += weights
-                                            [((o * c + ic) * kernel[0] + ky) * kernel[1] + kx]
-                                            * a[i];
-                                    },
-                                );
-                                out.push(s);
-                            }
-                        }
-                    }
-                    out
-                }
-                FOp::Dense {
-                    out_features,
-                    weights,
-                    bias,
-                    ..
-                } => {
-                    let n = a.len();
-                    (0..*out_features)
-                        .map(|o| {
-                            bias[o]
-                                + weights[o * n..(o + 1) * n]
-                                    .iter()
-                                    .zip(a)
-                                    .map(|(w, x)| w * x)
-                                    .sum::<f32>()
-                        })
-                        .collect()
-                }
+                FOp::Conv(l) => l.forward(a, ai, shapes[vals.len()]),
+                FOp::Dense(l) => l.forward(a),
                 FOp::Act(f) => a.iter().map(|&v| f.apply(v)).collect(),
                 FOp::Quant(q) => a.iter().map(|&v| q.fake(v)).collect(),
-                FOp::MaxPool { kernel, stride } => pool_windows(&ai.info(), *kernel, *stride)
+                FOp::MaxPool(p) => pool_windows(&ai.info(), p.kernel, p.stride)
                     .iter()
                     .map(|win| win.iter().map(|&i| a[i]).fold(f32::NEG_INFINITY, f32::max))
                     .collect(),
-                FOp::AvgPool { kernel, stride } => pool_windows(&ai.info(), *kernel, *stride)
+                FOp::AvgPool(p) => pool_windows(&ai.info(), p.kernel, p.stride)
                     .iter()
                     .map(|win| win.iter().map(|&i| a[i]).sum::<f32>() / win.len() as f32)
                     .collect(),
@@ -331,21 +334,10 @@ impl FGraph {
                     .zip(&vals[node.inputs[1]])
                     .map(|(x, y)| x + y)
                     .collect(),
-                FOp::Flatten => a.clone(),
+                FOp::Flatten(_) => a.clone(),
             };
             vals.push(out);
         }
         vals
     }
-}
-
-/// Index of the largest value (the first on ties).
-pub fn argmax_f(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best
 }

@@ -8,7 +8,7 @@ pub mod quantize;
 use crate::npy::Array;
 use fhecam_engine::model::{Model, ModelError};
 use fhecam_engine::reference;
-use graph::{argmax_f, FGraph, FShape};
+use graph::{FGraph, FShape};
 use quantize::QuantConfig;
 use std::path::Path;
 use thiserror::Error;
@@ -86,7 +86,7 @@ impl Parsed {
         (0..data.samples())
             .map(|i| {
                 let vals = self.graph.forward(data.sample(i), &self.shapes);
-                argmax_f(&vals[self.graph.output])
+                reference::argmax(&vals[self.graph.output])
             })
             .collect()
     }
@@ -180,7 +180,7 @@ pub fn predict_tract(path: &Path, data: &Array, nhwc: bool) -> Result<Vec<usize>
                 .iter()
                 .copied()
                 .collect();
-            Ok(argmax_f(&v))
+            Ok(reference::argmax(&v))
         })
         .collect()
 }

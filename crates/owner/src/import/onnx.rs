@@ -3,8 +3,9 @@
 //! The protobuf is decoded by tract-onnx's generated types; the graph is walked here so
 //! that every node either maps onto a layer the engine runs or is refused by name.
 
-use super::graph::{ActFn, FGraph, FNode, FOp, FShape, QSpec};
+use super::graph::{ActFn, FConv, FDense, FGraph, FLinearMut, FNode, FOp, FShape, QSpec};
 use super::ImportError;
+use fhecam_engine::model::{Flatten, MaxPool, SumPool};
 use std::collections::HashMap;
 use tract_onnx::pb::{self, tensor_proto::DataType, NodeProto, TensorProto};
 use tract_onnx::prelude::Framework;
@@ -73,103 +74,14 @@ fn tensor(t: &TensorProto) -> Result<Const, String> {
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .filter(|&n| n <= 1 << 28)
         .ok_or(format!("tensor '{}' is too large", t.name))?;
-    let raw = &t.raw_data;
     let bad = || {
         format!(
             "tensor '{}' holds {} bytes for shape {dims:?}",
             t.name,
-            raw.len()
+            t.raw_data.len()
         )
     };
-    let (f, i): (Vec<f32>, Vec<i64>) = match DataType::from_i32(t.data_type) {
-        Some(DataType::Float) => {
-            let f = if !raw.is_empty() {
-                if raw.len() != 4 * n {
-                    return Err(bad());
-                }
-                raw.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect()
-            } else {
-                t.float_data.clone()
-            };
-            (f, vec![])
-        }
-        Some(DataType::Double) => {
-            let f = if !raw.is_empty() {
-                if raw.len() != 8 * n {
-                    return Err(bad());
-                }
-                raw.chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-                    .collect()
-            } else {
-                t.double_data.iter().map(|&v| v as f32).collect()
-            };
-            (f, vec![])
-        }
-        Some(DataType::Int64) => {
-            let i: Vec<i64> = if !raw.is_empty() {
-                if raw.len() != 8 * n {
-                    return Err(bad());
-                }
-                raw.chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                    .collect()
-            } else {
-                t.int64_data.clone()
-            };
-            (i.iter().map(|&v| v as f32).collect(), i)
-        }
-        Some(DataType::Int32) => {
-            let i: Vec<i64> = if !raw.is_empty() {
-                if raw.len() != 4 * n {
-                    return Err(bad());
-                }
-                raw.chunks_exact(4)
-                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
-                    .collect()
-            } else {
-                t.int32_data.iter().map(|&v| v as i64).collect()
-            };
-            (i.iter().map(|&v| v as f32).collect(), i)
-        }
-        Some(ty @ (DataType::Int8 | DataType::Uint8 | DataType::Int16 | DataType::Uint16)) => {
-            let (lo, hi) = int_range(ty as i32).unwrap();
-            let i: Vec<i64> = if !raw.is_empty() {
-                let w = if lo < -128 || hi > 255 { 2 } else { 1 };
-                if raw.len() != w * n {
-                    return Err(bad());
-                }
-                raw.chunks_exact(w)
-                    .map(|c| match (ty, c) {
-                        (DataType::Int8, [b]) => *b as i8 as i64,
-                        (DataType::Uint8, [b]) => *b as i64,
-                        (DataType::Int16, [a, b]) => i16::from_le_bytes([*a, *b]) as i64,
-                        (_, [a, b]) => u16::from_le_bytes([*a, *b]) as i64,
-                        _ => unreachable!(),
-                    })
-                    .collect()
-            } else {
-                // small integer types are stored widened in int32_data: check the range
-                let i: Vec<i64> = t.int32_data.iter().map(|&v| v as i64).collect();
-                if let Some(v) = i.iter().find(|v| !(lo..=hi).contains(*v)) {
-                    return Err(format!(
-                        "tensor '{}' holds {v}, outside the {lo}..={hi} of its type {:?}",
-                        t.name, ty
-                    ));
-                }
-                i
-            };
-            (i.iter().map(|&v| v as f32).collect(), i)
-        }
-        _ => {
-            return Err(format!(
-                "tensor '{}' has data type {} (read: float32/float64 weights, int8/uint8/int32 quantized tensors, int32/int64 shapes)",
-                t.name, t.data_type
-            ))
-        }
-    };
+    let (f, i) = tensor_values(t, n, &bad)?;
     if f.len() != n {
         return Err(bad());
     }
@@ -180,6 +92,95 @@ fn tensor(t: &TensorProto) -> Result<Const, String> {
         ty: t.data_type,
         deq: None,
     })
+}
+
+/// The values of `n` little-endian numbers of `width` bytes, or why `raw` does not hold them.
+fn le_values<T>(
+    raw: &[u8],
+    width: usize,
+    n: usize,
+    bad: &dyn Fn() -> String,
+    f: impl Fn(&[u8]) -> T,
+) -> Result<Vec<T>, String> {
+    if raw.len() != width * n {
+        return Err(bad());
+    }
+    Ok(raw.chunks_exact(width).map(f).collect())
+}
+
+/// A tensor's values as floats, and as integers for the integer types: from `raw_data`
+/// when it is set, else from the typed field.
+fn tensor_values(
+    t: &TensorProto,
+    n: usize,
+    bad: &dyn Fn() -> String,
+) -> Result<(Vec<f32>, Vec<i64>), String> {
+    let raw = &t.raw_data;
+    let ints = |i: Vec<i64>| (i.iter().map(|&v| v as f32).collect(), i);
+    Ok(match DataType::from_i32(t.data_type) {
+        Some(DataType::Float) if raw.is_empty() => (t.float_data.clone(), vec![]),
+        Some(DataType::Float) => {
+            let f = le_values(raw, 4, n, bad, |c| f32::from_le_bytes(c.try_into().unwrap()))?;
+            (f, vec![])
+        }
+        Some(DataType::Double) if raw.is_empty() => {
+            (t.double_data.iter().map(|&v| v as f32).collect(), vec![])
+        }
+        Some(DataType::Double) => {
+            let f = le_values(raw, 8, n, bad, |c| {
+                f64::from_le_bytes(c.try_into().unwrap()) as f32
+            })?;
+            (f, vec![])
+        }
+        Some(DataType::Int64) if raw.is_empty() => ints(t.int64_data.clone()),
+        Some(DataType::Int64) => ints(le_values(raw, 8, n, bad, |c| {
+            i64::from_le_bytes(c.try_into().unwrap())
+        })?),
+        Some(DataType::Int32) if raw.is_empty() => {
+            ints(t.int32_data.iter().map(|&v| v as i64).collect())
+        }
+        Some(DataType::Int32) => ints(le_values(raw, 4, n, bad, |c| {
+            i32::from_le_bytes(c.try_into().unwrap()) as i64
+        })?),
+        Some(ty @ (DataType::Int8 | DataType::Uint8 | DataType::Int16 | DataType::Uint16)) => {
+            ints(small_ints(t, ty, n, bad)?)
+        }
+        _ => {
+            return Err(format!(
+                "tensor '{}' has data type {} (read: float32/float64 weights, int8/uint8/int32 quantized tensors, int32/int64 shapes)",
+                t.name, t.data_type
+            ))
+        }
+    })
+}
+
+/// The values of an 8- or 16-bit integer tensor.
+fn small_ints(
+    t: &TensorProto,
+    ty: DataType,
+    n: usize,
+    bad: &dyn Fn() -> String,
+) -> Result<Vec<i64>, String> {
+    let (lo, hi) = int_range(ty as i32).unwrap();
+    if !t.raw_data.is_empty() {
+        let w = if lo < -128 || hi > 255 { 2 } else { 1 };
+        return le_values(&t.raw_data, w, n, bad, |c| match (ty, c) {
+            (DataType::Int8, [b]) => *b as i8 as i64,
+            (DataType::Uint8, [b]) => *b as i64,
+            (DataType::Int16, [a, b]) => i16::from_le_bytes([*a, *b]) as i64,
+            (_, [a, b]) => u16::from_le_bytes([*a, *b]) as i64,
+            _ => unreachable!(),
+        });
+    }
+    // small integer types are stored widened in int32_data: check the range
+    let i: Vec<i64> = t.int32_data.iter().map(|&v| v as i64).collect();
+    if let Some(v) = i.iter().find(|v| !(lo..=hi).contains(*v)) {
+        return Err(format!(
+            "tensor '{}' holds {v}, outside the {lo}..={hi} of its type {:?}",
+            t.name, ty
+        ));
+    }
+    Ok(i)
 }
 
 /// Scales, zero points, the zero point's type and the axis of a QuantizeLinear or
@@ -482,16 +483,7 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
         input.name.clone(),
         if nhwc { Sym::Nhwc(0) } else { Sym::Val(0) },
     );
-    // how many nodes read each name: folding BN or a bias into a layer needs sole ownership
-    let mut uses: HashMap<&str, usize> = HashMap::new();
-    for n in &graph.node {
-        for i in &n.input {
-            *uses.entry(i.as_str()).or_default() += 1;
-        }
-    }
-    for o in &graph.output {
-        *uses.entry(o.name.as_str()).or_default() += 1;
-    }
+    let uses = name_uses(graph);
     let [output] = &graph.output[..] else {
         return Err(ImportError::Decode(format!(
             "the model has {} outputs; fhecam needs exactly one (the class scores)",
@@ -520,74 +512,102 @@ pub fn parse(bytes: &[u8]) -> Result<FGraph, ImportError> {
             });
         }
         // the layers the previous node added
-        g.extend_shapes(&mut shapes)
-            .map_err(|(n, m)| ImportError::Node {
-                node: g.nodes[n].origin.clone(),
-                msg: m,
-            })?;
+        g.extend_shapes(&mut shapes).map_err(shape_error(&g))?;
         let cx = NodeCx {
             node,
-            origin: origin.clone(),
+            origin,
             syms: &syms,
             uses: &uses,
             shapes: &shapes,
             a: Attrs(node),
         };
-        let result: Sym = match node.op_type.as_str() {
-            "Identity" | "Dropout" => cx.sym(0)?.clone(),
-            "Constant" => constant(&cx)?,
-            "Conv" => conv(&cx, &mut g)?,
-            "Gemm" | "MatMul" => gemm(&cx, &mut g)?,
-            "BatchNormalization" => batch_norm(&cx, &mut g)?,
-            "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" => activation(&cx, &mut g)?,
-            "MaxPool" | "AveragePool" => pool(&cx, &mut g)?,
-            "GlobalAveragePool" => global_average_pool(&cx, &mut g)?,
-            "Pad" => pad(&cx)?,
-            "Transpose" => transpose(&cx)?,
-            "Flatten" | "Reshape" if matches!(cx.sym(0)?, Sym::Nhwc(_)) => flatten_nhwc(&cx)?,
-            "Flatten" => flatten(&cx, &mut g)?,
-            "Reshape" => reshape(&cx, &mut g)?,
-            "Add" => add(&cx, &mut g)?,
-            "QuantizeLinear" => quantize_linear(&cx)?,
-            "Clip" => clip(&cx)?,
-            "DequantizeLinear" => dequantize_linear(&cx, &mut g)?,
-            "Softmax" | "LogSoftmax" if cx.node.output.first() == Some(&output.name) => {
-                g.notes.push(format!("{origin}: final {} dropped (the predicted class is the same; logits are reported instead of probabilities)", cx.node.op_type));
-                cx.sym(0)?.clone()
-            }
-            other => {
-                return Err(ImportError::Unsupported {
-                    op: other.to_string(),
-                    node: origin.clone(),
-                })
-            }
-        };
+        let result = node_sym(&cx, &mut g, &output.name)?;
         // the single output name this node defines
         let out_name = node.output.first().cloned().unwrap_or_default();
         syms.insert(out_name, result);
     }
-    match syms.get(&output.name) {
-        Some(Sym::Val(v) | Sym::Nhwc(v)) => g.output = *v,
-        _ => {
-            return Err(ImportError::Decode(format!(
-                "output '{}' is not computed from the input",
-                output.name
-            )))
+    g.output = output_value(&g, &syms, &output.name)?;
+    g.shapes().map_err(shape_error(&g))?;
+    Ok(g)
+}
+
+/// How many nodes (and graph outputs) read each name: folding BN or a bias into a layer
+/// needs sole ownership.
+fn name_uses(graph: &pb::GraphProto) -> HashMap<&str, usize> {
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for n in &graph.node {
+        for i in &n.input {
+            *uses.entry(i.as_str()).or_default() += 1;
         }
     }
-    if g.output != g.nodes.len() {
+    for o in &graph.output {
+        *uses.entry(o.name.as_str()).or_default() += 1;
+    }
+    uses
+}
+
+/// A shape error of node `n`, named by where the node came from.
+fn shape_error(g: &FGraph) -> impl Fn((usize, String)) -> ImportError + '_ {
+    |(n, msg)| ImportError::Node {
+        node: g.nodes[n].origin.clone(),
+        msg,
+    }
+}
+
+/// What one ONNX node computes: one function per operator.
+fn node_sym(cx: &NodeCx, g: &mut FGraph, output: &str) -> Result<Sym, ImportError> {
+    Ok(match cx.node.op_type.as_str() {
+        "Identity" | "Dropout" => cx.sym(0)?.clone(),
+        "Constant" => constant(cx)?,
+        "Conv" => conv(cx, g)?,
+        "Gemm" | "MatMul" => gemm(cx, g)?,
+        "BatchNormalization" => batch_norm(cx, g)?,
+        "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" => activation(cx, g)?,
+        "MaxPool" | "AveragePool" => pool(cx, g)?,
+        "GlobalAveragePool" => global_average_pool(cx, g)?,
+        "Pad" => pad(cx)?,
+        "Transpose" => transpose(cx)?,
+        "Flatten" | "Reshape" if matches!(cx.sym(0)?, Sym::Nhwc(_)) => flatten_nhwc(cx)?,
+        "Flatten" => flatten(cx, g)?,
+        "Reshape" => reshape(cx, g)?,
+        "Add" => add(cx, g)?,
+        "QuantizeLinear" => quantize_linear(cx)?,
+        "Clip" => clip(cx)?,
+        "DequantizeLinear" => dequantize_linear(cx, g)?,
+        "Softmax" | "LogSoftmax" if cx.node.output.first().map(String::as_str) == Some(output) => {
+            g.notes.push(format!("{}: final {} dropped (the predicted class is the same; logits are reported instead of probabilities)", cx.origin, cx.node.op_type));
+            cx.sym(0)?.clone()
+        }
+        other => {
+            return Err(ImportError::Unsupported {
+                op: other.to_string(),
+                node: cx.origin.clone(),
+            })
+        }
+    })
+}
+
+/// The value the graph output names: the last layer's.
+fn output_value(
+    g: &FGraph,
+    syms: &HashMap<String, Sym>,
+    output: &str,
+) -> Result<usize, ImportError> {
+    let v = match syms.get(output) {
+        Some(Sym::Val(v) | Sym::Nhwc(v)) => *v,
+        _ => {
+            return Err(ImportError::Decode(format!(
+                "output '{output}' is not computed from the input"
+            )))
+        }
+    };
+    if v != g.nodes.len() {
         return Err(ImportError::Decode(format!(
-            "output '{}' is not the last layer (value {} of {})",
-            output.name,
-            g.output,
+            "output '{output}' is not the last layer (value {v} of {})",
             g.nodes.len()
         )));
     }
-    g.shapes().map_err(|(n, m)| ImportError::Node {
-        node: g.nodes[n].origin.clone(),
-        msg: m,
-    })?;
-    Ok(g)
+    Ok(v)
 }
 
 /// A tensor-valued constant.
@@ -657,7 +677,7 @@ fn conv(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
     let weight_scale = out_scales(&w, 0, o);
     Ok(Sym::Val(cx.push(
         g,
-        FOp::Conv {
+        FOp::Conv(FConv {
             out_channels: o,
             kernel: [kh, kw],
             stride,
@@ -665,7 +685,7 @@ fn conv(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
             weights: w.f,
             bias,
             weight_scale,
-        },
+        }),
         vec![x],
     )))
 }
@@ -744,16 +764,16 @@ fn gemm(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
     let x = if cx.shapes[x].flat {
         x
     } else {
-        cx.push(g, FOp::Flatten, vec![x])
+        cx.push(g, FOp::Flatten(Flatten {}), vec![x])
     };
     Ok(Sym::Val(cx.push(
         g,
-        FOp::Dense {
+        FOp::Dense(FDense {
             out_features: out,
             weights,
             bias,
             weight_scale,
-        },
+        }),
         vec![x],
     )))
 }
@@ -772,34 +792,36 @@ fn batch_norm(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
     if p.iter().any(|t| t.f.len() != c) {
         return Err(cx.invalid(format!("parameters do not have {c} channels")));
     }
-    let owner = x.checked_sub(1).map(|n| &mut g.nodes[n]);
     let sole = cx.node.input[0].as_str();
-    match owner {
-        Some(FNode { op: FOp::Conv { weights, bias, weight_scale, .. } | FOp::Dense { weights, bias, weight_scale, .. }, .. })
-            if cx.uses.get(sole) == Some(&1) =>
-        {
-            let per = weights.len() / c;
-            for ch in 0..c {
-                let k = p[0].f[ch] / (p[3].f[ch] + eps).sqrt();
-                // quantized weights stay integers, on a scale |k| times theirs
-                // (a negative k negates them)
-                if let Some(ws) = weight_scale.as_mut() {
-                    ws[ch] *= k.abs();
-                    if k == 0.0 || !k.is_finite() {
-                        *weight_scale = None;
-                    }
-                }
-                for w in &mut weights[ch * per..(ch + 1) * per] {
-                    *w *= k;
-                }
-                bias[ch] = (bias[ch] - p[2].f[ch]) * k + p[1].f[ch];
+    let owner = x
+        .checked_sub(1)
+        .filter(|_| cx.uses.get(sole) == Some(&1))
+        .and_then(|n| g.nodes[n].op.linear_mut());
+    let Some(FLinearMut {
+        weights,
+        bias,
+        weight_scale,
+    }) = owner
+    else {
+        return Err(cx.invalid(
+            "BatchNormalization must directly follow a Conv or Gemm whose output nothing else reads (it is folded into that layer)".into(),
+        ));
+    };
+    let per = weights.len() / c;
+    for ch in 0..c {
+        let k = p[0].f[ch] / (p[3].f[ch] + eps).sqrt();
+        // quantized weights stay integers, on a scale |k| times theirs
+        // (a negative k negates them)
+        if let Some(ws) = weight_scale.as_mut() {
+            ws[ch] *= k.abs();
+            if k == 0.0 || !k.is_finite() {
+                *weight_scale = None;
             }
         }
-        _ => {
-            return Err(cx.invalid(
-                "BatchNormalization must directly follow a Conv or Gemm whose output nothing else reads (it is folded into that layer)".into(),
-            ))
+        for w in &mut weights[ch * per..(ch + 1) * per] {
+            *w *= k;
         }
+        bias[ch] = (bias[ch] - p[2].f[ch]) * k + p[1].f[ch];
     }
     if !g.notes.iter().any(|n| n.starts_with("BatchNormalization")) {
         g.notes
@@ -845,9 +867,9 @@ fn pool(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
         return Err(cx.invalid("MaxPool indices output is not supported".into()));
     }
     let op = if cx.node.op_type == "MaxPool" {
-        FOp::MaxPool { kernel, stride }
+        FOp::MaxPool(MaxPool { kernel, stride })
     } else {
-        FOp::AvgPool { kernel, stride }
+        FOp::AvgPool(SumPool { kernel, stride })
     };
     Ok(Sym::Val(cx.push(g, op, vec![x])))
 }
@@ -858,10 +880,10 @@ fn global_average_pool(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> 
     let [_, h, w] = cx.shapes[x].chw;
     Ok(Sym::Val(cx.push(
         g,
-        FOp::AvgPool {
+        FOp::AvgPool(SumPool {
             kernel: [h, w],
             stride: [1, 1],
-        },
+        }),
         vec![x],
     )))
 }
@@ -922,7 +944,7 @@ fn flatten(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
             cx.a.int("axis", 1)
         )));
     }
-    Ok(Sym::Val(cx.push(g, FOp::Flatten, vec![x])))
+    Ok(Sym::Val(cx.push(g, FOp::Flatten(Flatten {}), vec![x])))
 }
 
 /// A Reshape that flattens to (batch, n).
@@ -933,7 +955,7 @@ fn reshape(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
         .ok_or_else(|| cx.invalid("target shape is missing".into()))?;
     let n = cx.shapes[x].len() as i64;
     Ok(match shape.i[..] {
-        [_, d] if d == -1 || d == n => Sym::Val(cx.push(g, FOp::Flatten, vec![x])),
+        [_, d] if d == -1 || d == n => Sym::Val(cx.push(g, FOp::Flatten(Flatten {}), vec![x])),
         _ => {
             return Err(cx.invalid(format!(
                 "target shape {:?}: only flattening to (batch, {n}) is supported",
@@ -967,21 +989,20 @@ fn add(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
             };
             let sole = cx.uses.get(name.as_str()) == Some(&1);
             let chans = cx.shapes[x].channels();
-            match x.checked_sub(1).map(|n| &mut g.nodes[n]) {
-                Some(FNode { op: FOp::Dense { bias, .. } | FOp::Conv { bias, .. }, .. })
-                    if sole && (c.f.len() == chans || c.f.len() == 1) =>
-                {
-                    for (ch, b) in bias.iter_mut().enumerate() {
-                        *b += c.f[if c.f.len() == 1 { 0 } else { ch }];
-                    }
-                    Sym::Val(x)
-                }
-                _ => {
-                    return Err(cx.invalid(
-                        "adding a constant is only supported as the bias of the MatMul, Gemm or Conv right before it".into(),
-                    ))
-                }
+            let fits = sole && (c.f.len() == chans || c.f.len() == 1);
+            let Some(l) = x
+                .checked_sub(1)
+                .filter(|_| fits)
+                .and_then(|n| g.nodes[n].op.linear_mut())
+            else {
+                return Err(cx.invalid(
+                    "adding a constant is only supported as the bias of the MatMul, Gemm or Conv right before it".into(),
+                ));
+            };
+            for (ch, b) in l.bias.iter_mut().enumerate() {
+                *b += c.f[if c.f.len() == 1 { 0 } else { ch }];
             }
+            Sym::Val(x)
         }
         _ => return Err(cx.invalid("adds two constants".into())),
     })

@@ -11,8 +11,8 @@ use super::graph::{ActFn, FGraph, FOp, FShape, QSpec};
 use super::ImportError;
 use crate::npy::Array;
 use fhecam_engine::model::{
-    ActTable, Activation, Add, Conv2d, Dense, Flatten, InputSpec, MaxPool, Model, Node, Op,
-    SumPool, ValueInfo, MAX_ACT_BITS, MAX_INPUT_BITS, MODEL_FORMAT_VERSION,
+    ActTable, Activation, Add, Conv2d, Dense, Flatten, InputSpec, Model, Node, Op, SumPool,
+    ValueInfo, MAX_ACT_BITS, MAX_INPUT_BITS, MODEL_FORMAT_VERSION,
 };
 
 /// Bit widths of the integer model.
@@ -607,7 +607,94 @@ pub fn quantize_noted(
     name: &str,
 ) -> Result<(Model, Vec<String>), ImportError> {
     cfg.check()?;
-    let [c, h, w] = g.input;
+    let mut b = Builder::start(g, shapes, ranges, cfg, name)?;
+    let input_q = b.input_quantizer(g, ranges)?;
+    let [c, ..] = g.input;
+    let mut pass = Pass {
+        g,
+        shapes,
+        readers: vec![0; g.nodes.len() + 1],
+        reps: vec![Rep::Act {
+            v: 0,
+            z: vec![b.m.input.zero; c],
+            s: vec![b.m.input.scale; c],
+        }],
+        pending: Default::default(),
+    };
+    for n in &g.nodes {
+        for &i in &n.inputs {
+            pass.readers[i] += 1;
+        }
+    }
+    for (n, node) in g.nodes.iter().enumerate() {
+        let rep = if input_q == Some(n) {
+            pass.reps[node.inputs[0]].clone()
+        } else {
+            b.node(&mut pass, n)?
+        };
+        pass.reps.push(rep);
+    }
+    if pass.reps[g.output].v() != b.m.nodes.len() {
+        return Err(ImportError::Quantize(
+            "the output is not the last layer".into(),
+        ));
+    }
+    b.m.infer()?;
+    Ok((b.m, b.notes))
+}
+
+/// The float graph as `quantize_noted` walks it, node by node.
+struct Pass<'g> {
+    g: &'g FGraph,
+    shapes: &'g [FShape],
+    /// How many float nodes read each value: a linear layer can only be redone on another
+    /// scale when its one reader is the residual Add.
+    readers: Vec<usize>,
+    /// The integer representation of each float value so far.
+    reps: Vec<Rep>,
+    /// Activation functions whose one reader is a quantizer: applied by its table.
+    pending: std::collections::HashMap<usize, ActFn>,
+}
+
+impl<'a> Builder<'a> {
+    /// An empty model whose input spans the calibration range of the input.
+    fn start(
+        g: &FGraph,
+        shapes: &[FShape],
+        ranges: &'a Ranges,
+        cfg: QuantConfig,
+        name: &str,
+    ) -> Result<Self, ImportError> {
+        let [c, h, w] = g.input;
+        let (lo, hi) = input_range(ranges)?;
+        let zero = lo.min(0.0);
+        let top = ((1u32 << cfg.input_bits) - 1) as f32;
+        let scale = if hi > zero { (hi - zero) / top } else { 1.0 };
+        Ok(Builder {
+            m: Model {
+                format_version: MODEL_FORMAT_VERSION,
+                name: name.to_string(),
+                input: InputSpec {
+                    channels: c,
+                    height: h,
+                    width: w,
+                    bits: cfg.input_bits,
+                    scale,
+                    zero,
+                },
+                nodes: vec![],
+                num_classes: shapes[g.output].len(),
+            },
+            cfg,
+            ranges,
+            linear: Default::default(),
+            notes: vec![],
+        })
+    }
+}
+
+/// The calibration range of the input over all channels.
+fn input_range(ranges: &Ranges) -> Result<(f32, f32), ImportError> {
     let (lo, hi) = ranges[0]
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &(a, b)| {
@@ -618,276 +705,234 @@ pub fn quantize_noted(
             "the calibration data is empty or not finite".into(),
         ));
     }
-    let zero = lo.min(0.0);
-    let top = ((1u32 << cfg.input_bits) - 1) as f32;
-    let scale = if hi > zero { (hi - zero) / top } else { 1.0 };
-    let mut b = Builder {
-        m: Model {
-            format_version: MODEL_FORMAT_VERSION,
-            name: name.to_string(),
-            input: InputSpec {
-                channels: c,
-                height: h,
-                width: w,
-                bits: cfg.input_bits,
-                scale,
-                zero,
-            },
-            nodes: vec![],
-            num_classes: shapes[g.output].len(),
-        },
-        cfg,
-        ranges,
-        linear: Default::default(),
-        notes: vec![],
-    };
-    // how many float nodes read each value: a linear layer can only be redone on another
-    // scale when its one reader is the residual Add
-    let mut readers = vec![0usize; g.nodes.len() + 1];
-    for n in &g.nodes {
-        for &i in &n.inputs {
-            readers[i] += 1;
-        }
-    }
-    let quantized = g.nodes.iter().any(|n| matches!(n.op, FOp::Quant(_)));
-    // a quantizer on the input (perhaps after Flatten) is the model's input quantization
-    let input_q = g
-        .nodes
-        .iter()
-        .enumerate()
-        .find(|(_, n)| !matches!(n.op, FOp::Flatten))
-        .filter(|(k, n)| {
-            n.inputs == [*k]
-                && g.nodes[..*k]
-                    .iter()
-                    .enumerate()
-                    .all(|(j, m)| m.inputs == [j])
-        })
-        .and_then(|(k, n)| match n.op {
-            FOp::Quant(q) if q.levels() <= 1 << MAX_INPUT_BITS => Some((k, q)),
-            _ => None,
-        });
-    if let Some((_, mut q)) = input_q {
+    Ok((lo, hi))
+}
+
+impl Builder<'_> {
+    /// Takes a quantizer on the input (perhaps after Flatten) as the model's input
+    /// quantization; returns its node, which then adds no layer.
+    fn input_quantizer(
+        &mut self,
+        g: &FGraph,
+        ranges: &Ranges,
+    ) -> Result<Option<usize>, ImportError> {
+        let quantized = g.nodes.iter().any(|n| matches!(n.op, FOp::Quant(_)));
+        let input_q = g
+            .nodes
+            .iter()
+            .enumerate()
+            .find(|(_, n)| !matches!(n.op, FOp::Flatten(_)))
+            .filter(|(k, n)| {
+                n.inputs == [*k]
+                    && g.nodes[..*k]
+                        .iter()
+                        .enumerate()
+                        .all(|(j, m)| m.inputs == [j])
+            })
+            .and_then(|(k, n)| match n.op {
+                FOp::Quant(q) => (q.levels() <= 1 << MAX_INPUT_BITS).then_some((k, q)),
+                FOp::Conv(_)
+                | FOp::Dense(_)
+                | FOp::Act(_)
+                | FOp::MaxPool(_)
+                | FOp::AvgPool(_)
+                | FOp::Add
+                | FOp::Flatten(_) => None,
+            });
+        let Some((k, mut q)) = input_q else {
+            if quantized {
+                self.notes.push(format!(
+                    "input: not quantized in the model; quantized to {} bits over the calibration range (approximation)",
+                    self.cfg.input_bits
+                ));
+            }
+            return Ok(None);
+        };
+        let (lo, _) = input_range(ranges)?;
         // Padding adds level 0, which must be the value 0.0 as in the ONNX model: for
         // non-negative images (as every camera frame is), the levels below zero are unused.
         if lo >= 0.0 && (q.qmin..q.qmax).contains(&q.zero) {
             q.qmin = q.zero;
         } else if q.zero != q.qmin {
-            b.notes.push(
+            self.notes.push(
                 "input: signed input quantizer; zero-padded borders read its level 0, not the value 0 (approximation at the borders of padded convolutions)".into(),
             );
         }
         let levels = q.levels() as u64;
-        b.m.input.bits = (64 - (levels - 1).leading_zeros()).max(1) as u8;
-        b.m.input.scale = q.scale;
-        b.m.input.zero = q.scale * (q.qmin - q.zero) as f32;
-    } else if quantized {
-        b.notes.push(format!(
-            "input: not quantized in the model; quantized to {} bits over the calibration range (approximation)",
-            cfg.input_bits
-        ));
+        self.m.input.bits = (64 - (levels - 1).leading_zeros()).max(1) as u8;
+        self.m.input.scale = q.scale;
+        self.m.input.zero = q.scale * (q.qmin - q.zero) as f32;
+        Ok(Some(k))
     }
-    let mut reps: Vec<Rep> = vec![Rep::Act {
-        v: 0,
-        z: vec![b.m.input.zero; c],
-        s: vec![b.m.input.scale; c],
-    }];
-    // activation functions whose one reader is a quantizer: applied by its table
-    let mut pending: std::collections::HashMap<usize, ActFn> = Default::default();
-    for (n, node) in g.nodes.iter().enumerate() {
+
+    /// The integer layers of float node `n`: one function per kind.
+    fn node(&mut self, pass: &mut Pass<'_>, n: usize) -> Result<Rep, ImportError> {
+        let (g, node) = (pass.g, &pass.g.nodes[n]);
         let fv = n + 1;
-        let x = reps[node.inputs[0]].clone();
-        let xs = shapes[node.inputs[0]];
+        let x = pass.reps[node.inputs[0]].clone();
+        let xs = pass.shapes[node.inputs[0]];
         let origin = node.origin.as_str();
         let last = fv == g.output;
-        if input_q.is_some_and(|(k, _)| k == n) {
-            reps.push(x);
-            continue;
-        }
-        let rep = match &node.op {
-            FOp::Conv {
-                out_channels,
-                kernel,
-                stride,
-                padding,
-                weights,
-                bias,
-                weight_scale,
-            } => {
-                let x = b.ensure_act(x, node.inputs[0], origin)?;
+        match &node.op {
+            FOp::Conv(l) => {
+                let x = self.ensure_act(x, node.inputs[0], origin)?;
                 if let Rep::Act { z, .. } = &x {
-                    if *padding != [0, 0] && z.iter().any(|z| *z != 0.0) {
-                        b.notes.push(format!(
+                    if l.padding != [0, 0] && z.iter().any(|z| *z != 0.0) {
+                        self.notes.push(format!(
                             "{origin}: zero padding reads level 0 of its input, the value {} and not 0 (approximation at the borders)",
                             z[0]
                         ));
                     }
                 }
-                b.linear(
+                let geometry = Some((l.kernel, l.stride, l.padding));
+                let ws = l.weight_scale.as_deref();
+                self.linear(
                     &x,
                     xs,
-                    *out_channels,
-                    weights,
-                    bias,
+                    l.out_channels,
+                    &l.weights,
+                    &l.bias,
                     last,
-                    Some((*kernel, *stride, *padding)),
-                    weight_scale.as_deref(),
+                    geometry,
+                    ws,
                     origin,
-                )?
+                )
             }
-            FOp::Dense {
-                out_features,
-                weights,
-                bias,
-                weight_scale,
-            } => {
-                let x = b.ensure_act(x, node.inputs[0], origin)?;
-                b.linear(
+            FOp::Dense(l) => {
+                let x = self.ensure_act(x, node.inputs[0], origin)?;
+                let ws = l.weight_scale.as_deref();
+                self.linear(
                     &x,
                     xs,
-                    *out_features,
-                    weights,
-                    bias,
+                    l.out_features,
+                    &l.weights,
+                    &l.bias,
                     last,
                     None,
-                    weight_scale.as_deref(),
+                    ws,
                     origin,
-                )?
+                )
             }
             FOp::Act(f)
-                if readers[fv] == 1
+                if pass.readers[fv] == 1
                     && g.nodes
                         .get(fv)
                         .is_some_and(|m| matches!(m.op, FOp::Quant(_)) && m.inputs == [fv]) =>
             {
-                pending.insert(fv, *f);
-                x
+                pass.pending.insert(fv, *f);
+                Ok(x)
             }
             FOp::Act(f) => {
-                let (z, s) = b.act_params(&ranges[fv], cfg.act_bits);
-                b.requantize(&x, *f, &z, &s, origin, false)?
+                let (z, s) = self.act_params(&self.ranges[fv], self.cfg.act_bits);
+                self.requantize(&x, *f, &z, &s, origin, false)
             }
             // a quantizer of the logits changes no class but makes ties: dropped
-            FOp::Quant(_) if last && !pending.contains_key(&node.inputs[0]) => {
-                b.notes.push(format!(
+            FOp::Quant(_) if last && !pass.pending.contains_key(&node.inputs[0]) => {
+                self.notes.push(format!(
                     "{origin}: the output's quantizer dropped (it is monotone: the class is the same except where it makes a tie)"
                 ));
-                let v = x.v();
-                reps.push(x);
-                if v != b.m.nodes.len() {
-                    return Err(ImportError::Quantize(
-                        "the output is not the last layer".into(),
-                    ));
-                }
-                continue;
+                Ok(x)
             }
             FOp::Quant(q) => {
-                let f = pending.remove(&node.inputs[0]).unwrap_or(ActFn::Identity);
-                b.requantize_spec(&x, f, *q, origin)?
+                let f = pass
+                    .pending
+                    .remove(&node.inputs[0])
+                    .unwrap_or(ActFn::Identity);
+                self.requantize_spec(&x, f, *q, origin)
             }
-            FOp::MaxPool { kernel, stride } => {
-                let x = b.ensure_act(x, node.inputs[0], origin)?;
-                let Rep::Act { v, z, s } = x else {
+            FOp::MaxPool(p) => {
+                let Rep::Act { v, z, s } = self.ensure_act(x, node.inputs[0], origin)? else {
                     unreachable!()
                 };
-                let v = b.push(
-                    Op::MaxPool(MaxPool {
-                        kernel: *kernel,
-                        stride: *stride,
-                    }),
-                    vec![v],
-                );
-                Rep::Act { v, z, s }
+                let v = self.push(Op::MaxPool(p.clone()), vec![v]);
+                Ok(Rep::Act { v, z, s })
             }
-            FOp::AvgPool { kernel, stride } => {
-                let k = (kernel[0] * kernel[1]) as f32;
-                let (a, bb) = x.affine();
-                let v = b.push(
-                    Op::SumPool(SumPool {
-                        kernel: *kernel,
-                        stride: *stride,
-                    }),
-                    vec![x.v()],
-                );
-                Rep::Acc {
-                    v,
-                    a: a.iter().map(|a| a / k).collect(),
-                    b: bb,
-                }
+            FOp::AvgPool(p) => Ok(self.avg_pool(p, x)),
+            FOp::Add => self.add(pass, node.inputs[0], node.inputs[1], origin),
+            FOp::Flatten(f) => Ok(self.flatten(f, x, xs)),
+        }
+    }
+
+    /// A sum pool, its 1/k folded into the accumulator's scale.
+    fn avg_pool(&mut self, p: &SumPool, x: Rep) -> Rep {
+        let k = (p.kernel[0] * p.kernel[1]) as f32;
+        let (a, b) = x.affine();
+        let v = self.push(Op::SumPool(p.clone()), vec![x.v()]);
+        Rep::Acc {
+            v,
+            a: a.iter().map(|a| a / k).collect(),
+            b,
+        }
+    }
+
+    /// Both sides as activations on one per-channel grid, so the integer sum is the float
+    /// sum on that grid.
+    fn add(
+        &mut self,
+        pass: &Pass<'_>,
+        i: usize,
+        j: usize,
+        origin: &str,
+    ) -> Result<Rep, ImportError> {
+        let (x, y) = (pass.reps[i].clone(), pass.reps[j].clone());
+        let direct = match (&x, &y) {
+            (Rep::Acc { .. }, Rep::Act { .. }) if pass.readers[i] == 1 => {
+                self.add_on_act_grid(&x, &y)
             }
-            FOp::Add => {
-                // both sides as activations on one per-channel grid, so the integer sum
-                // is the float sum on that grid
-                let y = reps[node.inputs[1]].clone();
-                let direct = match (&x, &y) {
-                    (Rep::Acc { .. }, Rep::Act { .. }) if readers[node.inputs[0]] == 1 => {
-                        b.add_on_act_grid(&x, &y)
-                    }
-                    (Rep::Act { .. }, Rep::Acc { .. }) if readers[node.inputs[1]] == 1 => {
-                        b.add_on_act_grid(&y, &x)
-                    }
-                    _ => None,
-                };
-                if let Some(r) = direct {
-                    reps.push(r);
-                    continue;
-                }
-                let (r1, r2) = (&ranges[node.inputs[0]], &ranges[node.inputs[1]]);
-                let union: Vec<(f32, f32)> = r1
-                    .iter()
-                    .zip(r2)
-                    .map(|(p, q)| (p.0.min(q.0), p.1.max(q.1)))
-                    .collect();
-                let (z, s) = b.act_params(&union, cfg.act_bits);
-                let mut sides = Vec::with_capacity(2);
-                for r in [x, y] {
-                    let same = matches!(&r, Rep::Act { z: rz, s: rs, .. } if *rz == z && *rs == s);
-                    sides.push(if same {
-                        r
-                    } else {
-                        b.requantize(&r, ActFn::Identity, &z, &s, origin, true)?
-                    });
-                }
-                let v = b.push(
-                    Op::Add(Add { mul: vec![] }),
-                    vec![sides[0].v(), sides[1].v()],
-                );
-                Rep::Acc {
-                    v,
-                    a: s,
-                    b: z.iter().map(|z| 2.0 * z).collect(),
-                }
+            (Rep::Act { .. }, Rep::Acc { .. }) if pass.readers[j] == 1 => {
+                self.add_on_act_grid(&y, &x)
             }
-            FOp::Flatten => {
-                let per = xs.len() / xs.channels();
-                let expand = |v: Vec<f32>| -> Vec<f32> {
-                    v.into_iter()
-                        .flat_map(|x| std::iter::repeat_n(x, per))
-                        .collect()
-                };
-                let v = b.push(Op::Flatten(Flatten {}), vec![x.v()]);
-                match x {
-                    Rep::Act { z, s, .. } => Rep::Act {
-                        v,
-                        z: expand(z),
-                        s: expand(s),
-                    },
-                    Rep::Acc { a, b: bb, .. } => Rep::Acc {
-                        v,
-                        a: expand(a),
-                        b: expand(bb),
-                    },
-                }
-            }
+            _ => None,
         };
-        reps.push(rep);
+        if let Some(r) = direct {
+            return Ok(r);
+        }
+        let union: Vec<(f32, f32)> = self.ranges[i]
+            .iter()
+            .zip(&self.ranges[j])
+            .map(|(p, q)| (p.0.min(q.0), p.1.max(q.1)))
+            .collect();
+        let (z, s) = self.act_params(&union, self.cfg.act_bits);
+        let mut sides = Vec::with_capacity(2);
+        for r in [x, y] {
+            let same = matches!(&r, Rep::Act { z: rz, s: rs, .. } if *rz == z && *rs == s);
+            sides.push(if same {
+                r
+            } else {
+                self.requantize(&r, ActFn::Identity, &z, &s, origin, true)?
+            });
+        }
+        let v = self.push(
+            Op::Add(Add { mul: vec![] }),
+            vec![sides[0].v(), sides[1].v()],
+        );
+        Ok(Rep::Acc {
+            v,
+            a: s,
+            b: z.iter().map(|z| 2.0 * z).collect(),
+        })
     }
-    let out = reps[g.output].clone();
-    if out.v() != b.m.nodes.len() {
-        return Err(ImportError::Quantize(
-            "the output is not the last layer".into(),
-        ));
+
+    /// Flattening repeats each channel's parameters over its positions.
+    fn flatten(&mut self, f: &Flatten, x: Rep, xs: FShape) -> Rep {
+        let per = xs.len() / xs.channels();
+        let expand = |v: Vec<f32>| -> Vec<f32> {
+            v.into_iter()
+                .flat_map(|x| std::iter::repeat_n(x, per))
+                .collect()
+        };
+        let v = self.push(Op::Flatten(f.clone()), vec![x.v()]);
+        match x {
+            Rep::Act { z, s, .. } => Rep::Act {
+                v,
+                z: expand(z),
+                s: expand(s),
+            },
+            Rep::Acc { a, b, .. } => Rep::Acc {
+                v,
+                a: expand(a),
+                b: expand(b),
+            },
+        }
     }
-    b.m.infer()?;
-    Ok((b.m, b.notes))
 }
