@@ -15,10 +15,11 @@ export DEBIAN_FRONTEND=noninteractive
 # - systemd: `systemd-analyze verify` of the shipped unit in the tests.
 # - openssl: the CLI makes the CA and certificates of the TLS test (tests/tls.rs).
 # - chromium: the cockpit page is loaded in headless Chromium by tests/cockpit.rs.
+# - prometheus: its promtool checks the /metrics endpoints (tests/metrics.rs).
 APT_PACKAGES=(pkg-config clang libclang-dev libopencv-dev
     libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
     gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-tools
-    mosquitto systemd openssl chromium)
+    mosquitto systemd openssl chromium prometheus)
 
 missing=()
 for pkg in ${APT_PACKAGES[@]+"${APT_PACKAGES[@]}"}; do

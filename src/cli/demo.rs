@@ -381,6 +381,7 @@ fn edge_config(
             ..OutboxConfig::default()
         },
         deploy: None,
+        metrics: None,
     };
     edge.check()?;
     Ok(edge)

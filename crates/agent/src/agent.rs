@@ -62,7 +62,7 @@ pub struct AgentStats {
 }
 
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     received: AtomicU64,
     decrypted: AtomicU64,
     duplicates: AtomicU64,
@@ -73,6 +73,11 @@ struct Counters {
     shed: AtomicU64,
     redelivery_reconnects: AtomicU64,
     released: AtomicU64,
+    // for the metrics endpoint only
+    decrypted_by_model: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    refused_by_code: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    decrypt_seconds: fhecam_metrics::Seconds,
+    mqtt_connected: AtomicBool,
 }
 
 impl Counters {
@@ -158,6 +163,9 @@ impl Worker {
     /// has the report, or left unacknowledged (released) when the refusal is transient.
     fn dead(&self, mut p: Publish, bytes: usize, r: Refusal) {
         Counters::add(&self.counters.dead_lettered);
+        if let Ok(mut by) = self.counters.refused_by_code.lock() {
+            *by.entry(r.code.as_str()).or_default() += 1;
+        }
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
         tracing::warn!("{topic}: refused: {}", r.reason);
         let json = serde_json::to_vec(&DeadLetter {
@@ -237,13 +245,19 @@ impl Worker {
     }
 
     fn decrypt(&mut self, c: &Checked) {
-        match self.processor.decrypt(c) {
+        let started = Instant::now();
+        let decrypted = self.processor.decrypt(c);
+        self.counters.decrypt_seconds.observe(started.elapsed());
+        match decrypted {
             Ok((topic, json)) => {
                 if self.abort_after_decrypt {
                     tracing::error!("failpoint agent-after-decrypt: aborting");
                     std::process::abort();
                 }
                 Counters::add(&self.counters.decrypted);
+                if let Ok(mut by) = self.counters.decrypted_by_model.lock() {
+                    *by.entry(c.model.to_string()).or_default() += 1;
+                }
                 self.send(Decision::Publish(Item {
                     topic,
                     payload: json,
@@ -585,6 +599,7 @@ impl Io {
         match ev {
             Event::Incoming(Packet::ConnAck(ack)) => {
                 self.connected = true;
+                self.counters.mqtt_connected.store(true, Ordering::Relaxed);
                 self.held.connected();
                 if !ack.session_present {
                     // rumqttc dropped what it held for the old session
@@ -695,6 +710,83 @@ fn spawn_worker(
 }
 
 /// Runs until `shutdown`. `ready` is told once the subscription is acknowledged or resumed.
+/// The agent's Prometheus metrics: its own counters, read on each scrape, so they equal
+/// the closing stats line; plus decryptions by model, refusals by code and the decryption
+/// duration.
+fn metrics_exporter(c: Arc<Counters>) -> fhecam_metrics::Exporter {
+    use fhecam_metrics::{Emit, Exporter};
+    let histograms = c.clone();
+    let x = Exporter::new("fhecam_agent", move |e: &mut Emit| {
+        let s = c.snapshot();
+        e.counter(
+            "envelopes_received",
+            "Inference messages received",
+            s.received,
+        );
+        let by = c
+            .decrypted_by_model
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        let by: Vec<(&str, u64)> = by.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        e.counters_by(
+            "decrypted",
+            "Inferences decrypted, by model id",
+            "model_id",
+            &by,
+        );
+        let by = c
+            .refused_by_code
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        let by: Vec<(&str, u64)> = by.into_iter().collect();
+        e.counters_by(
+            "refused",
+            "Inferences refused (dead letters), by refusal code",
+            "code",
+            &by,
+        );
+        e.counter(
+            "duplicates",
+            "Inferences received again after their result was published",
+            s.duplicates,
+        );
+        e.counter(
+            "dead_letters",
+            "Refusals reported on the dead-letter topic",
+            s.dead_lettered,
+        );
+        e.counter(
+            "rate_limited",
+            "Inferences held back by a device's rate limit",
+            s.rate_limited,
+        );
+        e.counter(
+            "published",
+            "Cockpit results the broker acknowledged",
+            s.published,
+        );
+        e.counter(
+            "shed",
+            "Inferences dropped unread at the held bound (redelivered later)",
+            s.shed,
+        );
+        let up = c.mqtt_connected.load(Ordering::Relaxed);
+        e.gauge(
+            "mqtt_connected",
+            "1 while connected to the broker",
+            f64::from(u8::from(up)),
+        );
+    });
+    x.histogram(
+        &histograms.decrypt_seconds,
+        "decrypt_duration_seconds",
+        "Duration of a decryption, checked inference in to label out",
+    );
+    x
+}
+
 pub async fn run(
     cfg: AgentConfig,
     shutdown: CancellationToken,
@@ -707,6 +799,14 @@ pub async fn run(
     tracing::info!("agent client id {client_id}");
     let processor = tokio::task::block_in_place(|| Processor::new(cfg.clone()))?;
     let counters = Arc::new(Counters::default());
+    let metrics_stop = CancellationToken::new();
+    let _metrics_stop = metrics_stop.clone().drop_guard();
+    if let Some(mc) = &cfg.metrics {
+        let x = metrics_exporter(counters.clone());
+        fhecam_metrics::serve(mc, Arc::new(x), metrics_stop)
+            .await
+            .map_err(|e| AgentError::Metrics(e.to_string()))?;
+    }
 
     // each held inference makes at most one publish and one acknowledgement, so this never
     // fills; if it did, `try_` calls keep the request for later
@@ -754,7 +854,10 @@ pub async fn run(
                     }
                 }
                 // requests wait for the next ConnAck (rumqttc would drop our acks)
-                Some(Polled::Lost) => io.connected = false,
+                Some(Polled::Lost) => {
+                    io.connected = false;
+                    counters.mqtt_connected.store(false, Ordering::Relaxed);
+                }
                 None => break,
             },
             d = dec_rx.recv() => match d {

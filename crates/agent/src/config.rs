@@ -29,6 +29,10 @@ pub struct AgentConfig {
     /// releases the label only.
     #[serde(default)]
     pub logits_for: Vec<String>,
+    /// `[metrics]`: a Prometheus `/metrics` endpoint (e.g. `listen = "127.0.0.1:9465"`).
+    /// Absent: none.
+    #[serde(default)]
+    pub metrics: Option<fhecam_metrics::MetricsConfig>,
 }
 
 /// `[mqtt]`: the broker connection (shared with the edge:
@@ -179,6 +183,7 @@ const FIELDS: &[&str] = &[
     "mqtt",
     "limits",
     "logits_for",
+    "metrics",
 ];
 
 impl AgentConfig {
@@ -190,6 +195,7 @@ impl AgentConfig {
             mqtt: AgentMqtt::default(),
             limits: Limits::default(),
             logits_for: Vec::new(),
+            metrics: None,
         }
     }
 
@@ -243,6 +249,9 @@ impl AgentConfig {
                 "logits_for has {} entries, at most {MAX_LOGITS_FOR}",
                 self.logits_for.len()
             ));
+        }
+        if let Some(mc) = &self.metrics {
+            mc.addr()?;
         }
         for id in &self.logits_for {
             id.parse::<fhecam_proto::ids::ModelId>()

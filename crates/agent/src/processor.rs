@@ -19,6 +19,8 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum AgentError {
+    #[error("{0}")]
+    Metrics(String),
     #[error(transparent)]
     Store(#[from] fhecam_owner::store::StoreError),
     #[error("agent state database {path}: {msg}")]

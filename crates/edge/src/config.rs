@@ -40,6 +40,9 @@ pub struct EdgeConfig {
     /// running model at a frame boundary. Absent: the daemon runs the `bundle` file only
     /// (SIGHUP still re-reads it).
     pub deploy: Option<DeployConfig>,
+    /// `[metrics]`: a Prometheus `/metrics` endpoint (e.g. `listen = "127.0.0.1:9464"`).
+    /// Absent: none.
+    pub metrics: Option<fhecam_metrics::MetricsConfig>,
 }
 
 /// Where frames come from.
@@ -225,6 +228,7 @@ const FIELDS: &[&str] = &[
     "mqtt",
     "outbox",
     "deploy",
+    "metrics",
 ];
 
 fn default_camera_id() -> String {
@@ -284,6 +288,9 @@ impl EdgeConfig {
             ));
         }
         id("mqtt.topic_prefix", &m.topic_prefix)?;
+        if let Some(mc) = &self.metrics {
+            mc.addr()?;
+        }
         check_range(
             "mqtt.stats_interval_s",
             m.stats_interval_s,

@@ -71,6 +71,8 @@ pub enum EdgeError {
     Thread(String),
     #[error("the {stage} stage stopped: {why}")]
     Stage { stage: &'static str, why: String },
+    #[error("{0}")]
+    Metrics(String),
 }
 
 /// Milestones, for systemd's READY=1 and for tests.
@@ -120,6 +122,15 @@ pub async fn run(
     let (deployer, first, outbox) = start(&cfg).await?;
     let current = Arc::new(Current::new(first));
     milestone(Milestone::BundleLoaded);
+    let metrics_stop = CancellationToken::new();
+    let _metrics_stop = metrics_stop.clone().drop_guard();
+    if let Some(mc) = &cfg.metrics {
+        let mode = cfg.infer.input_mode.name();
+        let x = super::metrics::exporter(stats.clone(), current.clone(), mode);
+        fhecam_metrics::serve(mc, Arc::new(x), metrics_stop)
+            .await
+            .map_err(|e| EdgeError::Metrics(e.to_string()))?;
+    }
 
     // the tasks beside the stages: the bundle intake (pushes through the link, dropped
     // files, SIGHUP) and the MQTT link

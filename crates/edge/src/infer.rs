@@ -184,6 +184,8 @@ fn infer_worker(
                     s.pbs,
                     t.elapsed().as_secs_f64()
                 );
+                stats.pbs_done.fetch_add(s.pbs, Ordering::Relaxed);
+                stats.inference_seconds.observe(t.elapsed());
                 let done = Finished {
                     model_id: model.header.model_id,
                     model_version: model.header.version,

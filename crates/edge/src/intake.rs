@@ -4,9 +4,9 @@
 //! ([`Deployer::offer`]); an accepted one replaces [`Current`] for the next frame.
 
 use super::config::{secs, EdgeConfig};
-use super::deploy::{Current, Deployer, Outcome};
+use super::deploy::{Current, Deployer, Outcome, Refusal};
 use super::health::{Stage, BEAT};
-use super::stats::Stats;
+use super::stats::{refusal, Stats};
 use fhecam_proto::bundle::MAX_BUNDLE_BYTES;
 use std::collections::HashMap;
 use std::future::Future;
@@ -149,6 +149,16 @@ pub async fn run(
 }
 
 /// Judges one offer; true when it runs now (taken or already running).
+/// The metrics' label of a refusal.
+fn refusal_code(r: &Refusal) -> &'static str {
+    match r {
+        Refusal::Older { .. } => refusal::ROLLBACK,
+        Refusal::Conflict { .. } => refusal::CONFLICT,
+        Refusal::Stale { .. } => refusal::STALE,
+        Refusal::Invalid(_) => refusal::INVALID,
+    }
+}
+
 async fn judge(deployer: &Arc<Mutex<Deployer>>, links: &Links, o: Offer) -> bool {
     let (deployer, current) = (deployer.clone(), links.current.clone());
     let origin = o.origin.clone();
@@ -176,12 +186,16 @@ async fn judge(deployer: &Arc<Mutex<Deployer>>, links: &Links, o: Offer) -> bool
         }
         Ok(Err(r)) => {
             tracing::warn!("{origin} refused: {r}; still running {old}");
-            links.stats.refused(format!("{origin}: {r}"));
+            links
+                .stats
+                .refused(refusal_code(&r), format!("{origin}: {r}"));
             false
         }
         Err(e) => {
             tracing::error!("{origin}: judging it failed: {e}; still running {old}");
-            links.stats.refused(format!("{origin}: {e}"));
+            links
+                .stats
+                .refused(refusal::INVALID, format!("{origin}: {e}"));
             false
         }
     }
@@ -203,7 +217,9 @@ async fn take_file(
         }
         Err(e) => {
             tracing::warn!("{origin} refused: {e}");
-            links.stats.refused(format!("{origin}: {e}"));
+            links
+                .stats
+                .refused(refusal::UNREADABLE, format!("{origin}: {e}"));
             false
         }
     };

@@ -12,6 +12,7 @@ pub mod infer;
 pub mod inflight;
 pub mod intake;
 pub mod link;
+pub mod metrics;
 pub mod outbox;
 pub mod prepare;
 pub mod preprocess;

@@ -156,6 +156,7 @@ impl<'a> Publisher<'a> {
             let _ = events.send(LinkEvent::Disconnected);
         }
         self.connected = false;
+        self.stats.mqtt_connected.store(false, Ordering::Relaxed);
         self.stats.mqtt_errors.fetch_add(1, Ordering::Relaxed);
         let c = &self.cfg.mqtt.conn;
         let wait = backoff(
@@ -313,6 +314,9 @@ impl<'a> Publisher<'a> {
             (self.outbox.len() + self.unstored.len()) as u64,
             Ordering::Relaxed,
         );
+        self.stats
+            .outbox_oldest_unix_ms
+            .store(self.outbox.oldest_written_unix_ms(), Ordering::Relaxed);
     }
 
     /// Hands waiting outbox entries to rumqttc, oldest first, a bounded number at a time.
@@ -398,6 +402,7 @@ impl<'a> Publisher<'a> {
         match ev {
             Event::Incoming(Packet::ConnAck(ack)) => {
                 self.connected = true;
+                self.stats.mqtt_connected.store(true, Ordering::Relaxed);
                 self.stats.mqtt_connections.fetch_add(1, Ordering::Relaxed);
                 if !ack.session_present {
                     // rumqttc cleared what it held: the outbox re-sends it

@@ -263,6 +263,19 @@ impl Outbox {
         self.entries.contains(&seq)
     }
 
+    /// When the oldest waiting entry was written (unix ms; 0 when none is waiting or its
+    /// file cannot be read).
+    pub fn oldest_written_unix_ms(&self) -> u64 {
+        let Some(&seq) = self.entries.first() else {
+            return 0;
+        };
+        std::fs::metadata(self.path(seq))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
     /// Sequence numbers waiting, oldest first.
     pub fn pending(&self) -> Vec<u64> {
         self.entries.iter().copied().collect()

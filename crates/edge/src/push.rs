@@ -57,7 +57,7 @@ impl Pushes {
         };
         if self.offers.try_send(offer).is_err() {
             tracing::warn!("{origin} refused: {OFFER_QUEUE} bundles are already waiting to be checked; push it again later");
-            stats.refused(format!("{origin}: busy"));
+            stats.refused(crate::stats::refusal::BUSY, format!("{origin}: busy"));
         }
     }
 }

@@ -2,8 +2,25 @@
 //! periodically on the stats topic.
 
 pub use fhecam_proto::wire::status::Snapshot;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+
+/// Why bundles were refused, as the metrics label them.
+pub mod refusal {
+    /// Older than a version this camera accepted (rollback).
+    pub const ROLLBACK: &str = "rollback";
+    /// Same version as one accepted, other bytes.
+    pub const CONFLICT: &str = "conflict";
+    /// Protected before the newest model accepted.
+    pub const STALE: &str = "stale";
+    /// Not a bundle signed by the owner, corrupt, or not runnable here.
+    pub const INVALID: &str = "invalid";
+    /// The intake's queue was full.
+    pub const BUSY: &str = "busy";
+    /// A dropped file that could not be read.
+    pub const UNREADABLE: &str = "unreadable";
+}
 
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -53,6 +70,17 @@ pub struct Stats {
     pub last_inference_unix_ms: AtomicU64,
     /// Why the last refused bundle was refused.
     pub last_refusal: Mutex<Option<String>>,
+    // For the metrics endpoint only (not on the stats topic):
+    /// PBS done by finished inferences.
+    pub pbs_done: AtomicU64,
+    /// Connected to the broker now.
+    pub mqtt_connected: AtomicBool,
+    /// Unix ms when the oldest outbox entry was written (0: the outbox is empty).
+    pub outbox_oldest_unix_ms: AtomicU64,
+    /// Bundles refused, by [`refusal`] code.
+    pub refused_by: Mutex<BTreeMap<&'static str, u64>>,
+    /// How long each finished inference took.
+    pub inference_seconds: fhecam_metrics::Seconds,
 }
 
 impl Stats {
@@ -85,9 +113,13 @@ impl Stats {
         }
     }
 
-    /// Counts a refused bundle and keeps its reason for the stats topic.
-    pub fn refused(&self, reason: String) {
+    /// Counts a refused bundle (`code`: one of [`refusal`]) and keeps its reason for the
+    /// stats topic.
+    pub fn refused(&self, code: &'static str, reason: String) {
         self.bundles_refused.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut by) = self.refused_by.lock() {
+            *by.entry(code).or_default() += 1;
+        }
         if let Ok(mut r) = self.last_refusal.lock() {
             *r = Some(reason);
         }

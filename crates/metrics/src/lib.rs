@@ -1,21 +1,17 @@
 //! Prometheus metrics for the camera daemon and the agent: the `[metrics]` section both
-//! configurations share, the `/metrics` endpoint (the text format of `prometheus-client`),
-//! and helpers for collectors that read counters the process keeps anyway, so the
-//! numbers scraped are the numbers the stats topic and the closing stats report.
+//! configurations share, the `/metrics` endpoint in the Prometheus text format (rendered
+//! by `metrics-exporter-prometheus`, each process with its own recorder), and a collector
+//! that reads the counters the process keeps anyway on every scrape, so the numbers
+//! scraped are the numbers the stats topic and the closing stats report.
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use serde::Deserialize;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
-
-pub use prometheus_client;
 
 /// `[metrics]`: where `/metrics` is served. Absent: no endpoint.
 #[derive(Clone, Debug, Deserialize)]
@@ -32,7 +28,7 @@ pub struct MetricsConfig {
 }
 
 impl MetricsConfig {
-    /// `listen` as an address, bounded as `check` bounds it.
+    /// `listen` as an address, or why not (naming the field).
     pub fn addr(&self) -> Result<SocketAddr, String> {
         let a: SocketAddr = self.listen.parse().map_err(|e| {
             format!(
@@ -60,35 +56,75 @@ pub enum MetricsError {
     Config(String),
 }
 
-/// A duration histogram in seconds.
-#[derive(Clone, Debug)]
-pub struct Seconds(pub Histogram);
+/// Histogram buckets (seconds): 10 ms doubling to about 22 minutes, for decryptions (ms)
+/// and encrypted inferences (seconds to minutes).
+fn buckets() -> Vec<f64> {
+    (0..18).map(|i| 0.01 * f64::from(1u32 << i)).collect()
+}
+
+/// A duration histogram, recording only once an [`Exporter`] is attached (a process
+/// without `[metrics]` records nothing).
+#[derive(Debug, Default)]
+pub struct Seconds(OnceLock<metrics::Histogram>);
 
 impl Seconds {
-    /// Buckets from `first` seconds, doubling, `count` of them.
-    pub fn new(first: f64, count: u16) -> Self {
-        Seconds(Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(first, 2.0, count),
-        ))
-    }
-
     pub fn observe(&self, d: std::time::Duration) {
-        self.0.observe(d.as_secs_f64());
+        if let Some(h) = self.0.get() {
+            h.record(d.as_secs_f64());
+        }
     }
 }
 
-/// The registry's metrics in the Prometheus text format.
-pub fn render(registry: &Registry) -> String {
-    let mut out = String::new();
-    // writing to a String cannot fail
-    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
-    out
+type Collect = Box<dyn Fn(&mut Emit) + Send + Sync>;
+
+/// One process's metrics: its own recorder, its collector, its histograms.
+pub struct Exporter {
+    prefix: &'static str,
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    collect: Collect,
+}
+
+impl Exporter {
+    /// Metrics named `<prefix>_...`; `collect` writes the counters on each scrape.
+    pub fn new(prefix: &'static str, collect: impl Fn(&mut Emit) + Send + Sync + 'static) -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets())
+            .expect("fixed, non-empty buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        Exporter {
+            prefix,
+            recorder,
+            handle,
+            collect: Box::new(collect),
+        }
+    }
+
+    /// Attaches `s` as the histogram `<prefix>_<name>` (`name` ends in `_seconds`).
+    pub fn histogram(&self, s: &Seconds, name: &str, help: &'static str) {
+        let full = format!("{}_{name}", self.prefix);
+        metrics::with_local_recorder(&self.recorder, || {
+            metrics::describe_histogram!(full.clone(), metrics::Unit::Seconds, help);
+            let _ = s.0.set(metrics::histogram!(full));
+        });
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        metrics::with_local_recorder(&self.recorder, || {
+            (self.collect)(&mut Emit {
+                prefix: self.prefix,
+            })
+        });
+        self.handle.render()
+    }
 }
 
 /// Serves `GET /metrics` until `shutdown`; returns the bound address.
 pub async fn serve(
     cfg: &MetricsConfig,
-    registry: Arc<Registry>,
+    exporter: Arc<Exporter>,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), MetricsError> {
     use axum::http::header;
@@ -102,14 +138,14 @@ pub async fn serve(
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let registry = registry.clone();
+            let exporter = exporter.clone();
             async move {
                 (
                     [(
                         header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        "text/plain; version=0.0.4; charset=utf-8",
                     )],
-                    render(&registry),
+                    exporter.render(),
                 )
             }
         }),
@@ -126,56 +162,54 @@ pub async fn serve(
     Ok((local, task))
 }
 
-/// What a collector writes on each scrape: values read from the process's own counters.
-pub struct Emit<'a, 'b>(pub &'b mut DescriptorEncoder<'a>);
+/// What a collector writes on each scrape (inside the exporter's own recorder).
+pub struct Emit {
+    prefix: &'static str,
+}
 
-type Fmt = Result<(), std::fmt::Error>;
+impl Emit {
+    fn name(&self, name: &str, suffix: &str) -> String {
+        format!("{}_{name}{suffix}", self.prefix)
+    }
 
-impl Emit<'_, '_> {
-    /// A counter (`<name>_total`).
-    pub fn counter(&mut self, name: &str, help: &str, v: u64) -> Fmt {
-        let c = ConstCounter::new(v);
-        c.encode(self.0.encode_descriptor(name, help, None, c.metric_type())?)
+    /// A counter `<prefix>_<name>_total`.
+    pub fn counter(&mut self, name: &str, help: &'static str, v: u64) {
+        let n = self.name(name, "_total");
+        metrics::describe_counter!(n.clone(), help);
+        metrics::counter!(n).absolute(v);
     }
 
     /// A counter split by one label.
-    pub fn counters_by(&mut self, name: &str, help: &str, label: &str, vs: &[(&str, u64)]) -> Fmt {
-        let kind = ConstCounter::new(0u64).metric_type();
-        let mut m = self.0.encode_descriptor(name, help, None, kind)?;
+    pub fn counters_by(
+        &mut self,
+        name: &str,
+        help: &'static str,
+        label: &'static str,
+        vs: &[(&str, u64)],
+    ) {
+        let n = self.name(name, "_total");
+        metrics::describe_counter!(n.clone(), help);
         for (value, v) in vs {
-            let labels = [(label, *value)];
-            ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
+            metrics::counter!(n.clone(), label => value.to_string()).absolute(*v);
         }
-        Ok(())
     }
 
-    pub fn gauge(&mut self, name: &str, help: &str, v: f64) -> Fmt {
-        let g = ConstGauge::new(v);
-        g.encode(self.0.encode_descriptor(name, help, None, g.metric_type())?)
+    pub fn gauge(&mut self, name: &str, help: &'static str, v: f64) {
+        let n = self.name(name, "");
+        metrics::describe_gauge!(n.clone(), help);
+        metrics::gauge!(n).set(v);
     }
 
-    /// An info metric (`<name>_info 1` with the labels).
-    pub fn info(&mut self, name: &str, help: &str, labels: Vec<(String, String)>) -> Fmt {
-        let i = prometheus_client::metrics::info::Info::new(labels);
-        i.encode(self.0.encode_descriptor(name, help, None, i.metric_type())?)
-    }
-}
-
-/// A collector from a closure over the process's counters.
-pub struct FnCollector<F>(pub F);
-
-impl<F> std::fmt::Debug for FnCollector<F> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FnCollector")
-    }
-}
-
-impl<F> Collector for FnCollector<F>
-where
-    F: Fn(&mut Emit) -> Fmt + Send + Sync + 'static,
-{
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Fmt {
-        (self.0)(&mut Emit(&mut encoder))
+    /// An info metric: the gauge `<prefix>_<name>_info` at 1 with the labels (the text
+    /// format has no info type).
+    pub fn info(&mut self, name: &str, help: &'static str, labels: Vec<(&'static str, String)>) {
+        let n = self.name(name, "_info");
+        metrics::describe_gauge!(n.clone(), help);
+        let labels: Vec<metrics::Label> = labels
+            .into_iter()
+            .map(|(k, v)| metrics::Label::new(k, v))
+            .collect();
+        metrics::gauge!(n, labels).set(1.0);
     }
 }
 
@@ -185,18 +219,24 @@ mod tests {
 
     #[test]
     fn collectors_and_histograms_render_in_the_text_format() {
-        let mut r = Registry::with_prefix("fhecam_test");
-        let s = Seconds::new(0.5, 4);
+        let e = Exporter::new("fhecam_test", |e: &mut Emit| {
+            e.counter("things", "Things done", 3);
+            e.counters_by(
+                "drops",
+                "Things dropped",
+                "reason",
+                &[("busy", 1), ("bad", 2)],
+            );
+            e.gauge("connected", "1 when connected", 1.0);
+            e.info("model", "The model", vec![("name", "d\"x".into())]);
+        });
+        let s = Seconds::default();
+        s.observe(std::time::Duration::from_secs(1)); // not attached: nothing
+        e.histogram(&s, "work_duration_seconds", "How long work takes");
         s.observe(std::time::Duration::from_secs(1));
-        r.register("work_duration_seconds", "How long work takes", s.0.clone());
-        r.register_collector(Box::new(FnCollector(|e: &mut Emit| {
-            e.counter("things", "Things done", 3)?;
-            e.counters_by("drops", "Things dropped", "reason", &[("busy", 1), ("bad", 2)])?;
-            e.gauge("connected", "1 when connected", 1.0)?;
-            e.info("model", "The model", vec![("name".into(), "d\"x".into())])
-        })));
-        let t = render(&r);
+        let t = e.render();
         for line in [
+            "# HELP fhecam_test_things_total Things done",
             "fhecam_test_things_total 3",
             "fhecam_test_drops_total{reason=\"busy\"} 1",
             "fhecam_test_connected 1",

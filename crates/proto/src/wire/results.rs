@@ -56,6 +56,24 @@ pub enum RefusalCode {
 }
 
 impl RefusalCode {
+    /// The code as JSON writes it (`unknown_model`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalCode::Oversized => "oversized",
+            RefusalCode::NotInferenceTopic => "not_inference_topic",
+            RefusalCode::MalformedEnvelope => "malformed_envelope",
+            RefusalCode::WrongSender => "wrong_sender",
+            RefusalCode::UnknownModel => "unknown_model",
+            RefusalCode::ModelUnusable => "model_unusable",
+            RefusalCode::WrongVersion => "wrong_version",
+            RefusalCode::MalformedCiphertext => "malformed_ciphertext",
+            RefusalCode::WrongLayout => "wrong_layout",
+            RefusalCode::DecryptionCheck => "decryption_check",
+            RefusalCode::ImpossibleValues => "impossible_values",
+            RefusalCode::Internal => "internal",
+        }
+    }
+
     /// Every code, for documents and tests that list them.
     pub const ALL: [RefusalCode; 12] = [
         RefusalCode::Oversized,
@@ -84,4 +102,16 @@ pub struct DeadLetter {
     pub payload_bytes: usize,
     /// RFC 3339, UTC.
     pub time: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_read_as_json_writes_them() {
+        for c in RefusalCode::ALL {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
+        }
+    }
 }
