@@ -67,6 +67,7 @@ fn edge_base(d: &Path) -> Fields {
         ("deploy", "drop_dir", p("drop")),
         ("deploy", "scan_interval_s", "2.0".into()),
         ("deploy", "keep_refused", "16".into()),
+        ("metrics", "listen", q("127.0.0.1:9464")),
     ]
 }
 
@@ -93,6 +94,7 @@ fn agent_base(d: &Path) -> Fields {
         ("limits", "per_device_per_minute", "60.0".into()),
         ("limits", "burst", "10.0".into()),
         ("limits", "max_held", "64".into()),
+        ("metrics", "listen", q("127.0.0.1:9465")),
     ]
 }
 
@@ -330,6 +332,7 @@ fn every_field_is_bounded_and_named() {
             ("deploy", "drop_dir", Path),
             ("deploy", "scan_interval_s", Float),
             ("deploy", "keep_refused", Int),
+            ("metrics", "listen", Str),
         ],
         &[
             ("mqtt", "port", "70000"),
@@ -354,6 +357,9 @@ fn every_field_is_bounded_and_named() {
             ("deploy", "scan_interval_s", "3601"),
             ("deploy", "keep_refused", "10001"),
             ("deploy", "push", "\"maybe\""),
+            ("metrics", "listen", "\"0.0.0.0:9464\""),
+            ("metrics", "listen", "\"127.0.0.1:70000\""),
+            ("metrics", "allow_remote", "\"maybe\""),
         ],
         &[
             ("preprocess.sample_interval_s", "0"),
@@ -399,6 +405,7 @@ fn every_field_is_bounded_and_named() {
             ("limits", "per_device_per_minute", Float),
             ("limits", "burst", Float),
             ("limits", "max_held", Int),
+            ("metrics", "listen", Str),
         ],
         &[
             ("", "logits_for", "[\"\"]"),
@@ -418,6 +425,8 @@ fn every_field_is_bounded_and_named() {
             ("limits", "max_payload_bytes", "1e9"),
             ("limits", "max_held", "1"),
             ("limits", "max_held", "5000"),
+            ("metrics", "listen", "\"0.0.0.0:9465\""),
+            ("metrics", "listen", "\"localhost\""),
             ("mqtt.tls", "ca", "\"/nonexistent/ca.pem\""),
         ],
         &[("mqtt.password", "\"\"")],

@@ -167,6 +167,28 @@ fn camera_and_agent_metrics_count_what_happened_and_pass_promtool() {
         Some(5.0)
     );
     assert_eq!(value(&agent_text, "fhecam_agent_mqtt_connected"), Some(1.0));
+    // every series the Grafana dashboard in docs/ queries is one of these
+    let dashboard = include_str!("../docs/grafana-dashboard.json");
+    let mut queried = 0;
+    for (i, _) in dashboard.match_indices("fhecam_") {
+        let name: String = dashboard[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if name == "fhecam_" || name.starts_with("fhecam_fleet") {
+            continue;
+        }
+        queried += 1;
+        let served = |t: &str| {
+            t.lines()
+                .any(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+        };
+        assert!(
+            served(&cam_text) || served(&agent_text),
+            "the dashboard queries {name}, which neither endpoint serves"
+        );
+    }
+    assert!(queried >= 10, "{queried} series queried");
     let stats = stop_agent(agent, Duration::from_secs(30));
     assert_eq!(stats["received"], 7);
     assert_eq!(stats["decrypted"], 5);

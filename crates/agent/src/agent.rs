@@ -740,7 +740,10 @@ fn metrics_exporter(c: Arc<Counters>) -> fhecam_metrics::Exporter {
             .lock()
             .map(|m| m.clone())
             .unwrap_or_default();
-        let by: Vec<(&str, u64)> = by.into_iter().collect();
+        let by: Vec<(&str, u64)> = fhecam_proto::wire::RefusalCode::ALL
+            .iter()
+            .map(|code| (code.as_str(), by.get(code.as_str()).copied().unwrap_or(0)))
+            .collect();
         e.counters_by(
             "refused",
             "Inferences refused (dead letters), by refusal code",

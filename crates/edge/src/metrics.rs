@@ -109,7 +109,10 @@ pub fn exporter(stats: Arc<Stats>, current: Arc<Current>, input_mode: &'static s
             .lock()
             .map(|m| m.clone())
             .unwrap_or_default();
-        let by: Vec<(&str, u64)> = by.into_iter().collect();
+        let by: Vec<(&str, u64)> = super::stats::refusal::ALL
+            .iter()
+            .map(|&c| (c, by.get(c).copied().unwrap_or(0)))
+            .collect();
         e.counters_by(
             "bundles_refused",
             "Bundles refused while running, by reason",

@@ -20,6 +20,8 @@ pub mod refusal {
     pub const BUSY: &str = "busy";
     /// A dropped file that could not be read.
     pub const UNREADABLE: &str = "unreadable";
+    /// Every code: the metrics show each, 0 until it happens.
+    pub const ALL: [&str; 6] = [ROLLBACK, CONFLICT, STALE, INVALID, BUSY, UNREADABLE];
 }
 
 #[derive(Debug, Default)]
