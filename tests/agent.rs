@@ -75,8 +75,7 @@ fn shared_agents_decrypt_once_and_dead_letter_every_attack() {
     };
 
     // broker, cockpit, two agents in one group
-    let port = free_port();
-    let _broker = Broker::start(d, port);
+    let (port, _broker) = Broker::on_free_port(d);
     let msgs = subscribe(port, "cockpit-test", &["cockpit/#", "backend/deadletter"]);
     let agent_cfg = |n: u32| {
         let p = d.join(format!("backend{n}.toml"));

@@ -53,10 +53,8 @@ const FLOOD_RSS_GROWTH_MB: u64 = 32;
 fn a_flood_over_the_rate_limit_is_held_to_the_bound() {
     let dir = tempfile::tempdir().unwrap();
     let o = owner(dir.path());
-    let port = free_port();
-    let _broker = Broker::start(dir.path(), port);
-    let cockpit = subscribe(port, "cockpit-f", &["cockpit/#", "backend/deadletter"]);
-    let cams = Publisher::new(port, "cameras-f");
+    let (port, _broker) = Broker::on_free_port(dir.path());
+    let (cockpit, cams) = cockpit_and_cameras(port, "f");
     let cfg = o.agent_config(
         "agent-f",
         port,
@@ -186,10 +184,8 @@ fn envelope_of(id: &str, version: u32, ct: &[u8], device: &str, seq: u64) -> Vec
 fn owner_db_replaced_by_rename_and_transient_refusals() {
     let dir = tempfile::tempdir().unwrap();
     let o = owner(dir.path());
-    let port = free_port();
-    let _broker = Broker::start(dir.path(), port);
-    let cockpit = subscribe(port, "cockpit-r", &["cockpit/#", "backend/deadletter"]);
-    let cams = Publisher::new(port, "cameras-r");
+    let (port, _broker) = Broker::on_free_port(dir.path());
+    let (cockpit, cams) = cockpit_and_cameras(port, "r");
     let cfg = o.agent_config("agent-r", port, "", "");
     let agent = spawn_agent(&cfg, &[]);
     std::thread::sleep(Duration::from_secs(2));
@@ -271,8 +267,7 @@ fn owner_db_replaced_by_rename_and_transient_refusals() {
 fn the_default_client_id_cannot_be_guessed_and_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     let o = owner(dir.path());
-    let port = free_port();
-    let _broker = Broker::start(dir.path(), port);
+    let (port, _broker) = Broker::on_free_port(dir.path());
     let cockpit = subscribe(port, "cockpit-c", &["cockpit/#"]);
     let cams = Publisher::new(port, "cameras-c");
     let cfg = o.agent_config("agent-c", port, "", "");

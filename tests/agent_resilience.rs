@@ -42,6 +42,27 @@ fn key(d: &str, c: &str, e: u64, q: u64) -> (String, String, u64, u64) {
     (d.into(), c.into(), e, q)
 }
 
+/// Publishes inference `seq` of `device`/`camera` in `epoch`, to reach the cockpit once.
+fn expect(
+    cams: &Publisher,
+    want: &mut Vec<(String, String, u64, u64)>,
+    device: &str,
+    camera: &str,
+    epoch: u64,
+    seq: u64,
+) {
+    let e = shared_owner().envelope(device, camera, epoch, seq);
+    cams.send(&topic(device, camera), e, false);
+    want.push(key(device, camera, epoch, seq));
+}
+
+/// Waits until the cockpit holds `n` results.
+fn wait_results(cockpit: &Messages, what: &str, n: usize, secs: u64) {
+    wait_for(what, Duration::from_secs(secs), || {
+        on(cockpit, "cockpit/").len() >= n
+    });
+}
+
 /// Junk of every kind, one per `i`: random bytes, a truncated envelope, an envelope on
 /// another camera's topic, an unknown model.
 fn junk(o: &Owner, i: u64) -> (String, Vec<u8>) {
@@ -67,10 +88,8 @@ fn junk(o: &Owner, i: u64) -> (String, Vec<u8>) {
 fn retained_burst_outage_and_restart_lose_nothing() {
     let o = shared_owner();
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let broker = Broker::start(dir.path(), port);
-    let cockpit = subscribe(port, "cockpit-a", &["cockpit/#", "backend/deadletter"]);
-    let cams = Publisher::new(port, "cameras-a");
+    let (port, broker) = Broker::on_free_port(dir.path());
+    let (cockpit, cams) = cockpit_and_cameras(port, "a");
     let mut want = Vec::new();
     let mut junk_sent = 0usize;
     // no client id: the default must be stable across restarts
@@ -93,11 +112,7 @@ fn retained_burst_outage_and_restart_lose_nothing() {
     }
     std::thread::sleep(Duration::from_secs(1));
     let agent = spawn_agent(&cfg, &[]);
-    wait_for(
-        "the 50 retained inferences",
-        Duration::from_secs(60),
-        || on(&cockpit, "cockpit/").len() >= 50,
-    );
+    wait_results(&cockpit, "the 50 retained inferences", 50, 60);
     wait_for(
         "the 50 retained junk messages",
         Duration::from_secs(60),
@@ -109,21 +124,14 @@ fn retained_burst_outage_and_restart_lose_nothing() {
     for i in 0..2000u64 {
         if i % 4 == 0 {
             let cam = format!("b{}", i % 5);
-            cams.send(
-                &topic("burst", &cam),
-                o.envelope("burst", &cam, 9, i),
-                false,
-            );
-            want.push(key("burst", &cam, 9, i));
+            expect(&cams, &mut want, "burst", &cam, 9, i);
         } else {
             let (t, p) = junk(o, i);
             cams.send(&t, p, false);
             junk_sent += 1;
         }
     }
-    wait_for("the burst's 500 results", Duration::from_secs(300), || {
-        on(&cockpit, "cockpit/").len() >= 550
-    });
+    wait_results(&cockpit, "the burst's 500 results", 550, 300);
     wait_for(
         "the burst's 1,500 dead letters",
         Duration::from_secs(120),
@@ -135,13 +143,8 @@ fn retained_burst_outage_and_restart_lose_nothing() {
     );
     // still responsive: one more is handled within seconds
     let t = Instant::now();
-    cams.send(&topic("late", "c0"), o.envelope("late", "c0", 9, 1), false);
-    want.push(key("late", "c0", 9, 1));
-    wait_for(
-        "the message after the burst",
-        Duration::from_secs(10),
-        || on(&cockpit, "cockpit/").len() >= 551,
-    );
+    expect(&cams, &mut want, "late", "c0", 9, 1);
+    wait_results(&cockpit, "the message after the burst", 551, 10);
     eprintln!("handled {:.2} s after the burst", t.elapsed().as_secs_f64());
 
     // 3. broker outage; 5 cameras replay a backlog of 200 when it is back
@@ -150,18 +153,9 @@ fn retained_burst_outage_and_restart_lose_nothing() {
     let broker = Broker::start(dir.path(), port);
     for i in 0..200u64 {
         let cam = format!("o{}", i % 5);
-        cams.send(
-            &topic("outage", &cam),
-            o.envelope("outage", &cam, 3, i),
-            false,
-        );
-        want.push(key("outage", &cam, 3, i));
+        expect(&cams, &mut want, "outage", &cam, 3, i);
     }
-    wait_for(
-        "the backlog's 200 results",
-        Duration::from_secs(180),
-        || on(&cockpit, "cockpit/").len() >= 751,
-    );
+    wait_results(&cockpit, "the backlog's 200 results", 751, 180);
 
     // 4. SIGTERM: out within 5 s
     let st = stop_agent(agent, Duration::from_secs(5));
@@ -169,15 +163,10 @@ fn retained_burst_outage_and_restart_lose_nothing() {
 
     // 5. restarted on the same (default) config: what arrived meanwhile is all delivered
     for i in 0..10u64 {
-        cams.send(&topic("down", "c0"), o.envelope("down", "c0", 4, i), false);
-        want.push(key("down", "c0", 4, i));
+        expect(&cams, &mut want, "down", "c0", 4, i);
     }
     let agent = spawn_agent(&cfg, &[]);
-    wait_for(
-        "the 10 sent while the agent was down",
-        Duration::from_secs(60),
-        || on(&cockpit, "cockpit/").len() >= 761,
-    );
+    wait_results(&cockpit, "the 10 sent while the agent was down", 761, 60);
     std::thread::sleep(Duration::from_secs(2)); // nothing more should arrive
     stop_agent(agent, Duration::from_secs(5));
     assert_exactly_once(&cockpit, &want);
@@ -194,10 +183,8 @@ fn retained_burst_outage_and_restart_lose_nothing() {
 fn rate_limit_crash_window_and_outbox_reset() {
     let o = shared_owner();
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _broker = Broker::start(dir.path(), port);
-    let cockpit = subscribe(port, "cockpit-b", &["cockpit/#", "backend/deadletter"]);
-    let cams = Publisher::new(port, "cameras-b");
+    let (port, _broker) = Broker::on_free_port(dir.path());
+    let (cockpit, cams) = cockpit_and_cameras(port, "b");
     let cfg = o.agent_config(
         "agent-b",
         port,
@@ -209,12 +196,7 @@ fn rate_limit_crash_window_and_outbox_reset() {
     // a crash after decryption, before the result is handed to the broker
     let crashing = spawn_agent(&cfg, &[("FHECAM_FAILPOINT", "agent-after-decrypt")]);
     std::thread::sleep(Duration::from_secs(2));
-    cams.send(
-        &topic("crash", "c0"),
-        o.envelope("crash", "c0", 5, 0),
-        false,
-    );
-    want.push(key("crash", "c0", 5, 0));
+    expect(&cams, &mut want, "crash", "c0", 5, 0);
     let mut crashing = crashing;
     let t = Instant::now();
     let status = loop {
@@ -239,18 +221,9 @@ fn rate_limit_crash_window_and_outbox_reset() {
     // a camera over its rate limit (burst 3, then 1 a second): all 12 arrive, later
     let t = Instant::now();
     for seq in 0..12u64 {
-        cams.send(
-            &topic("fast", "c0"),
-            o.envelope("fast", "c0", 8, seq),
-            false,
-        );
-        want.push(key("fast", "c0", 8, seq));
+        expect(&cams, &mut want, "fast", "c0", 8, seq);
     }
-    wait_for(
-        "the 12 rate-limited results",
-        Duration::from_secs(60),
-        || on(&cockpit, "cockpit/").len() >= 13,
-    );
+    wait_results(&cockpit, "the 12 rate-limited results", 13, 60);
     let took = t.elapsed();
     assert!(
         took >= Duration::from_secs(7),
@@ -260,32 +233,18 @@ fn rate_limit_crash_window_and_outbox_reset() {
     // an outbox reset: sequence numbers start again under a new epoch and are new results;
     // a replay of the old epoch is not
     for seq in 0..4u64 {
-        cams.send(
-            &topic("reset", "c0"),
-            o.envelope("reset", "c0", 100, seq),
-            false,
-        );
-        want.push(key("reset", "c0", 100, seq));
+        expect(&cams, &mut want, "reset", "c0", 100, seq);
     }
-    wait_for("epoch 100", Duration::from_secs(30), || {
-        on(&cockpit, "cockpit/").len() >= 17
-    });
+    wait_results(&cockpit, "epoch 100", 17, 30);
     for seq in 0..4u64 {
-        cams.send(
-            &topic("reset", "c0"),
-            o.envelope("reset", "c0", 200, seq),
-            false,
-        );
-        want.push(key("reset", "c0", 200, seq));
+        expect(&cams, &mut want, "reset", "c0", 200, seq);
     }
     cams.send(
         &topic("reset", "c0"),
         o.envelope("reset", "c0", 100, 2),
         false,
     );
-    wait_for("epoch 200", Duration::from_secs(30), || {
-        on(&cockpit, "cockpit/").len() >= 21
-    });
+    wait_results(&cockpit, "epoch 200", 21, 30);
     std::thread::sleep(Duration::from_secs(2));
     let st = stop_agent(agent, Duration::from_secs(5));
     assert_eq!(st["duplicates"], 1, "the replay: {st}");
@@ -388,8 +347,7 @@ fn check_verifies_and_writes_nothing() {
 fn a_shared_subscription_is_renewed_after_a_broker_restart() {
     let o = shared_owner();
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let broker = Broker::start(dir.path(), port);
+    let (port, broker) = Broker::on_free_port(dir.path());
     let cfg = o.agent_config(
         "agent-c",
         port,
@@ -410,18 +368,9 @@ fn a_shared_subscription_is_renewed_after_a_broker_restart() {
     let cams = Publisher::new(port, "cameras-c");
     let mut want = Vec::new();
     for seq in 0..3u64 {
-        cams.send(
-            &topic("shared", "c0"),
-            o.envelope("shared", "c0", 6, seq),
-            false,
-        );
-        want.push(key("shared", "c0", 6, seq));
+        expect(&cams, &mut want, "shared", "c0", 6, seq);
     }
-    wait_for(
-        "3 results after the restart",
-        Duration::from_secs(30),
-        || on(&cockpit, "cockpit/").len() >= 3,
-    );
+    wait_results(&cockpit, "3 results after the restart", 3, 30);
     stop_agent(agent, Duration::from_secs(5));
     assert_exactly_once(&cockpit, &want);
 }

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{bin, finish, free_port, ok, s, wait_for, Broker, Messages};
+use common::{bin, finish, free_port, kill, ok, s, wait_for, Broker, Messages};
 
 /// Records every message under `fhecam/` (QoS 1, persistent session).
 fn subscribe(port: u16, id: &str) -> Messages {
@@ -123,6 +123,20 @@ fn run_daemon(config: &Path) -> Child {
         .unwrap()
 }
 
+/// The counters a daemon prints as it exits.
+fn closing_stats(out: std::process::Output) -> fhecam::edge::stats::Snapshot {
+    serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap()
+}
+
+/// SIGTERM to a running daemon; it must exit 0 within `limit`. Its log and counters.
+fn terminate(child: Child, limit: Duration) -> (String, fhecam::edge::stats::Snapshot) {
+    kill(&child, "-TERM");
+    let out = finish(child, limit);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    (err, closing_stats(out))
+}
+
 fn topic_payloads(msgs: &Messages, leaf: &str) -> Vec<Vec<u8>> {
     msgs.lock()
         .unwrap()
@@ -136,8 +150,7 @@ fn topic_payloads(msgs: &Messages, leaf: &str) -> Vec<Vec<u8>> {
 fn every_frame_arrives_decryptable_across_a_broker_restart() {
     let dir = tempfile::tempdir().unwrap();
     let o = owner(dir.path());
-    let port = free_port();
-    let broker = Broker::start(dir.path(), port);
+    let (port, broker) = Broker::on_free_port(dir.path());
     let msgs = subscribe(port, "test-sub");
     let pipeline = format!(
         "multifilesrc location={} index=0 stop-index={} caps=image/png,framerate=1/1 ! pngdec ! videoconvert ! appsink",
@@ -163,8 +176,7 @@ fn every_frame_arrives_decryptable_across_a_broker_restart() {
 
     let out = finish(child, Duration::from_secs(300));
     assert!(out.status.success(), "daemon failed");
-    let stats: fhecam::edge::stats::Snapshot =
-        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    let stats = closing_stats(out);
     assert_eq!(stats.inferences, FRAMES as u64, "{stats:?}");
     assert_eq!(stats.published, FRAMES as u64, "{stats:?}");
     assert!(
@@ -263,8 +275,7 @@ fn broker_outage_and_sigkill_lose_nothing() {
 fn sigterm_drains_the_running_inference_and_says_offline() {
     let dir = tempfile::tempdir().unwrap();
     let o = owner(dir.path());
-    let port = free_port();
-    let _broker = Broker::start(dir.path(), port);
+    let (port, _broker) = Broker::on_free_port(dir.path());
     let msgs = subscribe(port, "test-sub-3");
     let live = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=32,height=32,framerate=5/1 ! videoconvert ! appsink";
     // this camera keeps its frames in the clear (device-clear input)
@@ -282,19 +293,9 @@ fn sigterm_drains_the_running_inference_and_says_offline() {
             .any(|p| p == b"online")
     });
     std::thread::sleep(Duration::from_secs(2)); // an inference is running now
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let out = finish(child, Duration::from_secs(200));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let (err, stats) = terminate(child, Duration::from_secs(200));
     assert!(err.contains("SIGTERM"), "{err}");
     assert!(err.contains("(device-clear input)"), "{err}");
-    let stats: fhecam::edge::stats::Snapshot =
-        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
     assert!(
         stats.inferences >= 1,
         "the running inference finished: {stats:?}"
@@ -376,18 +377,8 @@ fn bad_configs_bundles_and_cameras_are_named() {
     std::fs::write(&cfg, text).unwrap();
     let child = run_daemon(&cfg);
     std::thread::sleep(Duration::from_secs(8));
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let out = finish(child, Duration::from_secs(120));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let (err, stats) = terminate(child, Duration::from_secs(120));
     assert!(err.contains("no frame for"), "{err}");
-    let stats: fhecam::edge::stats::Snapshot =
-        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
     assert!(stats.source_restarts >= 2, "{stats:?}");
 }
 

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{daemon, free_port, log, s, stop_daemon as stop, wait_for, Broker, Messages};
+use common::{daemon, log, s, stop_daemon as stop, wait_for, Broker, Messages};
 use fhecam::wire::envelope;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -100,8 +100,7 @@ fn a_full_outbox_and_a_broker_outage_lose_nothing_unseen_and_recover_without_res
     let dir = tempfile::tempdir().unwrap();
     let o = common::owner(dir.path());
     let fs = Tmpfs::mount(&dir.path().join("small"), "4m");
-    let port = free_port();
-    let broker = Broker::start(dir.path(), port);
+    let (port, broker) = Broker::on_free_port(dir.path());
     let msgs = common::subscribe(port, "test-sub", &["fhecam/#"]);
     let cfg = config(&o, "full", port, &fs.0.join("outbox"));
     let (child, log_path) = daemon(&cfg);
@@ -158,8 +157,7 @@ fn a_full_outbox_and_a_broker_outage_lose_nothing_unseen_and_recover_without_res
 fn rotten_outbox_entries_are_set_aside_and_a_fifo_bundle_blocks_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let o = common::owner(dir.path());
-    let port = free_port();
-    let broker = Broker::start(dir.path(), port);
+    let (port, broker) = Broker::on_free_port(dir.path());
     let msgs = common::subscribe(port, "test-sub", &["fhecam/#"]);
     // a previous run left an entry over the envelope limit and a directory named like one
     let outbox = dir.path().join("outbox");

@@ -5,12 +5,12 @@
 
 mod common;
 
-use common::{bin, finish, free_port, s, wait_for, Broker};
+use common::{bin, finish, free_port, kill, s, wait_for, Broker};
 use fhecam::edge::infer::{drain_extension, frame_estimate, ASSUMED_PBS_S};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -88,14 +88,6 @@ fn config(dir: &Path, cam: &str, port: u16, outbox: &Path, extra: &str) -> PathB
     p
 }
 
-fn kill(child: &Child, signal: &str) {
-    assert!(Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-}
-
 type Datagrams = Arc<Mutex<Vec<(Instant, String)>>>;
 
 fn notified(d: &Datagrams, what: &str) -> Vec<(Instant, String)> {
@@ -110,8 +102,7 @@ fn notified(d: &Datagrams, what: &str) -> Vec<(Instant, String)> {
 #[test]
 fn ready_watchdog_drain_and_stopping_reach_systemd() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _broker = Broker::start(dir.path(), port);
+    let (port, _broker) = Broker::on_free_port(dir.path());
     // a 1 s floor: only the model-based deadline keeps the running frame from being abandoned
     let cfg = config(
         dir.path(),
@@ -197,8 +188,7 @@ fn ready_watchdog_drain_and_stopping_reach_systemd() {
 #[test]
 fn sigkill_leaves_the_last_will_offline() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _broker = Broker::start(dir.path(), port);
+    let (port, _broker) = Broker::on_free_port(dir.path());
     let msgs = subscribe(port, "will-sub", "fhecam/dev1/will/availability");
     let cfg = config(dir.path(), "will", port, &dir.path().join("outbox"), "");
     let child = bin()

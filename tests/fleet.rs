@@ -11,8 +11,8 @@ use std::time::Duration;
 
 mod common;
 use common::{
-    bin, daemon, free_port, log, ok, on, s, spawn_agent, stop_daemon as stop, subscribe, wait_for,
-    Broker, Messages,
+    bin, daemon, log, ok, on, s, spawn_agent, stop_daemon as stop, subscribe, wait_for, Broker,
+    Messages,
 };
 
 /// A live test source: a moving ball, so every frame is new.
@@ -141,14 +141,27 @@ fn status(msgs: &Messages, device: &str) -> serde_json::Value {
         .unwrap_or_default()
 }
 
+/// `deploy` flags pushing to dev1's cameras through `broker`, confirmed within
+/// `confirm_s` seconds.
+fn push_to_dev1<'a>(broker: &'a str, confirm_s: &'a str) -> [&'a str; 7] {
+    [
+        "--push",
+        "--broker",
+        broker,
+        "--devices",
+        "dev1",
+        "--confirm-s",
+        confirm_s,
+    ]
+}
+
 const LONG: Duration = Duration::from_secs(240);
 
 #[test]
 fn cameras_take_pushed_dropped_and_reloaded_versions_and_refuse_old_ones() {
     let dir = tempfile::tempdir().unwrap();
     let f = Fleet::new(dir.path());
-    let port = free_port();
-    let _broker = Broker::start(dir.path(), port);
+    let (port, _broker) = Broker::on_free_port(dir.path());
     let msgs = subscribe(
         port,
         "fleet-test",
@@ -181,18 +194,8 @@ fn cameras_take_pushed_dropped_and_reloaded_versions_and_refuse_old_ones() {
     });
 
     // push version 2 to dev1 only, without writing a file
-    let out = f.deploy(
-        &v2,
-        &[
-            "--push",
-            "--broker",
-            &format!("127.0.0.1:{port}"),
-            "--devices",
-            "dev1",
-            "--confirm-s",
-            "120",
-        ],
-    );
+    let addr = format!("127.0.0.1:{port}");
+    let out = f.deploy(&v2, &push_to_dev1(&addr, "120"));
     assert!(out.contains("acknowledged by the broker"), "{out}");
     assert!(
         out.contains(&format!("confirmed: 1 device(s) run model {v2}")),
@@ -263,18 +266,8 @@ fn cameras_take_pushed_dropped_and_reloaded_versions_and_refuse_old_ones() {
     // refused, each with its reason, while dev1 keeps running version 3:
     // an older version pushed (a replay of a validly signed bundle): the broker takes it,
     // the camera refuses it, and --confirm-s says so ...
-    let out = f.deploy_output(
-        &v1,
-        &[
-            "--push",
-            "--broker",
-            &format!("127.0.0.1:{port}"),
-            "--devices",
-            "dev1",
-            "--confirm-s",
-            "15",
-        ],
-    );
+    let addr = format!("127.0.0.1:{port}");
+    let out = f.deploy_output(&v1, &push_to_dev1(&addr, "15"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
@@ -363,8 +356,7 @@ fn cameras_take_pushed_dropped_and_reloaded_versions_and_refuse_old_ones() {
 fn a_rotation_during_a_broker_outage_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let f = Fleet::new(dir.path());
-    let port = free_port();
-    let broker = Broker::start(dir.path(), port);
+    let (port, broker) = Broker::on_free_port(dir.path());
     let msgs = subscribe(port, "rotation-test", &["cockpit/#", "backend/deadletter"]);
     let agent = f.agent(port);
     let (cam, log1) = daemon(&f.config("dev1", port, &f.owner.bundle, ""));
@@ -428,8 +420,7 @@ fn a_rotation_during_a_broker_outage_loses_and_duplicates_nothing() {
 fn an_oversized_retained_status_does_not_hide_the_fleet() {
     use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _broker = Broker::start(dir.path(), port);
+    let (port, _broker) = Broker::on_free_port(dir.path());
     let mut o = MqttOptions::new("retainer", "127.0.0.1", port);
     o.set_max_packet_size(16 << 20, 16 << 20);
     let (client, mut conn) = Client::new(o, 16);

@@ -68,28 +68,17 @@ fn protect_deploy_infer_decrypt_and_refusals() {
 
     // protect
     let db = d.join("owner.db");
-    let err = refused(
-        &[
-            "protect",
-            s(&model_path),
-            "--db",
-            s(&db),
-            "--name",
-            "digits",
-        ],
-        None,
-    );
-    assert!(err.contains("FHECAM_OWNER_PASSPHRASE"), "{err}");
-    let id = ok(&[
+    let protect = [
         "protect",
         s(&model_path),
         "--db",
         s(&db),
         "--name",
         "digits",
-    ])
-    .trim()
-    .to_string();
+    ];
+    let err = refused(&protect, None);
+    assert!(err.contains("FHECAM_OWNER_PASSPHRASE"), "{err}");
+    let id = ok(&protect).trim().to_string();
     let model_id: ModelId = id.parse().expect("protect prints the model id");
     assert_eq!(mode(&db), 0o600);
     let listed = ok(&["models", "--db", s(&db)]);

@@ -99,60 +99,32 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
 /// `train --family tables`: a secret-table network.
 fn tables(a: TrainArgs) -> Result<()> {
-    let TrainArgs {
-        budget_pbs,
-        score_bits,
-        thresholds,
-        n1,
-        n2,
-        group_size,
-        wiring,
-        flip,
-        dataset,
-        out,
-        epochs,
-        seed,
-        lr,
-        channels,
-        stride,
-        padding,
-        pool,
-        hidden,
-        weight_bits,
-        ..
-    } = a;
-    if channels.is_some()
-        || stride.is_some()
-        || padding.is_some()
-        || pool.is_some()
-        || hidden.is_some()
-        || weight_bits.is_some()
-    {
+    if a.cnn_flags_set() {
         bail!("--channels, --stride, --padding, --pool, --hidden and --weight-bits shape a CNN; the tables family takes --budget-pbs and --score-bits");
     }
-    let (tr, te) = load_split(&dataset)?;
-    let d = match budget_pbs {
+    let (tr, te) = load_split(&a.dataset)?;
+    let d = match a.budget_pbs {
         Some(b) => train_tables::TablesConfig::for_budget(b, tr.num_classes())?,
         None => train_tables::TablesConfig::default(),
     };
     let cfg = train_tables::TablesConfig {
-        seed,
-        epochs: epochs.unwrap_or(d.epochs),
-        learning_rate: lr.unwrap_or(d.learning_rate),
-        score_bits: score_bits.unwrap_or(d.score_bits),
-        thresholds: thresholds.unwrap_or(d.thresholds),
-        n1: n1.unwrap_or(d.n1),
-        n2: n2.unwrap_or(d.n2),
-        group_size: group_size.unwrap_or(d.group_size),
-        wiring: wiring.unwrap_or(d.wiring),
-        flip: flip.unwrap_or(d.flip),
+        seed: a.seed,
+        epochs: a.epochs.unwrap_or(d.epochs),
+        learning_rate: a.lr.unwrap_or(d.learning_rate),
+        score_bits: a.score_bits.unwrap_or(d.score_bits),
+        thresholds: a.thresholds.unwrap_or(d.thresholds),
+        n1: a.n1.unwrap_or(d.n1),
+        n2: a.n2.unwrap_or(d.n2),
+        group_size: a.group_size.unwrap_or(d.group_size),
+        wiring: a.wiring.unwrap_or(d.wiring),
+        flip: a.flip.unwrap_or(d.flip),
         ..d
     };
     let r = with_progress(cfg.epochs, |p| train_tables::train(&cfg, &tr, &te, p))?;
-    save_model(&r.model, &out, Some(r.accuracy_float))?;
+    save_model(&r.model, &a.out, Some(r.accuracy_float))?;
     println!(
         "wrote {}: accuracy float {:.4}, integer {:.4} on {} test images, final loss {:.4}; tables {} thresholds/pixel, {} + {} hidden, {} groups of {}, {}-bit scores; PBS per frame (plan) {} device-clear, {} encrypted; {:.1} s",
-        out.display(),
+        a.out.display(),
         r.accuracy_float,
         r.accuracy_plain,
         r.test_samples,
@@ -172,52 +144,21 @@ fn tables(a: TrainArgs) -> Result<()> {
 
 /// `train --family cnn`: a quantization-aware CNN from a preset.
 fn cnn(a: TrainArgs) -> Result<()> {
-    let TrainArgs {
-        budget_pbs,
-        score_bits,
-        thresholds,
-        n1,
-        n2,
-        group_size,
-        wiring,
-        flip,
-        dataset,
-        out,
-        epochs,
-        seed,
-        channels,
-        stride,
-        padding,
-        pool,
-        hidden,
-        lr,
-        weight_bits,
-        preset,
-        family: _,
-    } = a;
-    if budget_pbs.is_some()
-        || score_bits.is_some()
-        || thresholds.is_some()
-        || n1.is_some()
-        || n2.is_some()
-        || group_size.is_some()
-        || wiring.is_some()
-        || flip.is_some()
-    {
+    if a.tables_flags_set() {
         bail!("--budget-pbs, --score-bits, --thresholds, --n1, --n2, --group-size, --wiring and --flip shape a secret-table network: add --family tables");
     }
-    let (tr, te) = load_split(&dataset)?;
-    let d = preset.config();
+    let (tr, te) = load_split(&a.dataset)?;
+    let d = a.preset.config();
     let cfg = train::TrainConfig {
-        seed,
-        epochs: epochs.unwrap_or(d.epochs),
-        conv_channels: channels.unwrap_or(d.conv_channels),
-        stride: stride.unwrap_or(d.stride),
-        padding: padding.unwrap_or(d.padding),
-        pool: pool.or(d.pool),
-        hidden: hidden.or(d.hidden),
-        learning_rate: lr.unwrap_or(d.learning_rate),
-        weight_levels: match weight_bits {
+        seed: a.seed,
+        epochs: a.epochs.unwrap_or(d.epochs),
+        conv_channels: a.channels.unwrap_or(d.conv_channels),
+        stride: a.stride.unwrap_or(d.stride),
+        padding: a.padding.unwrap_or(d.padding),
+        pool: a.pool.or(d.pool),
+        hidden: a.hidden.or(d.hidden),
+        learning_rate: a.lr.unwrap_or(d.learning_rate),
+        weight_levels: match a.weight_bits {
             Some(1) => [-1, 1],
             Some(_) => [-2, 1],
             None => d.weight_levels,
@@ -225,16 +166,40 @@ fn cnn(a: TrainArgs) -> Result<()> {
         ..d
     };
     let report = train_with_progress(&cfg, &tr, &te)?;
-    save_model(&report.model, &out, Some(report.accuracy_float))?;
+    save_model(&report.model, &a.out, Some(report.accuracy_float))?;
     println!(
         "wrote {}: accuracy float {:.4}, integer {:.4} on {} test images, {} ct x ct MACs",
-        out.display(),
+        a.out.display(),
         report.accuracy_float,
         report.accuracy_plain,
         report.test_samples,
         report.model.macs()?
     );
     Ok(())
+}
+
+impl TrainArgs {
+    /// A flag that only shapes a CNN was given.
+    fn cnn_flags_set(&self) -> bool {
+        self.channels.is_some()
+            || self.stride.is_some()
+            || self.padding.is_some()
+            || self.pool.is_some()
+            || self.hidden.is_some()
+            || self.weight_bits.is_some()
+    }
+
+    /// A flag that only shapes a secret-table network was given.
+    fn tables_flags_set(&self) -> bool {
+        self.budget_pbs.is_some()
+            || self.score_bits.is_some()
+            || self.thresholds.is_some()
+            || self.n1.is_some()
+            || self.n2.is_some()
+            || self.group_size.is_some()
+            || self.wiring.is_some()
+            || self.flip.is_some()
+    }
 }
 
 pub(crate) fn train_with_progress(

@@ -138,6 +138,12 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// A broker on a free port, and the port.
+    pub fn on_free_port(dir: &Path) -> (u16, Broker) {
+        let port = free_port();
+        (port, Broker::start(dir, port))
+    }
+
     pub fn start(dir: &Path, port: u16) -> Broker {
         let conf = dir.join(format!("mosquitto-{port}.conf"));
         std::fs::write(
@@ -182,6 +188,17 @@ impl Broker {
 pub type Messages = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
 /// Subscribes to `filters` (QoS 1) on a persistent session and records every message.
+/// The agent's surroundings on a broker: a cockpit recording results and dead letters, and
+/// a client publishing as the cameras, both named after `tag`.
+pub fn cockpit_and_cameras(port: u16, tag: &str) -> (Messages, Publisher) {
+    let cockpit = subscribe(
+        port,
+        &format!("cockpit-{tag}"),
+        &["cockpit/#", "backend/deadletter"],
+    );
+    (cockpit, Publisher::new(port, &format!("cameras-{tag}")))
+}
+
 pub fn subscribe(port: u16, id: &str, filters: &[&str]) -> Messages {
     let mut o = MqttOptions::new(id, "127.0.0.1", port);
     o.set_max_packet_size(4 << 20, 4 << 20);
@@ -411,6 +428,15 @@ pub fn stop_agent(mut a: Agent, limit: Duration) -> serde_json::Value {
         .read_to_string(&mut out)
         .unwrap();
     serde_json::from_str(out.trim().lines().last().unwrap_or("null")).unwrap()
+}
+
+/// Sends `signal` (`-TERM`, `-HUP`...) to a child that must still be there to take it.
+pub fn kill(child: &Child, signal: &str) {
+    assert!(Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
 }
 
 /// Waits for a daemon to exit (killed after `limit`); prints its stderr for the test log.

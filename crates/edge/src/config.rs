@@ -394,7 +394,7 @@ impl EdgeConfig {
 impl SourceConfig {
     /// `[source]`: the pipeline and the restart timing.
     fn check(&self) -> Result<(), String> {
-        use fhecam_proto::mqtt::{check_range, BACKOFF_S};
+        use fhecam_proto::mqtt::{check_backoff, check_range};
         let s = self;
         if s.pipeline.len() > MAX_PIPELINE || s.pipeline.contains('\0') {
             return Err(format!(
@@ -409,22 +409,13 @@ impl SourceConfig {
             ));
         }
         check_range("source.stall_timeout_s", s.stall_timeout_s, STALL_TIMEOUT_S)?;
-        check_range(
-            "source.restart_backoff_initial_s",
-            s.restart_backoff_initial_s,
-            BACKOFF_S,
+        check_backoff(
+            (
+                "source.restart_backoff_initial_s",
+                s.restart_backoff_initial_s,
+            ),
+            ("source.restart_backoff_max_s", s.restart_backoff_max_s),
         )?;
-        check_range(
-            "source.restart_backoff_max_s",
-            s.restart_backoff_max_s,
-            BACKOFF_S,
-        )?;
-        if s.restart_backoff_initial_s > s.restart_backoff_max_s {
-            return Err(format!(
-                "source.restart_backoff_initial_s ({}) must not exceed source.restart_backoff_max_s ({})",
-                s.restart_backoff_initial_s, s.restart_backoff_max_s
-            ));
-        }
         Ok(())
     }
 }

@@ -317,6 +317,20 @@ pub fn check_range(
     }
 }
 
+/// A reconnect or restart backoff: both delays within [`BACKOFF_S`], the first at most
+/// the largest. Each is (field name, value).
+pub fn check_backoff(initial: (&str, f64), max: (&str, f64)) -> Result<(), String> {
+    check_range(initial.0, initial.1, BACKOFF_S)?;
+    check_range(max.0, max.1, BACKOFF_S)?;
+    if initial.1 > max.1 {
+        return Err(format!(
+            "{} ({}) must not exceed {} ({})",
+            initial.0, initial.1, max.0, max.1
+        ));
+    }
+    Ok(())
+}
+
 /// Checks `[<section>]`: every message names the field (`mqtt.port must be 1..=65535, got 0`).
 /// TLS files are read and parsed.
 pub fn check_connection(section: &str, c: &Connection) -> Result<(), String> {
@@ -354,25 +368,13 @@ pub fn check_connection(section: &str, c: &Connection) -> Result<(), String> {
             c.keep_alive_s
         ));
     }
-    check_range(
-        &f("reconnect_backoff_initial_s"),
-        c.reconnect_backoff_initial_s,
-        BACKOFF_S,
-    )?;
-    check_range(
-        &f("reconnect_backoff_max_s"),
-        c.reconnect_backoff_max_s,
-        BACKOFF_S,
-    )?;
-    if c.reconnect_backoff_initial_s > c.reconnect_backoff_max_s {
-        return Err(format!(
-            "{} ({}) must not exceed {} ({})",
-            f("reconnect_backoff_initial_s"),
+    check_backoff(
+        (
+            &f("reconnect_backoff_initial_s"),
             c.reconnect_backoff_initial_s,
-            f("reconnect_backoff_max_s"),
-            c.reconnect_backoff_max_s
-        ));
-    }
+        ),
+        (&f("reconnect_backoff_max_s"), c.reconnect_backoff_max_s),
+    )?;
     if let Some(u) = &c.username {
         if u.is_empty() || u.len() > MAX_MQTT_STRING || u.contains('\0') {
             return Err(format!(
