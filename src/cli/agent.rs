@@ -3,7 +3,6 @@
 use anyhow::{Context, Result};
 use fhecam::agent::{self, AgentConfig};
 use std::path::PathBuf;
-use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args)]
 pub struct AgentArgs {
@@ -44,22 +43,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         return Ok(());
     }
     rt.block_on(async move {
-        let shutdown = CancellationToken::new();
-        {
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                if let Ok(mut term) =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = tokio::signal::ctrl_c() => {}
-                    }
-                    tracing::info!("stopping");
-                    shutdown.cancel();
-                }
-            });
-        }
+        let shutdown = super::stop_on_signals();
         let stats = agent::run(cfg, shutdown, None).await?;
         println!("{}", serde_json::to_string(&stats)?);
         Ok(())

@@ -3,7 +3,6 @@
 use anyhow::{Context, Result};
 use fhecam_cockpit::CockpitConfig;
 use std::path::PathBuf;
-use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args)]
 pub struct CockpitArgs {
@@ -40,21 +39,7 @@ pub fn run(args: CockpitArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
-        let shutdown = CancellationToken::new();
-        {
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                if let Ok(mut term) =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = tokio::signal::ctrl_c() => {}
-                    }
-                    shutdown.cancel();
-                }
-            });
-        }
+        let shutdown = super::stop_on_signals();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let serving = tokio::spawn(fhecam_cockpit::run(cfg, shutdown, Some(tx)));
         if let Ok(addr) = rx.await {

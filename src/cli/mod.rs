@@ -16,6 +16,25 @@ pub mod selftest;
 #[cfg(feature = "owner-tools")]
 pub mod train;
 
+/// A token cancelled by SIGTERM or Ctrl-C (a service's one way to stop); call within a
+/// tokio runtime.
+pub fn stop_on_signals() -> tokio_util::sync::CancellationToken {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("stopping");
+            token.cancel();
+        }
+    });
+    shutdown
+}
+
 /// `--input-mode` on the command line.
 #[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
 pub enum InputModeArg {
