@@ -790,6 +790,23 @@ fn metrics_exporter(c: Arc<Counters>) -> fhecam_metrics::Exporter {
     x
 }
 
+/// The `/metrics` endpoint, when `[metrics]` asks for one.
+async fn serve_metrics(
+    cfg: &AgentConfig,
+    counters: &Arc<Counters>,
+) -> Result<Option<tokio_util::sync::DropGuard>, AgentError> {
+    let Some(mc) = &cfg.metrics else {
+        return Ok(None);
+    };
+    // the endpoint stops when the guard, held by `run`, drops
+    let stop = CancellationToken::new();
+    let x = Arc::new(metrics_exporter(counters.clone()));
+    fhecam_metrics::serve(mc, x, stop.clone())
+        .await
+        .map_err(|e| AgentError::Metrics(e.to_string()))?;
+    Ok(Some(stop.drop_guard()))
+}
+
 pub async fn run(
     cfg: AgentConfig,
     shutdown: CancellationToken,
@@ -802,14 +819,7 @@ pub async fn run(
     tracing::info!("agent client id {client_id}");
     let processor = tokio::task::block_in_place(|| Processor::new(cfg.clone()))?;
     let counters = Arc::new(Counters::default());
-    let metrics_stop = CancellationToken::new();
-    let _metrics_stop = metrics_stop.clone().drop_guard();
-    if let Some(mc) = &cfg.metrics {
-        let x = metrics_exporter(counters.clone());
-        fhecam_metrics::serve(mc, Arc::new(x), metrics_stop)
-            .await
-            .map_err(|e| AgentError::Metrics(e.to_string()))?;
-    }
+    let _metrics = serve_metrics(&cfg, &counters).await?;
 
     // each held inference makes at most one publish and one acknowledgement, so this never
     // fills; if it did, `try_` calls keep the request for later

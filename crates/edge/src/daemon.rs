@@ -122,15 +122,7 @@ pub async fn run(
     let (deployer, first, outbox) = start(&cfg).await?;
     let current = Arc::new(Current::new(first));
     milestone(Milestone::BundleLoaded);
-    let metrics_stop = CancellationToken::new();
-    let _metrics_stop = metrics_stop.clone().drop_guard();
-    if let Some(mc) = &cfg.metrics {
-        let mode = cfg.infer.input_mode.name();
-        let x = super::metrics::exporter(stats.clone(), current.clone(), mode);
-        fhecam_metrics::serve(mc, Arc::new(x), metrics_stop)
-            .await
-            .map_err(|e| EdgeError::Metrics(e.to_string()))?;
-    }
+    let _metrics = serve_metrics(&cfg, &stats, &current).await?;
 
     // the tasks beside the stages: the bundle intake (pushes through the link, dropped
     // files, SIGHUP) and the MQTT link
@@ -213,6 +205,25 @@ pub async fn run(
         end,
         stats: stats.snapshot(),
     })
+}
+
+/// The `/metrics` endpoint, when `[metrics]` asks for one.
+async fn serve_metrics(
+    cfg: &EdgeConfig,
+    stats: &Arc<Stats>,
+    current: &Arc<Current>,
+) -> Result<Option<tokio_util::sync::DropGuard>, EdgeError> {
+    let Some(mc) = &cfg.metrics else {
+        return Ok(None);
+    };
+    // the endpoint stops when the guard, held by `run`, drops
+    let stop = CancellationToken::new();
+    let mode = cfg.infer.input_mode.name();
+    let x = super::metrics::exporter(stats.clone(), current.clone(), mode);
+    fhecam_metrics::serve(mc, Arc::new(x), stop.clone())
+        .await
+        .map_err(|e| EdgeError::Metrics(e.to_string()))?;
+    Ok(Some(stop.drop_guard()))
 }
 
 /// Everything that can fail on bad files fails here, before any thread starts: the owner
