@@ -5,6 +5,8 @@
 //! `fhecam-edge` and `fhecam-agent`. This facade names them as one tree for the binary and
 //! the integration tests; the arrows between them are the crates' own dependencies.
 
+pub mod broker;
+
 pub use fhecam_agent as agent;
 pub use fhecam_edge as edge;
 pub use fhecam_edge::preprocess;

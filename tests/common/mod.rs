@@ -4,7 +4,6 @@
 
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -103,11 +102,7 @@ pub fn tiny_trained(
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    fhecam::broker::free_port().unwrap()
 }
 
 /// A child process killed on drop.
@@ -133,7 +128,7 @@ impl Drop for Killed {
 /// the broker, not be dropped), killed on drop. `user root`: started as root, mosquitto
 /// would otherwise switch to its own user and fail to save sessions in a root-owned `dir`.
 pub struct Broker {
-    child: Killed,
+    inner: fhecam::broker::LocalBroker,
     pub port: u16,
 }
 
@@ -145,43 +140,20 @@ impl Broker {
     }
 
     pub fn start(dir: &Path, port: u16) -> Broker {
-        let conf = dir.join(format!("mosquitto-{port}.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\n\
-                 persistence_location {}/\nmax_queued_messages 0\n\
-                 log_dest file {}/mosquitto-{port}.log\n",
-                dir.display(),
-                dir.display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed by scripts/setup.sh");
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "mosquitto did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Broker {
-            child: Killed(child),
-            port,
-        }
+        let conf = format!(
+            "allow_anonymous true\nuser root\npersistence true\n\
+             persistence_location {}/\nmax_queued_messages 0\n\
+             log_dest file {}/mosquitto-{port}.log\n",
+            dir.display(),
+            dir.display()
+        );
+        let inner = fhecam::broker::LocalBroker::start(dir, port, &conf).unwrap();
+        Broker { inner, port }
     }
 
     /// SIGTERM: mosquitto saves its sessions and exits.
-    pub fn stop(mut self) {
-        self.child.signal("-TERM");
-        let _ = self.child.0.wait();
+    pub fn stop(self) {
+        self.inner.stop();
     }
 }
 

@@ -127,20 +127,12 @@ fn bundles(e: &mut Emit, s: &Snapshot, stats: &Stats) {
         "Bundles taken while running and swapped in",
         s.bundles_accepted,
     );
-    let by = stats
-        .refused_by
-        .lock()
-        .map(|m| m.clone())
-        .unwrap_or_default();
-    let by: Vec<(&str, u64)> = super::stats::refusal::ALL
-        .iter()
-        .map(|&c| (c, by.get(c).copied().unwrap_or(0)))
-        .collect();
-    e.counters_by(
+    e.counters_in(
         "bundles_refused",
         "Bundles refused while running, by reason",
         "reason",
-        &by,
+        &stats.refused_by,
+        &super::stats::refusal::ALL,
     );
 }
 
