@@ -763,12 +763,7 @@ fn metrics_exporter(c: Arc<Counters>) -> fhecam_metrics::Exporter {
             "Inferences dropped unread at the held bound (redelivered later)",
             s.shed,
         );
-        let up = c.mqtt_connected.load(Ordering::Relaxed);
-        e.gauge(
-            "mqtt_connected",
-            "1 while connected to the broker",
-            f64::from(u8::from(up)),
-        );
+        e.mqtt_connected(c.mqtt_connected.load(Ordering::Relaxed));
     });
     x.histogram(
         &histograms.decrypt_seconds,

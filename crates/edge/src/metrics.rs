@@ -102,12 +102,7 @@ fn work(e: &mut Emit, s: &Snapshot, stats: &Stats) {
         "Age of the oldest waiting inference (0: none waits)",
         age,
     );
-    let up = stats.mqtt_connected.load(Ordering::Relaxed);
-    e.gauge(
-        "mqtt_connected",
-        "1 while connected to the broker",
-        f64::from(u8::from(up)),
-    );
+    e.mqtt_connected(stats.mqtt_connected.load(Ordering::Relaxed));
     e.counter(
         "mqtt_connections",
         "Connections to the broker established",

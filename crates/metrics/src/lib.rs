@@ -226,6 +226,12 @@ impl Emit {
         self.counters_by(name, help, label, &vs);
     }
 
+    /// `<prefix>_mqtt_connected`: 1 while the process is connected to its broker.
+    pub fn mqtt_connected(&mut self, up: bool) {
+        let v = f64::from(u8::from(up));
+        self.gauge("mqtt_connected", "1 while connected to the broker", v);
+    }
+
     pub fn gauge(&mut self, name: &str, help: &'static str, v: f64) {
         let n = self.name(name, "");
         metrics::describe_gauge!(n.clone(), help);
