@@ -53,8 +53,7 @@ const FLOOD_RSS_GROWTH_MB: u64 = 32;
 fn a_flood_over_the_rate_limit_is_held_to_the_bound() {
     let dir = tempfile::tempdir().unwrap();
     let o = owner(dir.path());
-    let (port, _broker) = Broker::on_free_port(dir.path());
-    let (cockpit, cams) = cockpit_and_cameras(port, "f");
+    let (port, _broker, cockpit, cams) = agent_site(dir.path(), "f");
     let cfg = o.agent_config(
         "agent-f",
         port,
@@ -184,8 +183,7 @@ fn envelope_of(id: &str, version: u32, ct: &[u8], device: &str, seq: u64) -> Vec
 fn owner_db_replaced_by_rename_and_transient_refusals() {
     let dir = tempfile::tempdir().unwrap();
     let o = owner(dir.path());
-    let (port, _broker) = Broker::on_free_port(dir.path());
-    let (cockpit, cams) = cockpit_and_cameras(port, "r");
+    let (port, _broker, cockpit, cams) = agent_site(dir.path(), "r");
     let cfg = o.agent_config("agent-r", port, "", "");
     let agent = spawn_agent(&cfg, &[]);
     std::thread::sleep(Duration::from_secs(2));

@@ -88,8 +88,7 @@ fn junk(o: &Owner, i: u64) -> (String, Vec<u8>) {
 fn retained_burst_outage_and_restart_lose_nothing() {
     let o = shared_owner();
     let dir = tempfile::tempdir().unwrap();
-    let (port, broker) = Broker::on_free_port(dir.path());
-    let (cockpit, cams) = cockpit_and_cameras(port, "a");
+    let (port, broker, cockpit, cams) = agent_site(dir.path(), "a");
     let mut want = Vec::new();
     let mut junk_sent = 0usize;
     // no client id: the default must be stable across restarts
@@ -183,8 +182,7 @@ fn retained_burst_outage_and_restart_lose_nothing() {
 fn rate_limit_crash_window_and_outbox_reset() {
     let o = shared_owner();
     let dir = tempfile::tempdir().unwrap();
-    let (port, _broker) = Broker::on_free_port(dir.path());
-    let (cockpit, cams) = cockpit_and_cameras(port, "b");
+    let (port, _broker, cockpit, cams) = agent_site(dir.path(), "b");
     let cfg = o.agent_config(
         "agent-b",
         port,

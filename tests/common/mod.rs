@@ -171,6 +171,14 @@ pub fn cockpit_and_cameras(port: u16, tag: &str) -> (Messages, Publisher) {
     (cockpit, Publisher::new(port, &format!("cameras-{tag}")))
 }
 
+/// A broker on a free port in `dir` with the agent's surroundings on it
+/// ([`cockpit_and_cameras`]): `(port, broker, cockpit, cameras)`.
+pub fn agent_site(dir: &Path, tag: &str) -> (u16, Broker, Messages, Publisher) {
+    let (port, broker) = Broker::on_free_port(dir);
+    let (cockpit, cams) = cockpit_and_cameras(port, tag);
+    (port, broker, cockpit, cams)
+}
+
 pub fn subscribe(port: u16, id: &str, filters: &[&str]) -> Messages {
     let mut o = MqttOptions::new(id, "127.0.0.1", port);
     o.set_max_packet_size(4 << 20, 4 << 20);
