@@ -6,7 +6,7 @@ use fhecam::fhe::backend::ClearBackend;
 use fhecam::fhe::circuit::Engine;
 use fhecam::fhe::eval;
 use fhecam::reference;
-use fhecam::testnet::{random_input, random_model, Shape};
+use fhecam::testnet::{assert_reference, random_input, random_model, Shape};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -35,35 +35,28 @@ fn check(seed: u64, shape: Shape) {
             "seed {seed}: digit out of range"
         );
         let got = layout.logits(&digits);
-        let want = reference::evaluate(&m, &x).unwrap();
-        assert_eq!(
-            got,
-            want,
-            "seed {seed}: model {}",
-            serde_json::to_string(&m).unwrap()
-        );
+        assert_reference(&m, &x, &got, &format!("seed {seed}"));
     }
+}
+
+/// Every seed of `seeds` on networks of `shape`.
+fn check_seeds(seeds: std::ops::Range<u64>, shape: Shape) {
+    seeds.for_each(|seed| check(seed, shape));
 }
 
 #[test]
 fn random_small_networks_match_reference() {
-    for seed in 0..300 {
-        check(seed, Shape::small());
-    }
+    check_seeds(0..300, Shape::small());
 }
 
 #[test]
 fn random_tiny_networks_match_reference() {
-    for seed in 1000..1300 {
-        check(seed, Shape::tiny());
-    }
+    check_seeds(1000..1300, Shape::tiny());
 }
 
 #[test]
 fn random_multi_digit_networks_match_reference() {
-    for seed in 2000..2300 {
-        check(seed, Shape::tiny_wide());
-    }
+    check_seeds(2000..2300, Shape::tiny_wide());
 }
 
 #[test]

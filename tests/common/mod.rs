@@ -478,3 +478,18 @@ pub fn stop_daemon(mut child: Child, log_path: &Path) -> fhecam::edge::stats::Sn
     assert!(out.status.success(), "{}", log(log_path));
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// `GET path` from the HTTP server at `addr` (`host:port`): the status line and the body.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head.lines().next().unwrap_or("").to_string();
+    Ok((status, body.to_string()))
+}
