@@ -10,13 +10,9 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$REPO/scripts/setup.sh" >&2
-missing=()
-for pkg in python3-torch python3-numpy python3-venv; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if ((${#missing[@]} > 0)); then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >&2
-fi
+# shellcheck source=scripts/apt-ensure.sh
+source "$REPO/scripts/apt-ensure.sh"
+apt_ensure qat-venv python3-torch python3-numpy python3-venv || true
 
 VENV="$REPO/.cache/qat-venv"
 if [[ ! -x "$VENV/bin/python" ]]; then
