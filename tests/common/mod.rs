@@ -338,6 +338,19 @@ impl Owner {
     }
 
     /// A backend.toml for an agent on `port`; `extra` is appended verbatim (TOML).
+    /// [`Owner::agent_config`], and the agent started on it.
+    pub fn start_agent(
+        &self,
+        name: &str,
+        port: u16,
+        mqtt_extra: &str,
+        extra: &str,
+    ) -> (PathBuf, Agent) {
+        let cfg = self.agent_config(name, port, mqtt_extra, extra);
+        let agent = spawn_agent(&cfg, &[]);
+        (cfg, agent)
+    }
+
     pub fn agent_config(&self, name: &str, port: u16, mqtt_extra: &str, extra: &str) -> PathBuf {
         let p = self.dir.join(format!("{name}.toml"));
         std::fs::write(
