@@ -265,8 +265,8 @@ pub(crate) fn reference_model(ds: &str, preset: train::Preset) -> Result<(Model,
     );
     let (tr, te) = load_split(ds)?;
     let report = cli::train::train_with_progress(&cfg, &tr, &te)?;
-    save_model(&report.model, &path, Some(report.accuracy_float))?;
-    Ok((report.model, Some(report.accuracy_float)))
+    save_model(&report.model, &path, Some(report.scores.accuracy_float))?;
+    Ok((report.model, Some(report.scores.accuracy_float)))
 }
 
 #[cfg(feature = "owner-tools")]

@@ -67,7 +67,7 @@ fn tables_model(cfg: &train_tables::TablesConfig) -> Result<fhecam::model::Model
     );
     let (tr, te) = crate::load_split("digits")?;
     let r = super::train::with_progress(cfg.epochs, |p| train_tables::train(cfg, &tr, &te, p))?;
-    crate::save_model(&r.model, &path, Some(r.accuracy_float))?;
+    crate::save_model(&r.model, &path, Some(r.scores.accuracy_float))?;
     Ok(r.model)
 }
 

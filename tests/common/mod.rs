@@ -97,7 +97,10 @@ pub fn tiny_trained(
         ..Default::default()
     };
     let r = fhecam::train::train(&cfg, &tr, &te, &|_, _| {}).expect("training");
-    eprintln!("tiny model: integer accuracy {:.3}", r.accuracy_plain);
+    eprintln!(
+        "tiny model: integer accuracy {:.3}",
+        r.scores.accuracy_plain
+    );
     (r.model, te)
 }
 
