@@ -72,6 +72,9 @@ pub struct LinearFigures {
     pub activation_digits: usize,
     /// Terms of each sum (products per output).
     pub terms: usize,
+    /// Bits the weights of one output need on their own (fewer than `weight_bits` when
+    /// each output has its own scale and the layer's integers share one).
+    pub weight_bits_per_output: u8,
     /// The layer reads the model's input (directly or flattened).
     pub reads_input: bool,
     /// The layer multiplies the frame the device holds in the clear (its products cost
@@ -104,6 +107,12 @@ pub struct TableFigures {
     pub power_of_two: Option<i64>,
     /// Whether every threshold is exactly `power_of_two` after the one before.
     pub evenly_spaced: bool,
+    /// How many low base-4 digits all thresholds share (the engine compares only the
+    /// digits above them).
+    pub shared_low_digits: usize,
+    /// Accumulator values from the first threshold to the last, inclusive (the engine
+    /// reads a table whose changes fit 16 values as one block).
+    pub span: i64,
 }
 
 /// One reason for a layer's cost and the planned saving of the change that removes it.
@@ -171,6 +180,7 @@ pub fn advise(model: &Model, mode: InputMode) -> Result<Advice, EvalError> {
                 weight_digits: weight_digits(l.weight_range),
                 activation_digits: digits_for(max as u64),
                 terms: l.weights.len() / l.bias.len().max(1),
+                weight_bits_per_output: per_output_bits(l.weights, l.bias.len()),
                 reads_input: frame[node.inputs[0]] || node.inputs[0] == 0,
                 reads_clear_frame: reads_clear,
             };
@@ -244,6 +254,25 @@ pub fn signed_bits(wr: [i8; 2]) -> u8 {
         .unwrap_or(8)
 }
 
+/// Bits of a symmetric quantizer holding each output's weights: with `n` distinct nonzero
+/// magnitudes in a row, 1 + ceil(log2(n + 1)) (ternary: 2), the most over the rows.
+fn per_output_bits(w: &[i8], outputs: usize) -> u8 {
+    let n = w.len() / outputs.max(1);
+    w.chunks(n.max(1))
+        .map(|row| {
+            let mut mags: Vec<u8> = row
+                .iter()
+                .filter(|&&x| x != 0)
+                .map(|x| x.unsigned_abs())
+                .collect();
+            mags.sort_unstable();
+            mags.dedup();
+            1 + (usize::BITS - mags.len().leading_zeros()) as u8
+        })
+        .max()
+        .unwrap_or(1)
+}
+
 /// Bits of values in 0..=max.
 pub fn unsigned_bits(max: u8) -> u8 {
     (8 - max.leading_zeros() as u8).max(1)
@@ -275,11 +304,26 @@ fn table_figures(t: &ActTable) -> TableFigures {
         (None, None)
     };
     let even = p2.is_some_and(|p| th.windows(2).all(|w| w[1] - w[0] == p));
+    let shared = match th.first() {
+        None => 0,
+        Some(&first) => (1..20)
+            .take_while(|&m| {
+                let q = 1i64 << (2 * m);
+                th.iter().all(|c| c.rem_euclid(q) == first.rem_euclid(q))
+            })
+            .count(),
+    };
+    let span = match (th.first(), th.last()) {
+        (Some(a), Some(b)) => b - a + 1,
+        _ => 0,
+    };
     TableFigures {
         thresholds: th,
         spacing,
         power_of_two: p2,
         evenly_spaced: even,
+        shared_low_digits: shared,
+        span,
     }
 }
 
@@ -367,6 +411,15 @@ fn table_reason(
         .iter()
         .all(|t| (t.spacing.unwrap() - t.power_of_two.unwrap() as f64).abs() < 1e-9);
     let per = f.tables.len() > 1;
+    let digit_by_digit = f
+        .tables
+        .iter()
+        .all(|t| t.shared_low_digits == 0 && t.span > 16);
+    let per_channel = if per && range_f(&spacings).contains('–') {
+        " (they differ per channel: per-channel weight scales or a BatchNorm scale them)"
+    } else {
+        ""
+    };
     let (kind, why) = if pow2 {
         (
             "thresholds_not_evenly_spaced",
@@ -379,16 +432,30 @@ fn table_reason(
         (
             "spacing_not_power_of_two",
             format!(
-                "level spacing {}{} accumulator units is not a power of two: each of {n_thr} thresholds is compared digit by digit on the {}-digit accumulator",
+                "level spacing {} accumulator units{per_channel} is not a power of two: {}",
                 range_f(&spacings),
-                if per { " (per channel)" } else { "" },
-                f.accumulator_digits
+                if digit_by_digit {
+                    format!(
+                        "each of {n_thr} thresholds is compared digit by digit on the {}-digit accumulator",
+                        f.accumulator_digits
+                    )
+                } else {
+                    format!(
+                        "its {n_thr} thresholds are compared on the {}-digit accumulator",
+                        f.accumulator_digits
+                    )
+                }
             ),
         )
     };
     let mut text = format!(
-        "{why} ({:.0} PBS per activation); export this quantizer with power-of-two scales (spacing {}{} with evenly spaced thresholds would plan {:.0} PBS per activation, {} in all)",
+        "{why} ({:.0} PBS per activation); export this quantizer with power-of-two scales{} (spacing {}{} with evenly spaced thresholds would plan {:.0} PBS per activation, {} in all)",
         f.pbs_per_activation,
+        if per_channel.is_empty() {
+            ""
+        } else {
+            ", per-tensor weight scales, and any BatchNorm folded into the layer before it is quantized"
+        },
         range_i(&steps),
         if per { " per channel" } else { "" },
         est.layer_pbs_per_unit,
@@ -396,7 +463,7 @@ fn table_reason(
     );
     if let Some(t) = ties.as_ref().filter(|t| t.layer_pbs > est.layer_pbs) {
         text.push_str(&format!(
-            "; but where the sums land exactly on half-way points (an integer bias, no folded BatchNorm), ONNX rounds them to even, every other threshold moves one unit, and that table plans {:.0} PBS per activation ({} in all)",
+            "; but ONNX rounds ties to even: where the sums can land on the half-way points, every other threshold moves one unit and that table plans {:.0} PBS per activation ({} in all)",
             t.layer_pbs_per_unit, t.total_pbs
         ));
     }
@@ -467,14 +534,27 @@ fn weights_reason(
         },
         f.terms
     );
-    let text = if f.reads_clear_frame {
+    let text = if f.weight_bits_per_output < f.weight_bits {
+        format!(
+            "{what}: each output's weights are {}-bit on a scale of its own, and the import puts them on one scale ({}-bit integers, {} digits × {} activation digits: {} PBS per product); export this layer with one (per-tensor) weight scale: 2-bit weights (−1, 0, +1) would cut it about {:.1}× ({} → {} PBS; {} in all)",
+            f.weight_bits_per_output,
+            f.weight_bits,
+            f.weight_digits,
+            f.activation_digits,
+            f.weight_digits * f.activation_digits,
+            est.layer_factor,
+            pbs,
+            est.layer_pbs,
+            est.total_pbs
+        )
+    } else if f.reads_clear_frame {
         format!(
             "{what}: the products with the clear frame cost no PBS, but these weights widen the sums the next table carries and compares; 2-bit weights (−1, 0, +1) would plan {} in all ({:.1}× fewer)",
             est.total_pbs, est.total_factor
         )
     } else {
         format!(
-            "{what} ({} weight digits × {} activation digits: {} PBS per product, {:.2} PBS per MAC with the carry): 2-bit weights (−1, 0, +1) would cut this layer about {:.1}× ({} → {} PBS; {} in all)",
+            "{what} ({} weight digits × {} activation digits: {} PBS per product, {:.2} PBS per MAC in this layer): 2-bit weights (−1, 0, +1) would cut this layer about {:.1}× ({} → {} PBS; {} in all)",
             f.weight_digits,
             f.activation_digits,
             f.weight_digits * f.activation_digits,
