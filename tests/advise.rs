@@ -109,6 +109,33 @@ fn power_of_two_tables(model: &Value, k: usize, ties: bool) -> Value {
     m
 }
 
+/// The model with the last layer's (a dense layer's) weights as -1, 0, +1: divided by the
+/// largest magnitude their range allows and rounded, the bias likewise.
+fn ternary_dense(model: &Value, k: usize) -> Value {
+    let mut m = model.clone();
+    assert_eq!(
+        k + 1,
+        m["nodes"].as_array().unwrap().len(),
+        "the last layer"
+    );
+    let op = &mut m["nodes"][k]["op"];
+    let wr = &op["weight_range"];
+    let r = wr[0].as_f64().unwrap().abs().max(wr[1].as_f64().unwrap());
+    let div = |v: &Value| (v.as_f64().unwrap() / r).round() as i64;
+    let weights: Vec<i64> = op["weights"].as_array().unwrap().iter().map(div).collect();
+    let bias: Vec<i64> = op["bias"].as_array().unwrap().iter().map(div).collect();
+    let br = &op["bias_range"];
+    let br = json!([
+        (br[0].as_f64().unwrap() / r).floor() as i64,
+        (br[1].as_f64().unwrap() / r).ceil() as i64
+    ]);
+    op["weights"] = json!(weights);
+    op["bias"] = json!(bias);
+    op["weight_range"] = json!([-1, 1]);
+    op["bias_range"] = br;
+    m
+}
+
 fn write(dir: &Path, name: &str, m: &Value) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, m.to_string()).unwrap();
@@ -182,30 +209,49 @@ fn advice_names_the_costly_layers_and_its_estimates_hold() {
 
         // the dense layer's: weights -3..3 as -1, 0, +1 (w/3 rounded), bias likewise; it is
         // the last layer, so no table reads its sums
-        let mut m = model.clone();
-        let op = &mut m["nodes"][dense_node]["op"];
-        let third = |v: &Value| (v.as_f64().unwrap() / 3.0).round() as i64;
-        let weights: Vec<i64> = op["weights"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(third)
-            .collect();
-        let bias: Vec<i64> = op["bias"].as_array().unwrap().iter().map(third).collect();
-        let br = &op["bias_range"];
-        let br = json!([
-            (br[0].as_f64().unwrap() / 3.0).floor() as i64,
-            (br[1].as_f64().unwrap() / 3.0).ceil() as i64
-        ]);
-        op["weights"] = json!(weights);
-        op["bias"] = json!(bias);
-        op["weight_range"] = json!([-1, 1]);
-        op["bias_range"] = br;
-        let changed = write(dir.path(), &format!("{name}.w2.json"), &m);
+        let changed = write(
+            dir.path(),
+            &format!("{name}.w2.json"),
+            &ternary_dense(&model, dense_node),
+        );
         within_10_percent(
             w["estimate"]["total_pbs"].as_u64().unwrap(),
             plan_total(&changed),
             &format!("{name} 2-bit dense weights"),
+        );
+    }
+
+    // 2-bit weights on one scale per class: the import puts the output layer on one scale
+    // (8-bit integers); the advice says so, and what one scale would save
+    let path = import(dir.path(), "qat_cnn_2bit");
+    let model: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let (text, a) = advice(&path);
+    let dense = &a["layers"][3];
+    assert_eq!(dense["linear"]["weight_bits"], 8);
+    assert_eq!(dense["linear"]["weight_bits_per_output"], 2);
+    let w = reason(dense, "wide_weights").expect("the output layer's reason");
+    assert!(text.contains("each output's weights are 2-bit on a scale of its own"));
+    assert!(text.contains("export this layer with one (per-tensor) weight scale"));
+    let changed = write(
+        dir.path(),
+        "qat_cnn_2bit.w2.json",
+        &ternary_dense(&model, 3),
+    );
+    within_10_percent(
+        w["estimate"]["total_pbs"].as_u64().unwrap(),
+        plan_total(&changed),
+        "qat_cnn_2bit 2-bit dense weights on one scale",
+    );
+    if let Some(r) = reason(&a["layers"][1], "spacing_not_power_of_two") {
+        let changed = write(
+            dir.path(),
+            "qat_cnn_2bit.pow2.json",
+            &power_of_two_tables(&model, 1, false),
+        );
+        within_10_percent(
+            r["estimate"]["total_pbs"].as_u64().unwrap(),
+            plan_total(&changed),
+            "qat_cnn_2bit",
         );
     }
 
