@@ -379,29 +379,31 @@ fn table_reason(
     {
         return None;
     }
-    let mut changed = model.clone();
-    let Op::Activation(na) = &mut changed.nodes[k].op else {
-        unreachable!()
+    // the model with node k's tables re-made on their power-of-two steps by `remake`
+    let retabled = |remake: fn(&ActTable, i64) -> ActTable| {
+        let mut changed = model.clone();
+        if let Op::Activation(na) = &mut changed.nodes[k].op {
+            na.tables = a
+                .tables
+                .iter()
+                .zip(&f.tables)
+                .map(|(t, tf)| remake(t, tf.power_of_two.unwrap_or(1)))
+                .collect();
+        }
+        changed
     };
-    na.tables = a
-        .tables
-        .iter()
-        .zip(&f.tables)
-        .map(|(t, tf)| evenly_spaced(t, tf.power_of_two.unwrap()))
-        .collect();
-    let est = estimate(&changed, mode, k, pbs, total, f.activations as u64)?;
+    let est = estimate(
+        &retabled(evenly_spaced),
+        mode,
+        k,
+        pbs,
+        total,
+        f.activations as u64,
+    )?;
     if (total.saturating_sub(est.total_pbs) as f64) < MIN_SAVING * total as f64 {
         return None;
     }
-    let Op::Activation(na) = &mut changed.nodes[k].op else {
-        unreachable!()
-    };
-    na.tables = a
-        .tables
-        .iter()
-        .zip(&f.tables)
-        .map(|(t, tf)| ties_to_even(t, tf.power_of_two.unwrap()))
-        .collect();
+    let changed = retabled(ties_to_even);
     let ties = estimate(&changed, mode, k, pbs, total, f.activations as u64);
     let spacings: Vec<f64> = f.tables.iter().filter_map(|t| t.spacing).collect();
     let steps: Vec<i64> = f.tables.iter().filter_map(|t| t.power_of_two).collect();
