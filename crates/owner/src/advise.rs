@@ -336,10 +336,12 @@ pub fn nearest_power_of_two(s: f64) -> i64 {
 /// levels: `min` is one before the first threshold, the last entry is the last threshold.
 pub fn evenly_spaced(t: &ActTable, step: i64) -> ActTable {
     let th = thresholds(t);
-    let base = t.values[0];
-    let new: Vec<i64> = (0..th.len() as i64).map(|k| th[0] + step * k).collect();
-    let hi = *new.last().unwrap();
-    ActTable::from_fn(th[0] - 1, hi, |x| {
+    let (Some(&first), Some(&base)) = (th.first(), t.values.first()) else {
+        return t.clone(); // a constant table has no spacing to change
+    };
+    let new: Vec<i64> = (0..th.len() as i64).map(|k| first + step * k).collect();
+    let hi = first + step * (th.len() as i64 - 1);
+    ActTable::from_fn(first - 1, hi, |x| {
         base + new.iter().filter(|&&c| c <= x).count() as u8
     })
 }
@@ -357,8 +359,10 @@ pub fn ties_to_even(t: &ActTable, step: i64) -> ActTable {
         .enumerate()
         .map(|(k, &c)| c + (k % 2 == 0) as i64)
         .collect();
-    let base = e.values[0];
-    ActTable::from_fn(th[0] - 1, *th.last().unwrap(), |x| {
+    let (Some(&first), Some(&last), Some(&base)) = (th.first(), th.last(), e.values.first()) else {
+        return e;
+    };
+    ActTable::from_fn(first - 1, last, |x| {
         base + th.iter().filter(|&&c| c <= x).count() as u8
     })
 }
@@ -405,58 +409,19 @@ fn table_reason(
     }
     let changed = retabled(ties_to_even);
     let ties = estimate(&changed, mode, k, pbs, total, f.activations as u64);
+    let (kind, why) = tables_why(f);
     let spacings: Vec<f64> = f.tables.iter().filter_map(|t| t.spacing).collect();
     let steps: Vec<i64> = f.tables.iter().filter_map(|t| t.power_of_two).collect();
     let n_thr = f.tables[0].thresholds.len();
-    let pow2 = f
-        .tables
-        .iter()
-        .all(|t| (t.spacing.unwrap() - t.power_of_two.unwrap() as f64).abs() < 1e-9);
     let per = f.tables.len() > 1;
-    let digit_by_digit = f
-        .tables
-        .iter()
-        .all(|t| t.shared_low_digits == 0 && t.span > 16);
-    let per_channel = if per && range_f(&spacings).contains('–') {
-        " (they differ per channel: per-channel weight scales or a BatchNorm scale them)"
-    } else {
-        ""
-    };
-    let (kind, why) = if pow2 {
-        (
-            "thresholds_not_evenly_spaced",
-            format!(
-                "level spacing {} accumulator units is a power of two, but the {n_thr} thresholds are not evenly spaced (ONNX rounds ties to even), so they share no low digits",
-                range_i(&steps)
-            ),
-        )
-    } else {
-        (
-            "spacing_not_power_of_two",
-            format!(
-                "level spacing {} accumulator units{per_channel} is not a power of two: {}",
-                range_f(&spacings),
-                if digit_by_digit {
-                    format!(
-                        "each of {n_thr} thresholds is compared digit by digit on the {}-digit accumulator",
-                        f.accumulator_digits
-                    )
-                } else {
-                    format!(
-                        "its {n_thr} thresholds are compared on the {}-digit accumulator",
-                        f.accumulator_digits
-                    )
-                }
-            ),
-        )
-    };
+    let per_channel = per && range_f(&spacings).contains('–');
     let mut text = format!(
         "{why} ({:.0} PBS per activation); export this quantizer with power-of-two scales{} (spacing {}{} with evenly spaced thresholds would plan {:.0} PBS per activation, {} in all)",
         f.pbs_per_activation,
-        if per_channel.is_empty() {
-            ""
-        } else {
+        if per_channel {
             ", per-tensor weight scales, and any BatchNorm folded into the layer before it is quantized"
+        } else {
+            ""
         },
         range_i(&steps),
         if per { " per channel" } else { "" },
@@ -485,6 +450,54 @@ fn table_reason(
             ..t
         }),
     })
+}
+
+/// Why the tables of an activation cost what they do: the reason's kind and its words.
+fn tables_why(f: &ActivationFigures) -> (&'static str, String) {
+    let spacings: Vec<f64> = f.tables.iter().filter_map(|t| t.spacing).collect();
+    let steps: Vec<i64> = f.tables.iter().filter_map(|t| t.power_of_two).collect();
+    let n_thr = f.tables[0].thresholds.len();
+    let pow2 = f.tables.iter().all(|t| {
+        matches!((t.spacing, t.power_of_two), (Some(s), Some(p)) if (s - p as f64).abs() < 1e-9)
+    });
+    let per = f.tables.len() > 1;
+    let digit_by_digit = f
+        .tables
+        .iter()
+        .all(|t| t.shared_low_digits == 0 && t.span > 16);
+    let per_channel = if per && range_f(&spacings).contains('–') {
+        " (they differ per channel: per-channel weight scales or a BatchNorm scale them)"
+    } else {
+        ""
+    };
+    if pow2 {
+        (
+            "thresholds_not_evenly_spaced",
+            format!(
+                "level spacing {} accumulator units is a power of two, but the {n_thr} thresholds are not evenly spaced (ONNX rounds ties to even), so they share no low digits",
+                range_i(&steps)
+            ),
+        )
+    } else {
+        (
+            "spacing_not_power_of_two",
+            format!(
+                "level spacing {} accumulator units{per_channel} is not a power of two: {}",
+                range_f(&spacings),
+                if digit_by_digit {
+                    format!(
+                        "each of {n_thr} thresholds is compared digit by digit on the {}-digit accumulator",
+                        f.accumulator_digits
+                    )
+                } else {
+                    format!(
+                        "its {n_thr} thresholds are compared on the {}-digit accumulator",
+                        f.accumulator_digits
+                    )
+                }
+            ),
+        )
+    }
 }
 
 fn range_f(v: &[f64]) -> String {
