@@ -351,6 +351,10 @@ fn broken_quantized_models_are_refused_by_name() {
         ("qdq_softsign.onnx", "operator Softsign"),
         ("qdq_16bit.onnx", "a 16-bit quantizer"),
         ("qdq_bad_zero_point.onnx", "holds 300, outside the 0..=255"),
+        (
+            "fold_bad_perm.onnx",
+            "Transpose '/fc/Transpose': perm [1, 1] is not a permutation",
+        ),
     ] {
         let err = refused(&[
             "import",
@@ -363,4 +367,64 @@ fn broken_quantized_models_are_refused_by_name() {
         assert!(err.contains(says), "{fixture}: {err}");
         assert!(!out.exists(), "{fixture}: nothing written");
     }
+}
+
+/// `fold_predictions.json` (scripts/fold-fixtures.py): ONNX Runtime's accuracy and
+/// predictions on the test images.
+fn fold_onnx_runtime(name: &str) -> (f64, Vec<usize>) {
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("fold_predictions.json")).unwrap(),
+    )
+    .unwrap();
+    let acc = v[name]["accuracy"].as_f64().unwrap();
+    (
+        acc,
+        serde_json::from_value(v[name]["predictions"].clone()).unwrap(),
+    )
+}
+
+#[test]
+fn constant_subgraphs_on_weights_are_folded_whatever_the_exporter() {
+    let dir = tempfile::tempdir().unwrap();
+    // QCDQ without biases: DequantizeLinear -> Transpose -> MatMul (per-channel scales),
+    // Transpose of int8 -> Clip -> DequantizeLinear -> MatMul; the weights stay the
+    // model's integers, and with power-of-two scales every float sum ONNX Runtime makes is
+    // exact: the integer model predicts exactly what ONNX Runtime predicts
+    let name = "qcdq_nobias_pow2";
+    let out = fhecam(&[
+        "import",
+        &fx(&format!("{name}.onnx")),
+        "--calibration",
+        &fx("calib_x.npy"),
+        "--out",
+        dir.path().join("q.json").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("taken as they are, exactly"), "{err}");
+    let (acc, pred) = fold_onnx_runtime(name);
+    let int = integer_predictions(dir.path().join("q.json").to_str().unwrap());
+    assert_eq!(same(&int, &pred), 1.0, "{name}");
+    let labels = npy::read_labels(Path::new(&fx("test_y.txt"))).unwrap();
+    assert_eq!(same(&int, &labels), acc);
+
+    // float weights through Mul/Transpose/Squeeze/Reshape/Div/Cast: fhecam's float reading
+    // is ONNX Runtime's model, tract agrees, and the import stays within a point of it
+    let name = "float_folds";
+    let (acc, pred) = fold_onnx_runtime(name);
+    let parsed = fhecam::import::read_onnx(Path::new(&fx(&format!("{name}.onnx")))).unwrap();
+    let x = npy::read(Path::new(&fx("test_x.npy"))).unwrap();
+    let own = parsed.predict_float(&x);
+    assert!(same(&own, &pred) >= 0.995, "{}", same(&own, &pred));
+    let m = import(dir.path(), name, &[]);
+    let r = eval_onnx(&m, name);
+    let (plain, float) = (
+        r["accuracy_plain"].as_f64().unwrap(),
+        r["accuracy_float"].as_f64().unwrap(),
+    );
+    assert!(
+        (float - acc).abs() <= 0.005,
+        "tract {float} vs ONNX Runtime {acc}"
+    );
+    assert!(plain >= float - 0.01, "{plain} vs {float}");
 }
