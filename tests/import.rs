@@ -402,6 +402,12 @@ fn constant_subgraphs_on_weights_are_folded_whatever_the_exporter() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("taken as they are, exactly"), "{err}");
+    // the closing line states the model's own widths, not the post-training defaults
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("the model's own widths: weights 2–3 bits (per layer: 2, 2, 3), activations 2 bits, input 4 bits;"),
+        "{said}"
+    );
     let (acc, pred) = fold_onnx_runtime(name);
     let int = integer_predictions(dir.path().join("q.json").to_str().unwrap());
     assert_eq!(same(&int, &pred), 1.0, "{name}");
