@@ -170,6 +170,8 @@ struct Candidate {
     model: Model,
     /// Where the integer model departs from the ONNX model's own quantizers.
     notes: Vec<String>,
+    /// Quantizers a power-of-two level spacing would make cheaper, and by how much.
+    advice: Vec<String>,
     pbs: u64,
     /// Integer accuracy on the calibration labels, or agreement with the float model.
     score: f64,
@@ -215,13 +217,14 @@ pub fn import(a: ImportArgs) -> Result<()> {
             pow2_steps: !a.free_scales,
         };
         cfg.check()?;
-        let (model, notes) = parsed.quantize_noted(&ranges, cfg, &name)?;
+        let (model, notes, advice) = parsed.quantize_advised(&ranges, cfg, &name)?;
         let pbs = eval::plan(&model)?.0.iter().sum();
         let score = score(&predict_int(&model, &data)?);
         Ok(Candidate {
             cfg,
             model,
             notes,
+            advice,
             pbs,
             score,
         })
@@ -246,7 +249,7 @@ pub fn import(a: ImportArgs) -> Result<()> {
             }
         );
     }
-    for n in notes {
+    for n in notes.iter().chain(&chosen.advice) {
         eprintln!("note: {n}");
     }
     crate::save_model(&chosen.model, &a.out, None)?;

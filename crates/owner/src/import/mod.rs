@@ -119,6 +119,17 @@ impl Parsed {
         quantize::quantize_noted(&self.graph, &self.shapes, ranges, cfg, name)
     }
 
+    /// [`Parsed::quantize_noted`] with advice: activation quantizers whose level spacing
+    /// is near a power of two, and the PBS that power of two would save (planned).
+    pub fn quantize_advised(
+        &self,
+        ranges: &quantize::Ranges,
+        cfg: QuantConfig,
+        name: &str,
+    ) -> Result<(Model, Vec<String>, Vec<String>), ImportError> {
+        quantize::quantize_advised(&self.graph, &self.shapes, ranges, cfg, name)
+    }
+
     /// Whether the model carries its own quantizers (QuantizeLinear/DequantizeLinear).
     pub fn is_quantized(&self) -> bool {
         self.graph
