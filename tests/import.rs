@@ -434,3 +434,69 @@ fn constant_subgraphs_on_weights_are_folded_whatever_the_exporter() {
     );
     assert!(plain >= float - 0.01, "{plain} vs {float}");
 }
+
+/// The first input of every level change of an activation table.
+fn level_changes(t: &fhecam::model::ActTable) -> Vec<i64> {
+    (1..t.values.len())
+        .filter(|&i| t.values[i] != t.values[i - 1])
+        .map(|i| t.min + i as i64)
+        .collect()
+}
+
+#[test]
+fn power_of_two_scales_make_activation_tables_digit_reads() {
+    use fhecam::fhe::eval::{plan_mode, InputMode};
+    use fhecam::model::{Model, Op};
+    let dir = tempfile::tempdir().unwrap();
+    let m = import(dir.path(), "qcdq_nobias_pow2", &[]);
+    let model: Model = serde_json::from_str(&std::fs::read_to_string(&m).unwrap()).unwrap();
+    let plan = |m: &Model| plan_mode(m, InputMode::DeviceClear).unwrap().0;
+    // The same tables with every level change on the step (ties all rounding one way):
+    // a pure read of digits, which the exact tables (ONNX rounds ties to even, so every
+    // other change is one unit late) must match within one comparison of the digits
+    // below the step.
+    let mut read = model.clone();
+    let infos = model.infer_values().unwrap();
+    let mut checked = vec![];
+    for (k, node) in read.nodes.iter_mut().enumerate() {
+        let Op::Activation(act) = &mut node.op else {
+            continue;
+        };
+        let mut below = 0;
+        for t in &mut act.tables {
+            let ch = level_changes(t);
+            let step = (ch[ch.len() - 1] - ch[0]) / (ch.len() as i64 - 1);
+            assert!(step.count_ones() == 1 && step >= 4, "{ch:?}");
+            assert!(
+                ch.windows(2).any(|w| w[1] - w[0] != step),
+                "ties make the changes irregular: {ch:?}"
+            );
+            below = below.max(step.trailing_zeros() as u64 / 2);
+            let first = ch[0];
+            let (lo, top) = (t.values[0], *t.values.last().unwrap());
+            let end = t.min + t.values.len() as i64 - 1;
+            *t = fhecam::model::ActTable::from_fn(t.min, end, |x| {
+                (lo as i64
+                    + (0..ch.len() as i64)
+                        .filter(|i| first + i * step <= x)
+                        .count() as i64)
+                    .min(top as i64) as u8
+            });
+        }
+        checked.push((k, infos[k + 1].len() as u64, below));
+    }
+    assert_eq!(checked.len(), 2);
+    let (exact, digits) = (plan(&model), plan(&read));
+    for (k, n, below) in checked {
+        let (exact, digits) = (exact[k], digits[k]);
+        eprintln!(
+            "node {k}: {exact} PBS exact, {digits} as a read of digits ({:.1} / {:.1} per activation)",
+            exact as f64 / n as f64,
+            digits as f64 / n as f64
+        );
+        assert!(
+            exact <= digits + n * (below + 1),
+            "node {k}: {exact} vs {digits}"
+        );
+    }
+}
