@@ -27,18 +27,11 @@ ARM_PACKAGES=(libc6-dev libstdc++6 libgcc-s1
 HOST_PACKAGES=(gcc-"$TRIPLET" g++-"$TRIPLET" pkg-config clang libclang-dev dpkg-dev)
 
 log() { echo "build-aarch64: $*" >&2; }
+# shellcheck source=scripts/apt-ensure.sh
+source "$REPO/scripts/apt-ensure.sh"
 
 install_host_packages() {
-    local missing=() pkg
-    for pkg in "${HOST_PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ||
-            missing+=("$pkg")
-    done
-    if ((${#missing[@]} > 0)); then
-        log "installing host packages: ${missing[*]}"
-        apt-get update
-        apt-get install -y --no-install-recommends "${missing[@]}"
-    fi
+    apt_ensure build-aarch64 "${HOST_PACKAGES[@]}" || true
     rustup target list --installed | grep -qx "$TARGET" || rustup target add "$TARGET"
 }
 

@@ -6,37 +6,11 @@
 # scripts/qat-fixtures.py. Needs the float fixtures' calib_x.npy / test_x.npy / digits_bn.onnx
 # (scripts/onnx-fixtures.sh).
 #
-# Debian's PyTorch (python3-torch 1.13, CPU-only) with the system Python; Brevitas, ONNX and
-# ONNX Runtime from PyPI, pinned, into a venv under .cache/qat-venv that sees the system
-# packages. Brevitas is installed without its declared dependencies (its torch>=1.13 does not
-# accept Debian's 1.13.0a0 version string, and pip must not pull a second torch from PyPI).
+# The Python environment (Debian's PyTorch, pinned Brevitas / ONNX / ONNX Runtime in
+# .cache/qat-venv) is scripts/qat-venv.sh's.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-"$REPO/scripts/setup.sh"
-missing=()
-for pkg in python3-torch python3-numpy python3-venv; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if ((${#missing[@]} > 0)); then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
-fi
-
-VENV="$REPO/.cache/qat-venv"
-if [[ ! -x "$VENV/bin/python" ]]; then
-    /usr/bin/python3 -m venv --system-site-packages "$VENV"
-fi
-# Keep Debian's numpy (torch is built against it): pip may not replace it in the venv.
-constraints="$(mktemp)"
-trap 'rm -f "$constraints"' EXIT
-/usr/bin/python3 -c 'import numpy; print("numpy==" + numpy.__version__)' >"$constraints"
-pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c "$constraints")
-"${pip[@]}" --no-deps brevitas==0.13.4
-# Brevitas' runtime dependencies (sympy and typing-extensions come from Debian with torch),
-# onnx + onnxoptimizer for its ONNX export, onnxruntime for the exported models' accuracy
-# and for static quantization.
-"${pip[@]}" dependencies==2.0.1 packaging==26.4 unfoldNd==0.2.3 sympy typing-extensions \
-    onnx==1.17.0 onnxoptimizer==0.4.2 protobuf==7.36.2 \
-    onnxruntime==1.20.1 coloredlogs==15.0.1 flatbuffers==25.12.19 humanfriendly==10.0
+PYTHON="$("$REPO/scripts/qat-venv.sh" | tail -n 1)"
 
 cd "$REPO"
-"$VENV/bin/python" scripts/qat-fixtures.py "${FHECAM_DATA_DIR:-$REPO/.cache/data}/digits.csv.gz" tests/fixtures/onnx
+"$PYTHON" scripts/qat-fixtures.py "${FHECAM_DATA_DIR:-$REPO/.cache/data}/digits.csv.gz" tests/fixtures/onnx

@@ -21,19 +21,9 @@ APT_PACKAGES=(pkg-config clang libclang-dev libopencv-dev
     gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-tools
     mosquitto systemd openssl chromium prometheus)
 
-missing=()
-for pkg in ${APT_PACKAGES[@]+"${APT_PACKAGES[@]}"}; do
-    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
-        missing+=("$pkg")
-    fi
-done
-if ((${#missing[@]} > 0)); then
-    echo "setup: installing apt packages: ${missing[*]}"
-    apt-get update
-    apt-get install -y --no-install-recommends "${missing[@]}"
-else
-    echo "setup: apt packages present"
-fi
+# shellcheck source=scripts/apt-ensure.sh
+source "$REPO/scripts/apt-ensure.sh"
+apt_ensure setup "${APT_PACKAGES[@]}" || echo "setup: apt packages present"
 
 # The digits data set (1797 8x8 images) ships inside the scikit-learn wheel; PyPI is the
 # only data source reachable from CI, so take it from there rather than from a dataset hub.

@@ -53,6 +53,13 @@ enum Cmd {
         /// Plan for this input mode.
         #[arg(long, value_enum, default_value_t)]
         input_mode: cli::InputModeArg,
+        /// Per layer, PBS per MAC or per activation, and why the costly layers cost what
+        /// they do, with the saving of a change planned on the changed model.
+        #[arg(long)]
+        advise: bool,
+        /// With --advise: one line of JSON for tools instead of text.
+        #[arg(long, requires = "advise")]
+        json: bool,
     },
     #[cfg(feature = "owner-tools")]
     /// Encrypted inference benchmark on test images, checked against the plaintext model.
@@ -141,9 +148,21 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Import(args) => cli::import::import(args)?,
         #[cfg(feature = "owner-tools")]
         Cmd::Eval(args) => cli::import::eval_cmd(args)?,
-        Cmd::Plan { model, input_mode } => {
+        Cmd::Plan {
+            model,
+            input_mode,
+            advise,
+            json,
+        } => {
             let m = load_model(&model)?;
-            print_plan_mode(&m, input_mode.into())?;
+            match (advise, json) {
+                (false, _) => print_plan_mode(&m, input_mode.into())?,
+                (true, false) => print_advice(&m, input_mode.into())?,
+                (true, true) => println!(
+                    "{}",
+                    serde_json::to_string(&fhecam::advise::advise(&m, input_mode.into())?)?
+                ),
+            }
         }
         #[cfg(feature = "owner-tools")]
         Cmd::Bench(args) => cli::bench::run(args)?,
@@ -265,8 +284,8 @@ pub(crate) fn reference_model(ds: &str, preset: train::Preset) -> Result<(Model,
     );
     let (tr, te) = load_split(ds)?;
     let report = cli::train::train_with_progress(&cfg, &tr, &te)?;
-    save_model(&report.model, &path, Some(report.accuracy_float))?;
-    Ok((report.model, Some(report.accuracy_float)))
+    save_model(&report.model, &path, Some(report.scores.accuracy_float))?;
+    Ok((report.model, Some(report.scores.accuracy_float)))
 }
 
 #[cfg(feature = "owner-tools")]
@@ -318,6 +337,103 @@ fn print_plan_mode(m: &Model, mode: eval::InputMode) -> Result<()> {
         layout.ciphertexts()
     );
     Ok(())
+}
+
+/// `plan --advise`: per layer, PBS, PBS per MAC or per activation, and the reasons.
+fn print_advice(m: &Model, mode: eval::InputMode) -> Result<()> {
+    let a = fhecam::advise::advise(m, mode)?;
+    println!(
+        "{:<4} {:<12} {:>14} {:>10} {:>7} {:>8} {:>13}  what",
+        "node", "op", "output", "PBS", "share", "MACs", "PBS per unit"
+    );
+    for l in &a.layers {
+        let s = l.shape;
+        let (macs, per, what) = match (&l.linear, &l.activation) {
+            (Some(f), _) => (
+                f.macs.to_string(),
+                format!("{:.2}/MAC", f.pbs_per_mac),
+                format!(
+                    "{}-bit weights x {}-bit {}, {}-term sums{}",
+                    f.weight_bits,
+                    f.activation_bits,
+                    if f.reads_input {
+                        "input"
+                    } else {
+                        "activations"
+                    },
+                    f.terms,
+                    if f.reads_clear_frame {
+                        " (clear frame: products free)"
+                    } else {
+                        ""
+                    }
+                ),
+            ),
+            (None, Some(f)) => (
+                String::new(),
+                format!("{:.1}/act", f.pbs_per_activation),
+                format!(
+                    "{} activations, {}-bit, {} table(s) on a {}-digit accumulator{}",
+                    f.activations,
+                    f.bits,
+                    f.tables.len(),
+                    f.accumulator_digits,
+                    spacing_note(f)
+                ),
+            ),
+            _ => (String::new(), String::new(), String::new()),
+        };
+        println!(
+            "{:<4} {:<12} {:>14} {:>10} {:>6.1}% {:>8} {:>13}  {}",
+            l.node,
+            l.op,
+            format!("{}x{}x{}", s[0], s[1], s[2]),
+            l.pbs,
+            100.0 * l.share,
+            macs,
+            per,
+            what
+        );
+    }
+    println!(
+        "{:<4} {:<12} {:>14} {:>10} {:>6.1}%",
+        "",
+        "output",
+        "",
+        a.output_pbs,
+        100.0 * a.output_pbs as f64 / a.total_pbs.max(1) as f64
+    );
+    println!(
+        "total {} PBS for {} multiply-accumulates, {} input",
+        a.total_pbs, a.macs, a.input_mode
+    );
+    let reasons: Vec<_> = a
+        .layers
+        .iter()
+        .flat_map(|l| l.reasons.iter().map(move |r| (l, r)))
+        .collect();
+    if reasons.is_empty() {
+        println!("no change of weights or quantizer steps this advice knows saves 5 % or more of the model's PBS");
+    }
+    for (l, r) in reasons {
+        println!("node {} ({}): {}", l.node, l.op, r.text);
+    }
+    Ok(())
+}
+
+/// The tables' level spacing, for the advice's table.
+fn spacing_note(f: &fhecam::advise::ActivationFigures) -> String {
+    let s: Vec<f64> = f.tables.iter().filter_map(|t| t.spacing).collect();
+    if s.len() != f.tables.len() || s.is_empty() {
+        return String::new();
+    }
+    let lo = s.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    if hi - lo < 0.5 {
+        format!(", levels {lo:.1} units apart")
+    } else {
+        format!(", levels {lo:.1}-{hi:.1} units apart")
+    }
 }
 
 #[cfg(test)]

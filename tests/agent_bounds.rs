@@ -53,15 +53,13 @@ const FLOOD_RSS_GROWTH_MB: u64 = 32;
 fn a_flood_over_the_rate_limit_is_held_to_the_bound() {
     let dir = tempfile::tempdir().unwrap();
     let o = owner(dir.path());
-    let (port, _broker) = Broker::on_free_port(dir.path());
-    let (cockpit, cams) = cockpit_and_cameras(port, "f");
-    let cfg = o.agent_config(
+    let (port, _broker, cockpit, cams) = agent_site(dir.path(), "f");
+    let (_, agent) = o.start_agent(
         "agent-f",
         port,
         "",
         "[limits]\nper_device_per_minute = 600.0\nburst = 10.0\nmax_held = 64\n",
     );
-    let agent = spawn_agent(&cfg, &[]);
     let count = |device: &str| {
         on(&cockpit, "cockpit/")
             .iter()
@@ -184,10 +182,8 @@ fn envelope_of(id: &str, version: u32, ct: &[u8], device: &str, seq: u64) -> Vec
 fn owner_db_replaced_by_rename_and_transient_refusals() {
     let dir = tempfile::tempdir().unwrap();
     let o = owner(dir.path());
-    let (port, _broker) = Broker::on_free_port(dir.path());
-    let (cockpit, cams) = cockpit_and_cameras(port, "r");
-    let cfg = o.agent_config("agent-r", port, "", "");
-    let agent = spawn_agent(&cfg, &[]);
+    let (port, _broker, cockpit, cams) = agent_site(dir.path(), "r");
+    let (cfg, agent) = o.start_agent("agent-r", port, "", "");
     std::thread::sleep(Duration::from_secs(2));
 
     // the README's rotation: protect into a copy, then move it over the agent's database
@@ -270,8 +266,7 @@ fn the_default_client_id_cannot_be_guessed_and_is_kept() {
     let (port, _broker) = Broker::on_free_port(dir.path());
     let cockpit = subscribe(port, "cockpit-c", &["cockpit/#"]);
     let cams = Publisher::new(port, "cameras-c");
-    let cfg = o.agent_config("agent-c", port, "", "");
-    let agent = spawn_agent(&cfg, &[]);
+    let (cfg, agent) = o.start_agent("agent-c", port, "", "");
     std::thread::sleep(Duration::from_secs(2));
     stop_agent(agent, Duration::from_secs(10));
     let id_file = dir.path().join("agent-c-state.db.client-id");

@@ -88,12 +88,11 @@ fn junk(o: &Owner, i: u64) -> (String, Vec<u8>) {
 fn retained_burst_outage_and_restart_lose_nothing() {
     let o = shared_owner();
     let dir = tempfile::tempdir().unwrap();
-    let (port, broker) = Broker::on_free_port(dir.path());
-    let (cockpit, cams) = cockpit_and_cameras(port, "a");
+    let (port, broker, cockpit, cams) = agent_site(dir.path(), "a");
     let mut want = Vec::new();
     let mut junk_sent = 0usize;
     // no client id: the default must be stable across restarts
-    let cfg = o.agent_config(
+    let (cfg, agent) = o.start_agent(
         "agent-a",
         port,
         "",
@@ -111,7 +110,6 @@ fn retained_burst_outage_and_restart_lose_nothing() {
         junk_sent += 1;
     }
     std::thread::sleep(Duration::from_secs(1));
-    let agent = spawn_agent(&cfg, &[]);
     wait_results(&cockpit, "the 50 retained inferences", 50, 60);
     wait_for(
         "the 50 retained junk messages",
@@ -183,9 +181,8 @@ fn retained_burst_outage_and_restart_lose_nothing() {
 fn rate_limit_crash_window_and_outbox_reset() {
     let o = shared_owner();
     let dir = tempfile::tempdir().unwrap();
-    let (port, _broker) = Broker::on_free_port(dir.path());
-    let (cockpit, cams) = cockpit_and_cameras(port, "b");
-    let cfg = o.agent_config(
+    let (port, _broker, cockpit, cams) = agent_site(dir.path(), "b");
+    let (cfg, agent) = o.start_agent(
         "agent-b",
         port,
         "client_id = \"agent-b\"",
@@ -211,7 +208,6 @@ fn rate_limit_crash_window_and_outbox_reset() {
     };
     assert!(!status.success(), "aborted");
     assert!(on(&cockpit, "cockpit/").is_empty());
-    let agent = spawn_agent(&cfg, &[]);
     wait_for(
         "the crashed inference, redelivered",
         Duration::from_secs(30),
@@ -348,13 +344,12 @@ fn a_shared_subscription_is_renewed_after_a_broker_restart() {
     let o = shared_owner();
     let dir = tempfile::tempdir().unwrap();
     let (port, broker) = Broker::on_free_port(dir.path());
-    let cfg = o.agent_config(
+    let (_, agent) = o.start_agent(
         "agent-c",
         port,
         "client_id = \"agent-c\"\nshared = true",
         "",
     );
-    let agent = spawn_agent(&cfg, &[]);
     wait_for("the agent's subscription", Duration::from_secs(20), || {
         agent.log_text().matches("subscribing").count() >= 1
     });

@@ -29,9 +29,33 @@ fn q(s: &str) -> String {
     out + "\""
 }
 
+/// A valid `[mqtt]` connection named `client_id`, as in every configuration.
+fn mqtt_base(client_id: &str) -> Fields {
+    vec![
+        ("mqtt", "host", q("localhost")),
+        ("mqtt", "port", "1883".into()),
+        ("mqtt", "client_id", q(client_id)),
+        ("mqtt", "keep_alive_s", "30".into()),
+        ("mqtt", "reconnect_backoff_initial_s", "0.5".into()),
+        ("mqtt", "reconnect_backoff_max_s", "30.0".into()),
+        ("mqtt", "username", q("user")),
+        ("mqtt", "password", q("pass")),
+    ]
+}
+
+/// The topics of a valid agent or cockpit configuration.
+fn roles_base() -> Fields {
+    vec![
+        ("mqtt", "edge_prefix", q("fhecam")),
+        ("mqtt", "cockpit_prefix", q("cockpit")),
+        ("mqtt", "dead_letter_topic", q("backend/deadletter")),
+    ]
+}
+
 fn edge_base(d: &Path) -> Fields {
     let p = |n: &str| q(d.join(n).to_str().unwrap());
-    vec![
+    let mut f = mqtt_base("cam-1");
+    f.extend([
         ("", "device_id", q("dev1")),
         ("", "camera_id", q("cam0")),
         ("", "bundle", p("missing.bundle")),
@@ -50,16 +74,8 @@ fn edge_base(d: &Path) -> Fields {
         ("infer", "threads", "2".into()),
         ("infer", "drain_timeout_s", "120.0".into()),
         ("infer", "input_mode", q("encrypted")),
-        ("mqtt", "host", q("localhost")),
-        ("mqtt", "port", "1883".into()),
-        ("mqtt", "client_id", q("cam-1")),
         ("mqtt", "topic_prefix", q("fhecam")),
-        ("mqtt", "keep_alive_s", "30".into()),
-        ("mqtt", "reconnect_backoff_initial_s", "0.5".into()),
-        ("mqtt", "reconnect_backoff_max_s", "30.0".into()),
         ("mqtt", "stats_interval_s", "60.0".into()),
-        ("mqtt", "username", q("user")),
-        ("mqtt", "password", q("pass")),
         ("outbox", "dir", p("outbox")),
         ("outbox", "max_entries", "10".into()),
         ("deploy", "state_dir", p("state")),
@@ -68,53 +84,38 @@ fn edge_base(d: &Path) -> Fields {
         ("deploy", "scan_interval_s", "2.0".into()),
         ("deploy", "keep_refused", "16".into()),
         ("metrics", "listen", q("127.0.0.1:9464")),
-    ]
+    ]);
+    f
 }
 
 fn agent_base(d: &Path) -> Fields {
     let p = |n: &str| q(d.join(n).to_str().unwrap());
-    vec![
+    let mut f = [mqtt_base("agent-1"), roles_base()].concat();
+    f.extend([
         ("", "db", p("owner.db")),
         ("", "state_db", p("state.db")),
         ("", "passphrase_file", p("pass")),
         ("", "logits_for", "[]".into()),
-        ("mqtt", "host", q("localhost")),
-        ("mqtt", "port", "1883".into()),
-        ("mqtt", "client_id", q("agent-1")),
         ("mqtt", "group", q("fhecam-agents")),
-        ("mqtt", "edge_prefix", q("fhecam")),
-        ("mqtt", "cockpit_prefix", q("cockpit")),
-        ("mqtt", "dead_letter_topic", q("backend/deadletter")),
-        ("mqtt", "keep_alive_s", "30".into()),
-        ("mqtt", "reconnect_backoff_initial_s", "0.5".into()),
-        ("mqtt", "reconnect_backoff_max_s", "30.0".into()),
-        ("mqtt", "username", q("user")),
-        ("mqtt", "password", q("pass")),
         ("limits", "max_payload_bytes", "60000".into()),
         ("limits", "per_device_per_minute", "60.0".into()),
         ("limits", "burst", "10.0".into()),
         ("limits", "max_held", "64".into()),
         ("metrics", "listen", q("127.0.0.1:9465")),
-    ]
+    ]);
+    f
 }
 
 fn cockpit_base() -> Fields {
-    vec![
-        ("mqtt", "host", q("localhost")),
-        ("mqtt", "port", "1883".into()),
-        ("mqtt", "client_id", q("cockpit-1")),
-        ("mqtt", "edge_prefix", q("fhecam")),
-        ("mqtt", "cockpit_prefix", q("cockpit")),
-        ("mqtt", "dead_letter_topic", q("backend/deadletter")),
-        ("mqtt", "keep_alive_s", "30".into()),
-        ("mqtt", "reconnect_backoff_initial_s", "0.5".into()),
-        ("mqtt", "reconnect_backoff_max_s", "30.0".into()),
+    let mut f = [mqtt_base("cockpit-1"), roles_base()].concat();
+    f.extend([
         ("http", "listen", q("127.0.0.1:9480")),
         ("http", "allow_remote", "false".into()),
         ("limits", "max_cameras", "1000".into()),
         ("limits", "max_payload_bytes", "1048576".into()),
         ("limits", "max_streams", "64".into()),
-    ]
+    ]);
+    f
 }
 
 /// `fields` with `section.key` set to `value` (added when absent), as TOML.
@@ -176,6 +177,27 @@ struct Case {
     field: String,
     valid: bool,
 }
+
+/// The broker connection's fields: the same in the edge's, the agent's and the cockpit's
+/// configurations.
+const MQTT_CONNECTION: &[(&str, &str, Kind)] = &[
+    ("mqtt", "host", Kind::Str),
+    ("mqtt", "port", Kind::Int),
+    ("mqtt", "client_id", Kind::Str),
+    ("mqtt", "keep_alive_s", Kind::Int),
+    ("mqtt", "reconnect_backoff_initial_s", Kind::Float),
+    ("mqtt", "reconnect_backoff_max_s", Kind::Float),
+    ("mqtt", "username", Kind::Str),
+    ("mqtt", "password", Kind::Str),
+    ("mqtt.tls", "ca", Kind::Path),
+];
+
+/// The topics the agent and the cockpit agree on.
+const MQTT_ROLES: &[(&str, &str, Kind)] = &[
+    ("mqtt", "edge_prefix", Kind::Str),
+    ("mqtt", "cockpit_prefix", Kind::Str),
+    ("mqtt", "dead_letter_topic", Kind::Str),
+];
 
 fn cases(
     what: &'static str,
@@ -302,38 +324,35 @@ fn every_field_is_bounded_and_named() {
         "edge",
         &edge_base(dir),
         &[
-            ("", "device_id", Str),
-            ("", "camera_id", Str),
-            ("", "bundle", Path),
-            ("", "owner_key", Path),
-            ("source", "pipeline", Str),
-            ("source", "stall_timeout_s", Float),
-            ("source", "restart_backoff_initial_s", Float),
-            ("source", "restart_backoff_max_s", Float),
-            ("preprocess", "sample_interval_s", Float),
-            ("preprocess", "motion_threshold", Float),
-            ("infer", "max_in_flight", Int),
-            ("infer", "threads", Int),
-            ("infer", "drain_timeout_s", Float),
-            ("mqtt", "host", Str),
-            ("mqtt", "port", Int),
-            ("mqtt", "client_id", Str),
-            ("mqtt", "topic_prefix", Str),
-            ("mqtt", "keep_alive_s", Int),
-            ("mqtt", "reconnect_backoff_initial_s", Float),
-            ("mqtt", "reconnect_backoff_max_s", Float),
-            ("mqtt", "stats_interval_s", Float),
-            ("mqtt", "username", Str),
-            ("mqtt", "password", Str),
-            ("mqtt.tls", "ca", Path),
-            ("outbox", "dir", Path),
-            ("outbox", "max_entries", Int),
-            ("deploy", "state_dir", Path),
-            ("deploy", "drop_dir", Path),
-            ("deploy", "scan_interval_s", Float),
-            ("deploy", "keep_refused", Int),
-            ("metrics", "listen", Str),
-        ],
+            MQTT_CONNECTION,
+            &[
+                ("mqtt", "topic_prefix", Str),
+                ("mqtt", "stats_interval_s", Float),
+            ],
+            &[
+                ("", "device_id", Str),
+                ("", "camera_id", Str),
+                ("", "bundle", Path),
+                ("", "owner_key", Path),
+                ("source", "pipeline", Str),
+                ("source", "stall_timeout_s", Float),
+                ("source", "restart_backoff_initial_s", Float),
+                ("source", "restart_backoff_max_s", Float),
+                ("preprocess", "sample_interval_s", Float),
+                ("preprocess", "motion_threshold", Float),
+                ("infer", "max_in_flight", Int),
+                ("infer", "threads", Int),
+                ("infer", "drain_timeout_s", Float),
+                ("outbox", "dir", Path),
+                ("outbox", "max_entries", Int),
+                ("deploy", "state_dir", Path),
+                ("deploy", "drop_dir", Path),
+                ("deploy", "scan_interval_s", Float),
+                ("deploy", "keep_refused", Int),
+                ("metrics", "listen", Str),
+            ],
+        ]
+        .concat(),
         &[
             ("mqtt", "port", "70000"),
             ("mqtt", "keep_alive_s", "70000"),
@@ -385,28 +404,21 @@ fn every_field_is_bounded_and_named() {
         "agent",
         &agent_base(dir),
         &[
-            ("", "db", Path),
-            ("", "state_db", Path),
-            ("", "passphrase_file", Path),
-            ("mqtt", "host", Str),
-            ("mqtt", "port", Int),
-            ("mqtt", "client_id", Str),
-            ("mqtt", "group", Str),
-            ("mqtt", "edge_prefix", Str),
-            ("mqtt", "cockpit_prefix", Str),
-            ("mqtt", "dead_letter_topic", Str),
-            ("mqtt", "keep_alive_s", Int),
-            ("mqtt", "reconnect_backoff_initial_s", Float),
-            ("mqtt", "reconnect_backoff_max_s", Float),
-            ("mqtt", "username", Str),
-            ("mqtt", "password", Str),
-            ("mqtt.tls", "ca", Path),
-            ("limits", "max_payload_bytes", Int),
-            ("limits", "per_device_per_minute", Float),
-            ("limits", "burst", Float),
-            ("limits", "max_held", Int),
-            ("metrics", "listen", Str),
-        ],
+            MQTT_CONNECTION,
+            MQTT_ROLES,
+            &[
+                ("", "db", Path),
+                ("", "state_db", Path),
+                ("", "passphrase_file", Path),
+                ("mqtt", "group", Str),
+                ("limits", "max_payload_bytes", Int),
+                ("limits", "per_device_per_minute", Float),
+                ("limits", "burst", Float),
+                ("limits", "max_held", Int),
+                ("metrics", "listen", Str),
+            ],
+        ]
+        .concat(),
         &[
             ("", "logits_for", "[\"\"]"),
             ("", "logits_for", &huge_list),
@@ -435,23 +447,16 @@ fn every_field_is_bounded_and_named() {
         "cockpit",
         &cockpit_base(),
         &[
-            ("mqtt", "host", Str),
-            ("mqtt", "port", Int),
-            ("mqtt", "client_id", Str),
-            ("mqtt", "edge_prefix", Str),
-            ("mqtt", "cockpit_prefix", Str),
-            ("mqtt", "dead_letter_topic", Str),
-            ("mqtt", "keep_alive_s", Int),
-            ("mqtt", "reconnect_backoff_initial_s", Float),
-            ("mqtt", "reconnect_backoff_max_s", Float),
-            ("mqtt", "username", Str),
-            ("mqtt", "password", Str),
-            ("mqtt.tls", "ca", Path),
-            ("http", "listen", Str),
-            ("limits", "max_cameras", Int),
-            ("limits", "max_payload_bytes", Int),
-            ("limits", "max_streams", Int),
-        ],
+            MQTT_CONNECTION,
+            MQTT_ROLES,
+            &[
+                ("http", "listen", Str),
+                ("limits", "max_cameras", Int),
+                ("limits", "max_payload_bytes", Int),
+                ("limits", "max_streams", Int),
+            ],
+        ]
+        .concat(),
         &[
             ("mqtt", "port", "70000"),
             ("mqtt", "dead_letter_topic", "\"cockpit/x\""),

@@ -8,25 +8,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-fn get(url: &str, path: &str) -> String {
-    let addr = url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
 
 #[test]
 fn frames_daemon_broker_agent_cockpit() {
@@ -78,12 +62,13 @@ fn frames_daemon_broker_agent_cockpit() {
         "{text}"
     );
     assert!(text.contains(&format!("[cockpit] {url}")), "{text}");
-    let page = get(&url, "/");
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    let (status, page) = common::http_get(addr, "/").unwrap();
     assert!(
-        page.starts_with("HTTP/1.1 200") && page.contains("fhecam cockpit"),
-        "{page}"
+        status.starts_with("HTTP/1.1 200") && page.contains("fhecam cockpit"),
+        "{status}\n{page}"
     );
-    let api = get(&url, "/api/cameras");
+    let (_, api) = common::http_get(addr, "/api/cameras").unwrap();
     assert!(api.contains("\"device_id\":\"demo-cam\""), "{api}");
     assert!(api.contains("\"results_last_hour\":1"), "{api}");
 

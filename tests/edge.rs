@@ -19,6 +19,12 @@ fn subscribe(port: u16, id: &str) -> Messages {
     common::subscribe(port, id, &["fhecam/#"])
 }
 
+/// A broker on a free port in `dir` and a client `id` recording every camera message.
+fn watched_broker(dir: &Path, id: &str) -> (u16, Broker, Messages) {
+    let (port, broker) = Broker::on_free_port(dir);
+    (port, broker, subscribe(port, id))
+}
+
 /// Digits played as PNG frames (each ~800 PBS encrypted).
 const FRAMES: usize = 3;
 
@@ -150,8 +156,7 @@ fn topic_payloads(msgs: &Messages, leaf: &str) -> Vec<Vec<u8>> {
 fn every_frame_arrives_decryptable_across_a_broker_restart() {
     let dir = tempfile::tempdir().unwrap();
     let o = owner(dir.path());
-    let (port, broker) = Broker::on_free_port(dir.path());
-    let msgs = subscribe(port, "test-sub");
+    let (port, broker, msgs) = watched_broker(dir.path(), "test-sub");
     let pipeline = format!(
         "multifilesrc location={} index=0 stop-index={} caps=image/png,framerate=1/1 ! pngdec ! videoconvert ! appsink",
         s(&dir.path().join("digit%d.png")),
@@ -275,8 +280,7 @@ fn broker_outage_and_sigkill_lose_nothing() {
 fn sigterm_drains_the_running_inference_and_says_offline() {
     let dir = tempfile::tempdir().unwrap();
     let o = owner(dir.path());
-    let (port, _broker) = Broker::on_free_port(dir.path());
-    let msgs = subscribe(port, "test-sub-3");
+    let (port, _broker, msgs) = watched_broker(dir.path(), "test-sub-3");
     let live = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=32,height=32,framerate=5/1 ! videoconvert ! appsink";
     // this camera keeps its frames in the clear (device-clear input)
     let cfg = o.config(

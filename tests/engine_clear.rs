@@ -6,7 +6,7 @@ use fhecam::fhe::backend::ClearBackend;
 use fhecam::fhe::circuit::Engine;
 use fhecam::fhe::eval;
 use fhecam::reference;
-use fhecam::testnet::{random_input, random_model, Shape};
+use fhecam::testnet::{assert_reference, random_input, random_model, Shape};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -35,54 +35,72 @@ fn check(seed: u64, shape: Shape) {
             "seed {seed}: digit out of range"
         );
         let got = layout.logits(&digits);
-        let want = reference::evaluate(&m, &x).unwrap();
-        assert_eq!(
-            got,
-            want,
-            "seed {seed}: model {}",
-            serde_json::to_string(&m).unwrap()
-        );
+        assert_reference(&m, &x, &got, &format!("seed {seed}"));
     }
+}
+
+/// Every seed of `seeds` on networks of `shape`.
+fn check_seeds(seeds: std::ops::Range<u64>, shape: Shape) {
+    seeds.for_each(|seed| check(seed, shape));
 }
 
 #[test]
 fn random_small_networks_match_reference() {
-    for seed in 0..300 {
-        check(seed, Shape::small());
-    }
+    check_seeds(0..300, Shape::small());
 }
 
 #[test]
 fn random_tiny_networks_match_reference() {
-    for seed in 1000..1300 {
-        check(seed, Shape::tiny());
-    }
+    check_seeds(1000..1300, Shape::tiny());
 }
 
 #[test]
 fn random_multi_digit_networks_match_reference() {
-    for seed in 2000..2300 {
-        check(seed, Shape::tiny_wide());
+    check_seeds(2000..2300, Shape::tiny_wide());
+}
+
+/// The parameters of a model as the clear backend takes them.
+type ClearParams = Vec<Option<eval::LayerParams<u64, eval::ClearTable>>>;
+
+/// On 40 random small networks: how many give other logits than the reference once
+/// `tamper` changed their parameters (it returns false to skip a network), run with the
+/// frame encrypted or, with `device_clear`, in the clear.
+fn tampered_runs_differ(
+    device_clear: bool,
+    tamper: impl Fn(&fhecam::model::Model, &mut ClearParams) -> bool,
+) -> usize {
+    let mut differs = 0;
+    for seed in 0..40 {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let m = random_model(&mut rng, Shape::small());
+        if device_clear && eval::check_device_clear(&m).is_err() {
+            continue;
+        }
+        let x = random_input(&mut rng, &m);
+        let mut params = eval::map_params(&m, &mut |v| v).unwrap();
+        if !tamper(&m, &mut params) {
+            continue;
+        }
+        let e = Engine::new(ClearBackend);
+        let out = match device_clear {
+            true => eval::run_device_clear(&e, &m, &params, &x),
+            false => eval::run(&e, &m, &params, eval::input_digits(&m, &x)),
+        }
+        .unwrap();
+        let got = out.layout().logits(&out.flatten());
+        differs += (got != reference::evaluate(&m, &x).unwrap()) as usize;
     }
+    differs
 }
 
 #[test]
 fn a_wrong_weight_changes_the_result() {
     // guards against a vacuous comparison: the circuits must actually read the weights
-    let mut differs = 0;
-    for seed in 0..40 {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let m = random_model(&mut rng, Shape::small());
-        let x = random_input(&mut rng, &m);
-        let mut params = eval::map_params(&m, &mut |v| v).unwrap();
+    let differs = tampered_runs_differ(false, |_, params| {
         let last = params.iter_mut().rev().find_map(|p| p.as_mut()).unwrap();
         last.weights[0] ^= 1;
-        let e = Engine::new(ClearBackend);
-        let out = eval::run(&e, &m, &params, eval::input_digits(&m, &x)).unwrap();
-        let layout = out.layout();
-        let got = layout.logits(&out.flatten());
-        differs += (got != reference::evaluate(&m, &x).unwrap()) as usize;
-    }
+        true
+    });
     assert!(differs > 0);
 }
 
@@ -166,29 +184,18 @@ fn device_clear_input_matches_reference() {
 #[test]
 fn device_clear_reads_the_clear_tables() {
     // a wrong table entry must change some result: the tables are what the frame meets
-    let mut differs = 0;
-    for seed in 0..40 {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let m = random_model(&mut rng, Shape::small());
-        if eval::check_device_clear(&m).is_err() {
-            continue;
-        }
-        let x = random_input(&mut rng, &m);
-        let mut params = eval::map_params(&m, &mut |v| v).unwrap();
+    let differs = tampered_runs_differ(true, |m, params| {
         // the tables of two weights swapped: every entry stays within its public bound
         let wr = match &m.nodes[0].op {
             fhecam::model::Op::Conv2d(fhecam::model::Conv2d { weight_range, .. })
             | fhecam::model::Op::Dense(fhecam::model::Dense { weight_range, .. }) => *weight_range,
-            _ => continue,
+            _ => return false,
         };
         let per_weight = eval::ClearTables::of(m.input.bits, wr).per_weight();
         let first = params[0].as_mut().unwrap();
         let (a, b) = first.clear_tables.split_at_mut(per_weight);
         a.swap_with_slice(&mut b[..per_weight]);
-        let e = Engine::new(ClearBackend);
-        let out = eval::run_device_clear(&e, &m, &params, &x).unwrap();
-        let got = out.layout().logits(&out.flatten());
-        differs += (got != reference::evaluate(&m, &x).unwrap()) as usize;
-    }
+        true
+    });
     assert!(differs > 0);
 }

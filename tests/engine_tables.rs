@@ -8,7 +8,7 @@ use fhecam::fhe::circuit::Engine;
 use fhecam::fhe::eval;
 use fhecam::model::Op;
 use fhecam::reference;
-use fhecam::testnet::{random_input, random_table_model, Shape};
+use fhecam::testnet::{assert_reference, random_input, random_table_model, Shape};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -42,13 +42,7 @@ fn check(seed: u64, shape: Shape) {
             let x = random_input(&mut rng, &m);
             let (got, pbs) = run(&m, &params, &x, mode);
             assert_eq!(pbs, planned, "seed {seed} {mode:?}: plan differs from run");
-            let want = reference::evaluate(&m, &x).unwrap();
-            assert_eq!(
-                got,
-                want,
-                "seed {seed} {mode:?}: model {}",
-                serde_json::to_string(&m).unwrap()
-            );
+            assert_reference(&m, &x, &got, &format!("seed {seed} {mode:?}"));
         }
     }
     // one PBS per neuron of every lut layer that does not read the clear frame, and per

@@ -414,6 +414,17 @@ fn constant_subgraphs_on_weights_are_folded_whatever_the_exporter() {
     let labels = npy::read_labels(Path::new(&fx("test_y.txt"))).unwrap();
     assert_eq!(same(&int, &labels), acc);
 
+    // the recipe's bias-less model as Brevitas exported it (examples/qat): exact too
+    let recipe: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("recipe_predictions.json")).unwrap(),
+    )
+    .unwrap();
+    let name = "recipe_cnn_2bit_nobias";
+    let pred: Vec<usize> =
+        serde_json::from_value(recipe["models"][name]["predictions"].clone()).unwrap();
+    let int = integer_predictions(&import(dir.path(), name, &[]));
+    assert_eq!(same(&int, &pred), 1.0, "{name}");
+
     // float weights through Mul/Transpose/Squeeze/Reshape/Div/Cast: fhecam's float reading
     // is ONNX Runtime's model, tract agrees, and the import stays within a point of it
     let name = "float_folds";

@@ -7,21 +7,23 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn scrape(port: u16) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+    let (status, body) = http_get(&format!("127.0.0.1:{port}"), "/metrics").ok()?;
+    status.starts_with("HTTP/1.1 200").then_some(body)
+}
+
+/// Scrapes `port` until `done` holds for the text (the last text scraped).
+fn scrape_until(what: &str, port: u16, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+    let mut text = String::new();
+    wait_for(what, timeout, || {
+        text = scrape(port).unwrap_or_default();
+        done(&text)
+    });
+    text
 }
 
 /// The value of the sample `name` (with its labels, as written) in `text`.
@@ -86,14 +88,11 @@ fn camera_and_agent_metrics_count_what_happened_and_pass_promtool() {
     )
     .unwrap();
     let (cam, cam_log) = daemon(&ecfg);
-    let mut cam_text = String::new();
-    wait_for(
+    let cam_text = scrape_until(
         "the camera's published inference",
+        cam_port,
         Duration::from_secs(120),
-        || {
-            cam_text = scrape(cam_port).unwrap_or_default();
-            value(&cam_text, "fhecam_camera_published_total") == Some(1.0)
-        },
+        |t| value(t, "fhecam_camera_published_total") == Some(1.0),
     );
     promtool(&cam_text);
     let pbs: f64 = log(&cam_log)
@@ -140,18 +139,12 @@ fn camera_and_agent_metrics_count_what_happened_and_pass_promtool() {
         publisher.send("fhecam/dev9/cam0/inference", b"junk".to_vec(), false);
     }
     let decrypted = format!("fhecam_agent_decrypted_total{{model_id=\"{}\"}}", o.id);
-    let mut agent_text = String::new();
-    wait_for(
+    let refused = "fhecam_agent_refused_total{code=\"malformed_envelope\"}";
+    let agent_text = scrape_until(
         "the agent's decryptions and refusals",
+        agent_port,
         Duration::from_secs(60),
-        || {
-            agent_text = scrape(agent_port).unwrap_or_default();
-            value(&agent_text, &decrypted) == Some(5.0)
-                && value(
-                    &agent_text,
-                    "fhecam_agent_refused_total{code=\"malformed_envelope\"}",
-                ) == Some(2.0)
-        },
+        |t| value(t, &decrypted) == Some(5.0) && value(t, refused) == Some(2.0),
     );
     promtool(&agent_text);
     assert_eq!(

@@ -218,15 +218,20 @@ fn tiny_training_is_deterministic_and_exports_what_it_trained() {
     let a = train(&tiny(), &tr, &te, &|_, _| {}).expect("training");
     eprintln!(
         "tiny: float {:.4} integer {:.4}, PBS {} / {}, {:.1}s",
-        a.accuracy_float, a.accuracy_plain, a.pbs_device_clear, a.pbs_encrypted, a.train_seconds
+        a.scores.accuracy_float,
+        a.scores.accuracy_plain,
+        a.pbs_device_clear,
+        a.pbs_encrypted,
+        a.scores.train_seconds
     );
     let infos = a.model.infer().expect("exported model passes the checks");
     assert_eq!(infos.len(), 5);
     assert_eq!(infos.last().unwrap().len(), 10);
     let agree = a
+        .scores
         .predictions_float
         .iter()
-        .zip(&a.predictions_plain)
+        .zip(&a.scores.predictions_plain)
         .filter(|(x, y)| x == y)
         .count();
     assert!(
@@ -237,9 +242,13 @@ fn tiny_training_is_deterministic_and_exports_what_it_trained() {
     // the report's integer predictions are the reference's
     let img = &te.images[7];
     let logits = reference::evaluate(&a.model, &a.model.input.quantize(img)).unwrap();
-    assert_eq!(reference::argmax(&logits), a.predictions_plain[7]);
+    assert_eq!(reference::argmax(&logits), a.scores.predictions_plain[7]);
     // 8 epochs of a network of 76 PBS: far from the preset, well above chance (0.1)
-    assert!(a.accuracy_plain >= 0.3, "accuracy {}", a.accuracy_plain);
+    assert!(
+        a.scores.accuracy_plain >= 0.3,
+        "accuracy {}",
+        a.scores.accuracy_plain
+    );
 
     let b = train(&tiny(), &tr, &te, &|_, _| {}).expect("training");
     assert_eq!(a.model, b.model, "same seed, same model");

@@ -438,6 +438,11 @@ fn agent_check_names_a_missing_ca() {
 }
 
 /// `[mqtt.tls]` of a daemon or agent configuration.
+/// An agent's `[mqtt]` lines (`lines`, without a trailing newline) and its `[mqtt.tls]`.
+fn tls_mqtt(lines: &str, ca: &Path, who: &Issued) -> String {
+    format!("{lines}\n{}", tls_section(ca, who))
+}
+
 fn tls_section(ca: &Path, who: &Issued) -> String {
     format!(
         "[mqtt.tls]\nca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
@@ -475,10 +480,7 @@ async fn daemon_and_agent_over_tls() {
     let agent_cfg = o.agent_config(
         "tls-agent",
         port,
-        &format!(
-            "client_id = \"tls-agent\"\n{}",
-            tls_section(&s.pki.ca.cert, &s.agent)
-        ),
+        &tls_mqtt("client_id = \"tls-agent\"", &s.pki.ca.cert, &s.agent),
         "",
     );
     let agent = common::spawn_agent(&agent_cfg, &[]);
@@ -557,10 +559,7 @@ async fn daemon_and_agent_over_tls() {
     let wrong = o.agent_config(
         "tls-agent-wrong-ca",
         port,
-        &format!(
-            "client_id = \"tls-agent-2\"\n{}",
-            tls_section(&s.other.ca.cert, &s.agent)
-        ),
+        &tls_mqtt("client_id = \"tls-agent-2\"", &s.other.ca.cert, &s.agent),
         "",
     );
     let a = common::spawn_agent(&wrong, &[]);
@@ -579,9 +578,10 @@ async fn daemon_and_agent_over_tls() {
     let denied = o.agent_config(
         "tls-agent-denied",
         port,
-        &format!(
-            "client_id = \"tls-agent\"\ncockpit_prefix = \"elsewhere\"\n{}",
-            tls_section(&s.pki.ca.cert, &s.agent)
+        &tls_mqtt(
+            "client_id = \"tls-agent\"\ncockpit_prefix = \"elsewhere\"",
+            &s.pki.ca.cert,
+            &s.agent,
         ),
         "",
     );

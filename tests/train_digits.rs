@@ -18,17 +18,17 @@ fn short_training_exports_a_consistent_integer_model() {
     let report = train(&cfg, &tr, &te, &|_, _| {}).expect("training");
     eprintln!(
         "float {:.4} plain {:.4} in {:.1}s",
-        report.accuracy_float, report.accuracy_plain, report.train_seconds
+        report.scores.accuracy_float, report.scores.accuracy_plain, report.scores.train_seconds
     );
 
     let infos = report.model.infer().expect("exported model is valid");
     assert_eq!(infos.last().unwrap().len(), 10);
-    assert_eq!(report.test_samples, te.len());
+    assert_eq!(report.scores.test_samples, te.len());
     assert_eq!(report.train_samples, tr.len());
     assert!(
-        report.accuracy_plain >= 0.90,
+        report.scores.accuracy_plain >= 0.90,
         "plain accuracy {}",
-        report.accuracy_plain
+        report.scores.accuracy_plain
     );
 
     // The integer model recomputed here must agree with the report and, sample by sample,
@@ -42,10 +42,10 @@ fn short_training_exports_a_consistent_integer_model() {
             reference::argmax(&logits)
         })
         .collect();
-    assert_eq!(plain, report.predictions_plain);
+    assert_eq!(plain, report.scores.predictions_plain);
     let agree = plain
         .iter()
-        .zip(&report.predictions_float)
+        .zip(&report.scores.predictions_float)
         .filter(|(a, b)| a == b)
         .count() as f64
         / te.len() as f64;

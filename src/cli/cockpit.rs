@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use fhecam_cockpit::CockpitConfig;
+use fhecam_proto::settings::Settings as _;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

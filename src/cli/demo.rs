@@ -5,13 +5,14 @@
 //! this command listens and compares each label with the truth and the plaintext model.
 
 use anyhow::{bail, Context, Result};
+use fhecam::broker::LocalBroker;
 use fhecam::edge::config::{
     EdgeConfig, EdgeTopics, InferConfig, MqttConfig, OutboxConfig, PreprocessConfig, SourceConfig,
 };
 use fhecam::{preprocess, reference, train, train_tables};
+use fhecam_proto::settings::Settings as _;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -66,7 +67,7 @@ fn tables_model(cfg: &train_tables::TablesConfig) -> Result<fhecam::model::Model
     );
     let (tr, te) = crate::load_split("digits")?;
     let r = super::train::with_progress(cfg.epochs, |p| train_tables::train(cfg, &tr, &te, p))?;
-    crate::save_model(&r.model, &path, Some(r.accuracy_float))?;
+    crate::save_model(&r.model, &path, Some(r.scores.accuracy_float))?;
     Ok(r.model)
 }
 
@@ -78,43 +79,12 @@ pub struct DemoArgs {
     pub keep: Option<PathBuf>,
 }
 
-/// A mosquitto started for the demo, stopped on drop.
-struct Mosquitto(Child);
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_mosquitto(dir: &Path) -> Result<(Mosquitto, u16)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-    )?;
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context(
-            "cannot start mosquitto: install it (scripts/setup.sh does) or pass --broker HOST:PORT",
-        )?;
-    let guard = Mosquitto(child);
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if t.elapsed() > Duration::from_secs(10) {
-            bail!("mosquitto did not start listening on 127.0.0.1:{port}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok((guard, port))
+/// A mosquitto of the demo's own on a free loopback port.
+fn start_mosquitto(dir: &Path) -> Result<(LocalBroker, u16)> {
+    let port = fhecam::broker::free_port()?;
+    let broker = LocalBroker::start(dir, port, "allow_anonymous true\npersistence false\n")
+        .context("pass --broker HOST:PORT to use a broker of your own")?;
+    Ok((broker, port))
 }
 
 fn parse_broker(s: &str) -> Result<(String, u16)> {

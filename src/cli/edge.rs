@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use fhecam::edge::{self, EdgeConfig, Milestone};
+use fhecam_proto::settings::Settings as _;
 use sd_notify::NotifyState;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};

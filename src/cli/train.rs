@@ -121,14 +121,14 @@ fn tables(a: TrainArgs) -> Result<()> {
         ..d
     };
     let r = with_progress(cfg.epochs, |p| train_tables::train(&cfg, &tr, &te, p))?;
-    save_model(&r.model, &a.out, Some(r.accuracy_float))?;
+    save_model(&r.model, &a.out, Some(r.scores.accuracy_float))?;
     println!(
         "wrote {}: accuracy float {:.4}, integer {:.4} on {} test images, final loss {:.4}; tables {} thresholds/pixel, {} + {} hidden, {} groups of {}, {}-bit scores; PBS per frame (plan) {} device-clear, {} encrypted; {:.1} s",
         a.out.display(),
-        r.accuracy_float,
-        r.accuracy_plain,
-        r.test_samples,
-        r.final_loss,
+        r.scores.accuracy_float,
+        r.scores.accuracy_plain,
+        r.scores.test_samples,
+        r.scores.final_loss,
         cfg.thresholds,
         cfg.n1,
         cfg.n2,
@@ -137,7 +137,7 @@ fn tables(a: TrainArgs) -> Result<()> {
         cfg.score_bits,
         r.pbs_device_clear,
         r.pbs_encrypted,
-        r.train_seconds
+        r.scores.train_seconds
     );
     Ok(())
 }
@@ -166,13 +166,13 @@ fn cnn(a: TrainArgs) -> Result<()> {
         ..d
     };
     let report = train_with_progress(&cfg, &tr, &te)?;
-    save_model(&report.model, &a.out, Some(report.accuracy_float))?;
+    save_model(&report.model, &a.out, Some(report.scores.accuracy_float))?;
     println!(
         "wrote {}: accuracy float {:.4}, integer {:.4} on {} test images, {} ct x ct MACs",
         a.out.display(),
-        report.accuracy_float,
-        report.accuracy_plain,
-        report.test_samples,
+        report.scores.accuracy_float,
+        report.scores.accuracy_plain,
+        report.scores.test_samples,
         report.model.macs()?
     );
     Ok(())

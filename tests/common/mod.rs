@@ -4,7 +4,6 @@
 
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -98,16 +97,15 @@ pub fn tiny_trained(
         ..Default::default()
     };
     let r = fhecam::train::train(&cfg, &tr, &te, &|_, _| {}).expect("training");
-    eprintln!("tiny model: integer accuracy {:.3}", r.accuracy_plain);
+    eprintln!(
+        "tiny model: integer accuracy {:.3}",
+        r.scores.accuracy_plain
+    );
     (r.model, te)
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    fhecam::broker::free_port().unwrap()
 }
 
 /// A child process killed on drop.
@@ -133,7 +131,7 @@ impl Drop for Killed {
 /// the broker, not be dropped), killed on drop. `user root`: started as root, mosquitto
 /// would otherwise switch to its own user and fail to save sessions in a root-owned `dir`.
 pub struct Broker {
-    child: Killed,
+    inner: fhecam::broker::LocalBroker,
     pub port: u16,
 }
 
@@ -145,43 +143,20 @@ impl Broker {
     }
 
     pub fn start(dir: &Path, port: u16) -> Broker {
-        let conf = dir.join(format!("mosquitto-{port}.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\n\
-                 persistence_location {}/\nmax_queued_messages 0\n\
-                 log_dest file {}/mosquitto-{port}.log\n",
-                dir.display(),
-                dir.display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed by scripts/setup.sh");
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "mosquitto did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Broker {
-            child: Killed(child),
-            port,
-        }
+        let conf = format!(
+            "allow_anonymous true\nuser root\npersistence true\n\
+             persistence_location {}/\nmax_queued_messages 0\n\
+             log_dest file {}/mosquitto-{port}.log\n",
+            dir.display(),
+            dir.display()
+        );
+        let inner = fhecam::broker::LocalBroker::start(dir, port, &conf).unwrap();
+        Broker { inner, port }
     }
 
     /// SIGTERM: mosquitto saves its sessions and exits.
-    pub fn stop(mut self) {
-        self.child.signal("-TERM");
-        let _ = self.child.0.wait();
+    pub fn stop(self) {
+        self.inner.stop();
     }
 }
 
@@ -197,6 +172,14 @@ pub fn cockpit_and_cameras(port: u16, tag: &str) -> (Messages, Publisher) {
         &["cockpit/#", "backend/deadletter"],
     );
     (cockpit, Publisher::new(port, &format!("cameras-{tag}")))
+}
+
+/// A broker on a free port in `dir` with the agent's surroundings on it
+/// ([`cockpit_and_cameras`]): `(port, broker, cockpit, cameras)`.
+pub fn agent_site(dir: &Path, tag: &str) -> (u16, Broker, Messages, Publisher) {
+    let (port, broker) = Broker::on_free_port(dir);
+    let (cockpit, cams) = cockpit_and_cameras(port, tag);
+    (port, broker, cockpit, cams)
 }
 
 pub fn subscribe(port: u16, id: &str, filters: &[&str]) -> Messages {
@@ -358,6 +341,19 @@ impl Owner {
     }
 
     /// A backend.toml for an agent on `port`; `extra` is appended verbatim (TOML).
+    /// [`Owner::agent_config`], and the agent started on it.
+    pub fn start_agent(
+        &self,
+        name: &str,
+        port: u16,
+        mqtt_extra: &str,
+        extra: &str,
+    ) -> (PathBuf, Agent) {
+        let cfg = self.agent_config(name, port, mqtt_extra, extra);
+        let agent = spawn_agent(&cfg, &[]);
+        (cfg, agent)
+    }
+
     pub fn agent_config(&self, name: &str, port: u16, mqtt_extra: &str, extra: &str) -> PathBuf {
         let p = self.dir.join(format!("{name}.toml"));
         std::fs::write(
@@ -497,4 +493,19 @@ pub fn stop_daemon(mut child: Child, log_path: &Path) -> fhecam::edge::stats::Sn
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", log(log_path));
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `GET path` from the HTTP server at `addr` (`host:port`): the status line and the body.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head.lines().next().unwrap_or("").to_string();
+    Ok((status, body.to_string()))
 }

@@ -723,32 +723,20 @@ fn metrics_exporter(c: Arc<Counters>) -> fhecam_metrics::Exporter {
             "Inference messages received",
             s.received,
         );
-        let by = c
-            .decrypted_by_model
-            .lock()
-            .map(|m| m.clone())
-            .unwrap_or_default();
-        let by: Vec<(&str, u64)> = by.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        e.counters_by(
+        e.counters_in(
             "decrypted",
             "Inferences decrypted, by model id",
             "model_id",
-            &by,
+            &c.decrypted_by_model,
+            &[],
         );
-        let by = c
-            .refused_by_code
-            .lock()
-            .map(|m| m.clone())
-            .unwrap_or_default();
-        let by: Vec<(&str, u64)> = fhecam_proto::wire::RefusalCode::ALL
-            .iter()
-            .map(|code| (code.as_str(), by.get(code.as_str()).copied().unwrap_or(0)))
-            .collect();
-        e.counters_by(
+        let codes = fhecam_proto::wire::RefusalCode::ALL.map(|code| code.as_str());
+        e.counters_in(
             "refused",
             "Inferences refused (dead letters), by refusal code",
             "code",
-            &by,
+            &c.refused_by_code,
+            &codes,
         );
         e.counter(
             "duplicates",
@@ -775,12 +763,7 @@ fn metrics_exporter(c: Arc<Counters>) -> fhecam_metrics::Exporter {
             "Inferences dropped unread at the held bound (redelivered later)",
             s.shed,
         );
-        let up = c.mqtt_connected.load(Ordering::Relaxed);
-        e.gauge(
-            "mqtt_connected",
-            "1 while connected to the broker",
-            f64::from(u8::from(up)),
-        );
+        e.mqtt_connected(c.mqtt_connected.load(Ordering::Relaxed));
     });
     x.histogram(
         &histograms.decrypt_seconds,

@@ -1,9 +1,10 @@
 //! The backend agent's configuration (`backend.toml`, `FHECAM_`-prefixed overrides such as
 //! `FHECAM_MQTT__HOST`). Unknown fields are errors.
 
+pub use fhecam_proto::settings::Settings;
 use fhecam_proto::wire;
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The agent's configuration errors are the edge's: [`fhecam_proto::settings::ConfigError`].
 pub type AgentConfigError = fhecam_proto::settings::ConfigError;
@@ -109,8 +110,6 @@ pub const MAX_RATE: f64 = 1e6;
 pub const MAX_HELD: usize = 4096;
 /// Entries of `logits_for`.
 pub const MAX_LOGITS_FOR: usize = 10_000;
-/// Longest dead-letter topic.
-pub const MAX_DEAD_LETTER_TOPIC: usize = 1024;
 /// `fhecam-agent-` and the `-` before the group.
 const DEFAULT_ID_FIXED: usize = "fhecam-agent--".len();
 /// Hex digits of the default client id's random suffix (64 bits: not guessable by a
@@ -156,27 +155,7 @@ fn default_client_id(host: &str, group: &str, suffix: &str) -> String {
 /// A plain topic outside every subscription of the system: a `$` topic would be a shared
 /// subscription or a broker topic, an edge topic would be read back by the agents, a cockpit
 /// topic would look like a result.
-fn check_dead_letter_topic(m: &AgentTopics) -> Result<(), String> {
-    let t = &m.dead_letter_topic;
-    let under = |prefix: &str| t == prefix || t.starts_with(&format!("{prefix}/"));
-    let why = if t.is_empty() || t.len() > MAX_DEAD_LETTER_TOPIC {
-        format!("must be 1..={MAX_DEAD_LETTER_TOPIC} bytes, got {}", t.len())
-    } else if t.contains(['+', '#', '\0']) {
-        "must not contain +, # or NUL".into()
-    } else if t.starts_with('$') {
-        "must not start with $ (shared subscriptions, broker topics)".into()
-    } else if under(&m.edge_prefix) {
-        format!("must be outside the edge prefix {:?}", m.edge_prefix)
-    } else if under(&m.cockpit_prefix) {
-        format!("must be outside the cockpit prefix {:?}", m.cockpit_prefix)
-    } else {
-        return Ok(());
-    };
-    let shown: String = t.chars().take(80).collect();
-    Err(format!("mqtt.dead_letter_topic {shown:?} {why}"))
-}
-
-const FIELDS: &[&str] = &[
+const SECTIONS: &[&str] = &[
     "db",
     "passphrase_file",
     "state_db",
@@ -186,30 +165,8 @@ const FIELDS: &[&str] = &[
     "metrics",
 ];
 
-impl AgentConfig {
-    pub fn new(db: PathBuf, state_db: PathBuf) -> Self {
-        AgentConfig {
-            db,
-            passphrase_file: None,
-            state_db,
-            mqtt: AgentMqtt::default(),
-            limits: Limits::default(),
-            logits_for: Vec::new(),
-            metrics: None,
-        }
-    }
-
-    pub fn load(path: &Path) -> Result<Self, AgentConfigError> {
-        let cfg: AgentConfig = fhecam_proto::settings::load(path, FIELDS)?;
-        cfg.check()?;
-        Ok(cfg)
-    }
-
-    /// Bounds every field (the message names it): no value that passes can panic or
-    /// misbehave where it is used.
-    pub fn check(&self) -> Result<(), AgentConfigError> {
-        self.check_fields().map_err(AgentConfigError::Invalid)
-    }
+impl fhecam_proto::settings::Settings for AgentConfig {
+    const FIELDS: &'static [&'static str] = SECTIONS;
 
     fn check_fields(&self) -> Result<(), String> {
         use fhecam_proto::mqtt::check_path;
@@ -278,7 +235,21 @@ impl AgentConfig {
                 m.group
             ));
         }
-        check_dead_letter_topic(m)
+        wire::check_dead_letter_topic(&m.dead_letter_topic, &m.edge_prefix, &m.cockpit_prefix)
+    }
+}
+
+impl AgentConfig {
+    pub fn new(db: PathBuf, state_db: PathBuf) -> Self {
+        AgentConfig {
+            db,
+            passphrase_file: None,
+            state_db,
+            mqtt: AgentMqtt::default(),
+            limits: Limits::default(),
+            logits_for: Vec::new(),
+            metrics: None,
+        }
     }
 
     /// Where the default client id is kept: `<state_db>.client-id`.

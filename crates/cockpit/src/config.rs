@@ -2,16 +2,16 @@
 //! `FHECAM_HTTP__LISTEN`). Unknown fields are errors; [`CockpitConfig::check`] bounds every
 //! value.
 
+pub use fhecam_proto::settings::Settings;
 use fhecam_proto::wire;
 use serde::Deserialize;
 use std::net::SocketAddr;
-use std::path::Path;
 
 /// The cockpit's configuration errors are the edge's and the agent's.
 pub type CockpitConfigError = fhecam_proto::settings::ConfigError;
 
 /// The top-level sections that `FHECAM_<SECTION>__<KEY>` variables may override.
-const FIELDS: &[&str] = &["mqtt", "http", "limits"];
+const SECTIONS: &[&str] = &["mqtt", "http", "limits"];
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,17 +97,8 @@ impl Default for CockpitLimits {
     }
 }
 
-impl CockpitConfig {
-    pub fn load(path: &Path) -> Result<Self, CockpitConfigError> {
-        let cfg: CockpitConfig = fhecam_proto::settings::load(path, FIELDS)?;
-        cfg.check()?;
-        Ok(cfg)
-    }
-
-    /// Bounds every field (the message names it).
-    pub fn check(&self) -> Result<(), CockpitConfigError> {
-        self.check_fields().map_err(CockpitConfigError::Invalid)
-    }
+impl fhecam_proto::settings::Settings for CockpitConfig {
+    const FIELDS: &'static [&'static str] = SECTIONS;
 
     fn check_fields(&self) -> Result<(), String> {
         fhecam_proto::mqtt::check_connection("mqtt", &self.mqtt.conn)?;
@@ -121,18 +112,7 @@ impl CockpitConfig {
         if t.cockpit_prefix == t.edge_prefix {
             return Err("mqtt.cockpit_prefix must differ from mqtt.edge_prefix".into());
         }
-        let d = &t.dead_letter_topic;
-        if d.is_empty()
-            || d.len() > 1024
-            || d.contains(['+', '#', '\0'])
-            || d.starts_with('$')
-            || d.starts_with(&format!("{}/", t.edge_prefix))
-            || d.starts_with(&format!("{}/", t.cockpit_prefix))
-        {
-            return Err(format!(
-                "mqtt.dead_letter_topic {d:?}: a plain topic of 1..=1024 bytes (no + # NUL, no $ topic), outside the edge and cockpit prefixes"
-            ));
-        }
+        wire::check_dead_letter_topic(&t.dead_letter_topic, &t.edge_prefix, &t.cockpit_prefix)?;
         let addr = self.listen_addr()?;
         if !addr.ip().is_loopback() && !self.http.allow_remote {
             return Err(format!(
@@ -151,7 +131,9 @@ impl CockpitConfig {
         bounded("max_payload_bytes", l.max_payload_bytes, 1024, 16 << 20)?;
         bounded("max_streams", l.max_streams, 1, 10_000)
     }
+}
 
+impl CockpitConfig {
     /// `http.listen` as an address.
     pub fn listen_addr(&self) -> Result<SocketAddr, String> {
         self.http.listen.parse().map_err(|e| {
@@ -195,7 +177,7 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/../../config/cockpit.example.toml"
         );
-        let c = CockpitConfig::load(Path::new(p)).unwrap();
+        let c = CockpitConfig::load(std::path::Path::new(p)).unwrap();
         let d = CockpitConfig::default();
         assert_eq!(c.http.listen, d.http.listen);
         assert_eq!(c.http.allow_remote, d.http.allow_remote);

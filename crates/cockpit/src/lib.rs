@@ -10,6 +10,7 @@ pub mod server;
 
 pub use config::CockpitConfig;
 
+use config::Settings as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use thiserror::Error;
@@ -45,11 +46,8 @@ pub async fn run(
     let addr = cfg
         .listen_addr()
         .map_err(|e| CockpitError::Config(config::CockpitConfigError::Invalid(e)))?;
-    let listener = tokio::net::TcpListener::bind(addr)
+    let (listener, local) = fhecam_metrics::bind(addr)
         .await
-        .map_err(|source| CockpitError::Bind { addr, source })?;
-    let local = listener
-        .local_addr()
         .map_err(|source| CockpitError::Bind { addr, source })?;
     let board = board::Board::new(
         link::topics(&cfg),

@@ -2,6 +2,7 @@
 //! overrides (`FHECAM_MQTT__HOST=broker` sets `mqtt.host`). Unknown fields are errors, so a
 //! typo never silently falls back to a default.
 
+pub use fhecam_proto::settings::Settings;
 use fhecam_proto::wire::{self, Leaf};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -217,7 +218,7 @@ fn default_scan_interval() -> f64 {
 
 /// Top-level fields, so that other `FHECAM_*` variables (the owner's passphrase, the
 /// data directory) are not mistaken for unknown configuration fields.
-const FIELDS: &[&str] = &[
+const SECTIONS: &[&str] = &[
     "device_id",
     "camera_id",
     "bundle",
@@ -235,19 +236,8 @@ fn default_camera_id() -> String {
     "cam0".into()
 }
 
-impl EdgeConfig {
-    /// Reads `path` (TOML) with `FHECAM_*` environment overrides and checks it.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let cfg: EdgeConfig = fhecam_proto::settings::load(path, FIELDS)?;
-        cfg.check()?;
-        Ok(cfg)
-    }
-
-    /// Value checks serde cannot express: every field is bounded (the message names it),
-    /// so no value that passes can panic or misbehave where it is used.
-    pub fn check(&self) -> Result<(), ConfigError> {
-        self.check_fields().map_err(ConfigError::Invalid)
-    }
+impl fhecam_proto::settings::Settings for EdgeConfig {
+    const FIELDS: &'static [&'static str] = SECTIONS;
 
     fn check_fields(&self) -> Result<(), String> {
         use fhecam_proto::mqtt::{check_path, check_range};
@@ -310,7 +300,9 @@ impl EdgeConfig {
         }
         self.check_dirs()
     }
+}
 
+impl EdgeConfig {
     /// The directories the daemon writes into (it deletes and renames files there) must be
     /// its own: not a system directory, not one inside another, and not holding the
     /// configured bundle.
@@ -571,7 +563,7 @@ mod tests {
             ("OTHER", "x"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
-        let mut got: Vec<_> = env_overrides(vars.into_iter(), FIELDS)
+        let mut got: Vec<_> = env_overrides(vars.into_iter(), SECTIONS)
             .into_keys()
             .collect();
         got.sort();
@@ -581,27 +573,25 @@ mod tests {
     #[test]
     fn unknown_fields_and_bad_values_are_refused() {
         let d = tempfile::tempdir().unwrap();
-        let e = EdgeConfig::load(&write(
-            d.path(),
-            &format!("{MINIMAL}[mqtt]\nhots = \"x\"\n"),
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("hots"), "{e}");
-        let e = EdgeConfig::load(&write(
-            d.path(),
-            &format!("{MINIMAL}[infer]\nmax_in_flight = 0\n"),
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("max_in_flight"), "{e}");
-        let e = EdgeConfig::load(&write(
-            d.path(),
-            "device_id = \"a b\"\nbundle = \"x\"\nowner_key = \"y\"\n",
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("device_id"), "{e}");
+        let refused = |toml: &str| {
+            EdgeConfig::load(&write(d.path(), toml))
+                .unwrap_err()
+                .to_string()
+        };
+        for (toml, field) in [
+            (format!("{MINIMAL}[mqtt]\nhots = \"x\"\n"), "hots"),
+            (
+                format!("{MINIMAL}[infer]\nmax_in_flight = 0\n"),
+                "max_in_flight",
+            ),
+            (
+                "device_id = \"a b\"\nbundle = \"x\"\nowner_key = \"y\"\n".to_string(),
+                "device_id",
+            ),
+        ] {
+            let e = refused(&toml);
+            assert!(e.contains(field), "{e}");
+        }
     }
 
     #[test]

@@ -186,19 +186,19 @@ async fn judge(deployer: &Arc<Mutex<Deployer>>, links: &Links, o: Offer) -> bool
         }
         Ok(Err(r)) => {
             tracing::warn!("{origin} refused: {r}; still running {old}");
-            links
-                .stats
-                .refused(refusal_code(&r), format!("{origin}: {r}"));
-            false
+            refuse(links, refusal_code(&r), &origin, r)
         }
         Err(e) => {
             tracing::error!("{origin}: judging it failed: {e}; still running {old}");
-            links
-                .stats
-                .refused(refusal::INVALID, format!("{origin}: {e}"));
-            false
+            refuse(links, refusal::INVALID, &origin, e)
         }
     }
+}
+
+/// Counts a refused offer under `code` (kept as the last refusal); always `false` (not taken).
+fn refuse(links: &Links, code: &'static str, origin: &Origin, why: impl std::fmt::Display) -> bool {
+    links.stats.refused(code, format!("{origin}: {why}"));
+    false
 }
 
 /// A dropped file: taken (and removed) or refused (renamed `*.refused`, kept for the
@@ -217,10 +217,7 @@ async fn take_file(
         }
         Err(e) => {
             tracing::warn!("{origin} refused: {e}");
-            links
-                .stats
-                .refused(refusal::UNREADABLE, format!("{origin}: {e}"));
-            false
+            refuse(links, refusal::UNREADABLE, &origin, e)
         }
     };
     let done = if taken {

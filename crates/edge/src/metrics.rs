@@ -102,12 +102,7 @@ fn work(e: &mut Emit, s: &Snapshot, stats: &Stats) {
         "Age of the oldest waiting inference (0: none waits)",
         age,
     );
-    let up = stats.mqtt_connected.load(Ordering::Relaxed);
-    e.gauge(
-        "mqtt_connected",
-        "1 while connected to the broker",
-        f64::from(u8::from(up)),
-    );
+    e.mqtt_connected(stats.mqtt_connected.load(Ordering::Relaxed));
     e.counter(
         "mqtt_connections",
         "Connections to the broker established",
@@ -127,20 +122,12 @@ fn bundles(e: &mut Emit, s: &Snapshot, stats: &Stats) {
         "Bundles taken while running and swapped in",
         s.bundles_accepted,
     );
-    let by = stats
-        .refused_by
-        .lock()
-        .map(|m| m.clone())
-        .unwrap_or_default();
-    let by: Vec<(&str, u64)> = super::stats::refusal::ALL
-        .iter()
-        .map(|&c| (c, by.get(c).copied().unwrap_or(0)))
-        .collect();
-    e.counters_by(
+    e.counters_in(
         "bundles_refused",
         "Bundles refused while running, by reason",
         "reason",
-        &by,
+        &stats.refused_by,
+        &super::stats::refusal::ALL,
     );
 }
 

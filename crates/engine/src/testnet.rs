@@ -373,3 +373,13 @@ pub fn random_table_model(rng: &mut impl Rng, shape: Shape) -> Model {
     m.infer().expect("random table model is valid");
     m
 }
+
+/// Panics unless `got` is the integer reference's logits of `m` on `x`; the message names
+/// the case (`what`) and carries the network, so a failure can be replayed.
+pub fn assert_reference(m: &Model, x: &[u8], got: &[i64], what: &str) {
+    let want = crate::reference::evaluate(m, x).expect("the reference runs every valid model");
+    if got != want.as_slice() {
+        let json = serde_json::to_string(m).unwrap_or_default();
+        panic!("{what}: encrypted logits {got:?} differ from the reference {want:?}; model {json}");
+    }
+}

@@ -121,6 +121,14 @@ impl Exporter {
     }
 }
 
+/// The listener of an HTTP endpoint of fhecam's (metrics, cockpit) and the address it got
+/// (the port chosen where `addr` asks for port 0).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
 /// Serves `GET /metrics` until `shutdown`; returns the bound address.
 pub async fn serve(
     cfg: &MetricsConfig,
@@ -129,11 +137,8 @@ pub async fn serve(
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), MetricsError> {
     use axum::http::header;
     let addr = cfg.addr().map_err(MetricsError::Config)?;
-    let listener = tokio::net::TcpListener::bind(addr)
+    let (listener, local) = bind(addr)
         .await
-        .map_err(|source| MetricsError::Bind { addr, source })?;
-    let local = listener
-        .local_addr()
         .map_err(|source| MetricsError::Bind { addr, source })?;
     let app = axum::Router::new().route(
         "/metrics",
@@ -192,6 +197,39 @@ impl Emit {
         for (value, v) in vs {
             metrics::counter!(n.clone(), label => value.to_string()).absolute(*v);
         }
+    }
+
+    /// [`Emit::counters_by`] over a shared tally: each of `always` (0 where the tally has
+    /// none yet, so the series exists from the first scrape), then the tally's other keys.
+    pub fn counters_in<K: AsRef<str> + Ord>(
+        &mut self,
+        name: &str,
+        help: &'static str,
+        label: &'static str,
+        tally: &std::sync::Mutex<std::collections::BTreeMap<K, u64>>,
+        always: &[&str],
+    ) {
+        let Ok(tally) = tally.lock() else { return };
+        let count = |k: &str| {
+            tally
+                .iter()
+                .find(|(t, _)| t.as_ref() == k)
+                .map_or(0, |(_, v)| *v)
+        };
+        let mut vs: Vec<(&str, u64)> = always.iter().map(|&k| (k, count(k))).collect();
+        vs.extend(
+            tally
+                .iter()
+                .map(|(k, v)| (k.as_ref(), *v))
+                .filter(|(k, _)| !always.contains(k)),
+        );
+        self.counters_by(name, help, label, &vs);
+    }
+
+    /// `<prefix>_mqtt_connected`: 1 while the process is connected to its broker.
+    pub fn mqtt_connected(&mut self, up: bool) {
+        let v = f64::from(u8::from(up));
+        self.gauge("mqtt_connected", "1 while connected to the broker", v);
     }
 
     pub fn gauge(&mut self, name: &str, help: &'static str, v: f64) {

@@ -3,6 +3,7 @@
 //! sealed client keys, protecting a model, building its signed bundle, decrypting results,
 //! and the fleet view built from the cameras' status reports.
 
+pub mod advise;
 pub mod data;
 pub mod decrypt;
 pub mod deploy;

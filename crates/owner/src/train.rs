@@ -107,11 +107,17 @@ impl Default for TrainConfig {
 #[derive(Clone, Debug)]
 pub struct TrainReport {
     pub model: Model,
-    /// Accuracy of the fake-quantized float forward pass on the test split.
-    pub accuracy_float: f64,
-    /// Accuracy of the exported integer model (`reference::evaluate`) on the test split.
-    pub accuracy_plain: f64,
     pub train_samples: usize,
+    pub scores: Scores,
+}
+
+/// How a trained model does on the test split: the same measures for every trainer.
+#[derive(Clone, Debug)]
+pub struct Scores {
+    /// Accuracy of the (quantized) float forward pass.
+    pub accuracy_float: f64,
+    /// Accuracy of the exported integer model (`reference::evaluate`).
+    pub accuracy_plain: f64,
     pub test_samples: usize,
     /// Per test sample: class chosen by the float forward pass (ties to the lowest index).
     pub predictions_float: Vec<usize>,
@@ -120,6 +126,29 @@ pub struct TrainReport {
     /// Mean training loss of the last epoch.
     pub final_loss: f32,
     pub train_seconds: f64,
+}
+
+impl Scores {
+    /// Scores `model` on `test` beside the float pass's `predictions_float`; training
+    /// began at `started`.
+    pub(crate) fn measure(
+        model: &Model,
+        test: &Dataset,
+        predictions_float: Vec<usize>,
+        final_loss: f32,
+        started: Instant,
+    ) -> Result<Scores, TrainError> {
+        let predictions_plain = plain_predictions(model, test)?;
+        Ok(Scores {
+            accuracy_float: accuracy(&predictions_float, test),
+            accuracy_plain: accuracy(&predictions_plain, test),
+            test_samples: test.len(),
+            predictions_float,
+            predictions_plain,
+            final_loss,
+            train_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
 }
 
 #[derive(Debug, Error)]
@@ -594,17 +623,11 @@ pub fn train(
     let predictions_float: Vec<usize> = logits.iter().map(|l| reference::argmax(l)).collect();
     let model = export(&net, cfg, &g, spec).ctx("exporting the model")?;
     verify_tables(&model)?;
-    let predictions_plain = plain_predictions(&model, test)?;
+    let scores = Scores::measure(&model, test, predictions_float, final_loss, started)?;
     Ok(TrainReport {
-        accuracy_float: accuracy(&predictions_float, test),
-        accuracy_plain: accuracy(&predictions_plain, test),
         model,
         train_samples: train.len(),
-        test_samples: test.len(),
-        predictions_float,
-        predictions_plain,
-        final_loss,
-        train_seconds: started.elapsed().as_secs_f64(),
+        scores,
     })
 }
 

@@ -30,8 +30,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::data::Dataset;
 use crate::train::{
-    accuracy, check_data, input_tensor, label_tensor, plain_predictions, ste, unit_input, Ctx,
-    Epochs, TrainError,
+    check_data, input_tensor, label_tensor, ste, unit_input, Ctx, Epochs, Scores, TrainError,
 };
 use fhecam_engine::fhe::eval;
 use fhecam_engine::fhe::eval::InputMode;
@@ -193,15 +192,7 @@ impl TablesConfig {
 pub struct TablesReport {
     pub model: Model,
     pub config: TablesConfig,
-    /// Accuracy of the quantized float forward pass on the test split.
-    pub accuracy_float: f64,
-    /// Accuracy of the exported integer model (`reference::evaluate`) on the test split.
-    pub accuracy_plain: f64,
-    pub predictions_float: Vec<usize>,
-    pub predictions_plain: Vec<usize>,
-    pub test_samples: usize,
-    pub final_loss: f32,
-    pub train_seconds: f64,
+    pub scores: Scores,
     /// PBS per frame with device-clear input, as the engine plans it ([`planned_pbs`]).
     pub pbs_device_clear: u64,
     /// The same with encrypted input.
@@ -659,18 +650,12 @@ pub fn train(
     let tables = net.tables(cfg, classes).ctx("exporting the tables")?;
     let model = wiring.model(cfg, &spec, &tables);
     model.infer()?;
-    let predictions_plain = plain_predictions(&model, test)?;
+    let scores = Scores::measure(&model, test, predictions_float, final_loss, started)?;
     Ok(TablesReport {
-        accuracy_float: accuracy(&predictions_float, test),
-        accuracy_plain: accuracy(&predictions_plain, test),
         pbs_device_clear: planned_pbs(&model, InputMode::DeviceClear)?,
         pbs_encrypted: planned_pbs(&model, InputMode::Encrypted)?,
         model,
         config: cfg.clone(),
-        predictions_float,
-        predictions_plain,
-        test_samples: test.len(),
-        final_loss,
-        train_seconds: started.elapsed().as_secs_f64(),
+        scores,
     })
 }

@@ -13,6 +13,29 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// A configuration file of fhecam's (edge, agent, cockpit): loaded with environment
+/// overrides of its sections, then every field bounded before anything uses it.
+pub trait Settings: DeserializeOwned {
+    /// The top-level sections that `FHECAM_<SECTION>__<KEY>` variables may override.
+    const FIELDS: &'static [&'static str];
+
+    /// Value checks serde cannot express: every field is bounded (the message names it),
+    /// so no value that passes can panic or misbehave where it is used.
+    fn check_fields(&self) -> Result<(), String>;
+
+    /// Reads `path` (TOML) with `FHECAM_*` environment overrides and checks it.
+    fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Self = load(path, Self::FIELDS)?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// [`Settings::check_fields`] as the configuration error the commands report.
+    fn check(&self) -> Result<(), ConfigError> {
+        self.check_fields().map_err(ConfigError::Invalid)
+    }
+}
+
 /// Reads `path` (TOML) with `FHECAM_<FIELD>__<KEY>` environment overrides of the top-level
 /// `fields` (other `FHECAM_*` variables, such as the owner's passphrase, are not config).
 /// Values from the environment are parsed as numbers or booleans where they look like one.

@@ -180,14 +180,14 @@ fn decode_container<T: serde::de::DeserializeOwned>(
     bytes: &[u8],
     limit: u64,
 ) -> Result<T, FheError> {
-    use bincode::Options;
     check_len(what, bytes, limit)?;
-    bincode_opts(limit)
-        .deserialize(bytes)
-        .map_err(|e| FheError::Decode {
+    decode_part(what, bytes, limit).map_err(|e| match e {
+        FheError::Decode { what, msg } => FheError::Decode {
             what,
-            msg: format!("{e} (truncated or corrupt?)"),
-        })
+            msg: format!("{msg} (truncated or corrupt?)"),
+        },
+        e => e,
+    })
 }
 
 fn check_version(what: &'static str, found: u32, expected: u32) -> Result<(), FheError> {

@@ -152,6 +152,35 @@ pub fn cockpit_filter(cockpit_prefix: &str) -> String {
     format!("{cockpit_prefix}/#")
 }
 
+/// Longest dead-letter topic.
+pub const MAX_DEAD_LETTER_TOPIC: usize = 1024;
+
+/// The agent's dead-letter topic (`mqtt.dead_letter_topic` of the agent and the cockpit): a
+/// plain topic, outside the cameras' and the cockpit's prefixes so that no refusal is read
+/// back as an inference or a result. The message names the field.
+pub fn check_dead_letter_topic(
+    t: &str,
+    edge_prefix: &str,
+    cockpit_prefix: &str,
+) -> Result<(), String> {
+    let under = |prefix: &str| t == prefix || t.starts_with(&format!("{prefix}/"));
+    let why = if t.is_empty() || t.len() > MAX_DEAD_LETTER_TOPIC {
+        format!("must be 1..={MAX_DEAD_LETTER_TOPIC} bytes, got {}", t.len())
+    } else if t.contains(['+', '#', '\0']) {
+        "must not contain +, # or NUL".into()
+    } else if t.starts_with('$') {
+        "must not start with $ (shared subscriptions, broker topics)".into()
+    } else if under(edge_prefix) {
+        format!("must be outside the edge prefix {edge_prefix:?}")
+    } else if under(cockpit_prefix) {
+        format!("must be outside the cockpit prefix {cockpit_prefix:?}")
+    } else {
+        return Ok(());
+    };
+    let shown: String = t.chars().take(80).collect();
+    Err(format!("mqtt.dead_letter_topic {shown:?} {why}"))
+}
+
 /// The payload of the availability topic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Availability {
