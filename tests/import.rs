@@ -351,6 +351,10 @@ fn broken_quantized_models_are_refused_by_name() {
         ("qdq_softsign.onnx", "operator Softsign"),
         ("qdq_16bit.onnx", "a 16-bit quantizer"),
         ("qdq_bad_zero_point.onnx", "holds 300, outside the 0..=255"),
+        (
+            "fold_bad_perm.onnx",
+            "Transpose '/fc/Transpose': perm [1, 1] is not a permutation",
+        ),
     ] {
         let err = refused(&[
             "import",
@@ -362,5 +366,148 @@ fn broken_quantized_models_are_refused_by_name() {
         ]);
         assert!(err.contains(says), "{fixture}: {err}");
         assert!(!out.exists(), "{fixture}: nothing written");
+    }
+}
+
+/// `fold_predictions.json` (scripts/fold-fixtures.py): ONNX Runtime's accuracy and
+/// predictions on the test images.
+fn fold_onnx_runtime(name: &str) -> (f64, Vec<usize>) {
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("fold_predictions.json")).unwrap(),
+    )
+    .unwrap();
+    let acc = v[name]["accuracy"].as_f64().unwrap();
+    (
+        acc,
+        serde_json::from_value(v[name]["predictions"].clone()).unwrap(),
+    )
+}
+
+#[test]
+fn constant_subgraphs_on_weights_are_folded_whatever_the_exporter() {
+    let dir = tempfile::tempdir().unwrap();
+    // QCDQ without biases: DequantizeLinear -> Transpose -> MatMul (per-channel scales),
+    // Transpose of int8 -> Clip -> DequantizeLinear -> MatMul; the weights stay the
+    // model's integers, and with power-of-two scales every float sum ONNX Runtime makes is
+    // exact: the integer model predicts exactly what ONNX Runtime predicts
+    let name = "qcdq_nobias_pow2";
+    let out = fhecam(&[
+        "import",
+        &fx(&format!("{name}.onnx")),
+        "--calibration",
+        &fx("calib_x.npy"),
+        "--out",
+        dir.path().join("q.json").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("taken as they are, exactly"), "{err}");
+    // the closing line states the model's own widths, not the post-training defaults
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("the model's own widths: weights 2–3 bits (per layer: 2, 2, 3), activations 2 bits, input 4 bits;"),
+        "{said}"
+    );
+    let (acc, pred) = fold_onnx_runtime(name);
+    let int = integer_predictions(dir.path().join("q.json").to_str().unwrap());
+    assert_eq!(same(&int, &pred), 1.0, "{name}");
+    let labels = npy::read_labels(Path::new(&fx("test_y.txt"))).unwrap();
+    assert_eq!(same(&int, &labels), acc);
+
+    // the recipe's bias-less model as Brevitas exported it (examples/qat): exact too
+    let recipe: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("recipe_predictions.json")).unwrap(),
+    )
+    .unwrap();
+    let name = "recipe_cnn_2bit_nobias";
+    let pred: Vec<usize> =
+        serde_json::from_value(recipe["models"][name]["predictions"].clone()).unwrap();
+    let int = integer_predictions(&import(dir.path(), name, &[]));
+    assert_eq!(same(&int, &pred), 1.0, "{name}");
+
+    // float weights through Mul/Transpose/Squeeze/Reshape/Div/Cast: fhecam's float reading
+    // is ONNX Runtime's model, tract agrees, and the import stays within a point of it
+    let name = "float_folds";
+    let (acc, pred) = fold_onnx_runtime(name);
+    let parsed = fhecam::import::read_onnx(Path::new(&fx(&format!("{name}.onnx")))).unwrap();
+    let x = npy::read(Path::new(&fx("test_x.npy"))).unwrap();
+    let own = parsed.predict_float(&x);
+    assert!(same(&own, &pred) >= 0.995, "{}", same(&own, &pred));
+    let m = import(dir.path(), name, &[]);
+    let r = eval_onnx(&m, name);
+    let (plain, float) = (
+        r["accuracy_plain"].as_f64().unwrap(),
+        r["accuracy_float"].as_f64().unwrap(),
+    );
+    assert!(
+        (float - acc).abs() <= 0.005,
+        "tract {float} vs ONNX Runtime {acc}"
+    );
+    assert!(plain >= float - 0.01, "{plain} vs {float}");
+}
+
+/// The first input of every level change of an activation table.
+fn level_changes(t: &fhecam::model::ActTable) -> Vec<i64> {
+    (1..t.values.len())
+        .filter(|&i| t.values[i] != t.values[i - 1])
+        .map(|i| t.min + i as i64)
+        .collect()
+}
+
+#[test]
+fn power_of_two_scales_make_activation_tables_digit_reads() {
+    use fhecam::fhe::eval::{plan_mode, InputMode};
+    use fhecam::model::{Model, Op};
+    let dir = tempfile::tempdir().unwrap();
+    let m = import(dir.path(), "qcdq_nobias_pow2", &[]);
+    let model: Model = serde_json::from_str(&std::fs::read_to_string(&m).unwrap()).unwrap();
+    let plan = |m: &Model| plan_mode(m, InputMode::DeviceClear).unwrap().0;
+    // The same tables with every level change on the step (ties all rounding one way):
+    // a pure read of digits, which the exact tables (ONNX rounds ties to even, so every
+    // other change is one unit late) must match within one comparison of the digits
+    // below the step.
+    let mut read = model.clone();
+    let infos = model.infer_values().unwrap();
+    let mut checked = vec![];
+    for (k, node) in read.nodes.iter_mut().enumerate() {
+        let Op::Activation(act) = &mut node.op else {
+            continue;
+        };
+        let mut below = 0;
+        for t in &mut act.tables {
+            let ch = level_changes(t);
+            let step = (ch[ch.len() - 1] - ch[0]) / (ch.len() as i64 - 1);
+            assert!(step.count_ones() == 1 && step >= 4, "{ch:?}");
+            assert!(
+                ch.windows(2).any(|w| w[1] - w[0] != step),
+                "ties make the changes irregular: {ch:?}"
+            );
+            below = below.max(step.trailing_zeros() as u64 / 2);
+            let first = ch[0];
+            let (lo, top) = (t.values[0], *t.values.last().unwrap());
+            let end = t.min + t.values.len() as i64 - 1;
+            *t = fhecam::model::ActTable::from_fn(t.min, end, |x| {
+                (lo as i64
+                    + (0..ch.len() as i64)
+                        .filter(|i| first + i * step <= x)
+                        .count() as i64)
+                    .min(top as i64) as u8
+            });
+        }
+        checked.push((k, infos[k + 1].len() as u64, below));
+    }
+    assert_eq!(checked.len(), 2);
+    let (exact, digits) = (plan(&model), plan(&read));
+    for (k, n, below) in checked {
+        let (exact, digits) = (exact[k], digits[k]);
+        eprintln!(
+            "node {k}: {exact} PBS exact, {digits} as a read of digits ({:.1} / {:.1} per activation)",
+            exact as f64 / n as f64,
+            digits as f64 / n as f64
+        );
+        assert!(
+            exact <= digits + n * (below + 1),
+            "node {k}: {exact} vs {digits}"
+        );
     }
 }

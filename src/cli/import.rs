@@ -170,6 +170,8 @@ struct Candidate {
     model: Model,
     /// Where the integer model departs from the ONNX model's own quantizers.
     notes: Vec<String>,
+    /// Quantizers a power-of-two level spacing would make cheaper, and by how much.
+    advice: Vec<String>,
     pbs: u64,
     /// Integer accuracy on the calibration labels, or agreement with the float model.
     score: f64,
@@ -215,13 +217,14 @@ pub fn import(a: ImportArgs) -> Result<()> {
             pow2_steps: !a.free_scales,
         };
         cfg.check()?;
-        let (model, notes) = parsed.quantize_noted(&ranges, cfg, &name)?;
+        let (model, notes, advice) = parsed.quantize_advised(&ranges, cfg, &name)?;
         let pbs = eval::plan(&model)?.0.iter().sum();
         let score = score(&predict_int(&model, &data)?);
         Ok(Candidate {
             cfg,
             model,
             notes,
+            advice,
             pbs,
             score,
         })
@@ -246,12 +249,63 @@ pub fn import(a: ImportArgs) -> Result<()> {
             }
         );
     }
-    for n in notes {
+    for n in notes.iter().chain(&chosen.advice) {
         eprintln!("note: {n}");
     }
     crate::save_model(&chosen.model, &a.out, None)?;
     crate::print_plan(&chosen.model)?;
-    report(&a, &chosen, &data, labels.as_deref(), &float, t)
+    report(
+        &a,
+        &chosen,
+        parsed.is_quantized(),
+        (&data, labels.as_deref()),
+        &float,
+        t,
+    )
+}
+
+/// Signed bits holding every integer of `[lo, hi]`.
+fn signed_bits([lo, hi]: [i8; 2]) -> u8 {
+    (1..=8)
+        .find(|&b| {
+            let half = 1i16 << (b - 1);
+            -half <= lo as i16 && (hi as i16) < half
+        })
+        .unwrap_or(8)
+}
+
+/// "2 bits", or "2–3 bits (per layer: 2, 3)" where the layers differ.
+fn widths_text(bits: &[u8]) -> String {
+    let (lo, hi) = (bits.iter().min(), bits.iter().max());
+    match (lo, hi) {
+        (Some(l), Some(h)) if l == h => format!("{l} bits"),
+        (Some(l), Some(h)) => {
+            let each: Vec<String> = bits.iter().map(u8::to_string).collect();
+            format!("{l}–{h} bits (per layer: {})", each.join(", "))
+        }
+        _ => "none".into(),
+    }
+}
+
+/// The bit widths the integer model uses: its layers' weights (from their integer
+/// ranges), its activations and its input.
+fn used_widths(model: &Model) -> String {
+    use fhecam::model::Op;
+    let (mut w, mut act) = (vec![], vec![]);
+    for n in &model.nodes {
+        match &n.op {
+            Op::Conv2d(l) => w.push(signed_bits(l.weight_range)),
+            Op::Dense(l) => w.push(signed_bits(l.weight_range)),
+            Op::Activation(l) => act.push(l.bits),
+            _ => {}
+        }
+    }
+    format!(
+        "weights {}, activations {}, input {} bits",
+        widths_text(&w),
+        widths_text(&act),
+        model.input.bits
+    )
 }
 
 /// The calibration samples (`--calibration` or the training split of `--dataset`), with
@@ -307,24 +361,36 @@ fn search(
 }
 
 /// What was written, and what quantizing cost on the calibration samples.
+/// `qdq`: the model quantized itself; its own widths are reported, not `cfg`'s.
 fn report(
     a: &ImportArgs,
     chosen: &Candidate,
-    data: &Array,
-    labels: Option<&[usize]>,
+    qdq: bool,
+    (data, labels): (&Array, Option<&[usize]>),
     float: &[usize],
     t: Instant,
 ) -> Result<()> {
     let (model, cfg) = (&chosen.model, &chosen.cfg);
     let int = predict_int(model, data)?;
+    let widths = if qdq {
+        format!("the model's own widths: {}", used_widths(model))
+    } else {
+        format!(
+            "{} weight bits, {} activation bits, {} input bits, {} weight scales",
+            cfg.weight_bits,
+            cfg.act_bits,
+            cfg.input_bits,
+            if cfg.per_channel {
+                "per-channel"
+            } else {
+                "per-layer"
+            },
+        )
+    };
     println!(
-        "wrote {} ({} nodes; {} weight bits, {} activation bits, {} input bits, {} weight scales; {} PBS per encrypted inference) in {:.1} s",
+        "wrote {} ({} nodes; {widths}; {} PBS per encrypted inference) in {:.1} s",
         a.out.display(),
         model.nodes.len(),
-        cfg.weight_bits,
-        cfg.act_bits,
-        cfg.input_bits,
-        if cfg.per_channel { "per-channel" } else { "per-layer" },
         chosen.pbs,
         t.elapsed().as_secs_f64()
     );

@@ -373,10 +373,23 @@ impl<B: Backend> Engine<B> {
     /// then read only digits m and up (quantized tables are built that way, see `import`).
     pub fn apply_table_digits(
         &self,
+        acc: Acc<B::Ct>,
+        g: &dyn Fn(i64) -> i64,
+        nd: usize,
+        span: Option<(i64, i64)>,
+    ) -> Result<Vec<Val<B::Ct>>, CircuitError> {
+        self.apply_table(acc, g, nd, span, true)
+    }
+
+    /// [`Self::apply_table_digits`]; `ties`: a quantizer whose ties break its power-of-two
+    /// step may be corrected first ([`TieFit`]), where that plans fewer PBS.
+    fn apply_table(
+        &self,
         mut acc: Acc<B::Ct>,
         g: &dyn Fn(i64) -> i64,
         nd: usize,
         span: Option<(i64, i64)>,
+        ties: bool,
     ) -> Result<Vec<Val<B::Ct>>, CircuitError> {
         let digit_of = move |y: i64, k: usize| if nd == 1 { y } else { (y >> (2 * k)) & 3 };
         let offset = acc.offset;
@@ -400,6 +413,11 @@ impl<B: Backend> Engine<B> {
             return Ok((0..nd).map(|k| self.constant(digit_of(y, k))).collect());
         };
         let m = common_residue_digits(&changes, digits_for(range as u64));
+        if let Some(tie) = TieFit::find(g, offset, (from, to), range, &changes, m)
+            .filter(|t| ties && ties_pay(&acc, g, nd, t, (from, to), span))
+        {
+            return self.table_with_ties(acc, g, nd, tie, (from, to));
+        }
         let q = 1i64 << (2 * m);
         let mut sh = (q - first.rem_euclid(q)) % q;
         let fit = BlockFit::find(g, nd, &changes, m, sh, range, offset);
@@ -438,6 +456,64 @@ impl<B: Backend> Engine<B> {
         (0..nd)
             .map(|k| self.table_on_digits(du, range_u, &|u| digit_of(gu(u), k), ufrom, uto))
             .collect()
+    }
+
+    /// A quantizer on a power-of-two step `s` whose ties (ONNX rounds half to even) put
+    /// every other level change one unit late (see [`TieFit`]): on `V = T + sh`, the
+    /// level is `F(floor(V / s) − [V mod 2s = s])`. The correction is one comparison of
+    /// the digits below the step with zero, read into the step's digit (no borrow: that
+    /// digit is odd, or 2, where the correction applies); the corrected `V` is then an
+    /// accumulator on which `F` changes on multiples of `s`, a read of digits.
+    fn table_with_ties(
+        &self,
+        mut acc: Acc<B::Ct>,
+        g: &dyn Fn(i64) -> i64,
+        nd: usize,
+        tie: TieFit,
+        (from, to): (i64, i64),
+    ) -> Result<Vec<Val<B::Ct>>, CircuitError> {
+        let (offset, range, sh, s) = (acc.offset, acc.range as i64, tie.sh, tie.step);
+        for j in 0..digits_for(sh as u64) {
+            let d = (sh >> (2 * j)) & 3;
+            if d > 0 {
+                acc.push(j, self.constant(d));
+            }
+        }
+        let mut d = self.normalize_from(acc, 0).d;
+        // the step's digit: s = 4^m (correct odd digits by 1) or 2·4^m (correct a 2 by 2)
+        let m = (s.trailing_zeros() / 2) as usize;
+        let odd = s.trailing_zeros() % 2 == 0;
+        if d.len() > m {
+            let fix = move |x: i64, low_zero: bool| match (low_zero, odd) {
+                (true, true) if x % 2 == 1 => x - 1,
+                (true, false) if x == 2 => 0,
+                _ => x,
+            };
+            // 1 when the digits below m are all zero
+            let mut zero: Option<Val<B::Ct>> = None;
+            for dj in &d[..m] {
+                zero = Some(match zero {
+                    None => self.lut(dj, |v| (v == 0) as i64),
+                    Some(z) => self.lut(&self.pack(&self.quiet(&z), dj), |v| {
+                        (v >> 2 == 1 && v & 3 == 0) as i64
+                    }),
+                });
+            }
+            // the fresh flag is the high operand: the digit needs no refresh
+            d[m] = match zero {
+                None => self.lut(&d[m], |v| fix(v, true)),
+                Some(z) => self.lut(&self.pack(&z, &d[m]), |v| fix(v & 3, v >> 2 == 1)),
+            };
+        }
+        let mut fixed = Acc::zero();
+        for (j, dj) in d.into_iter().enumerate() {
+            fixed.push(j, Val { lo: 0, ..dj });
+        }
+        fixed.range = fixed.range.min((range + sh) as u64);
+        // F on the corrected V: g at a value of T with the same floor(V / s) that is no tie
+        let f = move |v: i64| g((v.div_euclid(s) * s + 1 - sh).clamp(0, range) + offset);
+        let span = (from - 1 + sh - 2 * s, to + sh + 2 * s);
+        self.apply_table(fixed, &f, nd, Some(span), false)
     }
 
     /// `g(U)` for `U = Σ 4^j d[j]` (≥ 2 digits) when g is constant below the block of 16
@@ -929,6 +1005,98 @@ fn common_residue_digits(changes: &[i64], dmax: usize) -> usize {
     m
 }
 
+/// Whether correcting the ties first ([`Engine::table_with_ties`]) plans fewer PBS than
+/// the general table on an accumulator shaped like `acc` (both run on nothing).
+fn ties_pay<C>(
+    acc: &Acc<C>,
+    g: &dyn Fn(i64) -> i64,
+    nd: usize,
+    tie: &TieFit,
+    changing: (i64, i64),
+    span: Option<(i64, i64)>,
+) -> bool {
+    use super::backend::PlanBackend;
+    let shape = || Acc {
+        cols: acc
+            .cols
+            .iter()
+            .map(|c| {
+                c.iter()
+                    .map(|v| Val {
+                        ct: (),
+                        lo: v.lo,
+                        hi: v.hi,
+                        var: v.var,
+                    })
+                    .collect()
+            })
+            .collect(),
+        offset: acc.offset,
+        range: acc.range,
+    };
+    let cost = |with_ties: bool| {
+        let e = Engine::new(PlanBackend);
+        let done = match with_ties {
+            true => e.table_with_ties(shape(), g, nd, *tie, changing),
+            false => e.apply_table(shape(), g, nd, span, false),
+        };
+        done.map(|_| e.pbs_count()).unwrap_or(u64::MAX)
+    };
+    cost(true) < cost(false)
+}
+
+/// A quantizer whose levels are a power of two `step` ≥ 4 apart, except that ONNX's
+/// rounding half to even makes every other level start one unit later (its tie rounds
+/// down): on `V = T + sh`, `g = F(floor(V / step) − [V mod 2·step = step])` for the `F`
+/// that `g` takes between ties. Found only where the changes share fewer low digits than
+/// the step has (else the common residue already reads digits), and checked on every
+/// value where `g` may change.
+#[derive(Clone, Copy)]
+struct TieFit {
+    step: i64,
+    sh: i64,
+}
+
+impl TieFit {
+    fn find(
+        g: &dyn Fn(i64) -> i64,
+        offset: i64,
+        (from, to): (i64, i64),
+        range: i64,
+        changes: &[i64],
+        m: usize,
+    ) -> Option<Self> {
+        let (first, last) = (*changes.first()?, *changes.last()?);
+        if changes.len() < 2 {
+            return None;
+        }
+        let n = changes.len() as i64 - 1;
+        let step = ((last - first) + n / 2) / n;
+        let k = step.trailing_zeros() as usize;
+        if step < 4 || step.count_ones() != 1 || k / 2 <= m {
+            return None;
+        }
+        let near = changes.windows(2).all(|w| (w[1] - w[0] - step).abs() <= 1);
+        if !near {
+            return None;
+        }
+        let two = 2 * step;
+        [(-first).rem_euclid(two), (step + 1 - first).rem_euclid(two)]
+            .into_iter()
+            .find(|&sh| {
+                let f = |u: i64| g((u * step + 1 - sh).clamp(0, range) + offset);
+                let lo = (from - 1 - two).max(0);
+                let hi = (to + two).min(range);
+                (lo..=hi).all(|t| {
+                    let v = t + sh;
+                    let tie = (v.rem_euclid(two) == step) as i64;
+                    g(t + offset) == f(v.div_euclid(step) - tie)
+                })
+            })
+            .map(|sh| TieFit { step, sh })
+    }
+}
+
 /// Where the changes of a table fit blocks of 16 values of `U = floor(T'/4^m)`, if they do:
 /// the extra shift (in units of U) and the block's start.
 struct BlockFit {
@@ -1057,6 +1225,30 @@ mod tests {
         };
         // compare the two high digits, table the two low ones, select
         assert_eq!(exhaustive(&g, 1, 0), 2 + 2);
+    }
+
+    /// ONNX's QuantizeLinear of `x = t / step` (ties to even), clamped to `0..=top`.
+    fn onnx_levels(step: i64, shift: i64, top: i64) -> impl Fn(i64) -> i64 {
+        move |t: i64| {
+            let x = (t - shift) as f64 / step as f64;
+            (x.round_ties_even() as i64).clamp(0, top)
+        }
+    }
+
+    #[test]
+    fn ties_to_even_on_a_power_of_two_step_are_a_digit_read_and_one_comparison() {
+        for (step, nd, top) in [(4, 1, 3), (8, 1, 3), (16, 1, 3), (4, 2, 15), (16, 2, 7)] {
+            for shift in [0, 5, 24, 37] {
+                for off in [-20, 0] {
+                    let q = onnx_levels(step, shift, top);
+                    // all ties taken exactly (exhaustive checks every T), and on a 4-digit
+                    // accumulator at most 13 PBS: the comparisons of the general table
+                    // took 41–48 for 16 levels on a step of 4, 26 for 8 on a step of 16
+                    let pbs = exhaustive(&q, nd, off);
+                    assert!(pbs <= 13, "step {step}, shift {shift}: {pbs} PBS");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Models trained elsewhere: ONNX → float graph → post-training quantization → the engine's
 //! integer [`Model`], with the accuracy cost measured.
 
+mod fold;
 pub mod graph;
 pub mod onnx;
 pub mod quantize;
@@ -118,6 +119,17 @@ impl Parsed {
         quantize::quantize_noted(&self.graph, &self.shapes, ranges, cfg, name)
     }
 
+    /// [`Parsed::quantize_noted`] with advice: activation quantizers whose level spacing
+    /// is near a power of two, and the PBS that power of two would save (planned).
+    pub fn quantize_advised(
+        &self,
+        ranges: &quantize::Ranges,
+        cfg: QuantConfig,
+        name: &str,
+    ) -> Result<(Model, Vec<String>, Vec<String>), ImportError> {
+        quantize::quantize_advised(&self.graph, &self.shapes, ranges, cfg, name)
+    }
+
     /// Whether the model carries its own quantizers (QuantizeLinear/DequantizeLinear).
     pub fn is_quantized(&self) -> bool {
         self.graph
@@ -202,7 +214,13 @@ mod tests {
     #[test]
     fn damaged_models_are_errors_not_panics() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        for name in ["digits_bn.onnx", "digits_res.onnx", "digits_keras.onnx"] {
+        for name in [
+            "digits_bn.onnx",
+            "digits_res.onnx",
+            "digits_keras.onnx",
+            "qcdq_nobias_pow2.onnx",
+            "float_folds.onnx",
+        ] {
             let good = fixture(name);
             assert!(parse_onnx(&good).is_ok());
             for _ in 0..300 {

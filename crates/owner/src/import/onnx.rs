@@ -3,6 +3,7 @@
 //! The protobuf is decoded by tract-onnx's generated types; the graph is walked here so
 //! that every node either maps onto a layer the engine runs or is refused by name.
 
+use super::fold;
 use super::graph::{ActFn, FConv, FDense, FGraph, FLinearMut, FNode, FOp, FShape, QSpec};
 use super::ImportError;
 use fhecam_engine::model::{Flatten, MaxPool, SumPool};
@@ -15,23 +16,26 @@ pub const SUPPORTED: &str = "Conv, Gemm, MatMul(+Add), Relu, LeakyRelu, Sigmoid,
 AveragePool, GlobalAveragePool, MaxPool, BatchNormalization (after Conv/Gemm), Add, Flatten, \
 Reshape (to [batch, -1]), Identity, Dropout, Constant, zero Pad, Transpose (NCHW <-> NHWC, as \
 tf2onnx writes Keras models), QuantizeLinear / Clip / DequantizeLinear (QDQ and Brevitas QCDQ, \
-at most 8-bit), and a final Softmax (dropped: it does not change the predicted class)";
+at most 8-bit), a final Softmax (dropped: it does not change the predicted class), and \
+Transpose, Reshape, Flatten, Squeeze, Unsqueeze, Cast, Neg, Mul, Div, Add, Sub on constants \
+(folded into constants before the layers are read)";
 
-/// A constant: an initializer or a Constant node's value.
+/// A constant: an initializer, a Constant node's value, or a node folded from constants.
 #[derive(Clone, Debug)]
-struct Const {
-    dims: Vec<usize>,
-    f: Vec<f32>,
-    i: Vec<i64>,
+pub(super) struct Const {
+    pub(super) dims: Vec<usize>,
+    pub(super) f: Vec<f32>,
+    /// The values of an integer type (empty for floats).
+    pub(super) i: Vec<i64>,
     /// The ONNX data type (quantized integers keep theirs).
-    ty: i32,
-    /// Dequantized from integers (DequantizeLinear): the scale per index along `axis`
-    /// (one value: per tensor).
-    deq: Option<(Vec<f32>, usize)>,
+    pub(super) ty: i32,
+    /// Dequantized from integers (DequantizeLinear), perhaps then transposed, reshaped or
+    /// scaled: per element, the scale its value is an integer multiple of.
+    pub(super) deq: Option<Vec<f32>>,
 }
 
 /// The integer range of a quantized ONNX type.
-fn int_range(ty: i32) -> Option<(i64, i64)> {
+pub(super) fn int_range(ty: i32) -> Option<(i64, i64)> {
     match DataType::from_i32(ty) {
         Some(DataType::Int8) => Some((-128, 127)),
         Some(DataType::Uint8) => Some((0, 255)),
@@ -261,32 +265,40 @@ fn along(dims: &[usize], axis: usize, k: usize, n: usize) -> usize {
 }
 
 /// The per-output scale of dequantized weights whose output index runs along `out_axis`
-/// (`None`: not dequantized, or scaled along another axis).
+/// (`None`: not dequantized, or one output's weights on several scales).
 fn out_scales(w: &Const, out_axis: usize, out: usize) -> Option<Vec<f32>> {
-    let (s, axis) = w.deq.as_ref()?;
-    match s.len() {
-        1 => Some(vec![s[0]; out]),
-        n if n == out && *axis == out_axis => Some(s.clone()),
-        _ => None,
+    let s = w.deq.as_ref()?;
+    if w.dims.get(out_axis) != Some(&out) || s.len() != w.f.len() {
+        return None;
     }
+    let mut per: Vec<Option<f32>> = vec![None; out];
+    for (k, &v) in s.iter().enumerate() {
+        let o = &mut per[along(&w.dims, out_axis, k, out)];
+        match *o {
+            None => *o = Some(v),
+            Some(p) if p == v => {}
+            Some(_) => return None,
+        }
+    }
+    per.into_iter().collect()
 }
 
-struct Attrs<'a>(&'a NodeProto);
+pub(super) struct Attrs<'a>(pub(super) &'a NodeProto);
 
 impl Attrs<'_> {
-    fn get(&self, name: &str) -> Option<&pb::AttributeProto> {
+    pub(super) fn get(&self, name: &str) -> Option<&pb::AttributeProto> {
         self.0.attribute.iter().find(|a| a.name == name)
     }
-    fn int(&self, name: &str, default: i64) -> i64 {
+    pub(super) fn int(&self, name: &str, default: i64) -> i64 {
         self.get(name).map_or(default, |a| a.i)
     }
-    fn float(&self, name: &str, default: f32) -> f32 {
+    pub(super) fn float(&self, name: &str, default: f32) -> f32 {
         self.get(name).map_or(default, |a| a.f)
     }
-    fn ints(&self, name: &str) -> Option<Vec<i64>> {
+    pub(super) fn ints(&self, name: &str) -> Option<Vec<i64>> {
         self.get(name).map(|a| a.ints.clone())
     }
-    fn string(&self, name: &str) -> Option<String> {
+    pub(super) fn string(&self, name: &str) -> Option<String> {
         self.get(name)
             .map(|a| String::from_utf8_lossy(&a.s).into_owned())
     }
@@ -365,6 +377,23 @@ impl NodeCx<'_> {
                 "input {k} must be a constant (weights are fixed at import)"
             ))),
         }
+    }
+
+    /// All inputs as constants (`None` for an optional input left out), when every given
+    /// input is one: the node is then folded into a constant.
+    fn const_inputs(&self) -> Result<Option<Vec<Option<Const>>>, ImportError> {
+        let mut ins = Vec::with_capacity(self.node.input.len());
+        for (k, name) in self.node.input.iter().enumerate() {
+            if name.is_empty() {
+                ins.push(None);
+                continue;
+            }
+            match self.sym(k)? {
+                Sym::Const(c) => ins.push(Some(c.clone())),
+                _ => return Ok(None),
+            }
+        }
+        Ok(ins.iter().any(Option::is_some).then_some(ins))
     }
 
     /// Scales, zero points, their type and the axis of a QuantizeLinear/DequantizeLinear.
@@ -556,6 +585,13 @@ fn shape_error(g: &FGraph) -> impl Fn((usize, String)) -> ImportError + '_ {
 
 /// What one ONNX node computes: one function per operator.
 fn node_sym(cx: &NodeCx, g: &mut FGraph, output: &str) -> Result<Sym, ImportError> {
+    if fold::FOLDED.contains(&cx.node.op_type.as_str()) {
+        if let Some(ins) = cx.const_inputs()? {
+            return fold::fold(cx.node, &ins)
+                .map(Sym::Const)
+                .map_err(|m| cx.invalid(m));
+        }
+    }
     Ok(match cx.node.op_type.as_str() {
         "Identity" | "Dropout" => cx.sym(0)?.clone(),
         "Constant" => constant(cx)?,
@@ -610,13 +646,37 @@ fn output_value(
     Ok(v)
 }
 
-/// A tensor-valued constant.
+/// A Constant node's value: a tensor, or a float/int scalar or list.
 fn constant(cx: &NodeCx) -> Result<Sym, ImportError> {
-    let t =
-        cx.a.get("value")
-            .and_then(|v| v.t.as_ref())
-            .ok_or_else(|| cx.invalid("only tensor-valued Constant is supported".into()))?;
-    Ok(Sym::Const(tensor(t).map_err(|m| cx.invalid(m))?))
+    let list = |f: Vec<f32>, i: Vec<i64>, ty: DataType, scalar: bool| Const {
+        dims: if scalar { vec![] } else { vec![f.len()] },
+        f,
+        i,
+        ty: ty as i32,
+        deq: None,
+    };
+    let ints = |i: Vec<i64>, scalar| {
+        let f = i.iter().map(|&v| v as f32).collect();
+        list(f, i, DataType::Int64, scalar)
+    };
+    let a = |name| cx.a.get(name);
+    Ok(Sym::Const(
+        if let Some(t) = a("value").and_then(|v| v.t.as_ref()) {
+            tensor(t).map_err(|m| cx.invalid(m))?
+        } else if let Some(v) = a("value_float") {
+            list(vec![v.f], vec![], DataType::Float, true)
+        } else if let Some(v) = a("value_floats") {
+            list(v.floats.clone(), vec![], DataType::Float, false)
+        } else if let Some(v) = a("value_int") {
+            ints(vec![v.i], true)
+        } else if let Some(v) = a("value_ints") {
+            ints(v.ints.clone(), false)
+        } else {
+            return Err(cx.invalid(
+                "only Constant with a tensor, float(s) or int(s) value is supported".into(),
+            ));
+        },
+    ))
 }
 
 /// A 2-D convolution: weights [out, in, kh, kw], symmetric padding, no groups or dilation.
@@ -1120,12 +1180,15 @@ fn dequantize_linear(cx: &NodeCx, g: &mut FGraph) -> Result<Sym, ImportError> {
                         (q - zeros[j]) as f32 * scales[j]
                     })
                     .collect();
+                let deq = (0..f.len())
+                    .map(|k| scales[along(&c.dims, axis, k, scales.len())])
+                    .collect();
                 Sym::Const(Const {
                     dims: c.dims,
                     f,
                     i: vec![],
                     ty: DataType::Float as i32,
-                    deq: Some((scales, axis)),
+                    deq: Some(deq),
                 })
             }
             Sym::Quant(v, q) => {

@@ -148,6 +148,21 @@ struct Builder<'a> {
     linear: std::collections::HashMap<usize, LinearSrc>,
     /// Where the integer model departs from a quantized ONNX model, per layer.
     notes: Vec<String>,
+    /// Activation quantizers of the ONNX model whose level spacing is near a power of two
+    /// in accumulator units: the tables that spacing would give, to be planned.
+    pow2_alts: Vec<Pow2Alt>,
+}
+
+/// An activation quantizer re-made on power-of-two level spacings (per channel), as ONNX
+/// would evaluate it had the model been exported with such scales.
+struct Pow2Alt {
+    /// The model node of the activation.
+    node: usize,
+    tables: Vec<ActTable>,
+    origin: String,
+    /// Accumulator units per level now, and the powers of two, per channel.
+    spacing: Vec<f32>,
+    pow2: Vec<i64>,
 }
 
 impl Builder<'_> {
@@ -249,11 +264,106 @@ impl Builder<'_> {
         }
         let tables = self.tables(rep, f, &level, &vec![None; chans], k > 1, origin)?;
         let v = self.push(Op::Activation(Activation { bits, tables }), vec![rep.v()]);
+        if k == 1 && matches!(f, ActFn::Relu | ActFn::Identity) {
+            self.pow2_alt(rep, f, q, v - 1, origin)?;
+        }
         Ok(Rep::Act {
             v,
             z: vec![z; chans],
             s: vec![s; chans],
         })
+    }
+
+    /// When every channel's level spacing `scale / a_c` (accumulator units) is within
+    /// 0.7..1.4 of a power of two (≥ 2) and one is not exactly one: the tables the quantizer
+    /// would have on those powers of two (ONNX's rounding, ties to even), to be planned.
+    fn pow2_alt(
+        &mut self,
+        rep: &Rep,
+        f: ActFn,
+        q: QSpec,
+        node: usize,
+        origin: &str,
+    ) -> Result<(), ImportError> {
+        let (a, _) = rep.affine();
+        let chans = self.info(rep.v())?.shape[0];
+        let spacing: Vec<f32> = a[..chans].iter().map(|a| q.scale / a).collect();
+        let pow2: Vec<i64> = spacing
+            .iter()
+            .map(|r| match r.is_finite() && *r >= 1.4 {
+                true => 1i64 << (r.log2().round().clamp(1.0, 40.0) as u32),
+                false => 0,
+            })
+            .collect();
+        let near = |(r, p): (&f32, &i64)| *p > 0 && (0.7..=1.4).contains(&(r / *p as f32));
+        let exact = spacing.iter().zip(&pow2).all(|(r, p)| *r == *p as f32);
+        if exact || !spacing.iter().zip(&pow2).all(near) {
+            return Ok(());
+        }
+        let level = |c: usize, y: f32| {
+            let qc = QSpec {
+                scale: a[c] * pow2[c] as f32,
+                ..q
+            };
+            (qc.level(y) - q.qmin) as i64
+        };
+        let tables = self.tables(rep, f, &level, &vec![None; chans], false, origin)?;
+        self.pow2_alts.push(Pow2Alt {
+            node,
+            tables,
+            origin: origin.to_string(),
+            spacing,
+            pow2,
+        });
+        Ok(())
+    }
+
+    /// Notes on the quantizers a power-of-two spacing would make cheaper: each planned
+    /// (device-clear input) with its power-of-two tables against the model as it is.
+    fn pow2_advice(&self) -> Vec<String> {
+        use fhecam_engine::fhe::eval::{plan_mode, InputMode};
+        let plan = |m: &Model| plan_mode(m, InputMode::DeviceClear).ok().map(|p| p.0);
+        let Some(now) = plan(&self.m) else {
+            return vec![];
+        };
+        let mut advice = vec![];
+        for alt in &self.pow2_alts {
+            let mut m = self.m.clone();
+            if let Op::Activation(act) = &mut m.nodes[alt.node].op {
+                act.tables = alt.tables.clone();
+            }
+            let Some(then) = plan(&m) else { continue };
+            let (cur, new) = (now[alt.node], then[alt.node]);
+            if new >= cur {
+                continue;
+            }
+            let per = self
+                .m
+                .infer_values()
+                .map_or(1, |v| v[alt.node + 1].len().max(1)) as f64;
+            let range = |v: &[f64]| {
+                let (lo, hi) = v
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+                if lo == hi {
+                    format!("{lo:.0}")
+                } else {
+                    format!("{lo:.0}..{hi:.0}")
+                }
+            };
+            let spacing: Vec<f64> = alt.spacing.iter().map(|&r| r as f64).collect();
+            let pow2: Vec<f64> = alt.pow2.iter().map(|&p| p as f64).collect();
+            advice.push(format!(
+                "{}: its levels are {} accumulator units apart (input scale × weight scale / activation scale), within 0.7..1.4 of the power of two {}; exported with scales that make the spacing exactly {} (power-of-two input, weight and activation scales), this layer would plan {new} PBS instead of {cur} with device-clear input ({:.1} instead of {:.1} per activation)",
+                alt.origin,
+                range(&spacing),
+                range(&pow2),
+                range(&pow2),
+                new as f64 / per,
+                cur as f64 / per,
+            ));
+        }
+        advice
     }
 
     /// Per channel, the table of `level(c, f(x))` over the value's integer range (one
@@ -597,6 +707,20 @@ pub fn quantize(
     quantize_noted(g, shapes, ranges, cfg, name).map(|(m, _)| m)
 }
 
+/// [`quantize_noted`], with advice besides: the notes on activation quantizers whose
+/// level spacing is near a power of two, and what that power of two would save (planned).
+pub fn quantize_advised(
+    g: &FGraph,
+    shapes: &[FShape],
+    ranges: &Ranges,
+    cfg: QuantConfig,
+    name: &str,
+) -> Result<(Model, Vec<String>, Vec<String>), ImportError> {
+    let b = build(g, shapes, ranges, cfg, name)?;
+    let advice = b.pow2_advice();
+    Ok((b.m, b.notes, advice))
+}
+
 /// [`quantize`], with notes on where the integer model departs from the quantizers and
 /// quantized weights of the ONNX model (QDQ), per layer.
 pub fn quantize_noted(
@@ -606,6 +730,17 @@ pub fn quantize_noted(
     cfg: QuantConfig,
     name: &str,
 ) -> Result<(Model, Vec<String>), ImportError> {
+    build(g, shapes, ranges, cfg, name).map(|b| (b.m, b.notes))
+}
+
+/// The integer model, built node by node.
+fn build<'a>(
+    g: &FGraph,
+    shapes: &[FShape],
+    ranges: &'a Ranges,
+    cfg: QuantConfig,
+    name: &str,
+) -> Result<Builder<'a>, ImportError> {
     cfg.check()?;
     let mut b = Builder::start(g, shapes, ranges, cfg, name)?;
     let input_q = b.input_quantizer(g, ranges)?;
@@ -640,7 +775,7 @@ pub fn quantize_noted(
         ));
     }
     b.m.infer()?;
-    Ok((b.m, b.notes))
+    Ok(b)
 }
 
 /// The float graph as `quantize_noted` walks it, node by node.
@@ -689,6 +824,7 @@ impl<'a> Builder<'a> {
             ranges,
             linear: Default::default(),
             notes: vec![],
+            pow2_alts: vec![],
         })
     }
 }
