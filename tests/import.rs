@@ -511,3 +511,48 @@ fn power_of_two_scales_make_activation_tables_digit_reads() {
         );
     }
 }
+
+/// `fhecam plan M --input-mode device-clear`: PBS per frame and multiply-accumulates, from
+/// its last line ("total N PBS for M multiply-accumulates …").
+fn plan_device_clear(model: &str) -> (u64, u64) {
+    let out = ok(&["plan", model, "--input-mode", "device-clear"]);
+    let last = out.lines().last().unwrap_or_default();
+    let words: Vec<&str> = last.split_whitespace().collect();
+    match (words.get(1), words.get(4)) {
+        (Some(pbs), Some(macs)) if words[0] == "total" => {
+            (pbs.parse().unwrap(), macs.parse().unwrap())
+        }
+        _ => panic!("plan's last line: {last}"),
+    }
+}
+
+/// The Brevitas recipe of examples/qat (issue 25): at least 0.95 under ONNX Runtime, the
+/// integer model within half a point of it and on its class for at least 99 % of the test
+/// images, at most 5,000 PBS per frame and 2.0 per MAC with device-clear input.
+#[test]
+fn the_recipe_models_are_cheap_and_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("recipe_predictions.json")).unwrap(),
+    )
+    .unwrap();
+    let labels = npy::read_labels(Path::new(&fx("test_y.txt"))).unwrap();
+    for name in ["recipe_cnn_2bit", "recipe_cnn_2bit_nobias"] {
+        let ort = &recipe["models"][name];
+        let ort_acc = ort["accuracy"].as_f64().unwrap();
+        let ort_pred: Vec<usize> = serde_json::from_value(ort["predictions"].clone()).unwrap();
+        assert!(ort_acc >= 0.95, "{name}: ONNX Runtime accuracy {ort_acc}");
+        let m = import(dir.path(), name, &[]);
+        let int = integer_predictions(&m);
+        let (agree, acc) = (same(&int, &ort_pred), same(&int, &labels));
+        assert!(agree >= 0.99, "{name}: same class on {agree}");
+        assert!((acc - ort_acc).abs() <= 0.005, "{name}: {acc} vs {ort_acc}");
+        let (pbs, macs) = plan_device_clear(&m);
+        let per_mac = pbs as f64 / macs as f64;
+        eprintln!("{name}: {pbs} PBS device-clear, {per_mac:.2} per MAC, accuracy {acc:.4}, same class {agree:.4}");
+        assert!(
+            pbs <= 5_000 && per_mac <= 2.0,
+            "{name}: {pbs} PBS, {per_mac:.2} per MAC"
+        );
+    }
+}
