@@ -27,7 +27,6 @@ units, a least-squares readout): the fixtures test the import, not training.
 Run: scripts/fold-fixtures.sh (a venv with onnx==1.17.0, onnxruntime==1.20.1, numpy).
 """
 
-import gzip
 import json
 import os
 import sys
@@ -37,19 +36,11 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from digits_data import load_digits, split  # noqa: E402
+
 OUT = sys.argv[2] if len(sys.argv) > 2 else "tests/fixtures/onnx"
 DIGITS = sys.argv[1] if len(sys.argv) > 1 else ".cache/data/digits.csv.gz"
-
-
-def load_digits(path):
-    """scripts/onnx-fixtures.py's data and split: 450 test images, the rest to train."""
-    with gzip.open(path, "rt") as f:
-        rows = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    x = (rows[:, :64] / 16.0).reshape(-1, 1, 8, 8).astype(np.float32)
-    y = rows[:, 64].astype(np.int64)
-    perm = np.random.default_rng(7).permutation(len(x))
-    test, train_idx = perm[:450], perm[450:]
-    return x[train_idx], y[train_idx], x[test], y[test]
 
 
 def quant(x, scale, lo, hi):
@@ -207,7 +198,7 @@ def ort_predictions(model, x):
 
 
 def main():
-    xtr, ytr, xte, yte = load_digits(DIGITS)
+    xtr, ytr, xte, yte = split(*load_digits(DIGITS))
     w1, s1, w2 = qcdq_weights(xtr, ytr)
     models = {
         "qcdq_nobias_pow2": qcdq_model(w1, s1, w2),

@@ -15,7 +15,6 @@ Writes into tests/fixtures/onnx/:
   float_accuracy.json   float test accuracy of each model as PyTorch computed it
 """
 
-import gzip
 import json
 import os
 import sys
@@ -24,16 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from digits_data import load_digits, split  # noqa: E402
+
 OUT = sys.argv[2] if len(sys.argv) > 2 else "tests/fixtures/onnx"
 DIGITS = sys.argv[1] if len(sys.argv) > 1 else ".cache/data/digits.csv.gz"
-
-
-def load_digits(path):
-    with gzip.open(path, "rt") as f:
-        rows = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    x = (rows[:, :64] / 16.0).reshape(-1, 1, 8, 8).astype(np.float32)
-    y = rows[:, 64].astype(np.int64)
-    return x, y
 
 
 class BN(nn.Module):
@@ -148,10 +142,7 @@ def export(model, path, opset, shape=(1, 1, 8, 8)):
 def main():
     os.makedirs(OUT, exist_ok=True)
     x, y = load_digits(DIGITS)
-    rng = np.random.default_rng(7)
-    perm = rng.permutation(len(x))
-    test, train_idx = perm[:450], perm[450:]
-    xtr, ytr, xte, yte = x[train_idx], y[train_idx], x[test], y[test]
+    xtr, ytr, xte, yte = split(x, y)
     np.save(os.path.join(OUT, "calib_x.npy"), xtr[:300])
     np.savetxt(os.path.join(OUT, "calib_y.txt"), ytr[:300], fmt="%d")
     np.save(os.path.join(OUT, "test_x.npy"), xte)

@@ -45,24 +45,8 @@ OUT = sys.argv[2] if len(sys.argv) > 2 else "tests/fixtures/onnx"
 DIGITS = sys.argv[1] if len(sys.argv) > 1 else ".cache/data/digits.csv.gz"
 
 
-def _float_fixtures():
-    """scripts/onnx-fixtures.py as a module: its data loading is the one to share."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "onnx_fixtures", os.path.join(os.path.dirname(os.path.abspath(__file__)), "onnx-fixtures.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-load_digits = _float_fixtures().load_digits
-
-
-def split(x, y):
-    """The split of scripts/onnx-fixtures.py: 450 test images, the rest for training."""
-    perm = np.random.default_rng(7).permutation(len(x))
-    test, train_idx = perm[:450], perm[450:]
-    return x[train_idx], y[train_idx], x[test], y[test]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from digits_data import load_digits, split  # noqa: E402
 
 
 class QatCnn(nn.Module):

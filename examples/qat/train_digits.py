@@ -36,9 +36,9 @@ fraction of images where fhecam predicts ONNX Runtime's class).
 """
 
 import argparse
-import gzip
 import json
 import os
+import sys
 import random
 
 import numpy as np
@@ -55,21 +55,9 @@ from brevitas.quant import (Int8ActPerTensorFloat, Int8WeightPerTensorFixedPoint
 import onnx
 import onnxruntime as ort
 
-
-def load_digits(path):
-    """scripts/onnx-fixtures.py's loading: intensities 0..16 scaled to [0, 1]."""
-    with gzip.open(path, "rt") as f:
-        rows = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    x = (rows[:, :64] / 16.0).reshape(-1, 1, 8, 8).astype(np.float32)
-    y = rows[:, 64].astype(np.int64)
-    return x, y
-
-
-def split(x, y):
-    """scripts/onnx-fixtures.py's split: 450 test images, the rest for training."""
-    perm = np.random.default_rng(7).permutation(len(x))
-    test, train_idx = perm[:450], perm[450:]
-    return x[train_idx], y[train_idx], x[test], y[test]
+# the data and split of the project's fixtures (scripts/digits_data.py), so figures compare
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+from digits_data import load_digits, split  # noqa: E402
 
 
 def weight_kwargs(kind, bits, const_scale=None):
