@@ -353,15 +353,8 @@ fn print_advice(m: &Model, mode: eval::InputMode) -> Result<()> {
                 f.macs.to_string(),
                 format!("{:.2}/MAC", f.pbs_per_mac),
                 format!(
-                    "{}-bit weights x {}-bit {}, {}-term sums{}",
-                    f.weight_bits,
-                    f.activation_bits,
-                    if f.reads_input {
-                        "input"
-                    } else {
-                        "activations"
-                    },
-                    f.terms,
+                    "{}s{}",
+                    f.operands(" x ", ","),
                     if f.reads_clear_frame {
                         " (clear frame: products free)"
                     } else {

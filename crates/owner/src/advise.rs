@@ -82,6 +82,22 @@ pub struct LinearFigures {
     pub reads_clear_frame: bool,
 }
 
+impl LinearFigures {
+    /// "3-bit weights{times}3-bit activations{over} 128-term sum": what the layer multiplies
+    /// and sums, in the words `plan --advise` uses.
+    pub fn operands(&self, times: &str, over: &str) -> String {
+        let what = if self.reads_input {
+            "input"
+        } else {
+            "activations"
+        };
+        format!(
+            "{}-bit weights{times}{}-bit {what}{over} {}-term sum",
+            self.weight_bits, self.activation_bits, self.terms
+        )
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct ActivationFigures {
     pub activations: usize,
@@ -538,17 +554,7 @@ fn weights_reason(
     if (saving as f64) < MIN_SAVING * total as f64 {
         return None;
     }
-    let what = format!(
-        "products of {}-bit weights × {}-bit {} over a {}-term sum",
-        f.weight_bits,
-        f.activation_bits,
-        if f.reads_input {
-            "input"
-        } else {
-            "activations"
-        },
-        f.terms
-    );
+    let what = format!("products of {}", f.operands(" × ", " over a"));
     let text = if f.weight_bits_per_output < f.weight_bits {
         format!(
             "{what}: each output's weights are {}-bit on a scale of its own, and the import puts them on one scale ({}-bit integers, {} digits × {} activation digits: {} PBS per product); export this layer with one (per-tensor) weight scale: 2-bit weights (−1, 0, +1) would cut it about {:.1}× ({} → {} PBS; {} in all)",
