@@ -30,11 +30,14 @@ Run: scripts/fold-fixtures.sh (a venv with onnx==1.17.0, onnxruntime==1.20.1, nu
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                      quantize_static)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digits_data import load_digits, split  # noqa: E402
@@ -181,6 +184,41 @@ def float_model(wc, bc, wf, bf):
     return graph_model(nodes, init, "float_folds")
 
 
+def plain_nobias_model(wc, wf):
+    """conv 1->8 3x3/2 -> ReLU -> dense 128->10, neither with a bias: the float model ONNX
+    Runtime's static quantization turns into ort_qdq_nobias."""
+    init = [c("conv_w", wc), c("fc_w_t", np.ascontiguousarray(wf.T).astype(np.float32))]
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["input", "conv_w"], ["conv"], name="/conv/Conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+        n("Relu", ["conv"], ["r"], name="/relu/Relu"),
+        n("Flatten", ["r"], ["flat"], name="/Flatten", axis=1),
+        n("MatMul", ["flat", "fc_w_t"], ["logits"], name="/fc/MatMul"),
+    ]
+    return graph_model(nodes, init, "plain_nobias")
+
+
+class Calibration(CalibrationDataReader):
+    """ONNX Runtime's calibration data: the first 300 training images (calib_x.npy)."""
+
+    def __init__(self, x):
+        self.batches = iter([{"input": x[i:i + 1]} for i in range(len(x))])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def ort_quantized(model, calib):
+    """ONNX Runtime's static quantization of `model` in QDQ format (uint8 activations, int8
+    weights per tensor), as a model owner runs it."""
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "float.onnx"), os.path.join(d, "qdq.onnx")
+        onnx.save(model, src)
+        quantize_static(src, dst, Calibration(calib), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return onnx.load(dst)
+
+
 def graph_model(nodes, init, name, check=True):
     inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])
     out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
@@ -204,6 +242,8 @@ def main():
         "qcdq_nobias_pow2": qcdq_model(w1, s1, w2),
         "float_folds": float_model(*float_weights(xtr, ytr)),
     }
+    wc, _, wf, _ = float_weights(xtr, ytr)
+    models["ort_qdq_nobias"] = ort_quantized(plain_nobias_model(wc, wf), xtr[:300])
     record = {"onnxruntime": ort.__version__, "onnx": onnx.__version__}
     for name, m in models.items():
         onnx.save(m, os.path.join(OUT, f"{name}.onnx"))

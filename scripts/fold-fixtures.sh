@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the constant-folding fixtures (tests/fixtures/onnx/{qcdq_nobias_pow2,float_folds,
-# fold_bad_perm}.onnx and fold_predictions.json) with scripts/fold-fixtures.py: ONNX graphs
+# ort_qdq_nobias,fold_bad_perm}.onnx and fold_predictions.json) with scripts/fold-fixtures.py: ONNX graphs
 # built node by node with the `onnx` package, ONNX Runtime's predictions recorded. Not part
 # of the tests (the fixtures are committed). Pinned packages in .cache/gen-venv.
 set -euo pipefail

@@ -556,3 +556,33 @@ fn the_recipe_models_are_cheap_and_exact() {
         );
     }
 }
+
+/// ONNX Runtime's own static quantization (QDQ) of a model without biases
+/// (scripts/fold-fixtures.py): imported with its int8 weights as they are; its uint8
+/// activations are merged to fhecam's 16 levels (a `note:` says so), so the class follows
+/// ONNX Runtime's on most images rather than all.
+#[test]
+fn onnx_runtime_quantization_without_biases_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "ort_qdq_nobias";
+    let out = dir.path().join("q.json");
+    let said = ok(&[
+        "import",
+        &fx(&format!("{name}.onnx")),
+        "--calibration",
+        &fx("calib_x.npy"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        said.contains("the model's own widths: weights 8 bits"),
+        "{said}"
+    );
+    let (acc, pred) = fold_onnx_runtime(name);
+    let int = integer_predictions(out.to_str().unwrap());
+    let labels = npy::read_labels(Path::new(&fx("test_y.txt"))).unwrap();
+    let (agree, int_acc) = (same(&int, &pred), same(&int, &labels));
+    eprintln!("{name}: same class as ONNX Runtime {agree:.4}, accuracy {int_acc:.4} vs {acc:.4}");
+    assert!(agree >= 0.95, "{name}: same class on {agree}");
+    assert!((int_acc - acc).abs() <= 0.01, "{name}: {int_acc} vs {acc}");
+}

@@ -220,6 +220,8 @@ mod tests {
             "digits_keras.onnx",
             "qcdq_nobias_pow2.onnx",
             "float_folds.onnx",
+            "ort_qdq_nobias.onnx",
+            "recipe_cnn_2bit_nobias.onnx",
         ] {
             let good = fixture(name);
             assert!(parse_onnx(&good).is_ok());
