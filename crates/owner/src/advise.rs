@@ -611,21 +611,8 @@ pub fn ternary(model: &Model, k: usize) -> Option<Model> {
     {
         return None;
     }
-    let (w, b, wr, br) = match &mut m.nodes[k].op {
-        Op::Conv2d(c) => (
-            &mut c.weights,
-            &mut c.bias,
-            &mut c.weight_range,
-            &mut c.bias_range,
-        ),
-        Op::Dense(d) => (
-            &mut d.weights,
-            &mut d.bias,
-            &mut d.weight_range,
-            &mut d.bias_range,
-        ),
-        _ => return None,
-    };
+    let l = m.nodes[k].op.layer_mut().linear_mut()?;
+    let (w, b, wr, br) = (l.weights, l.bias, l.weight_range, l.bias_range);
     let r = (wr[0] as f64).abs().max(wr[1] as f64).max(1.0);
     for x in w.iter_mut() {
         *x = (*x as f64 / r).round().clamp(-1.0, 1.0) as i8;

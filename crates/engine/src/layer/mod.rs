@@ -42,6 +42,10 @@ pub trait Layer {
     fn linear(&self) -> Option<Linear<'_>> {
         None
     }
+    /// [`Layer::linear`], to change the weights in place (the owner's what-if plans).
+    fn linear_mut(&mut self) -> Option<LinearMut<'_>> {
+        None
+    }
     /// Replaces every secret parameter by a public placeholder (the architecture a bundle
     /// carries in the clear; the encrypted parameters travel beside it).
     fn strip(&mut self) {}
@@ -72,6 +76,14 @@ pub struct Linear<'a> {
     pub bias_range: [i32; 2],
 }
 
+/// [`Linear`], mutable.
+pub struct LinearMut<'a> {
+    pub weights: &'a mut [i8],
+    pub bias: &'a mut [i32],
+    pub weight_range: &'a mut [i8; 2],
+    pub bias_range: &'a mut [i32; 2],
+}
+
 /// The `Layer` methods of the kinds whose parameters are encrypted weights and biases
 /// (`weights`, `bias`, `weight_range`, `bias_range`): Conv2d and Dense answer alike.
 macro_rules! linear_params {
@@ -82,6 +94,15 @@ macro_rules! linear_params {
                 bias: &self.bias,
                 weight_range: self.weight_range,
                 bias_range: self.bias_range,
+            })
+        }
+
+        fn linear_mut(&mut self) -> Option<$crate::layer::LinearMut<'_>> {
+            Some($crate::layer::LinearMut {
+                weights: &mut self.weights,
+                bias: &mut self.bias,
+                weight_range: &mut self.weight_range,
+                bias_range: &mut self.bias_range,
             })
         }
 
