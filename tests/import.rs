@@ -49,6 +49,20 @@ fn torch_accuracy(model: &str) -> f64 {
     v["accuracy"][model].as_f64().unwrap()
 }
 
+/// `fhecam import` of fixture `model` with no calibration labels into `dir/<model>.json`:
+/// its output (stdout and stderr).
+fn import_plain(dir: &Path, model: &str) -> Output {
+    let out = dir.join(format!("{model}.json"));
+    fhecam(&[
+        "import",
+        &fx(&format!("{model}.onnx")),
+        "--calibration",
+        &fx("calib_x.npy"),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 fn import(dir: &Path, model: &str, extra: &[&str]) -> String {
     let out = dir.join(format!("{model}.json"));
     let onnx = fx(&format!("{model}.onnx"));
@@ -391,14 +405,7 @@ fn constant_subgraphs_on_weights_are_folded_whatever_the_exporter() {
     // model's integers, and with power-of-two scales every float sum ONNX Runtime makes is
     // exact: the integer model predicts exactly what ONNX Runtime predicts
     let name = "qcdq_nobias_pow2";
-    let out = fhecam(&[
-        "import",
-        &fx(&format!("{name}.onnx")),
-        "--calibration",
-        &fx("calib_x.npy"),
-        "--out",
-        dir.path().join("q.json").to_str().unwrap(),
-    ]);
+    let out = import_plain(dir.path(), name);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("taken as they are, exactly"), "{err}");
@@ -409,7 +416,7 @@ fn constant_subgraphs_on_weights_are_folded_whatever_the_exporter() {
         "{said}"
     );
     let (acc, pred) = fold_onnx_runtime(name);
-    let int = integer_predictions(dir.path().join("q.json").to_str().unwrap());
+    let int = integer_predictions(dir.path().join(format!("{name}.json")).to_str().unwrap());
     assert_eq!(same(&int, &pred), 1.0, "{name}");
     let labels = npy::read_labels(Path::new(&fx("test_y.txt"))).unwrap();
     assert_eq!(same(&int, &labels), acc);
@@ -565,19 +572,18 @@ fn the_recipe_models_are_cheap_and_exact() {
 fn onnx_runtime_quantization_without_biases_imports() {
     let dir = tempfile::tempdir().unwrap();
     let name = "ort_qdq_nobias";
-    let out = dir.path().join("q.json");
-    let said = ok(&[
-        "import",
-        &fx(&format!("{name}.onnx")),
-        "--calibration",
-        &fx("calib_x.npy"),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let run = import_plain(dir.path(), name);
+    let said = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     assert!(
         said.contains("the model's own widths: weights 8 bits"),
         "{said}"
     );
+    let out = dir.path().join(format!("{name}.json"));
     let (acc, pred) = fold_onnx_runtime(name);
     let int = integer_predictions(out.to_str().unwrap());
     let labels = npy::read_labels(Path::new(&fx("test_y.txt"))).unwrap();
