@@ -9,26 +9,14 @@ use std::path::{Path, PathBuf};
 mod common;
 use common::ok;
 
-fn fx(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/onnx")
-        .join(name)
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
 fn import(dir: &Path, model: &str) -> PathBuf {
-    let out = dir.join(format!("{model}.json"));
-    ok(&[
-        "import",
-        &fx(&format!("{model}.onnx")),
-        "--calibration",
-        &fx("calib_x.npy"),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    out
+    let run = common::import_fixture(dir, model);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    dir.join(format!("{model}.json"))
 }
 
 /// `fhecam plan M --input-mode device-clear`'s total, from its last line.

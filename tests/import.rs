@@ -15,7 +15,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn fx(name: &str) -> String {
-    fixtures().join(name).to_str().unwrap().to_string()
+    common::onnx_fixture(name)
 }
 
 fn fhecam(args: &[&str]) -> Output {
@@ -47,20 +47,6 @@ fn torch_accuracy(model: &str) -> f64 {
     )
     .unwrap();
     v["accuracy"][model].as_f64().unwrap()
-}
-
-/// `fhecam import` of fixture `model` with no calibration labels into `dir/<model>.json`:
-/// its output (stdout and stderr).
-fn import_plain(dir: &Path, model: &str) -> Output {
-    let out = dir.join(format!("{model}.json"));
-    fhecam(&[
-        "import",
-        &fx(&format!("{model}.onnx")),
-        "--calibration",
-        &fx("calib_x.npy"),
-        "--out",
-        out.to_str().unwrap(),
-    ])
 }
 
 fn import(dir: &Path, model: &str, extra: &[&str]) -> String {
@@ -405,7 +391,7 @@ fn constant_subgraphs_on_weights_are_folded_whatever_the_exporter() {
     // model's integers, and with power-of-two scales every float sum ONNX Runtime makes is
     // exact: the integer model predicts exactly what ONNX Runtime predicts
     let name = "qcdq_nobias_pow2";
-    let out = import_plain(dir.path(), name);
+    let out = common::import_fixture(dir.path(), name);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("taken as they are, exactly"), "{err}");
@@ -572,7 +558,7 @@ fn the_recipe_models_are_cheap_and_exact() {
 fn onnx_runtime_quantization_without_biases_imports() {
     let dir = tempfile::tempdir().unwrap();
     let name = "ort_qdq_nobias";
-    let run = import_plain(dir.path(), name);
+    let run = common::import_fixture(dir.path(), name);
     let said = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success(),

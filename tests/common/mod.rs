@@ -509,3 +509,30 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(String, String)> {
     let status = head.lines().next().unwrap_or("").to_string();
     Ok((status, body.to_string()))
 }
+
+/// tests/fixtures/onnx/`name`.
+pub fn onnx_fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/onnx")
+        .join(name)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `fhecam import` of the fixture `model`.onnx, calibrated on calib_x.npy, into
+/// `dir/<model>.json`: the run's output.
+pub fn import_fixture(dir: &Path, model: &str) -> Output {
+    let out = dir.join(format!("{model}.json"));
+    run(
+        &[
+            "import",
+            &onnx_fixture(&format!("{model}.onnx")),
+            "--calibration",
+            &onnx_fixture("calib_x.npy"),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+    )
+}
