@@ -439,14 +439,6 @@ fn constant_subgraphs_on_weights_are_folded_whatever_the_exporter() {
     assert!(plain >= float - 0.01, "{plain} vs {float}");
 }
 
-/// The first input of every level change of an activation table.
-fn level_changes(t: &fhecam::model::ActTable) -> Vec<i64> {
-    (1..t.values.len())
-        .filter(|&i| t.values[i] != t.values[i - 1])
-        .map(|i| t.min + i as i64)
-        .collect()
-}
-
 #[test]
 fn power_of_two_scales_make_activation_tables_digit_reads() {
     use fhecam::fhe::eval::{plan_mode, InputMode};
@@ -468,7 +460,7 @@ fn power_of_two_scales_make_activation_tables_digit_reads() {
         };
         let mut below = 0;
         for t in &mut act.tables {
-            let ch = level_changes(t);
+            let ch = t.thresholds();
             let step = (ch[ch.len() - 1] - ch[0]) / (ch.len() as i64 - 1);
             assert!(step.count_ones() == 1 && step >= 4, "{ch:?}");
             assert!(

@@ -294,17 +294,9 @@ pub fn unsigned_bits(max: u8) -> u8 {
     (8 - max.leading_zeros() as u8).max(1)
 }
 
-/// Where a table's level changes.
-pub fn thresholds(t: &ActTable) -> Vec<i64> {
-    (1..t.values.len())
-        .filter(|&i| t.values[i] != t.values[i - 1])
-        .map(|i| t.min + i as i64)
-        .collect()
-}
-
 /// A uniform quantizer: levels rising by one at each threshold, at least 3 levels.
 fn uniform(t: &ActTable) -> bool {
-    let th = thresholds(t);
+    let th = t.thresholds();
     th.len() >= 2
         && t.values
             .windows(2)
@@ -312,7 +304,7 @@ fn uniform(t: &ActTable) -> bool {
 }
 
 fn table_figures(t: &ActTable) -> TableFigures {
-    let th = thresholds(t);
+    let th = t.thresholds();
     let (spacing, p2) = if uniform(t) {
         let s = (th[th.len() - 1] - th[0]) as f64 / (th.len() - 1) as f64;
         (Some(s), Some(nearest_power_of_two(s)))
@@ -351,7 +343,7 @@ pub fn nearest_power_of_two(s: f64) -> i64 {
 /// The table re-made on `step` with evenly spaced thresholds from its first one, same
 /// levels: `min` is one before the first threshold, the last entry is the last threshold.
 pub fn evenly_spaced(t: &ActTable, step: i64) -> ActTable {
-    let th = thresholds(t);
+    let th = t.thresholds();
     let (Some(&first), Some(&base)) = (th.first(), t.values.first()) else {
         return t.clone(); // a constant table has no spacing to change
     };
@@ -370,7 +362,8 @@ pub fn ties_to_even(t: &ActTable, step: i64) -> ActTable {
     if step % 2 == 1 {
         return e;
     }
-    let th: Vec<i64> = thresholds(&e)
+    let th: Vec<i64> = e
+        .thresholds()
         .iter()
         .enumerate()
         .map(|(k, &c)| c + (k % 2 == 0) as i64)
@@ -675,11 +668,11 @@ mod tests {
         let t = ActTable::from_fn(65, 327, |x| {
             (x >= 66) as u8 + (x >= 196) as u8 + (x >= 327) as u8
         });
-        assert_eq!(thresholds(&t), vec![66, 196, 327]);
+        assert_eq!(t.thresholds(), vec![66, 196, 327]);
         let f = table_figures(&t);
         assert_eq!((f.power_of_two, f.evenly_spaced), (Some(128), false));
-        assert_eq!(thresholds(&evenly_spaced(&t, 128)), vec![66, 194, 322]);
-        assert_eq!(thresholds(&ties_to_even(&t, 128)), vec![67, 194, 323]);
+        assert_eq!(evenly_spaced(&t, 128).thresholds(), vec![66, 194, 322]);
+        assert_eq!(ties_to_even(&t, 128).thresholds(), vec![67, 194, 323]);
         assert_eq!(signed_bits([-3, 3]), 3);
         assert_eq!(signed_bits([-1, 1]), 2);
         assert_eq!(signed_bits([-127, 127]), 8);

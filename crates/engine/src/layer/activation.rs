@@ -30,6 +30,13 @@ impl ActTable {
     pub fn lookup(&self, v: i64) -> u8 {
         self.values[(v - self.min).clamp(0, self.values.len() as i64 - 1) as usize]
     }
+    /// The first input of every level change (where the value differs from the one below).
+    pub fn thresholds(&self) -> Vec<i64> {
+        (1..self.values.len())
+            .filter(|&i| self.values[i] != self.values[i - 1])
+            .map(|i| self.min + i as i64)
+            .collect()
+    }
     /// Builds a table covering `lo..=hi` from a function.
     pub fn from_fn(lo: i64, hi: i64, f: impl Fn(i64) -> u8) -> Self {
         ActTable {
