@@ -264,16 +264,6 @@ pub fn import(a: ImportArgs) -> Result<()> {
     )
 }
 
-/// Signed bits holding every integer of `[lo, hi]`.
-fn signed_bits([lo, hi]: [i8; 2]) -> u8 {
-    (1..=8)
-        .find(|&b| {
-            let half = 1i16 << (b - 1);
-            -half <= lo as i16 && (hi as i16) < half
-        })
-        .unwrap_or(8)
-}
-
 /// "2 bits", or "2–3 bits (per layer: 2, 3)" where the layers differ.
 fn widths_text(bits: &[u8]) -> String {
     let (lo, hi) = (bits.iter().min(), bits.iter().max());
@@ -290,14 +280,14 @@ fn widths_text(bits: &[u8]) -> String {
 /// The bit widths the integer model uses: its layers' weights (from their integer
 /// ranges), its activations and its input.
 fn used_widths(model: &Model) -> String {
+    use fhecam::advise::signed_bits;
     use fhecam::model::Op;
     let (mut w, mut act) = (vec![], vec![]);
     for n in &model.nodes {
-        match &n.op {
-            Op::Conv2d(l) => w.push(signed_bits(l.weight_range)),
-            Op::Dense(l) => w.push(signed_bits(l.weight_range)),
-            Op::Activation(l) => act.push(l.bits),
-            _ => {}
+        if let Some(l) = n.op.linear() {
+            w.push(signed_bits(l.weight_range));
+        } else if let Op::Activation(l) = &n.op {
+            act.push(l.bits);
         }
     }
     format!(

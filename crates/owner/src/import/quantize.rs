@@ -326,6 +326,7 @@ impl Builder<'_> {
         let Some(now) = plan(&self.m) else {
             return vec![];
         };
+        let infos = self.m.infer_values().ok();
         let mut advice = vec![];
         for alt in &self.pow2_alts {
             let mut m = self.m.clone();
@@ -337,10 +338,7 @@ impl Builder<'_> {
             if new >= cur {
                 continue;
             }
-            let per = self
-                .m
-                .infer_values()
-                .map_or(1, |v| v[alt.node + 1].len().max(1)) as f64;
+            let per = infos.as_ref().map_or(1, |v| v[alt.node + 1].len().max(1)) as f64;
             let range = |v: &[f64]| {
                 let (lo, hi) = v
                     .iter()
